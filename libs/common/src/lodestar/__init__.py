@@ -1,0 +1,1 @@
+"""Lodestar: the control plane for people who run many LLMs."""
