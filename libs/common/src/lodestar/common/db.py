@@ -1,0 +1,147 @@
+"""Postgres access shared by every service: a pool per service schema and versioned migrations.
+
+Migrations are files named ``NNNN_description.sql`` in a service's migrations folder. They are
+applied in order, each in its own transaction, under an advisory lock so that replicas starting
+together apply them once. The checksum of every applied file is recorded; a file changed after it
+was applied stops start-up rather than leaving the schema in an unknown state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from lodestar.common.errors import ConfigurationError, StorageError
+from lodestar.common.logging import get_logger
+
+MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One versioned SQL migration file."""
+
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 of the file's text."""
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations(folder: Path) -> list[Migration]:
+    """The migrations in ``folder``, ordered by version; a malformed name or a gap is an error."""
+    migrations = []
+    for path in sorted(folder.glob("*.sql")):
+        match = MIGRATION_NAME.match(path.name)
+        if not match:
+            raise ConfigurationError(
+                f"migration file {path.name!r} must be named NNNN_description.sql"
+            )
+        migrations.append(Migration(int(match.group(1)), path.name, path.read_text()))
+    for expected, migration in enumerate(migrations, start=1):
+        if migration.version != expected:
+            raise ConfigurationError(
+                f"migration {migration.name} should have version {expected:04d}; "
+                "versions must start at 0001 and have no gaps"
+            )
+    return migrations
+
+
+def check_schema_name(schema: str) -> str:
+    """``schema`` if it is a safe unquoted identifier, else a ConfigurationError."""
+    if not SCHEMA_NAME.match(schema):
+        raise ConfigurationError(
+            f"schema name {schema!r} must match {SCHEMA_NAME.pattern}", field="database.schema_name"
+        )
+    return schema
+
+
+async def apply_migrations(conn: asyncpg.Connection, schema: str, folder: Path) -> list[str]:
+    """Apply the pending migrations of ``folder`` to ``schema``; returns the names applied."""
+    check_schema_name(schema)
+    migrations = load_migrations(folder)
+    lock_key = f"lodestar:migrate:{schema}"
+    await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock_key)
+    try:
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await conn.execute(
+            f"""CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+                    version integer PRIMARY KEY,
+                    name text NOT NULL,
+                    checksum text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        rows = await conn.fetch(f"SELECT version, name, checksum FROM {schema}.schema_migrations")
+        applied = {row["version"]: row for row in rows}
+        _verify_applied(migrations, applied)
+        done = []
+        for migration in migrations:
+            if migration.version in applied:
+                continue
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL search_path TO {schema}, public")
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    f"INSERT INTO {schema}.schema_migrations (version, name, checksum) "
+                    "VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
+            log.info("migration applied", schema=schema, migration=migration.name)
+            done.append(migration.name)
+        return done
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key)
+
+
+def _verify_applied(migrations: list[Migration], applied: dict[int, asyncpg.Record]) -> None:
+    known = {m.version: m for m in migrations}
+    for version, row in applied.items():
+        migration = known.get(version)
+        if migration is None:
+            raise ConfigurationError(
+                f"the database has migration {row['name']} that this build does not know; "
+                "run a build at least as new as the one that applied it"
+            )
+        if migration.checksum != row["checksum"]:
+            raise ConfigurationError(
+                f"migration {migration.name} changed after it was applied "
+                f"(recorded checksum {row['checksum'][:12]}, file {migration.checksum[:12]}); "
+                "restore the original file and put the change in a new migration"
+            )
+
+
+async def create_pool(
+    dsn: str,
+    schema: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout: float = 5.0,
+) -> asyncpg.Pool:
+    """A pool whose connections use ``schema`` first on their search path."""
+    check_schema_name(schema)
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            command_timeout=60,
+            server_settings={"search_path": f"{schema},public", "application_name": schema},
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StorageError(f"cannot connect to Postgres: {exc}") from exc
+    assert pool is not None
+    return pool

@@ -1,0 +1,73 @@
+"""Event types known to the bus and helpers to build envelopes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import uuid6
+from google.protobuf import any_pb2, message, timestamp_pb2
+
+from lodestar.events.v1 import event_pb2
+from lodestar.health.v1 import events_pb2 as health_events
+from lodestar.learning.v1 import events_pb2 as learning_events
+from lodestar.usage.v1 import events_pb2 as usage_events
+
+TYPE_URL_PREFIX = "type.googleapis.com/"
+
+#: Payload messages that may travel on the bus, by full protobuf name.
+EVENT_TYPES: dict[str, type[message.Message]] = {
+    cls.DESCRIPTOR.full_name: cls
+    for cls in (
+        usage_events.RequestCompleted,
+        learning_events.ResponseCollected,
+        learning_events.OutcomeRecorded,
+        health_events.TargetHealthChanged,
+    )
+}
+
+
+def event_type(payload: message.Message) -> str:
+    """The bus type name of a payload message."""
+    return str(payload.DESCRIPTOR.full_name)
+
+
+def new_event_id() -> str:
+    """A fresh UUIDv7: time-ordered, so ids also place events in time partitions."""
+    return str(uuid6.uuid7())
+
+
+def uuid7_millis(event_id: uuid.UUID) -> int:
+    """Unix milliseconds embedded in a UUIDv7."""
+    return event_id.int >> 80
+
+
+def new_event(
+    payload: message.Message,
+    *,
+    source: str,
+    subject: str = "",
+    event_id: str | None = None,
+    time: datetime | None = None,
+) -> event_pb2.Event:
+    """An envelope around ``payload`` with a publisher-minted id."""
+    data = any_pb2.Any()
+    data.Pack(payload)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(time or datetime.now(UTC))
+    return event_pb2.Event(
+        id=event_id or new_event_id(),
+        source=source,
+        type=event_type(payload),
+        time=stamp,
+        data=data,
+        subject=subject,
+    )
+
+
+def unpack(event: event_pb2.Event) -> message.Message:
+    """The typed payload of a known event type."""
+    cls = EVENT_TYPES[event.type]
+    payload = cls()
+    event.data.Unpack(payload)
+    return payload
