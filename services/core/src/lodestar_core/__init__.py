@@ -1,0 +1,1 @@
+"""Lodestar core: the module registry and the durable event bus."""

@@ -91,8 +91,7 @@ class DatabaseSettings(BaseModel):
     def _pool_bounds(self) -> Self:
         if self.pool_min_size > self.pool_max_size:
             raise ValueError(
-                f"pool_min_size ({self.pool_min_size}) exceeds pool_max_size "
-                f"({self.pool_max_size})"
+                f"pool_min_size ({self.pool_min_size}) exceeds pool_max_size ({self.pool_max_size})"
             )
         return self
 
@@ -190,7 +189,10 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     cli: Mapping[str, Any] | None = None,
 ) -> S:
-    """Load ``settings_cls`` for ``module`` from every layer; raise ConfigurationError if invalid."""
+    """Load ``settings_cls`` for ``module`` from every layer.
+
+    Raises ConfigurationError naming each bad field, its value and the layer that supplied it.
+    """
     environ = os.environ if env is None else env
     directory = config_dir if config_dir is not None else _default_config_dir(environ)
     layers = _Layers()
@@ -285,7 +287,9 @@ def _apply_cli(layers: _Layers, model: type[BaseModel], cli: Mapping[str, Any]) 
         if isinstance(value, Mapping) and sub is not None:
             unknown = list(_unknown_keys(sub, value))
             if unknown:
-                problems += [f"unknown setting {'.'.join((*path, *k))!r} in {label}" for k in unknown]
+                problems += [
+                    f"unknown setting {'.'.join((*path, *k))!r} in {label}" for k in unknown
+                ]
                 continue
         layers.set(path, value, label)
     return problems

@@ -1,0 +1,268 @@
+"""Generate deploy/helm/lodestar/values.schema.json (strict: unknown keys and wrong types fail).
+
+    python3 deploy/helm/tools/gen_values_schema.py          # rewrite the schema
+    python3 deploy/helm/tools/gen_values_schema.py --check  # exit 1 if the committed one is stale
+
+The four services share one definition, so a key added to one service is added to all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "lodestar" / "values.schema.json"
+SERVICES = {
+    "core": "core: the module registry and the durable event bus",
+    "usageTracker": "usage-tracker: tokens, cost, budgets, admission",
+    "learning": "learning: response collection, datasets, routing learner",
+    "healthMonitor": "health-monitor: probes of modules and LLM providers, circuit breakers",
+}
+
+Schema = dict[str, Any]
+
+
+def obj(props: dict[str, Schema], description: str = "", required: list[str] | None = None) -> Schema:
+    """A closed object: any key not listed is an error."""
+    out: Schema = {"type": "object", "additionalProperties": False, "properties": props}
+    if description:
+        out["description"] = description
+    if required:
+        out["required"] = required
+    return out
+
+
+def string(description: str = "", **extra: Any) -> Schema:
+    return {"type": "string", **({"description": description} if description else {}), **extra}
+
+
+BOOL: Schema = {"type": "boolean"}
+MAP: Schema = {"type": "object", "description": "free-form map"}
+STR_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+LIST_OF_OBJECTS: Schema = {"type": "array", "items": {"type": "object"}}
+PORT: Schema = {"type": "integer", "minimum": 1, "maximum": 65535}
+NAME: Schema = string(pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", maxLength=253)
+DURATION: Schema = string(pattern=r"^[0-9]+(ms|s|m|h)$")
+QUANTITY: Schema = {"type": ["string", "number"]}
+INT_OR_PERCENT: Schema = {
+    "oneOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^[0-9]+%$"}]
+}
+
+
+def nonneg(minimum: int = 0) -> Schema:
+    return {"type": "integer", "minimum": minimum}
+
+
+RESOURCES = obj(
+    {
+        "requests": {"type": "object", "additionalProperties": QUANTITY},
+        "limits": {"type": "object", "additionalProperties": QUANTITY},
+        "claims": LIST_OF_OBJECTS,
+    },
+    "Kubernetes ResourceRequirements",
+)
+LABEL_SELECTOR = obj({"matchLabels": STR_MAP, "matchExpressions": LIST_OF_OBJECTS})
+
+
+def probe(readiness: bool = False) -> Schema:
+    props = {
+        "initialDelaySeconds": nonneg(),
+        "periodSeconds": nonneg(1),
+        "timeoutSeconds": nonneg(1),
+        "failureThreshold": nonneg(1),
+    }
+    if readiness:
+        props["successThreshold"] = nonneg(1)
+    return obj(props, "probe timings (the gRPC action is set by the chart)")
+
+
+def service(key: str) -> Schema:
+    network = {"extraIngress": LIST_OF_OBJECTS, "extraEgress": LIST_OF_OBJECTS}
+    if key == "healthMonitor":
+        network["providers"] = {
+            **LIST_OF_OBJECTS,
+            "description": "NetworkPolicyEgressRule list: the LLM providers the health monitor probes",
+        }
+    return obj(
+        {
+            "enabled": BOOL,
+            "image": obj(
+                {
+                    "repository": string(minLength=1),
+                    "tag": string(),
+                    "digest": string(pattern=r"^$|^sha256:[0-9a-f]{64}$"),
+                },
+                required=["repository"],
+            ),
+            "replicas": nonneg(0),
+            "config": {**MAP, "description": "rendered as the module's YAML config file"},
+            "env": {
+                "type": "array",
+                "items": {"type": "object", "required": ["name"], "properties": {"name": string(minLength=1)}},
+            },
+            "envFrom": LIST_OF_OBJECTS,
+            "resources": RESOURCES,
+            "probes": obj(
+                {"startup": probe(), "liveness": probe(), "readiness": probe(readiness=True)}
+            ),
+            "autoscaling": obj(
+                {
+                    "enabled": BOOL,
+                    "minReplicas": nonneg(1),
+                    "maxReplicas": nonneg(1),
+                    "targetCPUUtilizationPercentage": {"type": ["integer", "null"], "minimum": 1},
+                    "targetMemoryUtilizationPercentage": {"type": ["integer", "null"], "minimum": 1},
+                    "behavior": MAP,
+                }
+            ),
+            "podDisruptionBudget": obj(
+                {
+                    "enabled": BOOL,
+                    "minAvailable": {"oneOf": [{"type": "null"}, *INT_OR_PERCENT["oneOf"]]},
+                    "maxUnavailable": {"oneOf": [{"type": "null"}, *INT_OR_PERCENT["oneOf"]]},
+                }
+            ),
+            "database": obj(
+                {
+                    "existingSecret": NAME,
+                    "urlKey": string(),
+                    "schemaName": string(pattern=r"^[a-z_][a-z0-9_]{0,62}$"),
+                }
+            ),
+            "migrations": obj({"enabled": BOOL}),
+            "terminationGracePeriodSeconds": nonneg(1),
+            "shutdownGraceSeconds": {"type": "number", "exclusiveMinimum": 0},
+            "tmpDir": obj({"sizeLimit": QUANTITY, "medium": {"enum": ["", "Memory"]}}),
+            "annotations": STR_MAP,
+            "podAnnotations": STR_MAP,
+            "podLabels": STR_MAP,
+            "service": obj(
+                {"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "annotations": STR_MAP}
+            ),
+            "serviceAccount": obj({"annotations": STR_MAP}),
+            "nodeSelector": STR_MAP,
+            "tolerations": LIST_OF_OBJECTS,
+            "affinity": MAP,
+            "topologySpreadConstraints": LIST_OF_OBJECTS,
+            "priorityClassName": string(),
+            "networkPolicy": obj(network),
+        },
+        SERVICES[key],
+        required=["enabled"],
+    )
+
+
+def schema() -> Schema:
+    peers = {**LIST_OF_OBJECTS, "description": "NetworkPolicyPeer list"}
+    top: dict[str, Schema] = {
+        "nameOverride": string(),
+        "fullnameOverride": string(),
+        "global": obj(
+            {
+                "image": obj(
+                    {
+                        "registry": string(),
+                        "tag": string(),
+                        "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+                        "pullSecrets": {"type": "array", "items": string(minLength=1)},
+                    }
+                ),
+                "commonLabels": STR_MAP,
+                "config": {**MAP, "description": "rendered as /etc/lodestar/lodestar.yaml"},
+                "ports": obj({"grpc": PORT, "metrics": PORT, "health": PORT}),
+                "coreEndpoint": string(),
+                "postgres": obj({"existingSecret": NAME, "urlKey": string(minLength=1)}),
+                "credentials": obj({"existingSecret": NAME, "generate": BOOL}),
+                "tls": obj({"enabled": BOOL, "existingSecret": NAME, "mutual": BOOL}),
+                "otel": obj(
+                    {
+                        "endpoint": string(),
+                        "protocol": {"enum": ["grpc", "http/protobuf"]},
+                        "resourceAttributes": STR_MAP,
+                    }
+                ),
+                "networkPolicy": obj(
+                    {
+                        "enabled": BOOL,
+                        "dns": obj(
+                            {"namespaceSelector": LABEL_SELECTOR, "podSelector": LABEL_SELECTOR}
+                        ),
+                        "postgres": obj({"port": PORT, "to": peers}),
+                        "otel": obj({"port": PORT, "to": peers}),
+                        "prometheus": peers,
+                    }
+                ),
+            }
+        ),
+        "migrations": obj(
+            {
+                "enabled": BOOL,
+                "backoffLimit": nonneg(),
+                "activeDeadlineSeconds": nonneg(1),
+                "ttlSecondsAfterFinished": nonneg(),
+                "resources": RESOURCES,
+            }
+        ),
+        "monitoring": obj(
+            {
+                "serviceMonitor": obj(
+                    {"enabled": BOOL, "interval": DURATION, "scrapeTimeout": DURATION, "labels": STR_MAP}
+                ),
+                "prometheusRule": obj(
+                    {
+                        "enabled": BOOL,
+                        "labels": STR_MAP,
+                        "subscriptionLagThreshold": nonneg(1),
+                        "lagFor": DURATION,
+                        "moduleDownFor": DURATION,
+                        "breakerOpenFor": DURATION,
+                    }
+                ),
+                "grafanaDashboard": obj(
+                    {"enabled": BOOL, "labels": STR_MAP, "annotations": STR_MAP}
+                ),
+            }
+        ),
+        "postgresql": obj(
+            {
+                "enabled": BOOL,
+                "image": obj(
+                    {"registry": string(), "repository": string(minLength=1), "tag": string(minLength=1)}
+                ),
+                "database": string(minLength=1),
+                "username": string(minLength=1),
+                "password": string(),
+                "persistence": obj({"enabled": BOOL, "size": QUANTITY, "storageClass": string()}),
+                "resources": RESOURCES,
+            },
+            "development only: a single-instance PostgreSQL",
+        ),
+        "tests": obj({"enabled": BOOL, "resources": RESOURCES}),
+    }
+    for key in SERVICES:
+        top[key] = service(key)
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "Values of the Lodestar Helm chart",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": top,
+        "required": ["global", *SERVICES],
+    }
+
+
+def main() -> int:
+    text = json.dumps(schema(), indent=2) + "\n"
+    if "--check" in sys.argv:
+        if SCHEMA_PATH.read_text() != text:
+            print(f"{SCHEMA_PATH} is stale: run python3 {Path(__file__).as_posix()}")
+            return 1
+        return 0
+    SCHEMA_PATH.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""grpc.aio server interceptors shared by every service: error mapping, metrics and logging.
+
+Each interceptor wraps the method handler returned by ``continuation`` so that it works for all
+four RPC kinds. ``default_server_interceptors`` returns them in the order in which the metrics
+and the log line see the status code the error mapping produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeAlias
+
+import grpc
+
+from lodestar.common.errors import LodestarError, status_for
+from lodestar.common.logging import get_logger
+from lodestar.common.metrics import GRPC_HANDLED, GRPC_HANDLING_SECONDS, GRPC_STARTED
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Guard = Callable[[Any], AbstractAsyncContextManager[None]]
+
+_log = get_logger(__name__)
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """``/pkg.Service/Method`` as ``("pkg.Service", "Method")``."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return (service or "unknown"), (method or "unknown")
+
+
+class _HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Runs every call of every RPC kind inside the guard ``_guard`` returns."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = str(handler_call_details.method)
+        return wrap_handler(handler, lambda context: self._guard(method, context))
+
+    def _guard(self, method: str, context: Context) -> AbstractAsyncContextManager[None]:
+        raise NotImplementedError
+
+
+class ErrorMappingInterceptor(_HandlerInterceptor):
+    """Turns LodestarError into its gRPC status and anything unexpected into INTERNAL."""
+
+    @asynccontextmanager
+    async def _guard(self, method: str, context: Context) -> AsyncIterator[None]:
+        try:
+            yield
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except LodestarError as exc:
+            code, details = status_for(exc)
+            await context.abort(code, details)
+        except Exception as exc:
+            _log.error(
+                "unhandled error in rpc handler",
+                grpc_method=method,
+                error_type=type(exc).__name__,
+                exc_info=exc,
+            )
+            code, details = status_for(exc)
+            await context.abort(code, details)
+
+
+class _Outcome:
+    """The status code a call finished with, as the outer interceptors see it."""
+
+    def __init__(self) -> None:
+        self.code = grpc.StatusCode.OK
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@asynccontextmanager
+async def _observe(context: Context, done: Callable[[_Outcome], None]) -> AsyncIterator[None]:
+    """Run the call inside, then hand its final status code and duration to ``done``."""
+    outcome = _Outcome()
+    try:
+        yield
+    except grpc.aio.AbortError:
+        outcome.code = _context_code(context) or grpc.StatusCode.UNKNOWN
+        raise
+    except (asyncio.CancelledError, GeneratorExit):
+        outcome.code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as exc:
+        outcome.code = status_for(exc)[0]
+        raise
+    else:
+        outcome.code = _context_code(context) or grpc.StatusCode.OK
+    finally:
+        done(outcome)
+
+
+def _context_code(context: Context) -> grpc.StatusCode | None:
+    try:
+        code = context.code()
+    except Exception:
+        return None
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+class MetricsInterceptor(_HandlerInterceptor):
+    """Counts started and handled calls by final status code, and times them."""
+
+    @asynccontextmanager
+    async def _guard(self, method: str, context: Context) -> AsyncIterator[None]:
+        service, name = split_method(method)
+        GRPC_STARTED.labels(service, name).inc()
+
+        def record(outcome: _Outcome) -> None:
+            GRPC_HANDLED.labels(service, name, outcome.code.name).inc()
+            GRPC_HANDLING_SECONDS.labels(service, name).observe(outcome.seconds)
+
+        async with _observe(context, record):
+            yield
+
+
+class LoggingInterceptor(_HandlerInterceptor):
+    """One log line per finished call: method, code, duration and peer; never payloads."""
+
+    @asynccontextmanager
+    async def _guard(self, method: str, context: Context) -> AsyncIterator[None]:
+        def record(outcome: _Outcome) -> None:
+            _log.log(
+                _level_for(method),
+                "rpc finished",
+                grpc_method=method,
+                grpc_code=outcome.code.name,
+                duration_ms=round(outcome.seconds * 1000, 3),
+                peer=_peer(context),
+            )
+
+        async with _observe(context, record):
+            yield
+
+
+def _level_for(method: str) -> int:
+    return logging.DEBUG if method.startswith(HEALTH_PREFIX) else logging.INFO
+
+
+def _peer(context: Context) -> str:
+    try:
+        return str(context.peer())
+    except Exception:
+        return "unknown"
+
+
+def default_server_interceptors() -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+    """Logging, metrics, error mapping: the outer two see the code the error mapping chose."""
+    return [LoggingInterceptor(), MetricsInterceptor(), ErrorMappingInterceptor()]
+
+
+# --- wrapping handlers of every kind -------------------------------------------------------------
+
+
+def wrap_handler(handler: Handler, guard: Guard) -> Handler:
+    """A handler that runs ``handler``'s behaviour inside ``guard(context)``."""
+    kind = _kind(handler)
+    behavior = getattr(handler, kind)
+    if handler.response_streaming and _is_generator(behavior):
+        wrapped: Callable[..., Any] = _guarded_stream(behavior, guard)
+    else:
+        wrapped = _guarded_call(behavior, guard)
+    factory = _FACTORIES[kind]
+    return factory(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+_FACTORIES: dict[str, Callable[..., Handler]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _kind(handler: Handler) -> str:
+    request = "stream" if handler.request_streaming else "unary"
+    response = "stream" if handler.response_streaming else "unary"
+    return f"{request}_{response}"
+
+
+def _is_generator(behavior: Callable[..., Any]) -> bool:
+    return inspect.isasyncgenfunction(behavior) or inspect.isgeneratorfunction(behavior)
+
+
+def _guarded_call(behavior: Callable[..., Any], guard: Guard) -> Callable[..., Awaitable[Any]]:
+    """For unary responses and for streaming handlers that ``context.write`` their responses."""
+
+    async def call(request: Any, context: Context) -> Any:
+        async with guard(context):
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+    return call
+
+
+def _guarded_stream(
+    behavior: Callable[..., Any], guard: Guard
+) -> Callable[..., AsyncIterator[Any]]:
+    """For streaming handlers that yield their responses."""
+
+    async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+        async with guard(context):
+            responses = behavior(request, context)
+            if hasattr(responses, "__aiter__"):
+                async for response in responses:
+                    yield response
+            else:
+                for response in responses:
+                    yield response
+
+    return stream

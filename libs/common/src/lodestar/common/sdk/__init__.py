@@ -1,0 +1,7 @@
+"""Typed async client SDK: connect to core, publish events, consume subscriptions."""
+
+from lodestar.common.sdk.channel import connect
+from lodestar.common.sdk.publisher import Publisher, PublishReceipt
+from lodestar.common.sdk.subscriber import ReceivedEvent, Subscriber
+
+__all__ = ["PublishReceipt", "Publisher", "ReceivedEvent", "Subscriber", "connect"]

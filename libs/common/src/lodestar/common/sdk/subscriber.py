@@ -1,0 +1,177 @@
+"""The subscriber runtime modules use: a durable subscription with ack-after-success.
+
+Each delivery runs the handler (at most ``concurrency`` at once) inside a span that continues the
+publisher's trace; success acks it, an exception nacks it so core retries and, after its limit,
+dead-letters it. A broken stream reconnects with backoff and resumes after the last ack, so a
+handler must be idempotent on ``event.id``: delivery is at-least-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import message
+from opentelemetry import trace
+
+from lodestar.common.events import unpack
+from lodestar.common.logging import get_logger
+from lodestar.common.telemetry import context_from_event, tracer
+from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
+from lodestar.events.v1 import event_pb2
+
+FATAL = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+MAX_BACKOFF_SECONDS = 5.0
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ReceivedEvent:
+    """One delivery handed to a handler."""
+
+    sequence: int
+    attempt: int
+    event: event_pb2.Event
+    payload: message.Message
+
+
+Handler = Callable[[ReceivedEvent], Awaitable[None]]
+
+
+class Subscriber:
+    """Consumes one named subscription until ``stop``."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        subscription: str,
+        handler: Handler,
+        module: str = "",
+        event_types: Sequence[str] = (),
+        start: bus_pb2.StartPosition.ValueType = bus_pb2.START_POSITION_EARLIEST,
+        concurrency: int = 1,
+        max_in_flight: int = 0,
+        ack_interval_seconds: float = 0.005,
+    ) -> None:
+        self._stub = bus_pb2_grpc.EventBusServiceStub(channel)
+        self._open = bus_pb2.SubscribeOpen(
+            subscription=subscription,
+            module=module,
+            event_types=list(event_types),
+            start=start,
+            max_in_flight=max_in_flight,
+        )
+        self._handler = handler
+        self._concurrency = concurrency
+        self._ack_interval = ack_interval_seconds
+        self._stopping = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.handled = 0
+
+    def stop(self) -> None:
+        """Finish after the current stream closes."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Consume, reconnecting with backoff; raises on errors a retry cannot fix."""
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                await self._consume_once()
+                backoff = 0.1
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FATAL:
+                    raise
+                log.warning("subscription interrupted; reconnecting", code=exc.code().name,
+                            details=exc.details(), subscription=self._open.subscription)
+            finally:
+                self.connected.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    async def _consume_once(self) -> None:
+        outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None] = asyncio.Queue()
+        outbox.put_nowait(bus_pb2.SubscribeRequest(open=self._open))
+        acks: list[int] = []
+        call = self._stub.Subscribe(_drain(outbox))
+        limit = asyncio.Semaphore(self._concurrency)
+        workers: set[asyncio.Task[None]] = set()
+        flusher = asyncio.create_task(self._flush_acks(acks, outbox))
+        stopper = asyncio.create_task(self._cancel_on_stop(call))
+        try:
+            async for response in call:
+                if response.WhichOneof("message") == "opened":
+                    self.connected.set()
+                    continue
+                await limit.acquire()
+                task = asyncio.create_task(self._handle(response.delivery, acks, outbox, limit))
+                workers.add(task)
+                task.add_done_callback(workers.discard)
+        finally:
+            for task in (flusher, stopper, *workers):
+                task.cancel()
+            await asyncio.gather(flusher, stopper, *workers, return_exceptions=True)
+            outbox.put_nowait(None)
+
+    async def _cancel_on_stop(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        await self._stopping.wait()
+        await asyncio.sleep(self._ack_interval * 4)  # let the last acks go out
+        call.cancel()
+
+    async def _handle(
+        self,
+        delivery: bus_pb2.Delivery,
+        acks: list[int],
+        outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None],
+        limit: asyncio.Semaphore,
+    ) -> None:
+        try:
+            event = delivery.event
+            with tracer("lodestar.sdk").start_as_current_span(
+                f"lodestar.handle {event.type}",
+                context=context_from_event(event),
+                kind=trace.SpanKind.CONSUMER,
+            ):
+                received = ReceivedEvent(delivery.sequence, delivery.attempt, event, unpack(event))
+                await self._handler(received)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("handler failed; nacking", seq=delivery.sequence, error=str(exc))
+            nack = bus_pb2.SubscribeNack(sequence=delivery.sequence, error=f"{type(exc).__name__}: {exc}")
+            outbox.put_nowait(bus_pb2.SubscribeRequest(nack=nack))
+        else:
+            self.handled += 1
+            acks.append(delivery.sequence)
+        finally:
+            limit.release()
+
+    async def _flush_acks(
+        self, acks: list[int], outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None]
+    ) -> None:
+        while True:
+            await asyncio.sleep(self._ack_interval)
+            if acks:
+                batch = acks[:]
+                acks.clear()
+                outbox.put_nowait(bus_pb2.SubscribeRequest(ack=bus_pb2.SubscribeAck(sequences=batch)))
+
+
+async def _drain(
+    outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None],
+) -> AsyncIterator[bus_pb2.SubscribeRequest]:
+    while (request := await outbox.get()) is not None:
+        yield request

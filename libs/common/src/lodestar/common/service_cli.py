@@ -1,0 +1,113 @@
+"""The command line every service shares: ``serve`` and ``migrate``.
+
+Flags are the top configuration layer: ``--port``, ``--host``, ``--config-dir`` and, for any other
+field, ``--set dotted.key=value``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Generic, TypeVar
+
+import typer
+
+from lodestar.common.config import ServiceSettings, load_settings
+from lodestar.common.db import apply_migrations, create_pool
+from lodestar.common.errors import ConfigurationError, LodestarError
+from lodestar.common.logging import configure_logging, get_logger
+from lodestar.common.module import Module
+from lodestar.common.server import ServiceRunner
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+@dataclass(frozen=True)
+class ServiceSpec(Generic[S]):
+    """What the shared runtime needs to know to run a service."""
+
+    name: str
+    settings_cls: type[S]
+    module_cls: Callable[[S], Module]
+    migrations: Path | None
+
+
+ConfigDir = Annotated[
+    Path | None, typer.Option("--config-dir", help="folder with lodestar.yaml and modules/")
+]
+Port = Annotated[int | None, typer.Option(help="gRPC port (0 picks a free one)")]
+Host = Annotated[str | None, typer.Option(help="address to listen on")]
+Overrides = Annotated[
+    list[str] | None, typer.Option("--set", help="any setting as dotted.key=value; repeatable")
+]
+
+
+def cli_overrides(port: int | None, host: str | None, pairs: list[str] | None) -> dict[str, Any]:
+    """The CLI layer: explicit flags and ``--set key=value`` pairs."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"--set {pair!r} must look like dotted.key=value")
+        overrides[key.strip()] = value
+    if port is not None:
+        overrides["port"] = port
+    if host is not None:
+        overrides["host"] = host
+    return overrides
+
+
+def service_app(spec: ServiceSpec[Any]) -> typer.Typer:
+    """A typer app with ``serve`` and ``migrate`` for ``spec``."""
+    app = typer.Typer(help=f"Lodestar {spec.name} service", no_args_is_help=True)
+
+    def settings_for(config_dir: Path | None, overrides: dict[str, Any]) -> Any:
+        settings = load_settings(spec.settings_cls, spec.name, config_dir=config_dir, cli=overrides)
+        configure_logging(spec.name, settings.log_level, settings.log_format)
+        return settings
+
+    @app.command()
+    def serve(
+        config_dir: ConfigDir = None, port: Port = None, host: Host = None, set_: Overrides = None
+    ) -> None:
+        """Serve gRPC until SIGTERM."""
+        _exit_on_error(lambda: asyncio.run(_serve(spec, settings_for(config_dir, cli_overrides(port, host, set_)))))
+
+    @app.command()
+    def migrate(config_dir: ConfigDir = None, set_: Overrides = None) -> None:
+        """Apply pending schema migrations and exit."""
+        _exit_on_error(lambda: asyncio.run(_migrate(spec, settings_for(config_dir, cli_overrides(None, None, set_)))))
+
+    return app
+
+
+async def _serve(spec: ServiceSpec[Any], settings: ServiceSettings) -> None:
+    await ServiceRunner(spec.module_cls(settings), settings).run()
+
+
+async def _migrate(spec: ServiceSpec[Any], settings: ServiceSettings) -> None:
+    if spec.migrations is None:
+        return
+    db = settings.database
+    if db.url is None:
+        raise ConfigurationError("no database configured", field="database.url")
+    pool = await create_pool(db.url.get_secret_value(), db.schema_name, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            applied = await apply_migrations(conn, db.schema_name, spec.migrations)
+    finally:
+        await pool.close()
+    get_logger(__name__).info("migrations done", applied=applied, schema=db.schema_name)
+
+
+def _exit_on_error(run: Callable[[], None]) -> None:
+    try:
+        run()
+    except LodestarError as exc:
+        print(f"lodestar: {exc.details()}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None

@@ -1,0 +1,410 @@
+"""The EventBusService: durable publish and durable, ordered, acked subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from prometheus_client import Counter, Gauge
+
+from lodestar.common.errors import InvalidArgumentError, ModuleError
+from lodestar.common.events import EVENT_TYPES
+from lodestar.common.logging import get_logger
+from lodestar.common.telemetry import context_from_event
+from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
+from lodestar.events.v1 import event_pb2
+from lodestar_core.registry import Registry
+from lodestar_core.settings import BusSettings
+from lodestar_core.store import AppendResult, EventStore
+from lodestar_core.subscriptions import SubscriptionRow, SubscriptionStore
+from lodestar_core.validation import describe_rejections, validate_batch
+
+SUBSCRIPTION_NAME = re.compile(r"^[a-z][a-z0-9._-]{0,127}$")
+IDLE_WAKE_SECONDS = 1.0
+MAX_RETRY_DELAY_SECONDS = 5.0
+
+log = get_logger(__name__)
+tracer = trace.get_tracer("lodestar.core.bus")
+
+EVENTS_PUBLISHED = Counter(
+    "lodestar_bus_events_published_total", "Events newly committed to the log.", ["type"]
+)
+EVENTS_DUPLICATE = Counter(
+    "lodestar_bus_events_duplicate_total", "Published events already stored under their id."
+)
+EVENTS_DELIVERED = Counter(
+    "lodestar_bus_deliveries_total", "Deliveries sent to subscribers.", ["subscription"]
+)
+DEAD_LETTERED = Counter(
+    "lodestar_bus_dead_letters_total", "Events given up on after N attempts.", ["subscription"]
+)
+SUBSCRIPTION_LAG = Gauge(
+    "lodestar_bus_subscription_lag", "Matching events stored after the last ack.", ["subscription"]
+)
+HEAD_SEQUENCE = Gauge("lodestar_bus_head_sequence", "Sequence of the newest committed event.")
+
+
+@dataclass
+class _InFlight:
+    attempt: int
+    envelope: bytes
+    replayed: bool = False
+
+
+class EventBus(bus_pb2_grpc.EventBusServiceServicer):
+    """gRPC handlers of the event bus."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        subscriptions: SubscriptionStore,
+        registry: Registry,
+        settings: BusSettings,
+    ) -> None:
+        self._store = store
+        self._subscriptions = subscriptions
+        self._registry = registry
+        self._settings = settings
+        self._sessions: dict[str, _Session] = {}
+
+    async def _append(self, events: list[event_pb2.Event]) -> AppendResult | list[bus_pb2.Rejection]:
+        valid, rejections = validate_batch(
+            events, self._settings.max_batch_events, self._settings.max_event_bytes
+        )
+        if rejections:
+            return rejections
+        with tracer.start_as_current_span("lodestar.persist") as span:
+            span.set_attribute("messaging.batch.message_count", len(valid))
+            result = await self._store.append(valid)
+        for event in valid:
+            EVENTS_PUBLISHED.labels(event.type).inc()
+        EVENTS_DUPLICATE.inc(result.duplicates)
+        HEAD_SEQUENCE.set(self._store.head)
+        return result
+
+    async def Publish(
+        self, request: bus_pb2.PublishRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bus_pb2.PublishResponse:
+        """Store a batch; all or nothing."""
+        outcome = await self._append(list(request.events))
+        if isinstance(outcome, list):
+            raise InvalidArgumentError(describe_rejections(outcome, len(request.events)))
+        return bus_pb2.PublishResponse(
+            accepted=outcome.accepted,
+            duplicates=outcome.duplicates,
+            last_sequence=outcome.last_sequence,
+        )
+
+    async def PublishStream(
+        self,
+        request_iterator: AsyncIterator[bus_pb2.PublishStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[bus_pb2.PublishStreamResponse]:
+        """Store batches from a stream, acking each once committed; a bad batch is refused alone."""
+        async for request in request_iterator:
+            outcome = await self._append(list(request.events))
+            if isinstance(outcome, list):
+                yield bus_pb2.PublishStreamResponse(
+                    batch_id=request.batch_id,
+                    rejections=outcome,
+                    error=describe_rejections(outcome, len(request.events)),
+                )
+                continue
+            yield bus_pb2.PublishStreamResponse(
+                batch_id=request.batch_id,
+                accepted=outcome.accepted,
+                duplicates=outcome.duplicates,
+                last_sequence=outcome.last_sequence,
+            )
+
+    async def Subscribe(
+        self,
+        request_iterator: AsyncIterator[bus_pb2.SubscribeRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[bus_pb2.SubscribeResponse]:
+        """Open a durable subscription and stream deliveries until the client goes away."""
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("action") != "open":
+            raise InvalidArgumentError("the first message on Subscribe must be `open`")
+        session = await self._open(first.open, context.peer())
+        try:
+            yield bus_pb2.SubscribeResponse(
+                opened=bus_pb2.SubscribeOpened(
+                    subscription=session.name, acked_sequence=session.cursor
+                )
+            )
+            async for response in session.run(request_iterator):
+                yield response
+        finally:
+            self._sessions.pop(session.name, None)
+            log.info("subscription disconnected", subscription=session.name)
+
+    async def _open(self, request: bus_pb2.SubscribeOpen, peer: str) -> _Session:
+        _validate_open(request, self._settings)
+        if request.module and not await self._registry.exists(request.module):
+            raise ModuleError(
+                f"module {request.module!r} is not registered; register it before subscribing",
+                field="open.module",
+            )
+        if request.subscription in self._sessions:
+            raise ModuleError(
+                f"subscription {request.subscription!r} is already connected "
+                f"({self._sessions[request.subscription].peer}); one consumer at a time",
+                field="open.subscription",
+            )
+        start = self._store.head if request.start == bus_pb2.START_POSITION_LATEST else 0
+        row = await self._subscriptions.open(
+            request.subscription, request.module, list(request.event_types), start
+        )
+        window = request.max_in_flight or self._settings.default_in_flight
+        session = _Session(self, row, window, peer)
+        await session.load_failures()
+        self._sessions[row.name] = session
+        log.info("subscription connected", subscription=row.name, acked=row.acked_seq, peer=peer)
+        return session
+
+    def wake_module(self, module: str) -> None:
+        """Tell the sessions of ``module`` that its enabled state changed."""
+        for session in self._sessions.values():
+            if session.module == module:
+                session.wake()
+
+    async def ListSubscriptions(
+        self, request: bus_pb2.ListSubscriptionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bus_pb2.ListSubscriptionsResponse:
+        """Every subscription with its position, lag and dead letters."""
+        return bus_pb2.ListSubscriptionsResponse(subscriptions=await self.describe_subscriptions())
+
+    async def describe_subscriptions(self) -> list[bus_pb2.Subscription]:
+        """Subscriptions as API messages; also refreshes the lag gauge."""
+        head = self._store.head
+        dead = await self._subscriptions.dead_letter_counts()
+        described = []
+        for row in await self._subscriptions.list():
+            lag = await self._subscriptions.lag(row, head)
+            SUBSCRIPTION_LAG.labels(row.name).set(lag)
+            described.append(
+                bus_pb2.Subscription(
+                    name=row.name,
+                    module=row.module,
+                    event_types=row.event_types,
+                    acked_sequence=row.acked_seq,
+                    head_sequence=head,
+                    lag=lag,
+                    connected=row.name in self._sessions,
+                    dead_letters=dead.get(row.name, 0),
+                )
+            )
+        return described
+
+    async def ListDeadLetters(
+        self, request: bus_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bus_pb2.ListDeadLettersResponse:
+        """Dead letters of one subscription, or of all."""
+        if request.limit < 0:
+            raise InvalidArgumentError("must not be negative", field="limit")
+        rows = await self._subscriptions.dead_letters(request.subscription, request.limit or 100)
+        return bus_pb2.ListDeadLettersResponse(
+            dead_letters=[
+                bus_pb2.DeadLetter(
+                    subscription=r.subscription,
+                    sequence=r.seq,
+                    attempts=r.attempts,
+                    last_error=r.last_error,
+                    event=event_pb2.Event.FromString(r.envelope),
+                )
+                for r in rows
+            ]
+        )
+
+    async def ReplayDeadLetters(
+        self, request: bus_pb2.ReplayDeadLettersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bus_pb2.ReplayDeadLettersResponse:
+        """Queue dead letters for redelivery to their subscription."""
+        if not request.subscription:
+            raise InvalidArgumentError("required, the subscription to replay", field="subscription")
+        replayed = await self._subscriptions.replay(request.subscription, list(request.sequences))
+        session = self._sessions.get(request.subscription)
+        if session is not None:
+            session.wake()
+        return bus_pb2.ReplayDeadLettersResponse(replayed=replayed)
+
+
+def _validate_open(request: bus_pb2.SubscribeOpen, settings: BusSettings) -> None:
+    if not SUBSCRIPTION_NAME.match(request.subscription):
+        raise InvalidArgumentError(
+            f"{request.subscription[:64]!r} must match {SUBSCRIPTION_NAME.pattern}",
+            field="open.subscription",
+        )
+    unknown = [t for t in request.event_types if t not in EVENT_TYPES]
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown event types {unknown[:5]}; known: {', '.join(sorted(EVENT_TYPES))}",
+            field="open.event_types",
+        )
+    if not 0 <= request.max_in_flight <= settings.max_in_flight:
+        raise InvalidArgumentError(
+            f"must be between 1 and {settings.max_in_flight} (0 for the default)",
+            field="open.max_in_flight",
+        )
+
+
+class _Session:
+    """One connected subscription: fills the in-flight window, applies acks and nacks."""
+
+    def __init__(self, bus: EventBus, row: SubscriptionRow, window: int, peer: str) -> None:
+        self.bus = bus
+        self.name = row.name
+        self.module = row.module
+        self.event_types = row.event_types
+        self.cursor = row.acked_seq
+        self.peer = peer
+        self._scan = row.acked_seq
+        self._window = window
+        self._in_flight: dict[int, _InFlight] = {}
+        self._failures: dict[int, int] = {}
+        self._retry: deque[int] = deque()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Re-run the send loop now."""
+        self._wake.set()
+
+    async def load_failures(self) -> None:
+        """Recorded failed attempts, so attempt numbers survive reconnects."""
+        self._failures = await self.bus._subscriptions.failure_counts(self.name, self.cursor)
+
+    async def run(
+        self, requests: AsyncIterator[bus_pb2.SubscribeRequest]
+    ) -> AsyncIterator[bus_pb2.SubscribeResponse]:
+        """Deliveries for this subscription, while acks are read from ``requests``."""
+        reader = asyncio.create_task(self._read(requests), name=f"acks-{self.name}")
+        try:
+            while not reader.done():
+                for delivery in await self._next_deliveries():
+                    EVENTS_DELIVERED.labels(self.name).inc()
+                    yield bus_pb2.SubscribeResponse(delivery=delivery)
+                await self._idle(reader)
+            reader.result()
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _idle(self, reader: asyncio.Task[None]) -> None:
+        if self._wake.is_set() or (self._has_room() and self.bus._store.head > self._scan):
+            self._wake.clear()
+            return
+        appended = asyncio.create_task(self.bus._store.wait_for_append(self._scan, IDLE_WAKE_SECONDS))
+        woken = asyncio.create_task(self._wake.wait())
+        await asyncio.wait({appended, woken, reader}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (appended, woken):
+            task.cancel()
+        self._wake.clear()
+
+    def _has_room(self) -> bool:
+        return len(self._in_flight) < self._window
+
+    async def _next_deliveries(self) -> list[bus_pb2.Delivery]:
+        if self.module and not await self.bus._registry.is_enabled(self.module):
+            return []
+        deliveries = self._retries()
+        deliveries += await self._replays()
+        if self._has_room():
+            deliveries += await self._fresh()
+        if not self._in_flight and self._scan > self.cursor:
+            await self._advance(self._scan)
+        return deliveries
+
+    def _retries(self) -> list[bus_pb2.Delivery]:
+        deliveries = []
+        while self._retry:
+            seq = self._retry.popleft()
+            item = self._in_flight.get(seq)
+            if item is not None:
+                item.attempt += 1
+                deliveries.append(_delivery(seq, item))
+        return deliveries
+
+    async def _replays(self) -> list[bus_pb2.Delivery]:
+        if not self._has_room():
+            return []
+        waiting = await self.bus._subscriptions.redeliveries(self.name, self._window)
+        deliveries = []
+        for seq, envelope in waiting:
+            if seq in self._in_flight or not self._has_room():
+                continue
+            self._in_flight[seq] = _InFlight(attempt=1, envelope=envelope, replayed=True)
+            deliveries.append(_delivery(seq, self._in_flight[seq]))
+        return deliveries
+
+    async def _fresh(self) -> list[bus_pb2.Delivery]:
+        head = self.bus._store.head
+        if head <= self._scan:
+            return []
+        limit = self._window - len(self._in_flight)
+        rows = await self.bus._store.fetch(self._scan, head, limit, self.event_types)
+        self._scan = rows[-1].seq if len(rows) == limit else head
+        deliveries = []
+        for row in rows:
+            item = _InFlight(attempt=self._failures.get(row.seq, 0) + 1, envelope=row.envelope)
+            self._in_flight[row.seq] = item
+            deliveries.append(_delivery(row.seq, item))
+        return deliveries
+
+    async def _read(self, requests: AsyncIterator[bus_pb2.SubscribeRequest]) -> None:
+        async for request in requests:
+            action = request.WhichOneof("action")
+            if action == "ack":
+                await self._ack(request.ack.sequences)
+            elif action == "nack":
+                await self._nack(request.nack.sequence, request.nack.error)
+            else:
+                raise InvalidArgumentError("`open` may only be sent once per stream")
+            self.wake()
+
+    async def _ack(self, sequences: Any) -> None:
+        for seq in sequences:
+            item = self._in_flight.pop(seq, None)
+            if item is not None and item.replayed:
+                await self.bus._subscriptions.finish_redelivery(self.name, seq)
+        fresh = [s for s, item in self._in_flight.items() if not item.replayed]
+        await self._advance(min(fresh) - 1 if fresh else self._scan)
+
+    async def _advance(self, position: int) -> None:
+        if position > self.cursor:
+            self.cursor = position
+            await self.bus._subscriptions.advance(self.name, position)
+
+    async def _nack(self, seq: int, error: str) -> None:
+        item = self._in_flight.get(seq)
+        if item is None:
+            return
+        attempts = await self.bus._subscriptions.record_failure(self.name, seq, error)
+        if attempts >= self.bus._settings.max_delivery_attempts:
+            log.warning("dead-lettered", subscription=self.name, seq=seq, attempts=attempts)
+            await self.bus._subscriptions.dead_letter(self.name, seq, item.envelope)
+            DEAD_LETTERED.labels(self.name).inc()
+            await self._ack([seq])
+            return
+        delay = min(0.05 * 2**attempts, MAX_RETRY_DELAY_SECONDS)
+        asyncio.get_running_loop().call_later(delay, self._schedule_retry, seq)
+
+    def _schedule_retry(self, seq: int) -> None:
+        self._retry.append(seq)
+        self.wake()
+
+
+def _delivery(seq: int, item: _InFlight) -> bus_pb2.Delivery:
+    event = event_pb2.Event.FromString(item.envelope)
+    with tracer.start_as_current_span(
+        "lodestar.deliver", context=context_from_event(event), kind=trace.SpanKind.PRODUCER
+    ):
+        pass
+    return bus_pb2.Delivery(sequence=seq, attempt=item.attempt, event=event)
+

@@ -1,0 +1,259 @@
+"""The module registry: registration, heartbeat leases, enable/disable and change streams."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import timestamp_pb2
+
+from lodestar.common.errors import InvalidArgumentError, NotFoundError
+from lodestar.common.events import EVENT_TYPES
+from lodestar.common.logging import get_logger
+from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
+
+MODULE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+ENDPOINT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+MODULE_COLUMNS = (
+    "name, version, endpoint, event_types, enabled, health_status, latency_ms, last_error, "
+    "uptime_seconds, registered_at, lease_expires_at"
+)
+WATCH_QUEUE_SIZE = 1024
+
+log = get_logger(__name__)
+Change = registry_pb2.ModuleChange
+
+
+class Registry:
+    """Registered modules, persisted in core's schema and cached for the delivery path."""
+
+    def __init__(self, pool: asyncpg.Pool, lease: timedelta) -> None:
+        self._pool = pool
+        self._lease = lease
+        self._enabled: dict[str, bool] = {}
+        self._watchers: set[asyncio.Queue[registry_pb2.WatchModulesResponse]] = set()
+        self.on_enabled_changed: Callable[[str], None] = lambda _name: None
+
+    async def load(self) -> None:
+        """Fill the cache from the database."""
+        rows = await self._pool.fetch("SELECT name, enabled FROM modules")
+        self._enabled = {r["name"]: r["enabled"] for r in rows}
+
+    async def exists(self, name: str) -> bool:
+        """Whether ``name`` is registered."""
+        return name in self._enabled
+
+    async def is_enabled(self, name: str) -> bool:
+        """Whether deliveries to ``name`` may flow (unknown modules count as disabled)."""
+        return self._enabled.get(name, False)
+
+    async def register(self, request: registry_pb2.RegisterRequest) -> registry_pb2.Module:
+        """Create or update a module; its lease starts now."""
+        _validate_registration(request)
+        lease = request.lease.ToTimedelta() if request.HasField("lease") else self._lease
+        existed = request.name in self._enabled
+        row = await self._pool.fetchrow(
+            f"""INSERT INTO modules (name, version, endpoint, event_types, lease_expires_at)
+                VALUES ($1, $2, $3, $4, now() + $5::interval)
+                ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version,
+                    endpoint = EXCLUDED.endpoint, event_types = EXCLUDED.event_types,
+                    lease_expires_at = EXCLUDED.lease_expires_at, expiry_announced = false
+                RETURNING {MODULE_COLUMNS}""",
+            request.name,
+            request.version,
+            request.endpoint,
+            list(request.event_types),
+            lease,
+        )
+        module = _module(row)
+        self._enabled[module.name] = module.enabled
+        self._announce(Change.MODULE_CHANGE_UPDATED if existed else Change.MODULE_CHANGE_REGISTERED, module)
+        return module
+
+    async def heartbeat(self, request: registry_pb2.HeartbeatRequest) -> registry_pb2.Module:
+        """Renew a lease and record the module's health."""
+        health = request.health
+        row = await self._pool.fetchrow(
+            f"""UPDATE modules SET lease_expires_at = now() + $2::interval,
+                    health_status = $3, latency_ms = $4, last_error = $5, uptime_seconds = $6,
+                    expiry_announced = false
+                WHERE name = $1 RETURNING {MODULE_COLUMNS}""",
+            request.name,
+            self._lease,
+            health.status,
+            health.latency_ms,
+            health.last_error[:2000],
+            health.uptime_seconds,
+        )
+        if row is None:
+            raise NotFoundError(f"module {request.name!r} is not registered; call Register first", field="name")
+        return _module(row)
+
+    async def deregister(self, name: str) -> None:
+        """Remove a module; its subscriptions keep their position."""
+        row = await self._pool.fetchrow(f"DELETE FROM modules WHERE name = $1 RETURNING {MODULE_COLUMNS}", name)
+        if row is None:
+            raise NotFoundError(f"module {name!r} is not registered", field="name")
+        self._enabled.pop(name, None)
+        self.on_enabled_changed(name)
+        self._announce(Change.MODULE_CHANGE_DEREGISTERED, _module(row))
+
+    async def list(self) -> list[registry_pb2.Module]:
+        """Every module, by name."""
+        rows = await self._pool.fetch(f"SELECT {MODULE_COLUMNS} FROM modules ORDER BY name")
+        return [_module(r) for r in rows]
+
+    async def get(self, name: str) -> registry_pb2.Module:
+        """One module."""
+        row = await self._pool.fetchrow(f"SELECT {MODULE_COLUMNS} FROM modules WHERE name = $1", name)
+        if row is None:
+            raise NotFoundError(f"module {name!r} is not registered", field="name")
+        return _module(row)
+
+    async def set_enabled(self, name: str, enabled: bool) -> registry_pb2.Module:
+        """Enable or disable a module; disabling pauses its deliveries."""
+        row = await self._pool.fetchrow(
+            f"UPDATE modules SET enabled = $2 WHERE name = $1 RETURNING {MODULE_COLUMNS}", name, enabled
+        )
+        if row is None:
+            raise NotFoundError(f"module {name!r} is not registered", field="name")
+        module = _module(row)
+        self._enabled[name] = enabled
+        self.on_enabled_changed(name)
+        self._announce(Change.MODULE_CHANGE_UPDATED, module)
+        return module
+
+    async def expire_leases(self) -> list[str]:
+        """Announce modules whose lease ran out since the last call; returns their names."""
+        rows = await self._pool.fetch(
+            f"""UPDATE modules SET expiry_announced = true
+                WHERE lease_expires_at < now() AND NOT expiry_announced
+                RETURNING {MODULE_COLUMNS}"""
+        )
+        for row in rows:
+            module = _module(row)
+            log.warning("module lease expired", module=module.name)
+            self._announce(Change.MODULE_CHANGE_LEASE_EXPIRED, module)
+        return [r["name"] for r in rows]
+
+    async def watch(self) -> AsyncIterator[registry_pb2.WatchModulesResponse]:
+        """A snapshot of every module, then each change as it happens."""
+        queue: asyncio.Queue[registry_pb2.WatchModulesResponse] = asyncio.Queue(WATCH_QUEUE_SIZE)
+        self._watchers.add(queue)
+        try:
+            for module in await self.list():
+                yield registry_pb2.WatchModulesResponse(change=Change.MODULE_CHANGE_SNAPSHOT, module=module)
+            while True:
+                yield await queue.get()
+        finally:
+            self._watchers.discard(queue)
+
+    def _announce(self, change: int, module: registry_pb2.Module) -> None:
+        message = registry_pb2.WatchModulesResponse(change=change, module=module)  # type: ignore[arg-type]
+        for queue in list(self._watchers):
+            if queue.full():  # a watcher this far behind is dropped, not waited for
+                self._watchers.discard(queue)
+                continue
+            queue.put_nowait(message)
+
+
+def _validate_registration(request: registry_pb2.RegisterRequest) -> None:
+    if not MODULE_NAME.match(request.name):
+        raise InvalidArgumentError(f"{request.name[:64]!r} must match {MODULE_NAME.pattern}", field="name")
+    if not request.version:
+        raise InvalidArgumentError("required, the module's version", field="version")
+    if not ENDPOINT.match(request.endpoint):
+        raise InvalidArgumentError(f"{request.endpoint[:64]!r} must be host:port", field="endpoint")
+    unknown = [t for t in request.event_types if t not in EVENT_TYPES]
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown event types {unknown[:5]}; known: {', '.join(sorted(EVENT_TYPES))}",
+            field="event_types",
+        )
+    if request.HasField("lease") and request.lease.ToTimedelta() <= timedelta(0):
+        raise InvalidArgumentError("must be positive", field="lease")
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value.astimezone(UTC))
+    return stamp
+
+
+def _module(row: asyncpg.Record) -> registry_pb2.Module:
+    expires: datetime = row["lease_expires_at"]
+    return registry_pb2.Module(
+        name=row["name"],
+        version=row["version"],
+        endpoint=row["endpoint"],
+        event_types=list(row["event_types"]),
+        enabled=row["enabled"],
+        alive=expires > datetime.now(UTC),
+        health=registry_pb2.ModuleHealth(
+            status=row["health_status"],
+            latency_ms=row["latency_ms"],
+            last_error=row["last_error"],
+            uptime_seconds=row["uptime_seconds"],
+        ),
+        registered_at=_timestamp(row["registered_at"]),
+        lease_expires_at=_timestamp(expires),
+    )
+
+
+class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
+    """gRPC handlers of the registry."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    async def Register(
+        self, request: registry_pb2.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.RegisterResponse:
+        """Create or update a module."""
+        return registry_pb2.RegisterResponse(module=await self._registry.register(request))
+
+    async def Heartbeat(
+        self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.HeartbeatResponse:
+        """Renew a lease."""
+        return registry_pb2.HeartbeatResponse(module=await self._registry.heartbeat(request))
+
+    async def Deregister(
+        self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.DeregisterResponse:
+        """Remove a module."""
+        await self._registry.deregister(request.name)
+        return registry_pb2.DeregisterResponse()
+
+    async def ListModules(
+        self, request: registry_pb2.ListModulesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.ListModulesResponse:
+        """Every module."""
+        return registry_pb2.ListModulesResponse(modules=await self._registry.list())
+
+    async def GetModule(
+        self, request: registry_pb2.GetModuleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.GetModuleResponse:
+        """One module."""
+        return registry_pb2.GetModuleResponse(module=await self._registry.get(request.name))
+
+    async def SetModuleEnabled(
+        self,
+        request: registry_pb2.SetModuleEnabledRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> registry_pb2.SetModuleEnabledResponse:
+        """Enable or disable a module."""
+        module = await self._registry.set_enabled(request.name, request.enabled)
+        return registry_pb2.SetModuleEnabledResponse(module=module)
+
+    async def WatchModules(
+        self, request: registry_pb2.WatchModulesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[registry_pb2.WatchModulesResponse]:
+        """Snapshot, then changes."""
+        async for change in self._registry.watch():
+            yield change

@@ -1,0 +1,45 @@
+"""Core's configuration: the shared service settings plus the bus and registry options."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+
+from lodestar.common.config import DatabaseSettings, ServiceSettings
+
+
+class BusSettings(BaseModel):
+    """Event bus limits and behaviour."""
+
+    model_config = {"extra": "forbid"}
+
+    max_batch_events: int = Field(10_000, ge=1, le=100_000)
+    max_event_bytes: int = Field(256 * 1024, ge=1024)
+    default_in_flight: int = Field(512, ge=1)
+    max_in_flight: int = Field(10_000, ge=1)
+    max_delivery_attempts: int = Field(5, ge=1)
+    retention_days: int = Field(7, ge=1)
+    partitions_ahead_days: int = Field(2, ge=1)
+    group_commit_max_events: int = Field(20_000, ge=1)
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> BusSettings:
+        if self.default_in_flight > self.max_in_flight:
+            raise ValueError("default_in_flight must not exceed max_in_flight")
+        return self
+
+
+class RegistrySettings(BaseModel):
+    """Module registry options."""
+
+    model_config = {"extra": "forbid"}
+
+    lease_seconds: float = Field(15.0, gt=0)
+
+
+class CoreSettings(ServiceSettings):
+    """Everything core reads from its configuration layers."""
+
+    database: DatabaseSettings = DatabaseSettings(schema_name="core")
+    bus: BusSettings = BusSettings()
+    registry: RegistrySettings = RegistrySettings()
+    migrate_on_start: bool = True

@@ -1,0 +1,193 @@
+"""Durable subscription state: cursors, failure counts, dead letters and replays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from lodestar.common.errors import NotFoundError
+
+
+@dataclass(frozen=True)
+class SubscriptionRow:
+    """A subscription as stored."""
+
+    name: str
+    module: str
+    event_types: list[str]
+    acked_seq: int
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    """A dead letter as stored."""
+
+    subscription: str
+    seq: int
+    attempts: int
+    last_error: str
+    envelope: bytes
+
+
+class SubscriptionStore:
+    """Reads and writes subscription state in core's schema."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def open(
+        self, name: str, module: str, event_types: Sequence[str], start_after: int
+    ) -> SubscriptionRow:
+        """The subscription ``name``, created at ``start_after`` if new; filters are updated."""
+        row = await self._pool.fetchrow(
+            """INSERT INTO subscriptions (name, module, event_types, acked_seq)
+               VALUES ($1, $2, $3, $4)
+               ON CONFLICT (name) DO UPDATE
+                 SET module = EXCLUDED.module, event_types = EXCLUDED.event_types,
+                     updated_at = now()
+               RETURNING name, module, event_types, acked_seq""",
+            name,
+            module,
+            list(event_types),
+            start_after,
+        )
+        return _subscription(row)
+
+    async def list(self) -> list[SubscriptionRow]:
+        """Every subscription, by name."""
+        rows = await self._pool.fetch(
+            "SELECT name, module, event_types, acked_seq FROM subscriptions ORDER BY name"
+        )
+        return [_subscription(r) for r in rows]
+
+    async def advance(self, name: str, acked_seq: int) -> None:
+        """Move the cursor forward to ``acked_seq`` (never backwards)."""
+        await self._pool.execute(
+            "UPDATE subscriptions SET acked_seq = $2, updated_at = now() "
+            "WHERE name = $1 AND acked_seq < $2",
+            name,
+            acked_seq,
+        )
+
+    async def failure_counts(self, name: str, after: int) -> dict[int, int]:
+        """Recorded failed attempts of events after the cursor, by sequence."""
+        rows = await self._pool.fetch(
+            "SELECT seq, attempts FROM delivery_failures WHERE subscription = $1 AND seq > $2",
+            name,
+            after,
+        )
+        return {r["seq"]: r["attempts"] for r in rows}
+
+    async def record_failure(self, name: str, seq: int, error: str) -> int:
+        """Count one failed attempt; returns the total so far."""
+        attempts: int = await self._pool.fetchval(
+            """INSERT INTO delivery_failures (subscription, seq, attempts, last_error)
+               VALUES ($1, $2, 1, $3)
+               ON CONFLICT (subscription, seq) DO UPDATE
+                 SET attempts = delivery_failures.attempts + 1, last_error = EXCLUDED.last_error
+               RETURNING attempts""",
+            name,
+            seq,
+            error[:2000],
+        )
+        return attempts
+
+    async def dead_letter(self, name: str, seq: int, envelope: bytes) -> None:
+        """Move an event that failed too often to the dead-letter list."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            failure = await conn.fetchrow(
+                "DELETE FROM delivery_failures WHERE subscription = $1 AND seq = $2 "
+                "RETURNING attempts, last_error",
+                name,
+                seq,
+            )
+            attempts = failure["attempts"] if failure else 0
+            last_error = failure["last_error"] if failure else ""
+            await conn.execute(
+                """INSERT INTO dead_letters (subscription, seq, attempts, last_error, envelope)
+                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT (subscription, seq) DO UPDATE
+                   SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
+                       dead_at = now()""",
+                name,
+                seq,
+                attempts,
+                last_error,
+                envelope,
+            )
+
+    async def dead_letters(self, name: str, limit: int) -> list[DeadLetterRow]:
+        """Dead letters of ``name`` (all subscriptions when empty), oldest first."""
+        rows = await self._pool.fetch(
+            """SELECT subscription, seq, attempts, last_error, envelope FROM dead_letters
+               WHERE $1 = '' OR subscription = $1 ORDER BY subscription, seq LIMIT $2""",
+            name,
+            limit,
+        )
+        return [DeadLetterRow(**dict(r)) for r in rows]
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """Number of dead letters per subscription."""
+        rows = await self._pool.fetch(
+            "SELECT subscription, count(*) AS n FROM dead_letters GROUP BY subscription"
+        )
+        return {r["subscription"]: r["n"] for r in rows}
+
+    async def replay(self, name: str, sequences: Sequence[int]) -> int:
+        """Queue dead letters (all of ``name``'s when ``sequences`` is empty) for redelivery."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT true FROM subscriptions WHERE name = $1", name):
+                raise NotFoundError(f"no subscription named {name!r}", field="subscription")
+            moved = await conn.fetch(
+                """DELETE FROM dead_letters
+                   WHERE subscription = $1 AND (cardinality($2::bigint[]) = 0 OR seq = ANY($2))
+                   RETURNING seq, envelope""",
+                name,
+                list(sequences),
+            )
+            await conn.executemany(
+                "INSERT INTO redeliveries (subscription, seq, envelope) VALUES ($1, $2, $3) "
+                "ON CONFLICT DO NOTHING",
+                [(name, r["seq"], r["envelope"]) for r in moved],
+            )
+        return len(moved)
+
+    async def redeliveries(self, name: str, limit: int) -> list[tuple[int, bytes]]:
+        """Replayed dead letters waiting for ``name``."""
+        rows = await self._pool.fetch(
+            "SELECT seq, envelope FROM redeliveries WHERE subscription = $1 ORDER BY seq LIMIT $2",
+            name,
+            limit,
+        )
+        return [(r["seq"], r["envelope"]) for r in rows]
+
+    async def finish_redelivery(self, name: str, seq: int) -> None:
+        """Forget a replayed dead letter once it was acked."""
+        await self._pool.execute(
+            "DELETE FROM redeliveries WHERE subscription = $1 AND seq = $2", name, seq
+        )
+
+    async def lag(self, row: SubscriptionRow, head: int) -> int:
+        """Matching events stored after the subscription's cursor."""
+        if row.event_types:
+            count = await self._pool.fetchval(
+                "SELECT count(*) FROM events WHERE seq > $1 AND seq <= $2 AND type = ANY($3)",
+                row.acked_seq,
+                head,
+                row.event_types,
+            )
+        else:
+            count = await self._pool.fetchval(
+                "SELECT count(*) FROM events WHERE seq > $1 AND seq <= $2", row.acked_seq, head
+            )
+        return int(count)
+
+
+def _subscription(row: asyncpg.Record) -> SubscriptionRow:
+    return SubscriptionRow(
+        name=row["name"],
+        module=row["module"],
+        event_types=list(row["event_types"]),
+        acked_seq=row["acked_seq"],
+    )

@@ -1,0 +1,352 @@
+"""Server interceptors against a real grpc.aio server, for all four RPC kinds."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from lodestar.common.errors import InvalidArgumentError, StorageError
+from lodestar.common.interceptors import (
+    ErrorMappingInterceptor,
+    LoggingInterceptor,
+    MetricsInterceptor,
+    default_server_interceptors,
+    split_method,
+)
+from lodestar.common.logging import configure_logging
+
+SERVICE = "lodestar.test.v1.Probe"
+GENERIC = "internal error; the server log has the details"
+
+
+async def _act(request: bytes, context: grpc.aio.ServicerContext) -> None:
+    """Fail the way ``request`` asks."""
+    if request == b"invalid":
+        raise InvalidArgumentError("must be positive", field="amount")
+    if request == b"storage":
+        raise StorageError("database unreachable; retry later")
+    if request == b"boom":
+        raise ValueError("kaput")
+    if request == b"notfound":
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such probe")
+
+
+async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    await _act(request, context)
+    if request == b"setcode":
+        context.set_code(grpc.StatusCode.ALREADY_EXISTS)
+        context.set_details("probe exists")
+    return b"echo:" + request
+
+
+async def server_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    yield b"first"
+    await _act(request, context)
+    yield b"second"
+
+
+async def write_stream(request: bytes, context: grpc.aio.ServicerContext) -> None:
+    await context.write(b"written")
+    await _act(request, context)
+
+
+async def client_stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+    received = [r async for r in requests]
+    for request in received:
+        await _act(request, context)
+    return b"+".join(received)
+
+
+async def bidi(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+) -> AsyncIterator[bytes]:
+    async for request in requests:
+        await _act(request, context)
+        yield b"echo:" + request
+
+
+async def health_check(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return b""
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _handlers() -> list[grpc.GenericRpcHandler]:
+    kw = {"request_deserializer": _identity, "response_serializer": _identity}
+    probe = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary, **kw),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream, **kw),
+            "WriteStream": grpc.unary_stream_rpc_method_handler(write_stream, **kw),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream, **kw),
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi, **kw),
+        },
+    )
+    health = grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(health_check, **kw)}
+    )
+    return [probe, health]
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_stderr() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    configure_logging("test", level="DEBUG")
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+async def _serve(interceptors: list[grpc.aio.ServerInterceptor]) -> AsyncIterator[grpc.aio.Channel]:
+    server = grpc.aio.server(interceptors=interceptors)
+    server.add_generic_rpc_handlers(_handlers())
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(None)
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[grpc.aio.Channel]:
+    async for ch in _serve(default_server_interceptors()):
+        yield ch
+
+
+def handled(method: str, code: str) -> float:
+    labels = {"grpc_service": SERVICE, "grpc_method": method, "grpc_code": code}
+    return REGISTRY.get_sample_value("lodestar_grpc_server_handled_total", labels) or 0.0
+
+
+def started(method: str) -> float:
+    labels = {"grpc_service": SERVICE, "grpc_method": method}
+    return REGISTRY.get_sample_value("lodestar_grpc_server_started_total", labels) or 0.0
+
+
+def timed(method: str) -> float:
+    labels = {"grpc_service": SERVICE, "grpc_method": method}
+    return REGISTRY.get_sample_value("lodestar_grpc_server_handling_seconds_count", labels) or 0.0
+
+
+async def call_unary(channel: grpc.aio.Channel, request: bytes) -> bytes:
+    return await channel.unary_unary(f"/{SERVICE}/Unary")(request, timeout=5)
+
+
+async def call_server_stream(channel: grpc.aio.Channel, method: str, request: bytes) -> list[bytes]:
+    return [r async for r in channel.unary_stream(f"/{SERVICE}/{method}")(request, timeout=5)]
+
+
+async def call_client_stream(channel: grpc.aio.Channel, requests: list[bytes]) -> bytes:
+    return await channel.stream_unary(f"/{SERVICE}/ClientStream")(iter(requests), timeout=5)
+
+
+async def call_bidi(channel: grpc.aio.Channel, requests: list[bytes]) -> list[bytes]:
+    call = channel.stream_stream(f"/{SERVICE}/Bidi")(iter(requests), timeout=5)
+    return [r async for r in call]
+
+
+async def expect_status(awaitable: object, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await awaitable  # type: ignore[misc]
+    assert info.value.code() == code, info.value.details()
+    return str(info.value.details())
+
+
+def log_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
+    err = capsys.readouterr().err
+    return [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+
+
+# --- error mapping ------------------------------------------------------------------------------
+
+
+async def test_unary_ok(channel: grpc.aio.Channel) -> None:
+    before = handled("Unary", "OK"), started("Unary"), timed("Unary")
+    assert await call_unary(channel, b"hi") == b"echo:hi"
+    assert handled("Unary", "OK") == before[0] + 1
+    assert started("Unary") == before[1] + 1
+    assert timed("Unary") == before[2] + 1
+
+
+async def test_lodestar_error_becomes_its_status(channel: grpc.aio.Channel) -> None:
+    before = handled("Unary", "INVALID_ARGUMENT")
+    details = await expect_status(call_unary(channel, b"invalid"), grpc.StatusCode.INVALID_ARGUMENT)
+    assert details == "amount: must be positive"
+    assert handled("Unary", "INVALID_ARGUMENT") == before + 1
+
+
+async def test_storage_error_is_unavailable(channel: grpc.aio.Channel) -> None:
+    details = await expect_status(call_unary(channel, b"storage"), grpc.StatusCode.UNAVAILABLE)
+    assert details == "database unreachable; retry later"
+
+
+async def test_unexpected_error_is_internal_and_logged(
+    channel: grpc.aio.Channel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = handled("Unary", "INTERNAL")
+    details = await expect_status(call_unary(channel, b"boom"), grpc.StatusCode.INTERNAL)
+    assert details == GENERIC
+    assert "kaput" not in details
+    assert handled("Unary", "INTERNAL") == before + 1
+    lines = log_lines(capsys)
+    error = next(line for line in lines if line["event"] == "unhandled error in rpc handler")
+    assert error["level"] == "error"
+    assert error["grpc_method"] == f"/{SERVICE}/Unary"
+    assert "ValueError: kaput" in str(error["exception"])
+    assert "boom" not in json.dumps(lines)  # request payloads never logged
+
+
+async def test_abort_passes_through(
+    channel: grpc.aio.Channel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = handled("Unary", "NOT_FOUND")
+    details = await expect_status(call_unary(channel, b"notfound"), grpc.StatusCode.NOT_FOUND)
+    assert details == "no such probe"
+    assert handled("Unary", "NOT_FOUND") == before + 1
+    events = [line["event"] for line in log_lines(capsys)]
+    assert "unhandled error in rpc handler" not in events
+
+
+async def test_set_code_without_abort_is_counted(channel: grpc.aio.Channel) -> None:
+    before = handled("Unary", "ALREADY_EXISTS")
+    details = await expect_status(call_unary(channel, b"setcode"), grpc.StatusCode.ALREADY_EXISTS)
+    assert details == "probe exists"
+    assert handled("Unary", "ALREADY_EXISTS") == before + 1
+
+
+@pytest.mark.parametrize("method", ["ServerStream", "WriteStream"])
+async def test_server_streaming_ok(channel: grpc.aio.Channel, method: str) -> None:
+    before = handled(method, "OK")
+    responses = await call_server_stream(channel, method, b"fine")
+    assert responses[0] in (b"first", b"written")
+    assert handled(method, "OK") == before + 1
+
+
+@pytest.mark.parametrize("method", ["ServerStream", "WriteStream"])
+@pytest.mark.parametrize(
+    ("request_", "code", "details"),
+    [
+        (b"invalid", grpc.StatusCode.INVALID_ARGUMENT, "amount: must be positive"),
+        (b"boom", grpc.StatusCode.INTERNAL, GENERIC),
+        (b"notfound", grpc.StatusCode.NOT_FOUND, "no such probe"),
+    ],
+)
+async def test_server_streaming_errors(
+    channel: grpc.aio.Channel, method: str, request_: bytes, code: grpc.StatusCode, details: str
+) -> None:
+    before = handled(method, code.name)
+    got = await expect_status(call_server_stream(channel, method, request_), code)
+    assert got == details
+    assert handled(method, code.name) == before + 1
+
+
+async def test_client_streaming(channel: grpc.aio.Channel) -> None:
+    before_ok, before_bad = (
+        handled("ClientStream", "OK"),
+        handled("ClientStream", "INVALID_ARGUMENT"),
+    )
+    assert await call_client_stream(channel, [b"a", b"b"]) == b"a+b"
+    details = await expect_status(
+        call_client_stream(channel, [b"a", b"invalid"]), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert details == "amount: must be positive"
+    assert handled("ClientStream", "OK") == before_ok + 1
+    assert handled("ClientStream", "INVALID_ARGUMENT") == before_bad + 1
+
+
+async def test_bidi_streaming(channel: grpc.aio.Channel) -> None:
+    before_ok, before_internal = handled("Bidi", "OK"), handled("Bidi", "INTERNAL")
+    assert await call_bidi(channel, [b"a", b"b"]) == [b"echo:a", b"echo:b"]
+    details = await expect_status(call_bidi(channel, [b"a", b"boom"]), grpc.StatusCode.INTERNAL)
+    assert details == GENERIC
+    assert handled("Bidi", "OK") == before_ok + 1
+    assert handled("Bidi", "INTERNAL") == before_internal + 1
+
+
+async def test_unknown_method_is_unimplemented_and_not_counted(channel: grpc.aio.Channel) -> None:
+    call = channel.unary_unary(f"/{SERVICE}/Nope")(b"", timeout=5)
+    await expect_status(call, grpc.StatusCode.UNIMPLEMENTED)
+    assert started("Nope") == 0
+
+
+# --- logging ------------------------------------------------------------------------------------
+
+
+async def test_one_log_line_per_rpc_with_mapped_code(
+    channel: grpc.aio.Channel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    await expect_status(call_unary(channel, b"invalid"), grpc.StatusCode.INVALID_ARGUMENT)
+    finished = [line for line in log_lines(capsys) if line["event"] == "rpc finished"]
+    assert len(finished) == 1
+    line = finished[0]
+    assert line["level"] == "info"
+    assert line["grpc_method"] == f"/{SERVICE}/Unary"
+    assert line["grpc_code"] == "INVALID_ARGUMENT"
+    assert isinstance(line["duration_ms"], float)
+    assert "127.0.0.1" in str(line["peer"])
+    assert "invalid" not in json.dumps(line).replace("INVALID", "")
+
+
+async def test_health_checks_are_counted_but_logged_at_debug(
+    channel: grpc.aio.Channel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = {"grpc_service": "grpc.health.v1.Health", "grpc_method": "Check", "grpc_code": "OK"}
+    before = REGISTRY.get_sample_value("lodestar_grpc_server_handled_total", labels) or 0.0
+    capsys.readouterr()
+    await channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=5)
+    assert REGISTRY.get_sample_value("lodestar_grpc_server_handled_total", labels) == before + 1
+    finished = [line for line in log_lines(capsys) if line["event"] == "rpc finished"]
+    assert [line["level"] for line in finished] == ["debug"]
+
+    logging.getLogger().setLevel(logging.INFO)
+    await channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=5)
+    assert not [line for line in log_lines(capsys) if line["event"] == "rpc finished"]
+
+
+# --- composition --------------------------------------------------------------------------------
+
+
+def test_default_order() -> None:
+    kinds = [type(i) for i in default_server_interceptors()]
+    assert kinds == [LoggingInterceptor, MetricsInterceptor, ErrorMappingInterceptor]
+
+
+async def test_metrics_without_error_mapping_maps_exception_code() -> None:
+    before = handled("Unary", "INTERNAL")
+    async for ch in _serve([MetricsInterceptor()]):
+        await expect_status(call_unary(ch, b"boom"), grpc.StatusCode.UNKNOWN)
+    assert handled("Unary", "INTERNAL") == before + 1
+
+
+async def test_metrics_inside_error_mapping_maps_the_raw_exception() -> None:
+    """Inside the error mapping, metrics sees the exception itself and maps it via status_for."""
+    before = handled("Unary", "INTERNAL")
+    async for ch in _serve([ErrorMappingInterceptor(), MetricsInterceptor()]):
+        await expect_status(call_unary(ch, b"invalid"), grpc.StatusCode.INVALID_ARGUMENT)
+    assert handled("Unary", "INTERNAL") == before
+    assert handled("Unary", "INVALID_ARGUMENT") > 0
+
+
+@pytest.mark.parametrize(
+    ("full", "expected"),
+    [
+        ("/pkg.Service/Method", ("pkg.Service", "Method")),
+        ("/grpc.health.v1.Health/Check", ("grpc.health.v1.Health", "Check")),
+        ("garbage", ("unknown", "garbage")),
+        ("", ("unknown", "unknown")),
+    ],
+)
+def test_split_method(full: str, expected: tuple[str, str]) -> None:
+    assert split_method(full) == expected
