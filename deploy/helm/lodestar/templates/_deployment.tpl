@@ -47,7 +47,10 @@ spec:
       automountServiceAccountToken: false
       enableServiceLinks: false
       terminationGracePeriodSeconds: {{ $svc.terminationGracePeriodSeconds }}
-      {{- include "lodestar.imagePullSecrets" $root | nindent 6 }}
+      {{- with include "lodestar.imagePullSecrets" $root }}
+      imagePullSecrets:
+        {{- . | nindent 8 }}
+      {{- end }}
       securityContext:
         {{- include "lodestar.podSecurityContext" . | nindent 8 }}
       {{- with $svc.priorityClassName }}
@@ -71,7 +74,7 @@ spec:
       {{- end }}
       {{- if include "lodestar.migrationsAsInit" . }}
       initContainers:
-        - {{- include "lodestar.migrateContainer" . | nindent 10 }}
+        - {{ include "lodestar.migrateContainer" . | indent 10 | trim }}
       {{- end }}
       containers:
         - name: {{ .name }}

@@ -154,7 +154,7 @@ seccompProfile:
 {{/* The environment of a service container (serve and migrate); pass the service context. */}}
 {{- define "lodestar.env" -}}
 {{- $root := .root }}
-{{- $g := $root.Values.global }}
+{{- $g := $root.Values.global -}}
 - name: LODESTAR_CONFIG_DIR
   value: /etc/lodestar
 - name: LODESTAR_DATABASE__URL
@@ -175,7 +175,7 @@ seccompProfile:
 {{/* Extra environment of the server container. */}}
 {{- define "lodestar.serveEnv" -}}
 {{- $root := .root }}
-{{- $g := $root.Values.global }}
+{{- $g := $root.Values.global -}}
 - name: LODESTAR_HOST
   value: 0.0.0.0
 - name: LODESTAR_PORT
@@ -310,11 +310,8 @@ securityContext:
 {{- end }}
 
 {{- define "lodestar.imagePullSecrets" -}}
-{{- with .Values.global.image.pullSecrets }}
-imagePullSecrets:
-{{- range . }}
-  - name: {{ . }}
-{{- end }}
+{{- range .Values.global.image.pullSecrets }}
+- name: {{ . }}
 {{- end }}
 {{- end }}
 

@@ -64,7 +64,10 @@ spec:
       serviceAccountName: {{ include "lodestar.migrationName" . }}
       automountServiceAccountToken: false
       enableServiceLinks: false
-      {{- include "lodestar.imagePullSecrets" $root | nindent 6 }}
+      {{- with include "lodestar.imagePullSecrets" $root }}
+      imagePullSecrets:
+        {{- . | nindent 8 }}
+      {{- end }}
       securityContext:
         {{- include "lodestar.podSecurityContext" . | nindent 8 }}
       {{- with .svc.nodeSelector }}
@@ -76,7 +79,7 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       containers:
-        - {{- include "lodestar.migrateContainer" . | nindent 10 }}
+        - {{ include "lodestar.migrateContainer" . | indent 10 | trim }}
       volumes:
         {{- include "lodestar.configVolume" (dict "root" $root "svc" .svc "name" .name "key" .key "configMap" (include "lodestar.migrationName" .) "serve" false) | nindent 8 }}
 {{- end }}

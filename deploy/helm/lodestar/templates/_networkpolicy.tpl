@@ -14,7 +14,7 @@
 
 {{/* Egress rule to PostgreSQL: the dev StatefulSet, the configured peers, or the port anywhere. */}}
 {{- define "lodestar.np.postgresEgress" -}}
-{{- $np := .Values.global.networkPolicy }}
+{{- $np := .Values.global.networkPolicy -}}
 - ports:
     - port: {{ $np.postgres.port }}
       protocol: TCP

@@ -107,6 +107,12 @@ class ServiceSettings(BaseModel):
     metrics_port: int = Field(
         default=9464, ge=-1, le=65535, description="-1 disables metrics, 0 picks a free port."
     )
+    health_port: int = Field(
+        default=-1,
+        ge=-1,
+        le=65535,
+        description="Plaintext health-only port for kubelet probes when gRPC uses TLS; -1 off.",
+    )
     core_endpoint: str = "127.0.0.1:50051"
     token: SecretStr | None = Field(
         default=None, description="This service's credential for calling core."

@@ -88,7 +88,12 @@ class ServiceRunner:
         self._telemetry: Telemetry | None = None
         self._servers: list[grpc.aio.Server] = []
 
-    async def run(self, on_started: Callable[[RunningServer], Awaitable[None]] | None = None) -> None:
+    async def run(
+        self,
+        on_started: Callable[[RunningServer], Awaitable[None]] | None = None,
+        *,
+        handle_signals: bool = True,
+    ) -> None:
         """Start, serve until SIGTERM/SIGINT or ``request_stop``, then shut down gracefully."""
         self._telemetry = configure_telemetry(self.module.name)
         credentials = self._credentials()
@@ -114,7 +119,8 @@ class ServiceRunner:
         metrics_port = start_metrics_server(self.settings.metrics_host, self.settings.metrics_port)
         running = RunningServer(port=port, metrics_port=metrics_port, health_port=health_port)
         log.info("listening", port=port, metrics_port=metrics_port, health_port=health_port)
-        self._install_signal_handlers()
+        if handle_signals:
+            self._install_signal_handlers()
         if on_started is not None:
             await on_started(running)
         watcher = asyncio.create_task(self._watch_health(), name="health-watcher")
@@ -171,7 +177,7 @@ class ServiceRunner:
         """Start the module (retrying while dependencies are away), then track its health."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type((StorageError, NetworkError, OSError)),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
         ):
             with attempt:
                 try:

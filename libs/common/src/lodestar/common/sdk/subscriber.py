@@ -112,7 +112,7 @@ class Subscriber:
         flusher = asyncio.create_task(self._flush_acks(acks, outbox))
         stopper = asyncio.create_task(self._cancel_on_stop(call))
         try:
-            async for response in call:
+            async for response in _responses(call, self._stopping):
                 if response.WhichOneof("message") == "opened":
                     self.connected.set()
                     continue
@@ -168,6 +168,20 @@ class Subscriber:
                 batch = acks[:]
                 acks.clear()
                 outbox.put_nowait(bus_pb2.SubscribeRequest(ack=bus_pb2.SubscribeAck(sequences=batch)))
+
+
+async def _responses(
+    call: grpc.aio.StreamStreamCall,  # type: ignore[type-arg]
+    stopping: asyncio.Event,
+) -> AsyncIterator[bus_pb2.SubscribeResponse]:
+    """The call's responses; ends quietly when ``stop`` cancelled the call."""
+    try:
+        async for response in call:
+            yield response
+    except asyncio.CancelledError:
+        if stopping.is_set() and call.cancelled():
+            return
+        raise
 
 
 async def _drain(

@@ -1,0 +1,130 @@
+"""Fixtures shared by the cross-service tests: real Postgres, real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from pydantic import SecretStr
+
+from lodestar.common.auth import Role
+from lodestar.common.config import DatabaseSettings
+from lodestar.common.sdk import connect
+from lodestar.common.server import READINESS, RunningServer, ServiceRunner
+from lodestar.common.testing import dev_credentials, postgres_server, scratch_database
+from lodestar_core.service import CoreModule
+from lodestar_core.settings import CoreSettings
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A scratch database for the whole session (each test uses its own schema)."""
+    with postgres_server(tmp_path_factory.mktemp("pg")) as admin_dsn, scratch_database(admin_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def schema() -> str:
+    """A schema name of this test's own."""
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> dict[Role, str]:
+    """One token per role, accepted by servers started with ``credentials_file``."""
+    return dev_credentials(tmp_path / "credentials.yaml")
+
+
+@pytest.fixture
+def core_settings(tmp_path: Path, database_url: str, schema: str, tokens: dict[Role, str]) -> CoreSettings:
+    """Settings of a core on a free port with a schema of its own."""
+    return CoreSettings(
+        port=0,
+        metrics_port=-1,
+        credentials_file=tmp_path / "credentials.yaml",
+        shutdown_grace_seconds=2.0,
+        database=DatabaseSettings(url=SecretStr(database_url), schema_name=schema),
+    )
+
+
+@dataclass
+class RunningCore:
+    """A core serving in this test's event loop."""
+
+    runner: ServiceRunner
+    server: RunningServer
+    task: asyncio.Task[None]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    async def stop(self) -> None:
+        self.runner.request_stop()
+        await self.task
+
+
+async def start_core(settings: CoreSettings) -> RunningCore:
+    """Start core and wait until its readiness probe says SERVING."""
+    runner = ServiceRunner(CoreModule(settings), settings)
+    started: asyncio.Future[RunningServer] = asyncio.get_running_loop().create_future()
+
+    async def on_started(server: RunningServer) -> None:
+        started.set_result(server)
+
+    task = asyncio.create_task(runner.run(on_started, handle_signals=False))
+    done, _ = await asyncio.wait({started, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    server = started.result()
+    await wait_serving(f"127.0.0.1:{server.port}", READINESS)
+    return RunningCore(runner, server, task)
+
+
+async def wait_serving(target: str, service: str, timeout: float = 30.0) -> None:
+    """Poll the health service the way a kubelet probe does until it says SERVING."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{target} {service!r} not SERVING after {timeout}s")
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def core(core_settings: CoreSettings) -> AsyncIterator[RunningCore]:
+    """A running core."""
+    running = await start_core(core_settings)
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def publisher_channel(core: RunningCore, tokens: dict[Role, str]) -> AsyncIterator[grpc.aio.Channel]:
+    async with connect(core.target, tokens[Role.PUBLISHER]) as channel:
+        yield channel
+
+
+@pytest.fixture
+async def module_channel(core: RunningCore, tokens: dict[Role, str]) -> AsyncIterator[grpc.aio.Channel]:
+    async with connect(core.target, tokens[Role.MODULE]) as channel:
+        yield channel
+
+
+@pytest.fixture
+async def admin_channel(core: RunningCore, tokens: dict[Role, str]) -> AsyncIterator[grpc.aio.Channel]:
+    async with connect(core.target, tokens[Role.ADMIN]) as channel:
+        yield channel

@@ -1,0 +1,65 @@
+"""Publish to a real core on Postgres and receive through a durable subscription."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from lodestar.common.events import new_event
+from lodestar.common.sdk import Publisher, ReceivedEvent, Subscriber
+from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
+from lodestar.usage.v1 import events_pb2 as usage
+
+
+def completed(model: str, n: int = 1) -> usage.RequestCompleted:
+    return usage.RequestCompleted(model=model, provider="test", project="p", tokens=usage.TokenUsage(input=n))
+
+
+async def test_publish_then_subscribe_receives_in_order(publisher_channel, module_channel):
+    async with Publisher(publisher_channel, source="test://roundtrip") as publisher:
+        receipts = [await publisher.publish(completed("m", i)) for i in range(20)]
+    assert all(not r.spooled for r in receipts)
+
+    received: list[ReceivedEvent] = []
+    done = asyncio.Event()
+
+    async def handle(event: ReceivedEvent) -> None:
+        received.append(event)
+        if len(received) == 20:
+            done.set()
+
+    subscriber = Subscriber(module_channel, subscription="roundtrip", handler=handle)
+    task = asyncio.create_task(subscriber.run())
+    await asyncio.wait_for(done.wait(), 10)
+    subscriber.stop()
+    await task
+    assert [r.event.id for r in received] == [r.event_id for r in receipts]
+    assert [r.payload.tokens.input for r in received] == list(range(20))
+    assert [r.sequence for r in received] == sorted(r.sequence for r in received)
+
+
+async def test_retried_publish_is_stored_once(publisher_channel):
+    stub = bus_pb2_grpc.EventBusServiceStub(publisher_channel)
+    event = new_event(completed("m"), source="test://dup")
+    first = await stub.Publish(bus_pb2.PublishRequest(events=[event]))
+    again = await stub.Publish(bus_pb2.PublishRequest(events=[event, event]))
+    assert (first.accepted, first.duplicates) == (1, 0)
+    assert (again.accepted, again.duplicates) == (0, 2)
+
+
+async def test_unknown_type_is_rejected_and_nothing_stored(publisher_channel, admin_channel):
+    stub = bus_pb2_grpc.EventBusServiceStub(publisher_channel)
+    good = new_event(completed("m"), source="test://bad")
+    bad = new_event(completed("m"), source="test://bad")
+    bad.type = "acme.v1.Nope"
+    try:
+        await stub.Publish(bus_pb2.PublishRequest(events=[good, bad]))
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "events[1].type" in exc.details()
+        assert "nothing was stored" in exc.details()
+    else:
+        raise AssertionError("expected INVALID_ARGUMENT")
+    again = await stub.Publish(bus_pb2.PublishRequest(events=[good]))
+    assert again.accepted == 1
