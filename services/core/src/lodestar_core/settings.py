@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, Field, model_validator
 
-from lodestar.common.config import DatabaseSettings, ServiceSettings
+from lodestar.common.config import ServiceSettings
 
 
 class BusSettings(BaseModel):
@@ -39,7 +41,7 @@ class RegistrySettings(BaseModel):
 class CoreSettings(ServiceSettings):
     """Everything core reads from its configuration layers."""
 
-    database: DatabaseSettings = DatabaseSettings(schema_name="core")
+    default_schema: ClassVar[str] = "core"
     bus: BusSettings = BusSettings()
     registry: RegistrySettings = RegistrySettings()
     migrate_on_start: bool = True

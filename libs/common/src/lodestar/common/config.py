@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import yaml
 from pydantic import (
@@ -129,6 +129,15 @@ class ServiceSettings(BaseModel):
     spool_dir: Path = Path(".lodestar/spool")
     tls: TlsSettings = Field(default_factory=TlsSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+
+    #: Schema used when the configuration names none.
+    default_schema: ClassVar[str] = ""
+
+    @model_validator(mode="after")
+    def _schema_default(self) -> Self:
+        if not self.database.schema_name and self.default_schema:
+            self.database.schema_name = self.default_schema
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

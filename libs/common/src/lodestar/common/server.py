@@ -87,6 +87,7 @@ class ServiceRunner:
         self._stop = asyncio.Event()
         self._telemetry: Telemetry | None = None
         self._servers: list[grpc.aio.Server] = []
+        self._fatal: Exception | None = None
 
     async def run(
         self,
@@ -129,6 +130,8 @@ class ServiceRunner:
         finally:
             await self._shutdown(watcher)
             running.stopped.set()
+        if self._fatal is not None:
+            raise self._fatal
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown."""
@@ -175,16 +178,13 @@ class ServiceRunner:
 
     async def _watch_health(self) -> None:
         """Start the module (retrying while dependencies are away), then track its health."""
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type((StorageError, NetworkError, OSError)),
-            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
-        ):
-            with attempt:
-                try:
-                    await self.module.start()
-                except (StorageError, NetworkError, OSError) as exc:
-                    log.warning("dependencies not ready; retrying", error=str(exc))
-                    raise
+        try:
+            await self._start_module()
+        except Exception as exc:
+            log.error("module cannot start", error=str(exc))
+            self._fatal = exc
+            self._stop.set()
+            return
         log.info("module started", module=self.module.name)
         ready: bool | None = None
         while not self._stop.is_set():
@@ -198,6 +198,19 @@ class ServiceRunner:
                 await asyncio.wait_for(self._stop.wait(), HEALTH_INTERVAL_SECONDS)
             except TimeoutError:
                 pass
+
+    async def _start_module(self) -> None:
+        """Start the module, retrying with backoff while its dependencies are unreachable."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((StorageError, NetworkError, OSError)),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+        ):
+            with attempt:
+                try:
+                    await self.module.start()
+                except (StorageError, NetworkError, OSError) as exc:
+                    log.warning("dependencies not ready; retrying", error=str(exc))
+                    raise
 
     async def _shutdown(self, watcher: asyncio.Task[None]) -> None:
         log.info("shutting down", grace_seconds=self.settings.shutdown_grace_seconds)
