@@ -248,6 +248,12 @@ def _validate_open(request: bus_pb2.SubscribeOpen, settings: BusSettings) -> Non
             f"unknown event types {unknown[:5]}; known: {', '.join(sorted(EVENT_TYPES))}",
             field="open.event_types",
         )
+    if request.start not in bus_pb2.StartPosition.values():
+        raise InvalidArgumentError(
+            f"unknown start position {request.start}; use START_POSITION_EARLIEST or "
+            "START_POSITION_LATEST",
+            field="open.start",
+        )
     if not 0 <= request.max_in_flight <= settings.max_in_flight:
         raise InvalidArgumentError(
             f"must be between 1 and {settings.max_in_flight} (0 for the default)",

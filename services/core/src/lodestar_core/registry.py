@@ -167,8 +167,11 @@ def _validate_registration(request: registry_pb2.RegisterRequest) -> None:
         raise InvalidArgumentError(f"{request.name[:64]!r} must match {MODULE_NAME.pattern}", field="name")
     if not request.version:
         raise InvalidArgumentError("required, the module's version", field="version")
-    if not ENDPOINT.match(request.endpoint):
-        raise InvalidArgumentError(f"{request.endpoint[:64]!r} must be host:port", field="endpoint")
+    if not _valid_endpoint(request.endpoint):
+        raise InvalidArgumentError(
+            f"{request.endpoint[:64]!r} must be host:port with a port from 1 to 65535",
+            field="endpoint",
+        )
     unknown = [t for t in request.event_types if t not in EVENT_TYPES]
     if unknown:
         raise InvalidArgumentError(
@@ -177,6 +180,13 @@ def _validate_registration(request: registry_pb2.RegisterRequest) -> None:
         )
     if request.HasField("lease") and request.lease.ToTimedelta() <= timedelta(0):
         raise InvalidArgumentError("must be positive", field="lease")
+
+
+def _valid_endpoint(endpoint: str) -> bool:
+    if len(endpoint) > 255 or not ENDPOINT.match(endpoint):
+        return False
+    port = int(endpoint.rpartition(":")[2])
+    return 1 <= port <= 65535
 
 
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:

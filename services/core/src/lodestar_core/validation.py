@@ -38,7 +38,7 @@ def validate_event(event: event_pb2.Event, max_bytes: int) -> ValidEvent:
     if len(event.subject) > MAX_SUBJECT_CHARS:
         raise ValueError(f"subject: at most {MAX_SUBJECT_CHARS} characters")
     _check_payload(event)
-    if event.traceparent and not TRACEPARENT.match(event.traceparent):
+    if event.traceparent and not _valid_traceparent(event.traceparent):
         raise ValueError("traceparent: must be a W3C traceparent like 00-<32 hex>-<16 hex>-01")
     envelope = event.SerializeToString()
     if len(envelope) > max_bytes:
@@ -56,9 +56,22 @@ def _event_id(raw: str) -> uuid.UUID:
         event_id = uuid.UUID(raw)
     except ValueError:
         raise ValueError(f"id: {raw[:64]!r} is not a UUID; mint a UUIDv7") from None
+    if str(event_id) != raw.lower():
+        raise ValueError(
+            f"id: {raw[:64]!r} is not in canonical form; send 8-4-4-4-12 hex digits like "
+            f"{event_id}"
+        )
     if event_id.version != 7:
         raise ValueError(f"id: must be a UUIDv7 (time-ordered), got version {event_id.version}")
     return event_id
+
+
+def _valid_traceparent(value: str) -> bool:
+    """W3C trace-context: the version ff and all-zero trace or parent ids are invalid."""
+    if not TRACEPARENT.match(value):
+        return False
+    version, trace_id, parent_id, _flags = value.split("-")
+    return version != "ff" and trace_id != "0" * 32 and parent_id != "0" * 16
 
 
 def _check_payload(event: event_pb2.Event) -> None:

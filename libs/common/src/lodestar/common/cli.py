@@ -200,6 +200,7 @@ def up(
             if not asyncio.run(wait_until_serving(service.port, service.process, READY_TIMEOUT_SECONDS)):
                 console.print(f"[red]{name} did not become ready; see {service.log}[/red]")
                 raise typer.Exit(1)
+        _write_endpoints(state_dir, running)
         _print_ready(running, tokens, state_dir, database_url if database is None else database.dsn())
         _supervise(running, stop)
     finally:
@@ -230,6 +231,15 @@ def _supervise(running: list[RunningService], stop: list[bool]) -> None:
                 reported.add(service.name)
                 console.print(f"[red]{service.name} exited with {code}; see {service.log}[/red]")
         time.sleep(0.2)
+
+
+def _write_endpoints(state_dir: Path, running: list[RunningService]) -> None:
+    """Record where each service listens, for scripts and the other CLI commands."""
+    endpoints = {
+        s.name: {"grpc": f"127.0.0.1:{s.port}", "metrics": f"127.0.0.1:{s.metrics_port}"}
+        for s in running
+    }
+    (state_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
 
 
 def _print_ready(running: list[RunningService], tokens: dict[str, str], state_dir: Path, dsn: str) -> None:
@@ -267,7 +277,15 @@ def _client_defaults(target: str | None, token: str | None, state_dir: Path) -> 
     token = token or tokens.get("admin")
     if not token:
         raise typer.BadParameter("no token: pass --token, set LODESTAR_TOKEN, or run `lodestar up` first")
-    return target or os.environ.get("LODESTAR_CORE_ENDPOINT", "127.0.0.1:50051"), token
+    return target or os.environ.get("LODESTAR_CORE_ENDPOINT") or _local_core(state_dir), token
+
+
+def _local_core(state_dir: Path) -> str:
+    endpoints = state_dir / "endpoints.json"
+    if endpoints.exists():
+        address: str = json.loads(endpoints.read_text())[CORE]["grpc"]
+        return address
+    return "127.0.0.1:50051"
 
 
 @app.command()
@@ -385,3 +403,7 @@ def _run_rpc(coroutine: Any) -> Any:
 def main() -> None:
     """Console entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import warnings
 from pathlib import Path
@@ -33,6 +34,14 @@ def _bin_dir() -> Path:
     return Path(_commands.POSTGRES_BIN_PATH)
 
 
+def _allow_traversal(folder: Path) -> None:
+    """Let the unprivileged server user reach ``folder`` (adds o+x on ancestors lacking it)."""
+    for ancestor in [folder, *folder.parents]:
+        mode = ancestor.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            ancestor.chmod(mode | stat.S_IXOTH)
+
+
 class EmbeddedPostgres:
     """A private Postgres cluster in ``data_dir`` listening on 127.0.0.1 (trust auth).
 
@@ -54,7 +63,12 @@ class EmbeddedPostgres:
         user = self._user()
         if user is not None:
             command = ["runuser", "-u", user, "--", *command]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ConfigurationError(
+                f"embedded Postgres: {args[0]} failed ({result.returncode}): "
+                f"{(result.stderr or result.stdout).strip()[-2000:]}"
+            )
 
     def _user(self) -> str | None:
         if os.geteuid() != 0:
@@ -68,6 +82,7 @@ class EmbeddedPostgres:
                 capture_output=True,
             )
         shutil.chown(self.data_dir.parent, RUN_AS)
+        _allow_traversal(self.data_dir.parent)
         return RUN_AS
 
     def initialise(self) -> None:

@@ -6,7 +6,17 @@ Every error carries a message meant for the caller: what was wrong and what to d
 
 from __future__ import annotations
 
+import asyncpg
 import grpc
+
+#: Exceptions that mean the database went away, not that the request was wrong.
+DATABASE_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
 
 
 class LodestarError(Exception):
@@ -85,4 +95,6 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """
     if isinstance(error, LodestarError):
         return error.code, error.details()
+    if isinstance(error, DATABASE_UNREACHABLE):
+        return grpc.StatusCode.UNAVAILABLE, "the database is unreachable; retry with backoff"
     return grpc.StatusCode.INTERNAL, "internal error; the server log has the details"

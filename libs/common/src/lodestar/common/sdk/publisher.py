@@ -86,6 +86,7 @@ class Publisher:
         self._has_work = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
+        self._sending = False
 
     async def __aenter__(self) -> Publisher:
         self.start()
@@ -125,6 +126,17 @@ class Publisher:
         self._has_work.set()
         return list(await asyncio.gather(*(p.done for p in pending)))
 
+    async def flush(self, timeout: float = 30.0) -> None:
+        """Wait until everything published so far is in core: buffer and spool empty."""
+        self._has_work.set()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._buffer or self._sending or self.spooled_batches:
+            if asyncio.get_running_loop().time() > deadline:
+                raise NetworkError(
+                    f"core did not take the spooled events within {timeout}s; they stay spooled"
+                )
+            await asyncio.sleep(0.05)
+
     async def close(self) -> None:
         """Flush what is buffered, then stop."""
         self._closing = True
@@ -148,7 +160,11 @@ class Publisher:
                 self._has_work.clear()
                 continue
             batch, self._buffer = self._buffer[: self._max_batch], self._buffer[self._max_batch :]
-            await self._send_batch(batch)
+            self._sending = True
+            try:
+                await self._send_batch(batch)
+            finally:
+                self._sending = False
 
     async def _wait_for_work(self) -> None:
         await self._has_work.wait()
@@ -164,19 +180,37 @@ class Publisher:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in RETRYABLE:
                     return False
-                log.error("dropping spooled batch core refuses", error=exc.details(), file=str(path))
+                if not await self._replay_one_by_one(request):
+                    return False
             self._spool.remove(path)
             log.info("replayed spooled batch", events=len(request.events))
+        return True
+
+    async def _replay_one_by_one(self, request: bus_pb2.PublishRequest) -> bool:
+        """Replay a refused spooled batch event by event; refused events are quarantined."""
+        assert self._spool is not None
+        for event in request.events:
+            single = bus_pb2.PublishRequest(events=[event])
+            try:
+                await self._stub.Publish(single, timeout=self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in RETRYABLE:
+                    return False
+                path = self._spool.quarantine(single)
+                log.error("core refuses a spooled event; kept aside", error=exc.details(),
+                          event_id=event.id, file=str(path))
         return True
 
     def _spool_buffer(self) -> None:
         """Move everything buffered into the spool, behind what is there already."""
         if not self._buffer or self._spool is None:
             return
-        batch, self._buffer = self._buffer, []
-        self._spool.append(bus_pb2.PublishRequest(events=[p.event for p in batch]))
-        for p in batch:
-            _resolve(p, PublishReceipt(p.event.id, spooled=True))
+        while self._buffer:
+            batch = self._buffer[: self._max_batch]
+            self._spool.append(bus_pb2.PublishRequest(events=[p.event for p in batch]))
+            del self._buffer[: len(batch)]
+            for p in batch:
+                _resolve(p, PublishReceipt(p.event.id, spooled=True))
 
     async def _send_batch(self, batch: list[_Pending]) -> None:
         request = bus_pb2.PublishRequest(events=[p.event for p in batch])

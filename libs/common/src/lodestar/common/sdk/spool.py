@@ -30,19 +30,18 @@ class Spool:
 
     def append(self, batch: bus_pb2.PublishRequest) -> Path:
         """Write ``batch`` after every batch already spooled; durable when this returns."""
-        path = self.folder / f"{self._next:020d}{SUFFIX}"
+        return self._write(self.folder, batch)
+
+    def quarantine(self, batch: bus_pb2.PublishRequest) -> Path:
+        """Keep a batch core refuses in ``rejected/`` for a person to look at; never replayed."""
+        folder = self.folder / "rejected"
+        folder.mkdir(exist_ok=True)
+        return self._write(folder, batch)
+
+    def _write(self, folder: Path, batch: bus_pb2.PublishRequest) -> Path:
+        path = folder / f"{self._next:020d}{SUFFIX}"
         self._next += 1
-        temporary = path.with_suffix(".tmp")
-        with temporary.open("wb") as handle:
-            handle.write(batch.SerializeToString())
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.rename(path)
-        directory = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _write_durably(path, batch.SerializeToString())
         return path
 
     def oldest(self) -> tuple[Path, bus_pb2.PublishRequest] | None:
@@ -55,3 +54,18 @@ class Spool:
     def remove(self, path: Path) -> None:
         """Forget a batch that core has acknowledged."""
         path.unlink(missing_ok=True)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write, fsync and rename into place: a crash leaves the whole batch or none of it."""
+    temporary = path.with_suffix(".tmp")
+    with temporary.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.rename(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,80 @@
+"""`lodestar up` as a user runs it: real processes on an embedded Postgres."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+LODESTAR = [sys.executable, "-m", "lodestar.common.cli"]
+
+
+def wait_for_line(process: subprocess.Popen[str], needle: str, timeout: float) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} not seen; output so far:\n{''.join(lines)}")
+
+
+def lodestar(state: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LODESTAR, *args, "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+@pytest.fixture
+def suite(tmp_path: Path):
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [*LODESTAR, "up", "--port-base", "0", "--state-dir", str(state)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )
+    try:
+        wait_for_line(process, "ready", timeout=120)
+        yield process, state
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_up_publish_tail_and_clean_stop(suite):
+    process, state = suite
+    endpoints = json.loads((state / "endpoints.json").read_text())
+    assert "core" in endpoints
+
+    published = lodestar(state, "publish", "lodestar.usage.v1.RequestCompleted",
+                         '{"model": "llama3:8b", "provider": "ollama", "tokens": {"input": 12}}')
+    assert published.returncode == 0, published.stdout + published.stderr
+    event_id = published.stdout.strip()
+
+    tail = lodestar(state, "events", "tail", "--from-start", "--limit", "1", "--subscription", "e2e-tail")
+    assert tail.returncode == 0, tail.stdout + tail.stderr
+    line = json.loads(tail.stdout.strip().splitlines()[-1])
+    assert line["id"] == event_id
+    assert line["data"]["model"] == "llama3:8b"
+    assert line["data"]["tokens"]["input"] == "12"  # int64 is a JSON string in proto3 JSON
+
+    subs = lodestar(state, "subscriptions")
+    assert "e2e-tail" in subs.stdout
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
