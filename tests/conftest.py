@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
 from lodestar.common.auth import Role
@@ -20,13 +21,15 @@ from lodestar.common.server import READINESS, RunningServer, ServiceRunner
 from lodestar.common.testing import dev_credentials, postgres_server, scratch_database
 from lodestar_core.service import CoreModule
 from lodestar_core.settings import CoreSettings
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A scratch database for the whole session (each test uses its own schema)."""
-    with postgres_server(tmp_path_factory.mktemp("pg")) as admin_dsn, scratch_database(admin_dsn) as dsn:
+    with (
+        postgres_server(tmp_path_factory.mktemp("pg")) as admin_dsn,
+        scratch_database(admin_dsn) as dsn,
+    ):
         yield dsn
 
 
@@ -43,7 +46,9 @@ def tokens(tmp_path: Path) -> dict[Role, str]:
 
 
 @pytest.fixture
-def core_settings(tmp_path: Path, database_url: str, schema: str, tokens: dict[Role, str]) -> CoreSettings:
+def core_settings(
+    tmp_path: Path, database_url: str, schema: str, tokens: dict[Role, str]
+) -> CoreSettings:
     """Settings of a core on a free port with a schema of its own."""
     return CoreSettings(
         port=0,
@@ -84,7 +89,9 @@ async def start_core(settings: CoreSettings) -> RunningCore:
     if task in done:
         task.result()
     server = started.result()
-    await wait_serving(f"127.0.0.1:{server.port}", READINESS)
+    # With TLS on the main port, probe the plaintext health port the way a kubelet would.
+    probe_port = server.health_port if server.health_port is not None else server.port
+    await wait_serving(f"127.0.0.1:{probe_port}", READINESS)
     return RunningCore(runner, server, task)
 
 
@@ -114,28 +121,52 @@ async def core(core_settings: CoreSettings) -> AsyncIterator[RunningCore]:
 
 
 @pytest.fixture
-async def publisher_channel(core: RunningCore, tokens: dict[Role, str]) -> AsyncIterator[grpc.aio.Channel]:
+async def publisher_channel(
+    core: RunningCore, tokens: dict[Role, str]
+) -> AsyncIterator[grpc.aio.Channel]:
     async with connect(core.target, tokens[Role.PUBLISHER]) as channel:
         yield channel
 
 
 @pytest.fixture
-async def module_channel(core: RunningCore, tokens: dict[Role, str]) -> AsyncIterator[grpc.aio.Channel]:
+async def module_channel(
+    core: RunningCore, tokens: dict[Role, str]
+) -> AsyncIterator[grpc.aio.Channel]:
     async with connect(core.target, tokens[Role.MODULE]) as channel:
         yield channel
 
 
 @pytest.fixture
-async def admin_channel(core: RunningCore, tokens: dict[Role, str]) -> AsyncIterator[grpc.aio.Channel]:
+async def admin_channel(
+    core: RunningCore, tokens: dict[Role, str]
+) -> AsyncIterator[grpc.aio.Channel]:
     async with connect(core.target, tokens[Role.ADMIN]) as channel:
         yield channel
 
 
 @pytest.fixture
-async def db(core: RunningCore, database_url: str, schema: str) -> AsyncIterator[asyncpg.Connection]:
+async def db(
+    core: RunningCore, database_url: str, schema: str
+) -> AsyncIterator[asyncpg.Connection]:
     """A direct connection to the running core's schema, to check what was stored."""
     conn = await asyncpg.connect(database_url, server_settings={"search_path": f"{schema},public"})
     try:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def core_starter() -> AsyncIterator[Callable[[CoreSettings], Awaitable[RunningCore]]]:
+    """Starts cores with settings of the test's choosing; stops them at the end."""
+    running: list[RunningCore] = []
+
+    async def start(settings: CoreSettings) -> RunningCore:
+        core = await start_core(settings)
+        running.append(core)
+        return core
+
+    yield start
+    for core in reversed(running):
+        if not core.task.done():
+            await core.stop()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lodestar.common.sdk import ReceivedEvent, Subscriber, connect
+from lodestar.common.telemetry import configure_telemetry
 
 
 async def main(target: str, token: str, subscription: str, out: Path) -> None:
@@ -27,4 +28,8 @@ async def main(target: str, token: str, subscription: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])))
+    telemetry = configure_telemetry("test-consumer")  # off unless OTEL_* variables are set
+    try:
+        asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])))
+    finally:
+        telemetry.shutdown()

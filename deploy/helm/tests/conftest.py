@@ -1,4 +1,7 @@
-"""Fixtures for the chart tests (helpers in helm_chart.py). Run: .venv/bin/pytest deploy/helm/tests"""
+"""Fixtures for the chart tests (helpers in helm_chart.py).
+
+Run: .venv/bin/pytest deploy/helm/tests
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helm_chart import SCENARIOS, render  # noqa: E402
+from helm_chart import SCENARIOS, render
 
 
 @pytest.fixture(params=SCENARIOS, ids=lambda p: p.name.removesuffix("-values.yaml"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -66,9 +66,7 @@ def _run_helm(major: int, args: tuple[str, ...], values_json: str) -> Result:
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def helm(
-    args: list[str], values: dict[str, Any] | None = None, *, major: int = 4
-) -> Result:
+def helm(args: list[str], values: dict[str, Any] | None = None, *, major: int = 4) -> Result:
     """Run helm with ``values`` (a dict, passed on stdin) after the given arguments."""
     return _run_helm(major, tuple(args), json.dumps(values) if values is not None else "null")
 
@@ -98,7 +96,9 @@ def render(
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def pod_specs(objects: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, str]]]:
+def pod_specs(
+    objects: list[dict[str, Any]],
+) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, str]]]:
     """(object, pod spec, pod labels) for every object that makes pods."""
     for obj in objects:
         kind = obj["kind"]

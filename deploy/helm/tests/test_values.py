@@ -10,7 +10,18 @@ from typing import Any
 
 import pytest
 import yaml
-from helm_chart import ALL_ON, CHART, MODULES, REPO, SERVICES, helm, name_of, pod_specs, render, template
+from helm_chart import (
+    ALL_ON,
+    CHART,
+    MODULES,
+    REPO,
+    SERVICES,
+    helm,
+    name_of,
+    pod_specs,
+    render,
+    template,
+)
 
 INVALID = [
     pytest.param({"cor": {"enabled": True}}, "cor", id="typo-top-level"),
@@ -18,23 +29,45 @@ INVALID = [
     pytest.param({"global": {"tls": {"enable": True}}}, "enable", id="typo-nested"),
     pytest.param({"core": {"replicas": "two"}}, "replicas", id="wrong-type-int"),
     pytest.param({"global": {"tls": {"enabled": "yes"}}}, "enabled", id="wrong-type-bool"),
-    pytest.param({"core": {"probes": {"liveness": {"grpc": {"port": 1}}}}}, "grpc", id="probe-action"),
-    pytest.param({"usageTracker": {"database": {"schemaName": "Usage-Tracker"}}}, "schemaName", id="bad-schema-name"),
+    pytest.param(
+        {"core": {"probes": {"liveness": {"grpc": {"port": 1}}}}}, "grpc", id="probe-action"
+    ),
+    pytest.param(
+        {"usageTracker": {"database": {"schemaName": "Usage-Tracker"}}},
+        "schemaName",
+        id="bad-schema-name",
+    ),
     pytest.param({"global": {"image": {"pullPolicy": "Sometimes"}}}, "pullPolicy", id="bad-enum"),
     pytest.param({"core": {"env": [{"value": "x"}]}}, "name", id="env-without-name"),
-    pytest.param({"global": {"postgres": {"existingSecret": "Not_A_Name"}}}, "existingSecret", id="bad-secret-name"),
+    pytest.param(
+        {"global": {"postgres": {"existingSecret": "Not_A_Name"}}},
+        "existingSecret",
+        id="bad-secret-name",
+    ),
 ]
 # Checks made by the templates (`fail`): `helm template` and `helm install` stop with the message;
 # `helm lint` only logs `fail` calls, so it is not asserted for these.
 INVALID_COMBINATIONS = [
-    pytest.param({"core": {"terminationGracePeriodSeconds": 10, "shutdownGraceSeconds": 20}},
-                 "terminationGracePeriodSeconds", id="grace-too-short"),
-    pytest.param({"core": {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}}},
-                 "exactly one", id="pdb-both"),
-    pytest.param({"core": {"enabled": False}, "learning": {"enabled": True}}, "coreEndpoint",
-                 id="module-without-core"),
-    pytest.param({"core": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
-                 "minReplicas", id="hpa-min-over-max"),
+    pytest.param(
+        {"core": {"terminationGracePeriodSeconds": 10, "shutdownGraceSeconds": 20}},
+        "terminationGracePeriodSeconds",
+        id="grace-too-short",
+    ),
+    pytest.param(
+        {"core": {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}}},
+        "exactly one",
+        id="pdb-both",
+    ),
+    pytest.param(
+        {"core": {"enabled": False}, "learning": {"enabled": True}},
+        "coreEndpoint",
+        id="module-without-core",
+    ),
+    pytest.param(
+        {"core": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+        "minReplicas",
+        id="hpa-min-over-max",
+    ),
 ]
 
 
@@ -80,8 +113,10 @@ def _component_objects(objects: list[dict[str, Any]], module: str) -> list[str]:
 @pytest.mark.parametrize("key", MODULES)
 def test_a_disabled_module_renders_nothing_and_core_is_unchanged(key: str) -> None:
     module = SERVICES[key]
-    everything = {**ALL_ON, "monitoring": {"serviceMonitor": {"enabled": True},
-                                           "prometheusRule": {"enabled": True}}}
+    everything = {
+        **ALL_ON,
+        "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    }
     with_module = render(everything)
     without = render({**everything, key: {"enabled": False}})
     assert _component_objects(with_module, module)
@@ -109,8 +144,15 @@ def test_per_service_objects_exist_for_every_enabled_service() -> None:
         values[key] = {"enabled": True, "autoscaling": {"enabled": True}}
     objects = {name_of(o) for o in render(values)}
     for module in SERVICES.values():
-        for kind in ("Deployment", "Service", "ConfigMap", "ServiceAccount",
-                     "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"):
+        for kind in (
+            "Deployment",
+            "Service",
+            "ConfigMap",
+            "ServiceAccount",
+            "PodDisruptionBudget",
+            "HorizontalPodAutoscaler",
+            "NetworkPolicy",
+        ):
             assert f"{kind}/lodestar-{module}" in objects
         assert f"Job/lodestar-{module}-migrate" in objects
 
@@ -121,11 +163,17 @@ def _core(objects: list[dict[str, Any]], kind: str, name: str = "lodestar-core")
 
 def test_module_config_lands_in_its_configmap_and_rolls_the_pods() -> None:
     plain = render()
-    tuned = render({"core": {"config": {"log_level": "DEBUG", "database": {"pool_max_size": 20}}},
-                    "global": {"config": {"keepalive_time_seconds": 20}}})
+    tuned = render(
+        {
+            "core": {"config": {"log_level": "DEBUG", "database": {"pool_max_size": 20}}},
+            "global": {"config": {"keepalive_time_seconds": 20}},
+        }
+    )
     cm = _core(tuned, "ConfigMap")
     assert yaml.safe_load(cm["data"]["core.yaml"]) == {
-        "log_level": "DEBUG", "database": {"pool_max_size": 20}}
+        "log_level": "DEBUG",
+        "database": {"pool_max_size": 20},
+    }
     assert yaml.safe_load(cm["data"]["lodestar.yaml"]) == {"keepalive_time_seconds": 20}
 
     def checksum(objects: list[dict[str, Any]]) -> str:
@@ -144,8 +192,12 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
 
 def test_environment_follows_the_service_contract() -> None:
     objects = render({**ALL_ON, "global": {"otel": {"endpoint": "http://collector:4317"}}})
-    schemas = {"core": "core", "usage-tracker": "usage_tracker", "learning": "learning",
-               "health-monitor": "health_monitor"}
+    schemas = {
+        "core": "core",
+        "usage-tracker": "usage_tracker",
+        "learning": "learning",
+        "health-monitor": "health_monitor",
+    }
     for module, schema in schemas.items():
         dep = _core(objects, "Deployment", f"lodestar-{module}")
         container = dep["spec"]["template"]["spec"]["containers"][0]
@@ -156,10 +208,12 @@ def test_environment_follows_the_service_contract() -> None:
         assert env["LODESTAR_CONFIG_DIR"] == "/etc/lodestar"
         assert env["LODESTAR_DATABASE__SCHEMA_NAME"] == schema
         assert env["LODESTAR_DATABASE__URL"]["secretKeyRef"] == {
-            "name": "lodestar-postgres", "key": "database-url"}
+            "name": "lodestar-postgres",
+            "key": "database-url",
+        }
         assert env["LODESTAR_TOKEN"]["secretKeyRef"]["key"] == f"{module}-token"
         assert env["LODESTAR_CREDENTIALS_FILE"] == "/etc/lodestar/credentials/credentials.yaml"
-        assert env["LODESTAR_SPOOL_DIR"] == "/tmp/spool"
+        assert env["LODESTAR_SPOOL_DIR"] == "/tmp/spool"  # noqa: S108
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4317"
         assert env["OTEL_SERVICE_NAME"] == f"lodestar-{module}"
         grace = float(env["LODESTAR_SHUTDOWN_GRACE_SECONDS"])
@@ -183,7 +237,8 @@ def test_tls_moves_probes_to_the_health_port() -> None:
     assert env["LODESTAR_TLS__CLIENT_CA_FILE"] == "/etc/lodestar/tls/ca.crt"
     assert container["livenessProbe"]["grpc"]["port"] == 50052
     svc_ports = {p["name"]: p for p in _core(objects, "Service")["spec"]["ports"]}
-    assert svc_ports["health"]["port"] == 50052 and svc_ports["health"]["appProtocol"] == "grpc"
+    assert svc_ports["health"]["port"] == 50052
+    assert svc_ports["health"]["appProtocol"] == "grpc"
     test_pod = next(o for o in objects if o["kind"] == "Pod")
     assert test_pod["spec"]["containers"][0]["args"][1:] == ["lodestar-core:50052"]
 
@@ -198,21 +253,29 @@ def test_migrations_are_pre_install_and_pre_upgrade_hooks() -> None:
         container = job["spec"]["template"]["spec"]["containers"][0]
         assert container["args"] == ["migrate"]
         sa = job["spec"]["template"]["spec"]["serviceAccountName"]
-        hooks = {name_of(o): o for o in objects if "helm.sh/hook" in o["metadata"].get("annotations", {})}
-        assert f"ServiceAccount/{sa}" in hooks, "the hook Job needs its ServiceAccount before install"
-        assert int(hooks[f"ServiceAccount/{sa}"]["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
-            annotations["helm.sh/hook-weight"])
+        hooks = {
+            name_of(o): o for o in objects if "helm.sh/hook" in o["metadata"].get("annotations", {})
+        }
+        assert f"ServiceAccount/{sa}" in hooks, (
+            "the hook Job needs its ServiceAccount before install"
+        )
+        assert int(
+            hooks[f"ServiceAccount/{sa}"]["metadata"]["annotations"]["helm.sh/hook-weight"]
+        ) < int(annotations["helm.sh/hook-weight"])
 
 
 def test_dev_postgres_runs_migrations_as_init_containers_and_generates_credentials() -> None:
-    objects = render({"postgresql": {"enabled": True}, "global": {"credentials": {"generate": True}}})
+    objects = render(
+        {"postgresql": {"enabled": True}, "global": {"credentials": {"generate": True}}}
+    )
     assert not [o for o in objects if o["kind"] == "Job"]
     dep = _core(objects, "Deployment")
     init = dep["spec"]["template"]["spec"]["initContainers"]
     assert [c["args"] for c in init] == [["migrate"]]
     assert _core(objects, "StatefulSet", "lodestar-postgresql")
     dsn = _core(objects, "Secret", "lodestar-postgres")["stringData"]["database-url"]
-    assert dsn.startswith("postgresql://lodestar:") and dsn.endswith("@lodestar-postgresql:5432/lodestar")
+    assert dsn.startswith("postgresql://lodestar:")
+    assert dsn.endswith("@lodestar-postgresql:5432/lodestar")
     creds = _core(objects, "Secret", "lodestar-credentials")["stringData"]
     principals = {p["name"]: p for p in yaml.safe_load(creds["credentials.yaml"])["principals"]}
     assert principals["admin"]["role"] == "admin"
@@ -232,33 +295,62 @@ def test_helm_test_pod_checks_every_enabled_service() -> None:
 
 
 def test_monitoring_objects() -> None:
-    objects = render({**ALL_ON, "monitoring": {"serviceMonitor": {"enabled": True},
-                                               "prometheusRule": {"enabled": True},
-                                               "grafanaDashboard": {"enabled": True}}})
+    objects = render(
+        {
+            **ALL_ON,
+            "monitoring": {
+                "serviceMonitor": {"enabled": True},
+                "prometheusRule": {"enabled": True},
+                "grafanaDashboard": {"enabled": True},
+            },
+        }
+    )
     monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
     assert len(monitors) == len(SERVICES)
     rule = next(o for o in objects if o["kind"] == "PrometheusRule")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert alerts == {"LodestarModuleDown", "LodestarSubscriptionLag", "LodestarBudgetCrossed",
-                      "LodestarCircuitBreakerOpen"}
+    assert alerts == {
+        "LodestarModuleDown",
+        "LodestarSubscriptionLag",
+        "LodestarBudgetCrossed",
+        "LodestarCircuitBreakerOpen",
+    }
     dashboard = next(o for o in objects if o["metadata"]["name"] == "lodestar-dashboard")
     text = dashboard["data"]["lodestar.json"]
-    for needle in ("lodestar_usage_cost_usd_total", "lodestar_usage_tokens_total", "0.99",
-                   "lodestar_grpc_server_handled_total", "lodestar_bus_subscription_lag"):
+    for needle in (
+        "lodestar_usage_cost_usd_total",
+        "lodestar_usage_tokens_total",
+        "0.99",
+        "lodestar_grpc_server_handled_total",
+        "lodestar_bus_subscription_lag",
+    ):
         assert needle in text
 
 
 @pytest.mark.parametrize("kube", ["1.29.0", "1.34.0"])
 def test_optional_setups_pass_kubernetes_validate(tmp_path: Path, kube: str) -> None:
-    values = {**ALL_ON, "postgresql": {"enabled": True}, "global": {"credentials": {"generate": True},
-              "image": {"pullSecrets": ["regcred"]}},
-              "monitoring": {"grafanaDashboard": {"enabled": True}}}
+    values = {
+        **ALL_ON,
+        "postgresql": {"enabled": True},
+        "global": {"credentials": {"generate": True}, "image": {"pullSecrets": ["regcred"]}},
+        "monitoring": {"grafanaDashboard": {"enabled": True}},
+    }
     result = template(values)
     assert result.returncode == 0, result.stderr
     manifest = tmp_path / "dev.yaml"
     manifest.write_text(result.stdout)
-    proc = subprocess.run([str(REPO / ".venv" / "bin" / "kubernetes-validate"), "--strict", "--quiet",
-                           "-k", kube, str(manifest)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            str(REPO / ".venv" / "bin" / "kubernetes-validate"),
+            "--strict",
+            "--quiet",
+            "-k",
+            kube,
+            str(manifest),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -266,6 +358,7 @@ def test_helm3_and_helm4_render_the_same(scenario: Path) -> None:
     three = template(files=(scenario,), major=3)
     four = template(files=(scenario,), major=4)
     assert three.returncode == four.returncode == 0, three.stderr + four.stderr
+
     # Helm 4 keeps a blank line at the end of some documents; nothing else may differ.
     def lines(text: str) -> list[str]:
         return [line for line in text.splitlines() if line.strip()]

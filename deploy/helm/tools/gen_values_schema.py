@@ -24,7 +24,9 @@ SERVICES = {
 Schema = dict[str, Any]
 
 
-def obj(props: dict[str, Schema], description: str = "", required: list[str] | None = None) -> Schema:
+def obj(
+    props: dict[str, Schema], description: str = "", required: list[str] | None = None
+) -> Schema:
     """A closed object: any key not listed is an error."""
     out: Schema = {"type": "object", "additionalProperties": False, "properties": props}
     if description:
@@ -83,7 +85,7 @@ def service(key: str) -> Schema:
     if key == "healthMonitor":
         network["providers"] = {
             **LIST_OF_OBJECTS,
-            "description": "NetworkPolicyEgressRule list: the LLM providers the health monitor probes",
+            "description": "NetworkPolicyEgressRule list: LLM providers the health monitor probes",
         }
     return obj(
         {
@@ -100,7 +102,11 @@ def service(key: str) -> Schema:
             "config": {**MAP, "description": "rendered as the module's YAML config file"},
             "env": {
                 "type": "array",
-                "items": {"type": "object", "required": ["name"], "properties": {"name": string(minLength=1)}},
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": string(minLength=1)},
+                },
             },
             "envFrom": LIST_OF_OBJECTS,
             "resources": RESOURCES,
@@ -113,7 +119,10 @@ def service(key: str) -> Schema:
                     "minReplicas": nonneg(1),
                     "maxReplicas": nonneg(1),
                     "targetCPUUtilizationPercentage": {"type": ["integer", "null"], "minimum": 1},
-                    "targetMemoryUtilizationPercentage": {"type": ["integer", "null"], "minimum": 1},
+                    "targetMemoryUtilizationPercentage": {
+                        "type": ["integer", "null"],
+                        "minimum": 1,
+                    },
                     "behavior": MAP,
                 }
             ),
@@ -139,7 +148,10 @@ def service(key: str) -> Schema:
             "podAnnotations": STR_MAP,
             "podLabels": STR_MAP,
             "service": obj(
-                {"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "annotations": STR_MAP}
+                {
+                    "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                    "annotations": STR_MAP,
+                }
             ),
             "serviceAccount": obj({"annotations": STR_MAP}),
             "nodeSelector": STR_MAP,
@@ -208,7 +220,12 @@ def schema() -> Schema:
         "monitoring": obj(
             {
                 "serviceMonitor": obj(
-                    {"enabled": BOOL, "interval": DURATION, "scrapeTimeout": DURATION, "labels": STR_MAP}
+                    {
+                        "enabled": BOOL,
+                        "interval": DURATION,
+                        "scrapeTimeout": DURATION,
+                        "labels": STR_MAP,
+                    }
                 ),
                 "prometheusRule": obj(
                     {
@@ -229,7 +246,11 @@ def schema() -> Schema:
             {
                 "enabled": BOOL,
                 "image": obj(
-                    {"registry": string(), "repository": string(minLength=1), "tag": string(minLength=1)}
+                    {
+                        "registry": string(),
+                        "repository": string(minLength=1),
+                        "tag": string(minLength=1),
+                    }
                 ),
                 "database": string(minLength=1),
                 "username": string(minLength=1),

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from prometheus_client import Counter, Gauge
 from lodestar.common.errors import InvalidArgumentError, ModuleError
 from lodestar.common.events import EVENT_TYPES
 from lodestar.common.logging import get_logger
-from lodestar.common.telemetry import context_from_event
+from lodestar.common.telemetry import context_from_event, telemetry_enabled
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.events.v1 import event_pb2
 from lodestar_core.registry import Registry
@@ -72,16 +73,20 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         self._registry = registry
         self._settings = settings
         self._sessions: dict[str, _Session] = {}
+        self._opening: set[str] = set()
 
-    async def _append(self, events: list[event_pb2.Event]) -> AppendResult | list[bus_pb2.Rejection]:
+    async def _append(
+        self, events: list[event_pb2.Event]
+    ) -> AppendResult | list[bus_pb2.Rejection]:
         valid, rejections = validate_batch(
             events, self._settings.max_batch_events, self._settings.max_event_bytes
         )
         if rejections:
             return rejections
-        with tracer.start_as_current_span("lodestar.persist") as span:
+        with tracer.start_as_current_span("lodestar.persist.batch") as span:
             span.set_attribute("messaging.batch.message_count", len(valid))
-            result = await self._store.append(valid)
+            with _event_spans("lodestar.persist", events):
+                result = await self._store.append(valid)
         for event in valid:
             EVENTS_PUBLISHED.labels(event.type).inc()
         EVENTS_DUPLICATE.inc(result.duplicates)
@@ -147,25 +152,32 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
 
     async def _open(self, request: bus_pb2.SubscribeOpen, peer: str) -> _Session:
         _validate_open(request, self._settings)
-        if request.module and not await self._registry.exists(request.module):
+        name = request.subscription
+        if name in self._sessions or name in self._opening:
+            session = self._sessions.get(name)
             raise ModuleError(
-                f"module {request.module!r} is not registered; register it before subscribing",
-                field="open.module",
-            )
-        if request.subscription in self._sessions:
-            raise ModuleError(
-                f"subscription {request.subscription!r} is already connected "
-                f"({self._sessions[request.subscription].peer}); one consumer at a time",
+                f"subscription {name!r} is already connected "
+                f"({session.peer if session else 'opening'}); one consumer at a time",
                 field="open.subscription",
             )
-        start = self._store.head if request.start == bus_pb2.START_POSITION_LATEST else 0
-        row = await self._subscriptions.open(
-            request.subscription, request.module, list(request.event_types), start
-        )
-        window = request.max_in_flight or self._settings.default_in_flight
-        session = _Session(self, row, window, peer)
-        await session.load_failures()
-        self._sessions[row.name] = session
+        # Reserved before the first await, so that concurrent opens of one name admit one.
+        self._opening.add(name)
+        try:
+            if request.module and not await self._registry.exists(request.module):
+                raise ModuleError(
+                    f"module {request.module!r} is not registered; register it before subscribing",
+                    field="open.module",
+                )
+            start = self._store.head if request.start == bus_pb2.START_POSITION_LATEST else 0
+            row = await self._subscriptions.open(
+                name, request.module, list(request.event_types), start
+            )
+            window = request.max_in_flight or self._settings.default_in_flight
+            session = _Session(self, row, window, peer)
+            await session.load_failures()
+            self._sessions[row.name] = session
+        finally:
+            self._opening.discard(name)
         log.info("subscription connected", subscription=row.name, acked=row.acked_seq, peer=peer)
         return session
 
@@ -236,6 +248,28 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         return bus_pb2.ReplayDeadLettersResponse(replayed=replayed)
 
 
+@contextlib.contextmanager
+def _event_spans(
+    name: str,
+    events: list[event_pb2.Event],
+    kind: trace.SpanKind = trace.SpanKind.CONSUMER,
+) -> Iterator[None]:
+    """One span per traced event, each continuing its publisher's trace (only when tracing)."""
+    if not telemetry_enabled():
+        yield
+        return
+    spans = [
+        tracer.start_span(name, context=context_from_event(e), kind=kind)
+        for e in events
+        if e.traceparent
+    ]
+    try:
+        yield
+    finally:
+        for span in spans:
+            span.end()
+
+
 def _validate_open(request: bus_pb2.SubscribeOpen, settings: BusSettings) -> None:
     if not SUBSCRIPTION_NAME.match(request.subscription):
         raise InvalidArgumentError(
@@ -303,21 +337,39 @@ class _Session:
             await asyncio.gather(reader, return_exceptions=True)
 
     async def _idle(self, reader: asyncio.Task[None]) -> None:
-        if self._wake.is_set() or (self._has_room() and self.bus._store.head > self._scan):
+        """Wait until there may be something to send: new events, a wake-up, or the reader ends.
+
+        While the module is disabled only a wake-up (enable, retry, replay) or the reader ends
+        the wait; new events must not turn this into a busy loop.
+        """
+        paused = not await self._enabled()
+        if self._wake.is_set() or (
+            not paused and self._has_room() and self.bus._store.head > self._scan
+        ):
             self._wake.clear()
             return
-        appended = asyncio.create_task(self.bus._store.wait_for_append(self._scan, IDLE_WAKE_SECONDS))
         woken = asyncio.create_task(self._wake.wait())
-        await asyncio.wait({appended, woken, reader}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (appended, woken):
+        waiters: set[asyncio.Future[Any]] = {woken, reader}
+        if not paused and self._has_room():
+            waiters.add(
+                asyncio.create_task(self.bus._store.wait_for_append(self._scan, IDLE_WAKE_SECONDS))
+            )
+        else:
+            waiters.add(asyncio.create_task(asyncio.sleep(IDLE_WAKE_SECONDS)))
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in waiters - {reader}:
             task.cancel()
+        await asyncio.gather(*(waiters - {reader}), return_exceptions=True)
         self._wake.clear()
+
+    async def _enabled(self) -> bool:
+        return not self.module or await self.bus._registry.is_enabled(self.module)
 
     def _has_room(self) -> bool:
         return len(self._in_flight) < self._window
 
     async def _next_deliveries(self) -> list[bus_pb2.Delivery]:
-        if self.module and not await self.bus._registry.is_enabled(self.module):
+        if not await self._enabled():
             return []
         deliveries = self._retries()
         deliveries += await self._replays()
@@ -408,9 +460,6 @@ class _Session:
 
 def _delivery(seq: int, item: _InFlight) -> bus_pb2.Delivery:
     event = event_pb2.Event.FromString(item.envelope)
-    with tracer.start_as_current_span(
-        "lodestar.deliver", context=context_from_event(event), kind=trace.SpanKind.PRODUCER
-    ):
+    with _event_spans("lodestar.deliver", [event], trace.SpanKind.PRODUCER):
         pass
     return bus_pb2.Delivery(sequence=seq, attempt=item.attempt, event=event)
-

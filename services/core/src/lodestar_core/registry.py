@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -12,7 +13,7 @@ import asyncpg
 import grpc
 from google.protobuf import timestamp_pb2
 
-from lodestar.common.errors import InvalidArgumentError, NotFoundError
+from lodestar.common.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from lodestar.common.events import EVENT_TYPES
 from lodestar.common.logging import get_logger
 from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
@@ -25,6 +26,11 @@ MODULE_COLUMNS = (
 )
 WATCH_QUEUE_SIZE = 1024
 
+
+def _qualified(alias: str) -> str:
+    return ", ".join(f"{alias}.{column.strip()}" for column in MODULE_COLUMNS.split(","))
+
+
 log = get_logger(__name__)
 Change = registry_pb2.ModuleChange
 
@@ -36,7 +42,7 @@ class Registry:
         self._pool = pool
         self._lease = lease
         self._enabled: dict[str, bool] = {}
-        self._watchers: set[asyncio.Queue[registry_pb2.WatchModulesResponse]] = set()
+        self._watchers: set[asyncio.Queue[registry_pb2.WatchModulesResponse | None]] = set()
         self.on_enabled_changed: Callable[[str], None] = lambda _name: None
 
     async def load(self) -> None:
@@ -58,12 +64,13 @@ class Registry:
         lease = request.lease.ToTimedelta() if request.HasField("lease") else self._lease
         existed = request.name in self._enabled
         row = await self._pool.fetchrow(
-            f"""INSERT INTO modules (name, version, endpoint, event_types, lease_expires_at)
-                VALUES ($1, $2, $3, $4, now() + $5::interval)
+            f"""INSERT INTO modules (name, version, endpoint, event_types, lease, lease_expires_at)
+                VALUES ($1, $2, $3, $4, $5::interval, now() + $5::interval)
                 ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version,
                     endpoint = EXCLUDED.endpoint, event_types = EXCLUDED.event_types,
-                    lease_expires_at = EXCLUDED.lease_expires_at, expiry_announced = false
-                RETURNING {MODULE_COLUMNS}""",
+                    lease = EXCLUDED.lease, lease_expires_at = EXCLUDED.lease_expires_at,
+                    expiry_announced = false
+                RETURNING {MODULE_COLUMNS}""",  # noqa: S608
             request.name,
             request.version,
             request.endpoint,
@@ -72,31 +79,43 @@ class Registry:
         )
         module = _module(row)
         self._enabled[module.name] = module.enabled
-        self._announce(Change.MODULE_CHANGE_UPDATED if existed else Change.MODULE_CHANGE_REGISTERED, module)
+        self._announce(
+            Change.MODULE_CHANGE_UPDATED if existed else Change.MODULE_CHANGE_REGISTERED, module
+        )
         return module
 
     async def heartbeat(self, request: registry_pb2.HeartbeatRequest) -> registry_pb2.Module:
         """Renew a lease and record the module's health."""
         health = request.health
         row = await self._pool.fetchrow(
-            f"""UPDATE modules SET lease_expires_at = now() + $2::interval,
-                    health_status = $3, latency_ms = $4, last_error = $5, uptime_seconds = $6,
+            f"""UPDATE modules AS m SET lease_expires_at = now() + m.lease,
+                    health_status = $2, latency_ms = $3, last_error = $4, uptime_seconds = $5,
                     expiry_announced = false
-                WHERE name = $1 RETURNING {MODULE_COLUMNS}""",
+                FROM (SELECT name, expiry_announced FROM modules WHERE name = $1 FOR UPDATE) AS old
+                WHERE m.name = old.name
+                RETURNING {_qualified("m")}, old.expiry_announced AS was_expired""",  # noqa: S608
             request.name,
-            self._lease,
             health.status,
             health.latency_ms,
             health.last_error[:2000],
             health.uptime_seconds,
         )
         if row is None:
-            raise NotFoundError(f"module {request.name!r} is not registered; call Register first", field="name")
-        return _module(row)
+            raise NotFoundError(
+                f"module {request.name!r} is not registered; call Register first", field="name"
+            )
+        module = _module(row)
+        if row["was_expired"]:
+            log.info("module lease renewed after expiry", module=module.name)
+            self._announce(Change.MODULE_CHANGE_UPDATED, module)
+        return module
 
     async def deregister(self, name: str) -> None:
         """Remove a module; its subscriptions keep their position."""
-        row = await self._pool.fetchrow(f"DELETE FROM modules WHERE name = $1 RETURNING {MODULE_COLUMNS}", name)
+        row = await self._pool.fetchrow(
+            f"DELETE FROM modules WHERE name = $1 RETURNING {MODULE_COLUMNS}",  # noqa: S608
+            name,
+        )
         if row is None:
             raise NotFoundError(f"module {name!r} is not registered", field="name")
         self._enabled.pop(name, None)
@@ -105,12 +124,17 @@ class Registry:
 
     async def list(self) -> list[registry_pb2.Module]:
         """Every module, by name."""
-        rows = await self._pool.fetch(f"SELECT {MODULE_COLUMNS} FROM modules ORDER BY name")
+        rows = await self._pool.fetch(
+            f"SELECT {MODULE_COLUMNS} FROM modules ORDER BY name"  # noqa: S608
+        )
         return [_module(r) for r in rows]
 
     async def get(self, name: str) -> registry_pb2.Module:
         """One module."""
-        row = await self._pool.fetchrow(f"SELECT {MODULE_COLUMNS} FROM modules WHERE name = $1", name)
+        row = await self._pool.fetchrow(
+            f"SELECT {MODULE_COLUMNS} FROM modules WHERE name = $1",  # noqa: S608
+            name,
+        )
         if row is None:
             raise NotFoundError(f"module {name!r} is not registered", field="name")
         return _module(row)
@@ -118,7 +142,9 @@ class Registry:
     async def set_enabled(self, name: str, enabled: bool) -> registry_pb2.Module:
         """Enable or disable a module; disabling pauses its deliveries."""
         row = await self._pool.fetchrow(
-            f"UPDATE modules SET enabled = $2 WHERE name = $1 RETURNING {MODULE_COLUMNS}", name, enabled
+            f"UPDATE modules SET enabled = $2 WHERE name = $1 RETURNING {MODULE_COLUMNS}",  # noqa: S608
+            name,
+            enabled,
         )
         if row is None:
             raise NotFoundError(f"module {name!r} is not registered", field="name")
@@ -128,12 +154,12 @@ class Registry:
         self._announce(Change.MODULE_CHANGE_UPDATED, module)
         return module
 
-    async def expire_leases(self) -> list[str]:
+    async def expire_leases(self) -> builtins.list[str]:
         """Announce modules whose lease ran out since the last call; returns their names."""
         rows = await self._pool.fetch(
             f"""UPDATE modules SET expiry_announced = true
                 WHERE lease_expires_at < now() AND NOT expiry_announced
-                RETURNING {MODULE_COLUMNS}"""
+                RETURNING {MODULE_COLUMNS}"""  # noqa: S608
         )
         for row in rows:
             module = _module(row)
@@ -143,28 +169,41 @@ class Registry:
 
     async def watch(self) -> AsyncIterator[registry_pb2.WatchModulesResponse]:
         """A snapshot of every module, then each change as it happens."""
-        queue: asyncio.Queue[registry_pb2.WatchModulesResponse] = asyncio.Queue(WATCH_QUEUE_SIZE)
+        queue: asyncio.Queue[registry_pb2.WatchModulesResponse | None] = asyncio.Queue(
+            WATCH_QUEUE_SIZE + 1
+        )
         self._watchers.add(queue)
         try:
             for module in await self.list():
-                yield registry_pb2.WatchModulesResponse(change=Change.MODULE_CHANGE_SNAPSHOT, module=module)
-            while True:
-                yield await queue.get()
+                yield registry_pb2.WatchModulesResponse(
+                    change=Change.MODULE_CHANGE_SNAPSHOT, module=module
+                )
+            while (change := await queue.get()) is not None:
+                yield change
+            raise ResourceExhaustedError(
+                f"this watch fell more than {WATCH_QUEUE_SIZE} changes behind and was dropped; "
+                "watch again to get a fresh snapshot"
+            )
         finally:
             self._watchers.discard(queue)
 
     def _announce(self, change: int, module: registry_pb2.Module) -> None:
         message = registry_pb2.WatchModulesResponse(change=change, module=module)  # type: ignore[arg-type]
         for queue in list(self._watchers):
-            if queue.full():  # a watcher this far behind is dropped, not waited for
+            if (
+                queue.qsize() >= WATCH_QUEUE_SIZE
+            ):  # a watcher this far behind is dropped, not waited for
                 self._watchers.discard(queue)
+                queue.put_nowait(None)  # the one slot kept free: ends its stream with an error
                 continue
             queue.put_nowait(message)
 
 
 def _validate_registration(request: registry_pb2.RegisterRequest) -> None:
     if not MODULE_NAME.match(request.name):
-        raise InvalidArgumentError(f"{request.name[:64]!r} must match {MODULE_NAME.pattern}", field="name")
+        raise InvalidArgumentError(
+            f"{request.name[:64]!r} must match {MODULE_NAME.pattern}", field="name"
+        )
     if not request.version:
         raise InvalidArgumentError("required, the module's version", field="version")
     if not _valid_endpoint(request.endpoint):

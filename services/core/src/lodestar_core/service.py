@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from lodestar.common.auth import Role
 from lodestar.common.db import apply_migrations, create_pool
@@ -126,7 +127,8 @@ class CoreModule(Module):
         async def loop() -> None:
             while True:
                 try:
-                    await job()
+                    with suppress_instrumentation():  # upkeep, not a request: keep traces clean
+                        await job()
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     self._last_error = str(exc)
                     log.warning("background job failed", job=job.__name__, error=str(exc))
@@ -202,4 +204,6 @@ class _Deferred:
         return unary
 
 
-SPEC = ServiceSpec(name="core", settings_cls=CoreSettings, module_cls=CoreModule, migrations=MIGRATIONS)
+SPEC = ServiceSpec(
+    name="core", settings_cls=CoreSettings, module_cls=CoreModule, migrations=MIGRATIONS
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -114,10 +115,8 @@ class EventStore:
         if self.head > after_head:
             return
         appended = self._appended
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(appended.wait(), timeout)
-        except TimeoutError:
-            pass
 
     def _signal_append(self) -> None:
         self._appended.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -117,7 +118,7 @@ class SubscriptionStore:
                 envelope,
             )
 
-    async def dead_letters(self, name: str, limit: int) -> list[DeadLetterRow]:
+    async def dead_letters(self, name: str, limit: int) -> builtins.list[DeadLetterRow]:
         """Dead letters of ``name`` (all subscriptions when empty), oldest first."""
         rows = await self._pool.fetch(
             """SELECT subscription, seq, attempts, last_error, envelope FROM dead_letters
@@ -153,7 +154,7 @@ class SubscriptionStore:
             )
         return len(moved)
 
-    async def redeliveries(self, name: str, limit: int) -> list[tuple[int, bytes]]:
+    async def redeliveries(self, name: str, limit: int) -> builtins.list[tuple[int, bytes]]:
         """Replayed dead letters waiting for ``name``."""
         rows = await self._pool.fetch(
             "SELECT seq, envelope FROM redeliveries WHERE subscription = $1 ORDER BY seq LIMIT $2",

@@ -58,8 +58,7 @@ def _event_id(raw: str) -> uuid.UUID:
         raise ValueError(f"id: {raw[:64]!r} is not a UUID; mint a UUIDv7") from None
     if str(event_id) != raw.lower():
         raise ValueError(
-            f"id: {raw[:64]!r} is not in canonical form; send 8-4-4-4-12 hex digits like "
-            f"{event_id}"
+            f"id: {raw[:64]!r} is not in canonical form; send 8-4-4-4-12 hex digits like {event_id}"
         )
     if event_id.version != 7:
         raise ValueError(f"id: must be a UUIDv7 (time-ordered), got version {event_id.version}")
@@ -109,7 +108,9 @@ def validate_batch(
             valid.append(validate_event(event, max_bytes))
         except ValueError as exc:
             rejections.append(
-                bus_pb2.Rejection(index=index, event_id=event.id[:64], reason=f"events[{index}].{exc}")
+                bus_pb2.Rejection(
+                    index=index, event_id=event.id[:64], reason=f"events[{index}].{exc}"
+                )
             )
     return valid, rejections
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from lodestar.common.auth import AuthInterceptor, Credentials
@@ -188,7 +189,8 @@ class ServiceRunner:
         log.info("module started", module=self.module.name)
         ready: bool | None = None
         while not self._stop.is_set():
-            report = await self.module.health_check()
+            with suppress_instrumentation():  # health checks are never traced
+                report = await self.module.health_check()
             now_ready = report.status is not HealthState.DOWN
             if now_ready != ready:
                 await self._set_readiness(SERVING if now_ready else NOT_SERVING)

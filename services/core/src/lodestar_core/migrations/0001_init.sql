@@ -11,6 +11,8 @@ CREATE TABLE modules (
     last_error       text NOT NULL DEFAULT '',
     uptime_seconds   double precision NOT NULL DEFAULT 0,
     registered_at    timestamptz NOT NULL DEFAULT now(),
+    -- The lease the module registered with; each heartbeat renews it by this much.
+    lease            interval NOT NULL,
     lease_expires_at timestamptz NOT NULL,
     expiry_announced boolean NOT NULL DEFAULT false
 );
