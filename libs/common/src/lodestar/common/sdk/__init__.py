@@ -2,6 +2,7 @@
 
 from lodestar.common.sdk.channel import connect
 from lodestar.common.sdk.publisher import Publisher, PublishReceipt
+from lodestar.common.sdk.registration import ModuleAgent
 from lodestar.common.sdk.subscriber import ReceivedEvent, Subscriber
 
-__all__ = ["PublishReceipt", "Publisher", "ReceivedEvent", "Subscriber", "connect"]
+__all__ = ["ModuleAgent", "PublishReceipt", "Publisher", "ReceivedEvent", "Subscriber", "connect"]

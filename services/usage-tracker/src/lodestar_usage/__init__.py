@@ -1,0 +1,1 @@
+"""Lodestar usage-tracker: the ledger, budgets, admission, alerts and reports."""
