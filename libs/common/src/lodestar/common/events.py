@@ -20,6 +20,7 @@ EVENT_TYPES: dict[str, type[message.Message]] = {
     cls.DESCRIPTOR.full_name: cls
     for cls in (
         usage_events.RequestCompleted,
+        usage_events.BudgetThresholdCrossed,
         learning_events.ResponseCollected,
         learning_events.OutcomeRecorded,
         health_events.TargetHealthChanged,

@@ -6,6 +6,7 @@ isort:skip_file
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -35,6 +36,28 @@ REQUEST_STATUS_UNSPECIFIED: RequestStatus.ValueType  # 0
 REQUEST_STATUS_OK: RequestStatus.ValueType  # 1
 REQUEST_STATUS_ERROR: RequestStatus.ValueType  # 2
 Global___RequestStatus: _TypeAlias = RequestStatus  # noqa: Y015
+
+class _AlertKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_KIND_UNSPECIFIED: _AlertKind.ValueType  # 0
+    ALERT_KIND_THRESHOLD: _AlertKind.ValueType  # 1
+    """Spend reached threshold_pct percent of the limit."""
+    ALERT_KIND_BURN_RATE: _AlertKind.ValueType  # 2
+    """At the current pace, spend will exceed the limit before the window ends."""
+
+class AlertKind(_AlertKind, metaclass=_AlertKindEnumTypeWrapper):
+    """AlertKind says why a budget alert fired."""
+
+ALERT_KIND_UNSPECIFIED: AlertKind.ValueType  # 0
+ALERT_KIND_THRESHOLD: AlertKind.ValueType  # 1
+"""Spend reached threshold_pct percent of the limit."""
+ALERT_KIND_BURN_RATE: AlertKind.ValueType  # 2
+"""At the current pace, spend will exceed the limit before the window ends."""
+Global___AlertKind: _TypeAlias = AlertKind  # noqa: Y015
 
 @_typing.final
 class TokenUsage(_message.Message):
@@ -112,6 +135,7 @@ class RequestCompleted(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     REPORTED_COST_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     provider: _builtins.str
     project: _builtins.str
@@ -122,6 +146,10 @@ class RequestCompleted(_message.Message):
     attempt: _builtins.int
     status: Global___RequestStatus.ValueType
     error_message: _builtins.str
+    reservation_id: _builtins.str
+    """Reservation this request was admitted under (BudgetService.Reserve), when there was one;
+    the ledger settles that reservation when it records this event.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -145,11 +173,75 @@ class RequestCompleted(_message.Message):
         tokens: Global___TokenUsage | None = ...,
         reported_cost: Global___Money | None = ...,
         error_message: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "reported_cost", b"reported_cost", "tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "duration", b"duration", "error_message", b"error_message", "model", b"model", "project", b"project", "provider", b"provider", "reported_cost", b"reported_cost", "session_id", b"session_id", "status", b"status", "task_id", b"task_id", "tokens", b"tokens", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "duration", b"duration", "error_message", b"error_message", "model", b"model", "project", b"project", "provider", b"provider", "reported_cost", b"reported_cost", "reservation_id", b"reservation_id", "session_id", b"session_id", "status", b"status", "task_id", b"task_id", "tokens", b"tokens", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RequestCompleted: _TypeAlias = RequestCompleted  # noqa: Y015
+
+@_typing.final
+class BudgetThresholdCrossed(_message.Message):
+    """BudgetThresholdCrossed is published once per budget, window and threshold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    BUDGET_NAME_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SCOPE_VALUE_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    WINDOW_END_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    THRESHOLD_PCT_FIELD_NUMBER: _builtins.int
+    LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    SPENT_MICROS_FIELD_NUMBER: _builtins.int
+    LIMIT_TOKENS_FIELD_NUMBER: _builtins.int
+    SPENT_TOKENS_FIELD_NUMBER: _builtins.int
+    PROJECTED_MICROS_FIELD_NUMBER: _builtins.int
+    budget_id: _builtins.str
+    budget_name: _builtins.str
+    scope: _builtins.str
+    """"global", "project", "user" or "session"."""
+    scope_value: _builtins.str
+    """The project, user or session the spend belongs to; empty for global budgets."""
+    kind: Global___AlertKind.ValueType
+    threshold_pct: _builtins.int
+    """For ALERT_KIND_THRESHOLD: the percentage crossed (e.g. 50, 80, 100)."""
+    limit_micros: _builtins.int
+    spent_micros: _builtins.int
+    limit_tokens: _builtins.int
+    spent_tokens: _builtins.int
+    projected_micros: _builtins.int
+    """For ALERT_KIND_BURN_RATE: spend projected at the end of the window at the current pace."""
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def window_end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        budget_id: _builtins.str = ...,
+        budget_name: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        scope_value: _builtins.str = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        window_end: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___AlertKind.ValueType = ...,
+        threshold_pct: _builtins.int = ...,
+        limit_micros: _builtins.int = ...,
+        spent_micros: _builtins.int = ...,
+        limit_tokens: _builtins.int = ...,
+        spent_tokens: _builtins.int = ...,
+        projected_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "budget_name", b"budget_name", "kind", b"kind", "limit_micros", b"limit_micros", "limit_tokens", b"limit_tokens", "projected_micros", b"projected_micros", "scope", b"scope", "scope_value", b"scope_value", "spent_micros", b"spent_micros", "spent_tokens", b"spent_tokens", "threshold_pct", b"threshold_pct", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetThresholdCrossed: _TypeAlias = BudgetThresholdCrossed  # noqa: Y015
