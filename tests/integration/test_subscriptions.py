@@ -65,9 +65,9 @@ class RawSubscription:
         self._outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None] = asyncio.Queue()
         self._outbox.put_nowait(bus_pb2.SubscribeRequest(open=open_))
         self.call = bus_pb2_grpc.EventBusServiceStub(channel).Subscribe(self._requests())
-        self._inbox: asyncio.Queue[bus_pb2.SubscribeResponse | BaseException | None] = (
-            asyncio.Queue()
-        )
+        self._inbox: asyncio.Queue[
+            bus_pb2.SubscribeResponse | bus_pb2.Delivery | BaseException | None
+        ] = asyncio.Queue()
         self._reader = asyncio.create_task(self._read())
 
     async def _requests(self) -> AsyncIterator[bus_pb2.SubscribeRequest]:
@@ -77,7 +77,11 @@ class RawSubscription:
     async def _read(self) -> None:
         try:
             async for response in self.call:
-                self._inbox.put_nowait(response)
+                if response.WhichOneof("message") == "batch":
+                    for delivery in response.batch.deliveries:
+                        self._inbox.put_nowait(delivery)
+                else:
+                    self._inbox.put_nowait(response)
         except grpc.aio.AioRpcError as exc:
             self._inbox.put_nowait(exc)
         except asyncio.CancelledError:
@@ -85,7 +89,7 @@ class RawSubscription:
             raise
         self._inbox.put_nowait(None)
 
-    async def _get(self, timeout: float) -> bus_pb2.SubscribeResponse:
+    async def _get(self, timeout: float) -> bus_pb2.SubscribeResponse | bus_pb2.Delivery:
         item = await asyncio.wait_for(self._inbox.get(), timeout)
         if isinstance(item, BaseException):
             raise item
@@ -94,13 +98,14 @@ class RawSubscription:
 
     async def opened(self) -> bus_pb2.SubscribeOpened:
         response = await self._get(5)
+        assert isinstance(response, bus_pb2.SubscribeResponse)
         assert response.WhichOneof("message") == "opened"
         return response.opened
 
     async def next(self, timeout: float = 5.0) -> bus_pb2.Delivery:
-        response = await self._get(timeout)
-        assert response.WhichOneof("message") == "delivery"
-        return response.delivery
+        delivery = await self._get(timeout)
+        assert isinstance(delivery, bus_pb2.Delivery)
+        return delivery
 
     async def take(self, n: int) -> list[bus_pb2.Delivery]:
         return [await self.next() for _ in range(n)]

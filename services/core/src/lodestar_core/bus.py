@@ -28,6 +28,7 @@ from lodestar_core.validation import describe_rejections, validate_batch
 
 SUBSCRIPTION_NAME = re.compile(r"^[a-z][a-z0-9._-]{0,127}$")
 IDLE_WAKE_SECONDS = 1.0
+DELIVERIES_PER_MESSAGE = 256
 MAX_RETRY_DELAY_SECONDS = 5.0
 
 log = get_logger(__name__)
@@ -305,6 +306,7 @@ class _Session:
         self.event_types = row.event_types
         self.cursor = row.acked_seq
         self.peer = peer
+        self._delivered = EVENTS_DELIVERED.labels(row.name)
         self._scan = row.acked_seq
         self._window = window
         self._in_flight: dict[int, _InFlight] = {}
@@ -327,9 +329,11 @@ class _Session:
         reader = asyncio.create_task(self._read(requests), name=f"acks-{self.name}")
         try:
             while not reader.done():
-                for delivery in await self._next_deliveries():
-                    EVENTS_DELIVERED.labels(self.name).inc()
-                    yield bus_pb2.SubscribeResponse(delivery=delivery)
+                deliveries = await self._next_deliveries()
+                for start in range(0, len(deliveries), DELIVERIES_PER_MESSAGE):
+                    chunk = deliveries[start : start + DELIVERIES_PER_MESSAGE]
+                    yield bus_pb2.SubscribeResponse(batch=bus_pb2.DeliveryBatch(deliveries=chunk))
+                self._delivered.inc(len(deliveries))
                 await self._idle(reader)
             reader.result()
         finally:

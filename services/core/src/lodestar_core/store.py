@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -20,15 +20,9 @@ log = get_logger(__name__)
 APPEND_LOCK = "lodestar:core:append"
 PARTITION_PREFIX = "events_p"
 
-INSERT_EVENTS = """
-INSERT INTO events (id, seq, type, source, envelope)
-SELECT t.id, nextval('event_seq'), t.type, t.source, t.envelope
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[])
-     WITH ORDINALITY AS t(id, type, source, envelope, ord)
-ORDER BY t.ord
-ON CONFLICT (id) DO NOTHING
-RETURNING id, seq
-"""
+EXISTING_IDS = "SELECT id FROM events WHERE id = ANY($1::uuid[])"
+# Draws $1 positions at once; only appends (which hold APPEND_LOCK) use the sequence.
+RESERVE_SEQUENCES = "SELECT setval('event_seq', nextval('event_seq') + $1 - 1)"
 
 FETCH_ALL = """
 SELECT seq, envelope FROM events
@@ -145,17 +139,29 @@ class EventStore:
             self._signal_append()
 
     async def _commit(self, group: list[_PendingBatch]) -> list[AppendResult]:
+        """Store the group in one transaction; returns each batch's outcome.
+
+        Appends are serialised by an advisory lock, so checking which ids exist and then
+        copying the new rows in is race-free, and sequence numbers commit in order.
+        """
         events = [event for pending in group for event in pending.events]
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", APPEND_LOCK)
-            rows = await conn.fetch(
-                INSERT_EVENTS,
-                [e.id for e in events],
-                [e.type for e in events],
-                [e.source for e in events],
-                [e.envelope for e in events],
-            )
-        stored = {row["id"]: row["seq"] for row in rows}
+            existing = {
+                row["id"]
+                for row in await conn.fetch(EXISTING_IDS, list({e.id for e in events}))
+            }
+            fresh = _first_occurrences(e for e in events if e.id not in existing)
+            stored: dict[uuid.UUID, int] = {}
+            if fresh:
+                last = await conn.fetchval(RESERVE_SEQUENCES, len(fresh))
+                first = last - len(fresh) + 1
+                stored = {e.id: first + offset for offset, e in enumerate(fresh)}
+                await conn.copy_records_to_table(
+                    "events",
+                    records=[(e.id, stored[e.id], e.type, e.source, e.envelope) for e in fresh],
+                    columns=["id", "seq", "type", "source", "envelope"],
+                )
         if stored:
             self.head = max(self.head, max(stored.values()))
         return [_result_of(pending.events, stored) for pending in group]
@@ -210,6 +216,17 @@ class EventStore:
                     await conn.execute(f"DROP TABLE IF EXISTS {name}")
                     dropped.append(name)
         return dropped
+
+
+def _first_occurrences(events: Iterable[ValidEvent]) -> list[ValidEvent]:
+    """``events`` without repeats of an id already seen, in order."""
+    seen: set[uuid.UUID] = set()
+    unique = []
+    for event in events:
+        if event.id not in seen:
+            seen.add(event.id)
+            unique.append(event)
+    return unique
 
 
 def _result_of(events: Sequence[ValidEvent], stored: dict[uuid.UUID, int]) -> AppendResult:

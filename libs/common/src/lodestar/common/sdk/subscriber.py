@@ -19,7 +19,7 @@ from opentelemetry import trace
 
 from lodestar.common.events import unpack
 from lodestar.common.logging import get_logger
-from lodestar.common.telemetry import context_from_event, tracer
+from lodestar.common.telemetry import context_from_event, telemetry_enabled, tracer
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.events.v1 import event_pb2
 
@@ -34,6 +34,7 @@ FATAL = frozenset(
 MAX_BACKOFF_SECONDS = 5.0
 
 log = get_logger(__name__)
+_TRACER = tracer("lodestar.sdk")
 
 
 @dataclass(frozen=True)
@@ -106,24 +107,24 @@ class Subscriber:
         outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None] = asyncio.Queue()
         outbox.put_nowait(bus_pb2.SubscribeRequest(open=self._open))
         acks: list[int] = []
+        inbox: asyncio.Queue[bus_pb2.Delivery] = asyncio.Queue(self._concurrency * 2)
         call = self._stub.Subscribe(_drain(outbox))
-        limit = asyncio.Semaphore(self._concurrency)
-        workers: set[asyncio.Task[None]] = set()
-        flusher = asyncio.create_task(self._flush_acks(acks, outbox))
-        stopper = asyncio.create_task(self._cancel_on_stop(call))
+        helpers = [
+            asyncio.create_task(self._flush_acks(acks, outbox)),
+            asyncio.create_task(self._cancel_on_stop(call)),
+            *(asyncio.create_task(self._work(inbox, acks, outbox)) for _ in range(self._concurrency)),
+        ]
         try:
             async for response in _responses(call, self._stopping):
                 if response.WhichOneof("message") == "opened":
                     self.connected.set()
                     continue
-                await limit.acquire()
-                task = asyncio.create_task(self._handle(response.delivery, acks, outbox, limit))
-                workers.add(task)
-                task.add_done_callback(workers.discard)
+                for delivery in response.batch.deliveries:
+                    await inbox.put(delivery)
         finally:
-            for task in (flusher, stopper, *workers):
+            for task in helpers:
                 task.cancel()
-            await asyncio.gather(flusher, stopper, *workers, return_exceptions=True)
+            await asyncio.gather(*helpers, return_exceptions=True)
             outbox.put_nowait(None)
 
     async def _cancel_on_stop(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
@@ -131,33 +132,39 @@ class Subscriber:
         await asyncio.sleep(self._ack_interval * 4)  # let the last acks go out
         call.cancel()
 
-    async def _handle(
+    async def _work(
         self,
-        delivery: bus_pb2.Delivery,
+        inbox: asyncio.Queue[bus_pb2.Delivery],
         acks: list[int],
         outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None],
-        limit: asyncio.Semaphore,
     ) -> None:
-        try:
-            event = delivery.event
-            with tracer("lodestar.sdk").start_as_current_span(
-                f"lodestar.handle {event.type}",
-                context=context_from_event(event),
-                kind=trace.SpanKind.CONSUMER,
-            ):
-                received = ReceivedEvent(delivery.sequence, delivery.attempt, event, unpack(event))
-                await self._handler(received)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("handler failed; nacking", seq=delivery.sequence, error=str(exc))
-            nack = bus_pb2.SubscribeNack(sequence=delivery.sequence, error=f"{type(exc).__name__}: {exc}")
-            outbox.put_nowait(bus_pb2.SubscribeRequest(nack=nack))
-        else:
-            self.handled += 1
-            acks.append(delivery.sequence)
-        finally:
-            limit.release()
+        while True:
+            delivery = await inbox.get()
+            try:
+                await self._handle(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("handler failed; nacking", seq=delivery.sequence, error=str(exc))
+                error = f"{type(exc).__name__}: {exc}"
+                nack = bus_pb2.SubscribeNack(sequence=delivery.sequence, error=error)
+                outbox.put_nowait(bus_pb2.SubscribeRequest(nack=nack))
+            else:
+                self.handled += 1
+                acks.append(delivery.sequence)
+
+    async def _handle(self, delivery: bus_pb2.Delivery) -> None:
+        event = delivery.event
+        received = ReceivedEvent(delivery.sequence, delivery.attempt, event, unpack(event))
+        if not (event.traceparent and telemetry_enabled()):
+            await self._handler(received)
+            return
+        with _TRACER.start_as_current_span(
+            f"lodestar.handle {event.type}",
+            context=context_from_event(event),
+            kind=trace.SpanKind.CONSUMER,
+        ):
+            await self._handler(received)
 
     async def _flush_acks(
         self, acks: list[int], outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None]

@@ -1,0 +1,73 @@
+"""``make bench``: durable publish, delivery, unary latency, and NATS JetStream on the same machine.
+
+Absolute figures vary between runs and machines; compare the ratios printed in one run.
+Sizes can be changed with BENCH_EVENTS (default 200000) and BENCH_RATE (default 500 req/s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+
+from bench.core_bench import (
+    CoreUnderTest,
+    bench_delivery,
+    bench_stream_publish,
+    bench_unary_latency,
+    sample_events,
+)
+from bench.nats_bench import bench_jetstream, jetstream_available
+from lodestar.common.testing import postgres_server, scratch_database
+
+EVENTS = int(os.environ.get("BENCH_EVENTS", "200000"))
+RATE = int(os.environ.get("BENCH_RATE", "500"))
+
+
+def line(label: str, value: str) -> None:
+    """Print one result row."""
+    print(f"  {label:<58} {value}", flush=True)
+
+
+async def main(dsn: str, workdir: Path) -> None:
+    print(f"Lodestar benchmarks — {EVENTS} events, {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    async with CoreUnderTest(dsn, workdir) as core:
+        events = sample_events(EVENTS)
+        publish_rate = await bench_stream_publish(core, events)
+        line("durable publish, PublishStream, batches of 500 (events/s)", f"{publish_rate:,.0f}")
+        delivery_rate = await bench_delivery(core, len(events))
+        line("delivery to one subscriber, SDK runtime with acks (events/s)", f"{delivery_rate:,.0f}")
+        p50, p99, achieved = await bench_unary_latency(core, RATE, seconds=5)
+        line(f"unary Publish of 1 event at {RATE}/s: p50 / p99 (ms)", f"{p50:.2f} / {p99:.2f}  ({achieved:,.0f} req/s achieved)")
+    if not await jetstream_available():
+        line("NATS JetStream", "not answering on 127.0.0.1:4222; comparison skipped")
+        return
+    js_publish, js_consume = await bench_jetstream(len(events))
+    line("NATS JetStream acked async publish, file storage (msgs/s)", f"{js_publish:,.0f}")
+    line("NATS JetStream pull consume with an ack per message (msgs/s)", f"{js_consume:,.0f}")
+    line("ratio: Lodestar durable publish / JetStream publish", f"{publish_rate / js_publish:.2f}x")
+    line("ratio: Lodestar delivery / JetStream consume", f"{delivery_rate / js_consume:.2f}x")
+
+
+def run() -> None:
+    """Entry point: a scratch database on the test Postgres (or an embedded one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        with postgres_server(workdir) as admin_dsn, scratch_database(admin_dsn) as dsn:
+            asyncio.run(main(dsn, workdir))
+    try:
+        from bench.usage_bench import run_usage_benchmarks
+    except ImportError:
+        return
+    asyncio.run(run_usage_benchmarks(print))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,158 @@
+"""Benchmarks of core: a real core process on a real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lodestar.common.auth import Role
+from lodestar.common.cli import free_port
+from lodestar.common.events import new_event
+from lodestar.common.sdk import ReceivedEvent, Subscriber, connect
+from lodestar.common.testing import dev_credentials
+from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
+from lodestar.events.v1 import event_pb2
+from lodestar.usage.v1 import events_pb2 as usage
+
+STREAM_BATCH = 500
+STREAM_WINDOW = 8
+
+
+class CoreUnderTest:
+    """``python -m lodestar_core serve`` on a free port, with its own schema."""
+
+    def __init__(self, dsn: str, workdir: Path) -> None:
+        self.tokens = dev_credentials(workdir / "credentials.yaml")
+        self.port = free_port()
+        self._env = os.environ | {
+            "LODESTAR_PORT": str(self.port),
+            "LODESTAR_METRICS_PORT": "-1",
+            "LODESTAR_DATABASE__URL": dsn,
+            "LODESTAR_CREDENTIALS_FILE": str(workdir / "credentials.yaml"),
+            "LODESTAR_LOG_LEVEL": "WARNING",
+        }
+        self._log = (workdir / "core.log").open("ab")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> CoreUnderTest:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "lodestar_core", "serve"], env=self._env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for _ in range(600):
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return self
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError("core did not become ready")
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=30)
+
+
+def sample_events(count: int) -> list[event_pb2.Event]:
+    """Realistic RequestCompleted envelopes (about 200 bytes each)."""
+    return [
+        new_event(
+            usage.RequestCompleted(
+                model="claude-sonnet-4", provider="anthropic", project=f"project-{i % 20}",
+                session_id=f"session-{i % 500}", user="dev", task_id=f"task-{i}", attempt=1,
+                status=usage.REQUEST_STATUS_OK, tokens=usage.TokenUsage(input=1200, output=300, cached_read=800),
+            ),
+            source="bench://publisher",
+        )
+        for i in range(count)
+    ]
+
+
+async def bench_stream_publish(core: CoreUnderTest, events: list[event_pb2.Event]) -> float:
+    """Events per second acked by PublishStream, STREAM_WINDOW batches in flight."""
+    batches = [events[i : i + STREAM_BATCH] for i in range(0, len(events), STREAM_BATCH)]
+    window = asyncio.Semaphore(STREAM_WINDOW)
+    acked = 0
+
+    async def requests() -> AsyncIterator[bus_pb2.PublishStreamRequest]:
+        for number, batch in enumerate(batches):
+            await window.acquire()
+            yield bus_pb2.PublishStreamRequest(batch_id=number, events=batch)
+
+    async with connect(core.target, core.tokens[Role.PUBLISHER]) as channel:
+        stub = bus_pb2_grpc.EventBusServiceStub(channel)
+        started = time.perf_counter()
+        async for response in stub.PublishStream(requests()):
+            if response.error:
+                raise RuntimeError(response.error)
+            acked += response.accepted
+            window.release()
+        elapsed = time.perf_counter() - started
+    assert acked == len(events), f"{acked} of {len(events)} acked"
+    return acked / elapsed
+
+
+async def bench_delivery(core: CoreUnderTest, expected: int) -> float:
+    """Events per second through the SDK subscriber runtime, from the start of the log."""
+    done = asyncio.Event()
+    count = 0
+
+    async def handle(received: ReceivedEvent) -> None:
+        nonlocal count
+        count += 1
+        if count >= expected:
+            done.set()
+
+    async with connect(core.target, core.tokens[Role.MODULE]) as channel:
+        subscriber = Subscriber(channel, subscription="bench-delivery", handler=handle,
+                                concurrency=64, max_in_flight=4096)
+        started = time.perf_counter()
+        task = asyncio.create_task(subscriber.run())
+        await asyncio.wait_for(done.wait(), 600)
+        elapsed = time.perf_counter() - started
+        subscriber.stop()
+        await task
+    return count / elapsed
+
+
+async def bench_unary_latency(core: CoreUnderTest, rate: int, seconds: float) -> tuple[float, float, float]:
+    """p50 and p99 milliseconds of single-event Publish calls sent at a fixed rate."""
+    latencies: list[float] = []
+    events = sample_events(int(rate * seconds))
+
+    async with connect(core.target, core.tokens[Role.PUBLISHER]) as channel:
+        stub = bus_pb2_grpc.EventBusServiceStub(channel)
+
+        async def one(event: event_pb2.Event) -> None:
+            started = time.perf_counter()
+            await stub.Publish(bus_pb2.PublishRequest(events=[event]))
+            latencies.append((time.perf_counter() - started) * 1000)
+
+        tasks = []
+        began = time.perf_counter()
+        for index, event in enumerate(events):
+            delay = began + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(event)))
+        await asyncio.gather(*tasks)
+        achieved = len(events) / (time.perf_counter() - began)
+    quantiles = statistics.quantiles(latencies, n=100)
+    return quantiles[49], quantiles[98], achieved

@@ -1,0 +1,92 @@
+"""usage-tracker's configuration: the shared service settings plus its own sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel, Field
+
+from lodestar.common.config import ServiceSettings
+
+
+class PricingSettings(BaseModel):
+    """How local models are costed and what they are compared with."""
+
+    model_config = {"extra": "forbid"}
+
+    local_providers: list[str] = Field(
+        default_factory=lambda: ["ollama", "vllm", "lmstudio", "llamacpp", "local"],
+        description="Providers whose models run on your own hardware.",
+    )
+    local_compute_micros_per_second: int = Field(
+        100, ge=0, description="Compute cost of a local model, micro-dollars per second of duration."
+    )
+    baseline_model: str = Field(
+        "claude-sonnet-4",
+        description="Premium model whose price gives the shadow cost of local requests.",
+    )
+    baseline_provider: str = "anthropic"
+
+
+class IngestSettings(BaseModel):
+    """The subscriber and the micro-batcher writing the ledger."""
+
+    model_config = {"extra": "forbid"}
+
+    concurrency: int = Field(4096, ge=1, description="Deliveries handled at once (batched).")
+    max_in_flight: int = Field(4096, ge=1)
+    batch_max_events: int = Field(2000, ge=1)
+    batch_linger_seconds: float = Field(0.005, ge=0)
+
+
+class RetentionSettings(BaseModel):
+    """Raw ledger rows expire; rollups stay."""
+
+    model_config = {"extra": "forbid"}
+
+    raw_days: int = Field(90, ge=1)
+    archive_dir: Path = Path(".lodestar/usage-archive")
+    partitions_ahead_days: int = Field(2, ge=1)
+    check_interval_seconds: float = Field(3600.0, gt=0)
+
+
+class AdmissionSettings(BaseModel):
+    """Budget admission on the request path."""
+
+    model_config = {"extra": "forbid"}
+
+    fail_open: bool = Field(
+        False,
+        description="While the database is unreachable: True grants Reserve (flagged fail_open), "
+        "False answers UNAVAILABLE.",
+    )
+    default_lease_seconds: float = Field(60.0, gt=0)
+    max_lease_seconds: float = Field(3600.0, gt=0)
+
+
+class AlertSettings(BaseModel):
+    """Budget threshold and burn-rate alerts."""
+
+    model_config = {"extra": "forbid"}
+
+    check_interval_seconds: float = Field(1.0, gt=0)
+    burn_rate: bool = True
+    burn_rate_min_elapsed: float = Field(
+        0.1, ge=0, le=1, description="Fraction of the window that must pass before burn alerts."
+    )
+
+
+class UsageSettings(ServiceSettings):
+    """Everything usage-tracker reads from its configuration layers."""
+
+    default_schema: ClassVar[str] = "usage_tracker"
+    port: int = Field(default=50061, ge=0, le=65535)
+    metrics_port: int = Field(default=9465, ge=-1, le=65535)
+    migrate_on_start: bool = True
+    session_idle_seconds: float = Field(1800.0, gt=0)
+    pricing: PricingSettings = Field(default_factory=PricingSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
