@@ -7,9 +7,7 @@ from prometheus_client import Counter, Gauge, Histogram
 MAX_MODEL_LABELS = 200
 OTHER = "other"
 
-TOKENS = Counter(
-    "lodestar_usage_tokens_total", "Tokens recorded in the ledger.", ["model", "kind"]
-)
+TOKENS = Counter("lodestar_usage_tokens_total", "Tokens recorded in the ledger.", ["model", "kind"])
 COST = Counter(
     "lodestar_usage_cost_usd_total", "Cost recorded in the ledger, in US dollars.", ["model"]
 )
@@ -24,10 +22,13 @@ SESSION_DURATION = Histogram(
     buckets=(10, 30, 60, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400),
 )
 BUDGET_REMAINING = Gauge(
-    "lodestar_usage_budget_remaining_usd", "Remaining money of a budget's current window.", ["budget"]
+    "lodestar_usage_budget_remaining_usd",
+    "Remaining money of a budget's current window.",
+    ["budget"],
 )
 BUDGET_REMAINING_TOKENS = Gauge(
-    "lodestar_usage_budget_remaining_tokens", "Remaining tokens of a budget's current window.",
+    "lodestar_usage_budget_remaining_tokens",
+    "Remaining tokens of a budget's current window.",
     ["budget"],
 )
 INGESTED = Counter("lodestar_usage_ingested_events_total", "Events written to the ledger.")
@@ -38,13 +39,12 @@ REJECTED = Counter(
     "lodestar_usage_rejected_events_total", "Events refused as invalid (left to dead-letter)."
 )
 BATCH_SECONDS = Histogram(
-    "lodestar_usage_ingest_batch_seconds", "Time to write one ledger batch.",
+    "lodestar_usage_ingest_batch_seconds",
+    "Time to write one ledger batch.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
 )
 ALERTS = Counter("lodestar_usage_alerts_total", "Budget alerts raised.", ["kind"])
-RESERVATIONS = Counter(
-    "lodestar_usage_reservations_total", "Reserve outcomes.", ["outcome"]
-)
+RESERVATIONS = Counter("lodestar_usage_reservations_total", "Reserve outcomes.", ["outcome"])
 
 _models: set[str] = set()
 

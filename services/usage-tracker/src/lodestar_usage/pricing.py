@@ -81,7 +81,7 @@ class PriceRow:
 
 def validate_pattern(pattern: str, field: str) -> str:
     """A safe glob, or INVALID_ARGUMENT naming ``field``."""
-    if not PATTERN.fullmatch(pattern) or pattern.strip("*?") == "" and pattern != "*":
+    if not PATTERN.fullmatch(pattern) or (pattern.strip("*?") == "" and pattern != "*"):
         raise InvalidArgumentError(
             f"{pattern[:80]!r} is not a model pattern; use 1-200 of letters, digits, . _ - : / @ "
             "and the wildcards * ?, e.g. 'claude-sonnet-4*' or 'openai/gpt-4o*'",

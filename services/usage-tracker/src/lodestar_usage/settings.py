@@ -20,10 +20,10 @@ class PricingSettings(BaseModel):
         description="Providers whose models run on your own hardware.",
     )
     local_compute_micros_per_second: int = Field(
-        100, ge=0, description="Compute cost of a local model, micro-dollars per second of duration."
+        default=100, ge=0, description="Compute cost of a local model: micro-dollars per second."
     )
     baseline_model: str = Field(
-        "claude-sonnet-4",
+        default="claude-sonnet-4",
         description="Premium model whose price gives the shadow cost of local requests.",
     )
     baseline_provider: str = "anthropic"
@@ -34,10 +34,12 @@ class IngestSettings(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    concurrency: int = Field(4096, ge=1, description="Deliveries handled at once (batched).")
-    max_in_flight: int = Field(4096, ge=1)
-    batch_max_events: int = Field(2000, ge=1)
-    batch_linger_seconds: float = Field(0.005, ge=0)
+    concurrency: int = Field(
+        default=4096, ge=1, description="Deliveries handled at once (batched)."
+    )
+    max_in_flight: int = Field(default=4096, ge=1)
+    batch_max_events: int = Field(default=2000, ge=1)
+    batch_linger_seconds: float = Field(default=0.005, ge=0)
 
 
 class RetentionSettings(BaseModel):
@@ -45,10 +47,10 @@ class RetentionSettings(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    raw_days: int = Field(90, ge=1)
+    raw_days: int = Field(default=90, ge=1)
     archive_dir: Path = Path(".lodestar/usage-archive")
-    partitions_ahead_days: int = Field(2, ge=1)
-    check_interval_seconds: float = Field(3600.0, gt=0)
+    partitions_ahead_days: int = Field(default=2, ge=1)
+    check_interval_seconds: float = Field(default=3600.0, gt=0)
 
 
 class AdmissionSettings(BaseModel):
@@ -57,12 +59,12 @@ class AdmissionSettings(BaseModel):
     model_config = {"extra": "forbid"}
 
     fail_open: bool = Field(
-        False,
+        default=False,
         description="While the database is unreachable: True grants Reserve (flagged fail_open), "
         "False answers UNAVAILABLE.",
     )
-    default_lease_seconds: float = Field(60.0, gt=0)
-    max_lease_seconds: float = Field(3600.0, gt=0)
+    default_lease_seconds: float = Field(default=60.0, gt=0)
+    max_lease_seconds: float = Field(default=3600.0, gt=0)
 
 
 class AlertSettings(BaseModel):
@@ -70,10 +72,13 @@ class AlertSettings(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    check_interval_seconds: float = Field(1.0, gt=0)
+    check_interval_seconds: float = Field(default=1.0, gt=0)
     burn_rate: bool = True
     burn_rate_min_elapsed: float = Field(
-        0.1, ge=0, le=1, description="Fraction of the window that must pass before burn alerts."
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Fraction of the window that must pass before burn alerts.",
     )
 
 
@@ -84,9 +89,9 @@ class UsageSettings(ServiceSettings):
     port: int = Field(default=50061, ge=0, le=65535)
     metrics_port: int = Field(default=9465, ge=-1, le=65535)
     migrate_on_start: bool = True
-    session_idle_seconds: float = Field(1800.0, gt=0)
-    pricing: PricingSettings = Field(default_factory=PricingSettings)
-    ingest: IngestSettings = Field(default_factory=IngestSettings)
-    retention: RetentionSettings = Field(default_factory=RetentionSettings)
-    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
-    alerts: AlertSettings = Field(default_factory=AlertSettings)
+    session_idle_seconds: float = Field(default=1800.0, gt=0)
+    pricing: PricingSettings = PricingSettings()
+    ingest: IngestSettings = IngestSettings()
+    retention: RetentionSettings = RetentionSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    alerts: AlertSettings = AlertSettings()

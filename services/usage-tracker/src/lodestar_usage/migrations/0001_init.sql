@@ -58,6 +58,28 @@ CREATE TABLE rollup_hourly (
     PRIMARY KEY (hour, model, provider, project, user_id)
 );
 
+-- The same per UTC day: answers whole-day spans of long windows quickly.
+CREATE TABLE rollup_daily (
+    day                  timestamptz NOT NULL,
+    model                text NOT NULL,
+    provider             text NOT NULL,
+    project              text NOT NULL,
+    user_id              text NOT NULL,
+    requests             bigint NOT NULL DEFAULT 0,
+    errors               bigint NOT NULL DEFAULT 0,
+    input_tokens         bigint NOT NULL DEFAULT 0,
+    output_tokens        bigint NOT NULL DEFAULT 0,
+    cached_read_tokens   bigint NOT NULL DEFAULT 0,
+    cache_write_tokens   bigint NOT NULL DEFAULT 0,
+    reasoning_tokens     bigint NOT NULL DEFAULT 0,
+    cost_micros          bigint NOT NULL DEFAULT 0,
+    compute_cost_micros  bigint NOT NULL DEFAULT 0,
+    shadow_cost_micros   bigint NOT NULL DEFAULT 0,
+    savings_micros       bigint NOT NULL DEFAULT 0,
+    duration_ms          bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, model, provider, project, user_id)
+);
+
 -- The same per session: used when a query groups or filters by session.
 CREATE TABLE rollup_session_hourly (
     hour                 timestamptz NOT NULL,
@@ -155,7 +177,9 @@ CREATE INDEX reservations_open ON reservations (state, lease_expires_at)
 CREATE TABLE reservation_budgets (
     reservation_id   uuid NOT NULL REFERENCES reservations (id) ON DELETE CASCADE,
     budget_id        uuid NOT NULL,
-    PRIMARY KEY (budget_id, reservation_id)
+    -- The project, user or session the hold counts against (empty for global budgets).
+    scope_value      text NOT NULL,
+    PRIMARY KEY (budget_id, scope_value, reservation_id)
 );
 
 -- Alert crossings: the unique key makes each alert happen once per budget, scope value, window

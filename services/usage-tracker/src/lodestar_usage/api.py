@@ -1,0 +1,223 @@
+"""The gRPC servicers: UsageService and BudgetService."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from lodestar.common.errors import DATABASE_UNREACHABLE, InvalidArgumentError, StorageError
+from lodestar.common.logging import get_logger
+from lodestar.usage.v1 import usage_pb2
+from lodestar_usage import budgets, metrics, reports
+from lodestar_usage.pricing import PriceTable, parse_day, price_from_proto, validate_pattern
+from lodestar_usage.settings import UsageSettings
+
+log = get_logger(__name__)
+Context = Any
+UNREACHABLE: tuple[type[BaseException], ...] = (*DATABASE_UNREACHABLE, StorageError, TimeoutError)
+
+
+class UsageApi:
+    """Reports and prices."""
+
+    def __init__(self, pool: asyncpg.Pool, on_prices_changed: Any) -> None:
+        self._pool = pool
+        self._prices_changed = on_prices_changed
+
+    async def Summary(
+        self, request: usage_pb2.SummaryRequest, context: Context
+    ) -> usage_pb2.SummaryResponse:
+        group_by = reports.validate_group_by(request.group_by)
+        now = datetime.now(UTC)
+        start, end, tz = reports.resolve_window(request.window, now)
+        if request.timezone:
+            reports.zone(request.timezone, "timezone")
+            tz = request.timezone
+        rows = await reports.summarize(
+            self._pool, start, end, group_by, reports.Filters.from_proto(request.filters), tz
+        )
+        return usage_pb2.SummaryResponse(
+            rows=[
+                usage_pb2.SummaryRow(group=r.group, totals=reports.totals_proto(r.sums))
+                for r in rows
+            ],
+            totals=reports.totals_proto(reports.add_sums(rows)),
+            start=reports.stamp(start),
+            end=reports.stamp(end),
+        )
+
+    async def ListRecords(
+        self, request: usage_pb2.ListRecordsRequest, context: Context
+    ) -> usage_pb2.ListRecordsResponse:
+        size = reports.page_size(request.page_size)
+        start, end, _ = reports.resolve_window(request.window, datetime.now(UTC))
+        records, token = await reports.list_records(
+            self._pool,
+            start,
+            end,
+            reports.Filters.from_proto(request.filters),
+            size,
+            request.page_token,
+        )
+        return usage_pb2.ListRecordsResponse(records=records, next_page_token=token)
+
+    async def ExportRecords(
+        self, request: usage_pb2.ExportRecordsRequest, context: Context
+    ) -> AsyncIterator[usage_pb2.ExportRecordsResponse]:
+        if request.format not in usage_pb2.ExportFormat.values():
+            raise InvalidArgumentError("CSV or JSONL", field="format")
+        start, end, _ = reports.resolve_window(request.window, datetime.now(UTC))
+        async for chunk in reports.export_records(
+            self._pool, start, end, reports.Filters.from_proto(request.filters), request.format
+        ):
+            yield usage_pb2.ExportRecordsResponse(chunk=chunk)
+
+    async def ListSessions(
+        self, request: usage_pb2.ListSessionsRequest, context: Context
+    ) -> usage_pb2.ListSessionsResponse:
+        size = reports.page_size(request.page_size)
+        window = None
+        if request.HasField("window"):
+            start, end, _ = reports.resolve_window(request.window, datetime.now(UTC))
+            window = (start, end)
+        sessions, token = await reports.list_sessions(
+            self._pool,
+            window,
+            reports.Filters.from_proto(request.filters),
+            size,
+            request.page_token,
+        )
+        return usage_pb2.ListSessionsResponse(sessions=sessions, next_page_token=token)
+
+    async def ListPrices(
+        self, request: usage_pb2.ListPricesRequest, context: Context
+    ) -> usage_pb2.ListPricesResponse:
+        table = await PriceTable.load(self._pool)
+        rows = sorted(table.rows, key=lambda r: (r.pattern, r.valid_from))
+        if request.model:
+            rows = [r for r in rows if r.matches(request.model, "")]
+        return usage_pb2.ListPricesResponse(prices=[r.to_proto() for r in rows])
+
+    async def SetPrice(
+        self, request: usage_pb2.SetPriceRequest, context: Context
+    ) -> usage_pb2.SetPriceResponse:
+        row = price_from_proto(request.price)
+        await self._pool.execute(
+            "INSERT INTO prices (model_pattern, valid_from, input_micros_per_mtok, "
+            "output_micros_per_mtok, cached_read_micros_per_mtok, cache_write_micros_per_mtok, "
+            "reasoning_micros_per_mtok) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+            "ON CONFLICT (model_pattern, valid_from) DO UPDATE SET "
+            "input_micros_per_mtok = EXCLUDED.input_micros_per_mtok, "
+            "output_micros_per_mtok = EXCLUDED.output_micros_per_mtok, "
+            "cached_read_micros_per_mtok = EXCLUDED.cached_read_micros_per_mtok, "
+            "cache_write_micros_per_mtok = EXCLUDED.cache_write_micros_per_mtok, "
+            "reasoning_micros_per_mtok = EXCLUDED.reasoning_micros_per_mtok, updated_at = now()",
+            row.pattern,
+            row.valid_from,
+            row.input,
+            row.output,
+            row.cached_read,
+            row.cache_write,
+            row.reasoning,
+        )
+        await self._prices_changed()
+        return usage_pb2.SetPriceResponse(price=row.to_proto())
+
+    async def DeletePrice(
+        self, request: usage_pb2.DeletePriceRequest, context: Context
+    ) -> usage_pb2.DeletePriceResponse:
+        pattern = validate_pattern(request.model_pattern, "model_pattern")
+        day = parse_day(request.valid_from, "valid_from")
+        deleted = await self._pool.fetchval(
+            "DELETE FROM prices WHERE model_pattern = $1 AND valid_from = $2 RETURNING 1",
+            pattern,
+            day,
+        )
+        await self._prices_changed()
+        return usage_pb2.DeletePriceResponse(deleted=deleted is not None)
+
+
+class BudgetApi:
+    """Budgets and admission."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: UsageSettings) -> None:
+        self._pool = pool
+        self._settings = settings.admission
+
+    async def CreateBudget(
+        self, request: usage_pb2.CreateBudgetRequest, context: Context
+    ) -> usage_pb2.CreateBudgetResponse:
+        budget = budgets.budget_from_proto(request.budget, require_id=False)
+        return usage_pb2.CreateBudgetResponse(
+            budget=(await budgets.create_budget(self._pool, budget)).to_proto()
+        )
+
+    async def UpdateBudget(
+        self, request: usage_pb2.UpdateBudgetRequest, context: Context
+    ) -> usage_pb2.UpdateBudgetResponse:
+        budget = budgets.budget_from_proto(request.budget, require_id=True)
+        return usage_pb2.UpdateBudgetResponse(
+            budget=(await budgets.update_budget(self._pool, budget)).to_proto()
+        )
+
+    async def ListBudgets(
+        self, request: usage_pb2.ListBudgetsRequest, context: Context
+    ) -> usage_pb2.ListBudgetsResponse:
+        now = datetime.now(UTC)
+        out = []
+        for budget in await budgets.all_budgets(self._pool):
+            usage = await budgets.usage_of(self._pool, budget, budget.scope_value, now)
+            out.append(budgets.status_proto(budget, usage))
+        return usage_pb2.ListBudgetsResponse(budgets=out)
+
+    async def DeleteBudget(
+        self, request: usage_pb2.DeleteBudgetRequest, context: Context
+    ) -> usage_pb2.DeleteBudgetResponse:
+        return usage_pb2.DeleteBudgetResponse(
+            deleted=await budgets.delete_budget(self._pool, request.id)
+        )
+
+    async def Reserve(
+        self, request: usage_pb2.ReserveRequest, context: Context
+    ) -> usage_pb2.ReserveResponse:
+        budgets.validate_reserve(request)
+        lease = timedelta(seconds=self._settings.default_lease_seconds)
+        if request.HasField("lease") and request.lease.ToTimedelta() > timedelta(0):
+            lease = min(
+                request.lease.ToTimedelta(), timedelta(seconds=self._settings.max_lease_seconds)
+            )
+        try:
+            admission = await budgets.reserve(self._pool, request, lease)
+        except UNREACHABLE as exc:
+            if not self._settings.fail_open:
+                metrics.RESERVATIONS.labels("unavailable").inc()
+                raise StorageError(
+                    "the budget database is unreachable and admission fails closed; retry"
+                ) from exc
+            metrics.RESERVATIONS.labels("fail_open").inc()
+            log.warning("database unreachable; admitting (fail_open)", error=str(exc))
+            return usage_pb2.ReserveResponse(granted=True, fail_open=True)
+        metrics.RESERVATIONS.labels("granted" if admission.granted else "denied").inc()
+        response = usage_pb2.ReserveResponse(
+            granted=admission.granted,
+            reservation_id=admission.reservation_id,
+            budget_ids=admission.budget_ids,
+        )
+        if admission.lease_expires_at is not None:
+            response.lease_expires_at.CopyFrom(reports.stamp(admission.lease_expires_at))
+        if admission.denial is not None:
+            response.denial.CopyFrom(admission.denial)
+        return response
+
+    async def Commit(
+        self, request: usage_pb2.CommitRequest, context: Context
+    ) -> usage_pb2.CommitResponse:
+        return usage_pb2.CommitResponse(committed=await budgets.commit(self._pool, request))
+
+    async def Release(
+        self, request: usage_pb2.ReleaseRequest, context: Context
+    ) -> usage_pb2.ReleaseResponse:
+        return usage_pb2.ReleaseResponse(released=await budgets.release(self._pool, request))

@@ -1,0 +1,506 @@
+"""Writing RequestCompleted events into the ledger, exactly once, with their rollups.
+
+A single writer task takes events from many concurrent handler calls and commits them in
+batches: one transaction inserts the ledger rows (``ON CONFLICT DO NOTHING`` on the event) and
+adds only the rows that were really inserted to the rollups and sessions. Each handler call
+returns (and so its delivery is acked) only after that transaction committed. While the database
+is unreachable the batch is retried, never nacked, so an outage cannot dead-letter events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from lodestar.common.errors import DATABASE_UNREACHABLE, InvalidArgumentError, StorageError
+from lodestar.common.events import uuid7_millis
+from lodestar.common.logging import get_logger
+from lodestar.events.v1 import event_pb2
+from lodestar.usage.v1 import events_pb2
+from lodestar_usage import metrics
+from lodestar_usage.pricing import PriceTable, cost_request
+from lodestar_usage.settings import PricingSettings
+
+log = get_logger(__name__)
+
+TOKEN_KINDS = ("input", "output", "cached_read", "cache_write", "reasoning")
+ERROR = events_pb2.REQUEST_STATUS_ERROR
+MAX_TEXT = 512
+RETRYABLE: tuple[type[BaseException], ...] = (*DATABASE_UNREACHABLE, StorageError)
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """One ledger row, ready to insert."""
+
+    occurred_at: datetime
+    event_id: uuid.UUID
+    model: str
+    provider: str
+    project: str
+    session_id: str
+    user_id: str
+    task_id: str
+    attempt: int
+    status: int
+    duration_ms: int
+    input: int
+    output: int
+    cached_read: int
+    cache_write: int
+    reasoning: int
+    cost_micros: int
+    cost_source: int
+    compute_cost_micros: int
+    shadow_cost_micros: int
+    savings_micros: int
+    reservation_id: str
+
+    @property
+    def hour(self) -> datetime:
+        return self.occurred_at.replace(minute=0, second=0, microsecond=0)
+
+    @property
+    def day(self) -> datetime:
+        return self.occurred_at.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    @property
+    def tokens(self) -> int:
+        return self.input + self.output + self.cached_read + self.cache_write + self.reasoning
+
+
+LEDGER_COLUMNS = [
+    ("occurred_at", "timestamptz"),
+    ("event_id", "uuid"),
+    ("model", "text"),
+    ("provider", "text"),
+    ("project", "text"),
+    ("session_id", "text"),
+    ("user_id", "text"),
+    ("task_id", "text"),
+    ("attempt", "integer"),
+    ("status", "smallint"),
+    ("duration_ms", "bigint"),
+    ("input_tokens", "bigint"),
+    ("output_tokens", "bigint"),
+    ("cached_read_tokens", "bigint"),
+    ("cache_write_tokens", "bigint"),
+    ("reasoning_tokens", "bigint"),
+    ("cost_micros", "bigint"),
+    ("cost_source", "smallint"),
+    ("compute_cost_micros", "bigint"),
+    ("shadow_cost_micros", "bigint"),
+    ("savings_micros", "bigint"),
+    ("reservation_id", "text"),
+]
+
+
+def _unnest(columns: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    names = ", ".join(c for c, _ in columns)
+    arrays = ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(columns, start=1))
+    return names, arrays
+
+
+_names, _arrays = _unnest(LEDGER_COLUMNS)
+INSERT_LEDGER = (
+    f"INSERT INTO ledger ({_names}) SELECT * FROM unnest({_arrays}) "
+    "ON CONFLICT DO NOTHING RETURNING event_id"
+)
+
+SUMS = [
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "cached_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_micros",
+    "compute_cost_micros",
+    "shadow_cost_micros",
+    "savings_micros",
+    "duration_ms",
+]
+
+
+def _rollup_sql(table: str, keys: Sequence[tuple[str, str]]) -> str:
+    columns = [*keys, *((s, "bigint") for s in SUMS)]
+    names, arrays = _unnest(columns)
+    updates = ", ".join(f"{s} = r.{s} + EXCLUDED.{s}" for s in SUMS)
+    conflict = ", ".join(k for k, _ in keys)
+    return (
+        f"INSERT INTO {table} AS r ({names}) SELECT * FROM unnest({arrays}) "
+        f"ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
+    )
+
+
+DIMS = [("model", "text"), ("provider", "text"), ("project", "text"), ("user_id", "text")]
+UPSERT_HOURLY = _rollup_sql("rollup_hourly", [("hour", "timestamptz"), *DIMS])
+UPSERT_DAILY = _rollup_sql("rollup_daily", [("day", "timestamptz"), *DIMS])
+UPSERT_SESSION = _rollup_sql(
+    "rollup_session_hourly", [("session_id", "text"), ("hour", "timestamptz"), *DIMS]
+)
+
+SESSION_COLUMNS = [
+    ("session_id", "text"),
+    ("project", "text"),
+    ("user_id", "text"),
+    ("started_at", "timestamptz"),
+    ("last_activity_at", "timestamptz"),
+    ("last_model", "text"),
+    ("requests", "bigint"),
+    ("errors", "bigint"),
+    ("input_tokens", "bigint"),
+    ("output_tokens", "bigint"),
+    ("cached_read_tokens", "bigint"),
+    ("cache_write_tokens", "bigint"),
+    ("reasoning_tokens", "bigint"),
+    ("cost_micros", "bigint"),
+    ("savings_micros", "bigint"),
+    ("model_switches", "bigint"),
+]
+_snames, _sarrays = _unnest(SESSION_COLUMNS)
+_ADDED = [c for c, _ in SESSION_COLUMNS[6:]]
+UPSERT_SESSIONS = (
+    f"INSERT INTO sessions AS s ({_snames}) SELECT * FROM unnest({_sarrays}) "
+    "ON CONFLICT (session_id) DO UPDATE SET "
+    "started_at = least(s.started_at, EXCLUDED.started_at), "
+    "last_activity_at = greatest(s.last_activity_at, EXCLUDED.last_activity_at), "
+    "last_model = EXCLUDED.last_model, closed = false, "
+    + ", ".join(f"{c} = s.{c} + EXCLUDED.{c}" for c in _ADDED)
+)
+
+SETTLE = (
+    "UPDATE reservations SET state = 'settled', finished_at = now() "
+    "WHERE id = ANY($1::uuid[]) AND state IN ('active', 'committed')"
+)
+
+
+def _sums(row: LedgerRow) -> list[int]:
+    return [
+        1,
+        int(row.status == ERROR),
+        row.input,
+        row.output,
+        row.cached_read,
+        row.cache_write,
+        row.reasoning,
+        row.cost_micros,
+        row.compute_cost_micros,
+        row.shadow_cost_micros,
+        row.savings_micros,
+        row.duration_ms,
+    ]
+
+
+def _aggregate(
+    rows: Sequence[LedgerRow], key: Callable[[LedgerRow], tuple[object, ...]]
+) -> list[list[object]]:
+    """Column arrays of ``rows`` summed by ``key``, keys sorted (a stable lock order)."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for row in rows:
+        k = key(row)
+        sums = _sums(row)
+        if k in groups:
+            acc = groups[k]
+            for i, v in enumerate(sums):
+                acc[i] += v
+        else:
+            groups[k] = sums
+    ordered = sorted(groups.items(), key=lambda item: tuple(str(v) for v in item[0]))
+    width = len(next(iter(groups))) if groups else 0
+    columns: list[list[object]] = [[k[i] for k, _ in ordered] for i in range(width)]
+    columns += [[s[i] for _, s in ordered] for i in range(len(SUMS))]
+    return columns
+
+
+class InvalidEvent(InvalidArgumentError):
+    """A RequestCompleted that must not enter the ledger."""
+
+
+def _text(value: str, field: str) -> str:
+    if len(value) > MAX_TEXT:
+        raise InvalidEvent(f"at most {MAX_TEXT} characters", field=field)
+    return value
+
+
+def row_from_event(
+    envelope: event_pb2.Event,
+    payload: events_pb2.RequestCompleted,
+    prices: PriceTable,
+    pricing: PricingSettings,
+) -> LedgerRow:
+    """Validate and cost one event; raises InvalidEvent naming the bad field."""
+    try:
+        event_id = uuid.UUID(envelope.id)
+    except ValueError:
+        raise InvalidEvent("not a UUID", field="id") from None
+    for kind in TOKEN_KINDS:
+        if getattr(payload.tokens, kind) < 0:
+            raise InvalidEvent("must not be negative", field=f"tokens.{kind}")
+    if payload.reported_cost.micros < 0:
+        raise InvalidEvent("must not be negative", field="reported_cost.micros")
+    if not payload.model:
+        raise InvalidEvent("required, the model that answered", field="model")
+    duration_ms = payload.duration.seconds * 1000 + payload.duration.nanos // 1_000_000
+    if duration_ms < 0:
+        raise InvalidEvent("must not be negative", field="duration")
+    if envelope.HasField("time") and (envelope.time.seconds or envelope.time.nanos):
+        occurred = envelope.time.ToDatetime(tzinfo=UTC)
+    else:
+        occurred = datetime.fromtimestamp(uuid7_millis(event_id) / 1000, UTC)
+    costing = cost_request(payload, occurred.date(), duration_ms, prices, pricing)
+    return LedgerRow(
+        occurred_at=occurred,
+        event_id=event_id,
+        model=_text(payload.model, "model"),
+        provider=_text(payload.provider, "provider"),
+        project=_text(payload.project, "project"),
+        session_id=_text(payload.session_id, "session_id"),
+        user_id=_text(payload.user, "user"),
+        task_id=_text(payload.task_id, "task_id"),
+        attempt=payload.attempt,
+        status=int(payload.status),
+        duration_ms=duration_ms,
+        input=payload.tokens.input,
+        output=payload.tokens.output,
+        cached_read=payload.tokens.cached_read,
+        cache_write=payload.tokens.cache_write,
+        reasoning=payload.tokens.reasoning,
+        cost_micros=costing.cost_micros,
+        cost_source=costing.source,
+        compute_cost_micros=costing.compute_cost_micros,
+        shadow_cost_micros=costing.shadow_cost_micros,
+        savings_micros=costing.savings_micros,
+        reservation_id=_text(payload.reservation_id, "reservation_id"),
+    )
+
+
+async def write_rows(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> list[LedgerRow]:
+    """Insert ``rows`` and their rollups in the caller's transaction; returns the new rows."""
+    unique = list({row.event_id: row for row in rows}.values())
+    if not unique:
+        return []
+    columns = [[getattr(r, a) for r in unique] for a in LedgerRow.__dataclass_fields__]
+    inserted = {rec["event_id"] for rec in await conn.fetch(INSERT_LEDGER, *columns)}
+    new = [row for row in unique if row.event_id in inserted]
+    if not new:
+        return []
+    await conn.execute(
+        UPSERT_HOURLY,
+        *_aggregate(new, lambda r: (r.hour, r.model, r.provider, r.project, r.user_id)),
+    )
+    await conn.execute(
+        UPSERT_DAILY, *_aggregate(new, lambda r: (r.day, r.model, r.provider, r.project, r.user_id))
+    )
+    with_session = [r for r in new if r.session_id]
+    if with_session:
+        await conn.execute(
+            UPSERT_SESSION,
+            *_aggregate(
+                with_session,
+                lambda r: (r.session_id, r.hour, r.model, r.provider, r.project, r.user_id),
+            ),
+        )
+        await _update_sessions(conn, with_session)
+    settle = []
+    for row in new:
+        if row.reservation_id:
+            with contextlib.suppress(ValueError):
+                settle.append(uuid.UUID(row.reservation_id))
+    if settle:
+        await conn.execute(SETTLE, settle)
+    return new
+
+
+async def _update_sessions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> None:
+    by_session: dict[str, list[LedgerRow]] = defaultdict(list)
+    for row in rows:
+        by_session[row.session_id].append(row)
+    ids = sorted(by_session)
+    existing = {
+        rec["session_id"]: rec
+        for rec in await conn.fetch(
+            "SELECT session_id, last_activity_at, last_model FROM sessions "
+            "WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR UPDATE",
+            ids,
+        )
+    }
+    values: list[list[object]] = [[] for _ in SESSION_COLUMNS]
+    for sid in ids:
+        group = sorted(by_session[sid], key=lambda r: (r.occurred_at, r.event_id))
+        switches = sum(1 for a, b in zip(group, group[1:], strict=False) if a.model != b.model)
+        last_model = group[-1].model
+        known = existing.get(sid)
+        if known is not None:
+            if (
+                group[0].occurred_at >= known["last_activity_at"]
+                and group[0].model != known["last_model"]
+            ):
+                switches += 1
+            if group[-1].occurred_at < known["last_activity_at"]:
+                last_model = known["last_model"]
+        metrics.MODEL_SWITCHES.inc(switches)
+        first = group[0]
+        row_values: list[object] = [
+            sid,
+            first.project,
+            first.user_id,
+            first.occurred_at,
+            group[-1].occurred_at,
+            last_model,
+            len(group),
+            sum(r.status == ERROR for r in group),
+            *(sum(getattr(r, k) for r in group) for k in TOKEN_KINDS),
+            sum(r.cost_micros for r in group),
+            sum(r.savings_micros for r in group),
+            switches,
+        ]
+        for column, value in zip(values, row_values, strict=True):
+            column.append(value)
+    await conn.execute(UPSERT_SESSIONS, *values)
+
+
+def record_metrics(rows: Sequence[LedgerRow]) -> None:
+    """Count newly recorded rows in the Prometheus metrics (aggregated per model)."""
+    per_model: dict[str, list[int]] = defaultdict(lambda: [0] * 8)
+    for row in rows:
+        acc = per_model[row.model]
+        acc[0] += 1
+        acc[1] += int(row.status == ERROR)
+        acc[2] += row.cost_micros
+        for i, kind in enumerate(TOKEN_KINDS, start=3):
+            acc[i] += getattr(row, kind)
+    for model, acc in per_model.items():
+        label = metrics.model_label(model)
+        metrics.REQUESTS.labels(label).inc(acc[0])
+        if acc[1]:
+            metrics.ERRORS.labels(label).inc(acc[1])
+        metrics.COST.labels(label).inc(acc[2] / 1_000_000)
+        for i, kind in enumerate(TOKEN_KINDS, start=3):
+            if acc[i]:
+                metrics.TOKENS.labels(label, kind).inc(acc[i])
+    metrics.INGESTED.inc(len(rows))
+
+
+@dataclass
+class _Pending:
+    row: LedgerRow
+    done: asyncio.Future[bool]
+
+
+class LedgerWriter:
+    """Commits rows submitted by concurrent handlers in batches, one transaction each."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_batch: int,
+        linger_seconds: float,
+        on_committed: Callable[[list[LedgerRow]], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._max_batch = max_batch
+        self._linger = linger_seconds
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._on_committed = on_committed
+        self.last_error = ""
+
+    def start(self) -> None:
+        """Start the writer task."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    async def stop(self) -> None:
+        """Stop; rows not yet committed fail (their deliveries stay unacked)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for pending in self._pending:
+            if not pending.done.done():
+                pending.done.set_exception(StorageError("usage-tracker is stopping"))
+        self._pending.clear()
+
+    async def submit(self, row: LedgerRow) -> bool:
+        """Wait until ``row`` is committed; True if it was new, False for a duplicate."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(row, done))
+        self._wake.set()
+        return await done
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            if len(self._pending) < self._max_batch and self._linger:
+                await asyncio.sleep(self._linger)
+            batch = self._pending[: self._max_batch]
+            del self._pending[: len(batch)]
+            if not self._pending:
+                self._wake.clear()
+            if batch:
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        backoff = 0.05
+        while True:
+            started = time.perf_counter()
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    new = await write_rows(conn, [p.row for p in batch])
+            except RETRYABLE as exc:
+                self.last_error = f"database: {exc}"
+                log.warning("ledger write failed; retrying", error=str(exc), events=len(batch))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            except Exception as exc:
+                log.error("ledger write refused", error=str(exc), events=len(batch))
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_exception(exc)
+                return
+            break
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        self.last_error = ""
+        fresh = {row.event_id for row in new}
+        metrics.DUPLICATES.inc(len(batch) - len(fresh))
+        record_metrics(new)
+        if self._on_committed is not None and new:
+            self._on_committed(new)
+        for p in batch:
+            if not p.done.done():
+                p.done.set_result(p.row.event_id in fresh)
+
+
+async def ensure_partitions(pool: asyncpg.Pool, first: datetime, last: datetime) -> list[str]:
+    """Create the daily ledger partitions for [first, last] (UTC days) that do not exist."""
+    created = []
+    day = first.replace(hour=0, minute=0, second=0, microsecond=0)
+    while day <= last:
+        name = f"ledger_p{day:%Y%m%d}"
+        nxt = day + timedelta(days=1)
+        async with pool.acquire() as conn:
+            exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name)
+            if not exists:
+                try:
+                    await conn.execute(
+                        f"CREATE TABLE {name} PARTITION OF ledger "
+                        f"FOR VALUES FROM ('{day.isoformat()}') TO ('{nxt.isoformat()}')"
+                    )
+                    created.append(name)
+                except asyncpg.PostgresError as exc:  # e.g. rows for that day in the default
+                    log.warning("cannot create ledger partition", partition=name, error=str(exc))
+        day = nxt
+    return created

@@ -1,0 +1,365 @@
+"""usage-tracker as a module of the shared runtime: wiring, background upkeep and health."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+from lodestar.common.auth import Role
+from lodestar.common.db import apply_migrations, create_pool
+from lodestar.common.errors import ConfigurationError, InvalidArgumentError, StorageError
+from lodestar.common.events import event_type, new_event
+from lodestar.common.logging import get_logger
+from lodestar.common.module import HealthReport, HealthState, Module
+from lodestar.common.sdk import ModuleAgent, Publisher, ReceivedEvent, Subscriber, connect
+from lodestar.common.service_cli import ServiceSpec
+from lodestar.usage.v1 import events_pb2, usage_pb2, usage_pb2_grpc
+from lodestar_usage import budgets, metrics, retention
+from lodestar_usage.api import BudgetApi, UsageApi
+from lodestar_usage.ingest import LedgerWriter, ensure_partitions, row_from_event
+from lodestar_usage.pricing import PriceTable
+from lodestar_usage.settings import UsageSettings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+NAME = "usage-tracker"
+SOURCE = "lodestar://usage-tracker"
+USAGE = "/lodestar.usage.v1.UsageService/"
+BUDGET = "/lodestar.usage.v1.BudgetService/"
+MODULE = frozenset({Role.MODULE})
+ADMISSION = frozenset({Role.PUBLISHER, Role.MODULE})
+
+METHOD_ROLES: Mapping[str, frozenset[Role]] = {
+    USAGE + "Summary": MODULE,
+    USAGE + "ListRecords": MODULE,
+    USAGE + "ExportRecords": MODULE,
+    USAGE + "ListSessions": MODULE,
+    USAGE + "ListPrices": MODULE,
+    BUDGET + "ListBudgets": MODULE,
+    BUDGET + "Reserve": ADMISSION,
+    BUDGET + "Commit": ADMISSION,
+    BUDGET + "Release": ADMISSION,
+    # SetPrice, DeletePrice, CreateBudget, UpdateBudget and DeleteBudget are admin only.
+}
+
+log = get_logger(__name__)
+
+
+class UsageModule(Module):
+    """The ledger, budgets, admission, alerts and reports."""
+
+    name = NAME
+    migrations = MIGRATIONS
+
+    def __init__(self, settings: UsageSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.pool: asyncpg.Pool | None = None
+        self.prices = PriceTable()
+        self.writer: LedgerWriter | None = None
+        self.subscriber: Subscriber | None = None
+        self.agent: ModuleAgent | None = None
+        self.publisher: Publisher | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_error = ""
+        self._usage = _Deferred(usage_pb2.DESCRIPTOR.services_by_name["UsageService"])
+        self._budgets = _Deferred(usage_pb2.DESCRIPTOR.services_by_name["BudgetService"])
+
+    def add_to_server(self, server: grpc.aio.Server) -> list[str]:
+        """Register the services (they answer UNAVAILABLE until started)."""
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(self._usage, server)  # type: ignore[arg-type]
+        usage_pb2_grpc.add_BudgetServiceServicer_to_server(self._budgets, server)  # type: ignore[arg-type]
+        return ["lodestar.usage.v1.UsageService", "lodestar.usage.v1.BudgetService"]
+
+    def method_roles(self) -> Mapping[str, frozenset[Role]]:
+        """Who may call what."""
+        return METHOD_ROLES
+
+    async def start(self) -> None:
+        """Connect, migrate, then start ingest, registration and upkeep."""
+        db = self.settings.database
+        if db.url is None:
+            raise ConfigurationError(
+                "no database configured; set LODESTAR_DATABASE__URL or database.url",
+                field="database.url",
+            )
+        pool = await create_pool(
+            db.url.get_secret_value(),
+            db.schema_name,
+            min_size=db.pool_min_size,
+            max_size=db.pool_max_size,
+            timeout=db.connect_timeout_seconds,
+        )
+        try:
+            if self.settings.migrate_on_start:
+                async with pool.acquire() as conn:
+                    await apply_migrations(conn, db.schema_name, MIGRATIONS)
+            now = datetime.now(UTC)
+            await ensure_partitions(
+                pool,
+                now - timedelta(days=1),
+                now + timedelta(days=self.settings.retention.partitions_ahead_days),
+            )
+            self.prices = await PriceTable.load(pool)
+        except BaseException:
+            await pool.close()
+            raise
+        self.pool = pool
+        self._usage.target = UsageApi(pool, self.reload_prices)
+        self._budgets.target = BudgetApi(pool, self.settings)
+        ingest = self.settings.ingest
+        self.writer = LedgerWriter(
+            pool, max_batch=ingest.batch_max_events, linger_seconds=ingest.batch_linger_seconds
+        )
+        self.writer.start()
+        self._start_core_clients()
+        self._tasks += [
+            self._every(1.0, self._expire_reservations),
+            self._every(self.settings.alerts.check_interval_seconds, self.check_alerts),
+            self._every(5.0, self.reload_prices),
+            self._every(60.0, self._close_idle_sessions),
+            self._every(self.settings.retention.check_interval_seconds, self.maintain_partitions),
+        ]
+
+    def _start_core_clients(self) -> None:
+        token = self.settings.token.get_secret_value() if self.settings.token else None
+        self._channel = connect(self.settings.core_endpoint, token)
+        ingest = self.settings.ingest
+        self.subscriber = Subscriber(
+            self._channel,
+            subscription=NAME,
+            module=NAME,
+            handler=self.handle,
+            event_types=[event_type(events_pb2.RequestCompleted())],
+            concurrency=ingest.concurrency,
+            max_in_flight=ingest.max_in_flight,
+        )
+        self.agent = ModuleAgent(
+            self._channel,
+            name=NAME,
+            version="0.1.0",
+            endpoint=f"{self.settings.host}:{self.settings.port}",
+            event_types=[event_type(events_pb2.RequestCompleted())],
+            health=self.health_check,
+        )
+        self.publisher = Publisher(
+            self._channel, source=SOURCE, spool_dir=self.settings.spool_dir / NAME
+        )
+        self.publisher.start()
+        self._tasks += [
+            asyncio.create_task(self._run_subscriber(), name="subscriber"),
+            asyncio.create_task(self.agent.run(), name="module-agent"),
+        ]
+
+    async def _run_subscriber(self) -> None:
+        assert self.subscriber is not None and self.agent is not None
+        try:
+            await self.agent.registered.wait()  # core accepts a module's subscription once it knows it
+            await self.subscriber.run()
+        except grpc.aio.AioRpcError as exc:
+            self._last_error = f"subscription refused: {exc.code().name}: {exc.details()}"
+            log.error("subscription refused", code=exc.code().name, details=exc.details())
+
+    async def handle(self, received: ReceivedEvent) -> None:
+        """Write one delivered RequestCompleted; returns after its ledger row is committed."""
+        assert self.writer is not None
+        payload = received.payload
+        assert isinstance(payload, events_pb2.RequestCompleted)
+        try:
+            row = row_from_event(received.event, payload, self.prices, self.settings.pricing)
+        except InvalidArgumentError as exc:
+            metrics.REJECTED.inc()
+            log.warning(
+                "invalid RequestCompleted refused", event_id=received.event.id, error=exc.details()
+            )
+            raise
+        await self.writer.submit(row)
+
+    async def reload_prices(self) -> None:
+        """Refresh the in-memory price table."""
+        if self.pool is not None:
+            self.prices = await PriceTable.load(self.pool)
+
+    async def _expire_reservations(self) -> None:
+        assert self.pool is not None
+        await budgets.expire_reservations(self.pool)
+
+    async def check_alerts(self) -> int:
+        """Record new threshold crossings and publish the unpublished ones; returns new ones."""
+        assert self.pool is not None
+        now = datetime.now(UTC)
+        new = 0
+        alerts = self.settings.alerts
+        for budget in await budgets.all_budgets(self.pool):
+            crossings = await budgets.detect_crossings(
+                self.pool,
+                budget,
+                now,
+                burn_rate=alerts.burn_rate,
+                min_elapsed=alerts.burn_rate_min_elapsed,
+            )
+            new += await budgets.record_crossings(self.pool, crossings)
+            if not budget.per_session:
+                usage = await budgets.usage_of(self.pool, budget, budget.scope_value, now)
+                if budget.limit_micros is not None:
+                    metrics.BUDGET_REMAINING.labels(budget.name).set(
+                        usage.remaining(budget.limit_micros, "micros") / 1e6
+                    )
+                if budget.limit_tokens is not None:
+                    metrics.BUDGET_REMAINING_TOKENS.labels(budget.name).set(
+                        usage.remaining(budget.limit_tokens, "tokens")
+                    )
+        await self.publish_crossings()
+        return new
+
+    async def publish_crossings(self) -> None:
+        """Publish recorded crossings with their deterministic ids (core drops repeats)."""
+        assert self.pool is not None
+        if self.publisher is None:
+            return
+        for rec in await self.pool.fetch(
+            "SELECT budget_id, scope_value, window_start, kind, threshold_pct, event_id, payload "
+            "FROM budget_crossings WHERE NOT published ORDER BY created_at LIMIT 500"
+        ):
+            payload = events_pb2.BudgetThresholdCrossed.FromString(rec["payload"])
+            event = new_event(
+                payload, source=SOURCE, subject=payload.budget_id, event_id=str(rec["event_id"])
+            )
+            await self.publisher.publish_events([event])
+            kind = "burn_rate" if rec["kind"] == events_pb2.ALERT_KIND_BURN_RATE else "threshold"
+            metrics.ALERTS.labels(kind).inc()
+            await self.pool.execute(
+                "UPDATE budget_crossings SET published = true WHERE budget_id = $1 AND scope_value = $2 "
+                "AND window_start = $3 AND kind = $4 AND threshold_pct = $5",
+                rec["budget_id"],
+                rec["scope_value"],
+                rec["window_start"],
+                rec["kind"],
+                rec["threshold_pct"],
+            )
+
+    async def _close_idle_sessions(self) -> None:
+        assert self.pool is not None
+        for rec in await self.pool.fetch(
+            "UPDATE sessions SET closed = true WHERE NOT closed AND last_activity_at < now() - $1::interval "
+            "RETURNING extract(epoch FROM last_activity_at - started_at)::float8 AS seconds",
+            timedelta(seconds=self.settings.session_idle_seconds),
+        ):
+            metrics.SESSION_DURATION.observe(rec["seconds"])
+
+    async def maintain_partitions(self) -> None:
+        """Create the coming days' partitions; archive and drop the expired ones."""
+        assert self.pool is not None
+        now = datetime.now(UTC)
+        ret = self.settings.retention
+        await ensure_partitions(self.pool, now, now + timedelta(days=ret.partitions_ahead_days))
+        await retention.expire(self.pool, ret.raw_days, ret.archive_dir, now.date())
+
+    def _every(self, seconds: float, job: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
+        async def loop() -> None:
+            while True:
+                try:
+                    with suppress_instrumentation():
+                        await job()
+                except (
+                    OSError,
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                    StorageError,
+                ) as exc:
+                    self._last_error = str(exc)
+                    log.warning("background job failed", job=job.__name__, error=str(exc))
+                except Exception as exc:
+                    log.error(
+                        "background job crashed", job=job.__name__, error=str(exc), exc_info=exc
+                    )
+                await asyncio.sleep(seconds)
+
+        return asyncio.create_task(loop(), name=job.__name__)
+
+    async def stop(self) -> None:
+        """Stop consuming, then the writer, the clients and the pool."""
+        if self.subscriber is not None:
+            self.subscriber.stop()
+        if self.agent is not None:
+            self.agent.stop()
+        for task in self._tasks:
+            if task.get_name() not in ("subscriber", "module-agent"):
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.writer is not None:
+            await self.writer.stop()
+        if self.publisher is not None:
+            await self.publisher.close()
+        if self._channel is not None:
+            await self._channel.close(None)
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def health_check(self) -> HealthReport:
+        """DOWN when the database does not answer; DEGRADED while not subscribed to core."""
+        started = time.perf_counter()
+        status = HealthState.HEALTHY
+        error = ""
+        if self.pool is None:
+            status, error = HealthState.DOWN, "not started"
+        else:
+            try:
+                await self.pool.fetchval("SELECT 1", timeout=2.0)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                status, error = HealthState.DOWN, f"database: {exc}"
+        if status is HealthState.HEALTHY and (
+            self.subscriber is None or not self.subscriber.connected.is_set()
+        ):
+            status, error = HealthState.DEGRADED, self._last_error or "not connected to core"
+        if status is not HealthState.HEALTHY:
+            self._last_error = error or self._last_error
+        return HealthReport(
+            status=status,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            last_error=error,
+            uptime_seconds=self.uptime_seconds,
+        )
+
+
+class _Deferred:
+    """A servicer that forwards each call to ``target`` once it is set (UNAVAILABLE before)."""
+
+    def __init__(self, service: ServiceDescriptor) -> None:
+        self.target: object | None = None
+        self._service = service
+
+    def _require(self) -> Any:
+        if self.target is None:
+            raise StorageError("usage-tracker is starting and its database is not ready yet; retry")
+        return self.target
+
+    def __getattr__(self, method: str) -> Callable[..., object]:
+        if self._service.methods_by_name[method].server_streaming:
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                async for response in getattr(self._require(), method)(request, context):
+                    yield response
+
+            return stream
+
+        async def unary(request: Any, context: Any) -> Any:
+            return await getattr(self._require(), method)(request, context)
+
+        return unary
+
+
+SPEC = ServiceSpec(
+    name=NAME, settings_cls=UsageSettings, module_cls=UsageModule, migrations=MIGRATIONS
+)
+
+__all__ = ["SPEC", "UsageModule"]
