@@ -1,0 +1,201 @@
+"""Budgets and admission: concurrency never overspends, leases expire, alerts fire once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lodestar.common.auth import Role
+from lodestar.common.db import apply_migrations, create_pool
+from lodestar.common.sdk import ReceivedEvent, Subscriber, connect
+from lodestar.usage.v1 import events_pb2 as ev
+from lodestar.usage.v1 import usage_pb2 as u
+from lodestar.usage.v1 import usage_pb2_grpc as ug
+from lodestar_usage import budgets
+from lodestar_usage.service import MIGRATIONS
+from lodestar_usage.testing import start_tracker, tracker_settings
+
+from .test_usage_ledger import completed, publish, wait_requests  # noqa: F401  (fixtures below)
+
+
+@pytest.fixture
+def tracker_schema(schema):
+    return f"{schema}_usage"
+
+
+@pytest.fixture
+async def tracker(tmp_path, database_url, tracker_schema, core, tokens):
+    running = await start_tracker(tracker_settings(
+        database_url=database_url, schema=tracker_schema, core_target=core.target,
+        token=tokens[Role.MODULE], credentials=tmp_path / "credentials.yaml", spool=tmp_path / "spool"))
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def admin(tracker, tokens):
+    async with connect(tracker.target, tokens[Role.ADMIN]) as channel:
+        yield channel
+
+
+def global_budget(**kw):
+    return u.Budget(name="all", scope=u.BUDGET_SCOPE_GLOBAL, period=u.BUDGET_PERIOD_MONTHLY, **kw)
+
+
+async def test_200_concurrent_reserves_never_exceed_the_limit(admin, tracker, tokens):
+    stub = ug.BudgetServiceStub(admin)
+    await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=10_000)))
+    async with connect(tracker.target, tokens[Role.PUBLISHER]) as publisher:
+        gate = ug.BudgetServiceStub(publisher)
+        replies = await asyncio.gather(*(
+            gate.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=100)) for _ in range(200)))
+        granted = [r for r in replies if r.granted]
+        assert len(granted) == 100
+        denied = next(r for r in replies if not r.granted)
+        assert denied.denial.budget_name == "all" and denied.denial.remaining_micros == 0
+        # Committing less than reserved frees the difference; releasing frees it all.
+        await gate.Commit(u.CommitRequest(reservation_id=granted[0].reservation_id, actual_cost_micros=40))
+        await gate.Release(u.ReleaseRequest(reservation_id=granted[1].reservation_id))
+        status = (await stub.ListBudgets(u.ListBudgetsRequest())).budgets[0]
+        assert status.reserved_micros == 98 * 100 + 40
+        assert status.remaining_micros == 10_000 - 9840
+
+
+async def test_leaked_reservations_expire(admin, tracker, tokens):
+    stub = ug.BudgetServiceStub(admin)
+    await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=100)))
+    first = await stub.Reserve(u.ReserveRequest(estimated_cost_micros=100,
+                                                lease=duration_pb2.Duration(nanos=300_000_000)))
+    assert first.granted
+    assert not (await stub.Reserve(u.ReserveRequest(estimated_cost_micros=1))).granted
+    await asyncio.sleep(0.4)
+    assert (await stub.Reserve(u.ReserveRequest(estimated_cost_micros=100))).granted
+
+
+@pytest.mark.parametrize(
+    ("budget", "field"),
+    [
+        (global_budget(), "budget.limit_micros"),
+        (u.Budget(name="x", scope=u.BUDGET_SCOPE_PROJECT, period=u.BUDGET_PERIOD_DAILY, limit_micros=1),
+         "budget.scope_value"),
+        (global_budget(limit_micros=1, timezone="Nowhere/Land"), "budget.timezone"),
+        (u.Budget(name="x", scope=u.BUDGET_SCOPE_GLOBAL, period=u.BUDGET_PERIOD_ROLLING, limit_micros=1),
+         "budget.rolling"),
+        (global_budget(limit_micros=-5), "budget.limit_micros"),
+    ],
+)
+async def test_bad_budgets_are_refused_and_nothing_stored(admin, budget, field):
+    stub = ug.BudgetServiceStub(admin)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CreateBudget(u.CreateBudgetRequest(budget=budget))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(field)
+    assert list((await stub.ListBudgets(u.ListBudgetsRequest())).budgets) == []
+
+
+async def test_negative_estimates_are_invalid(admin):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await ug.BudgetServiceStub(admin).Reserve(u.ReserveRequest(estimated_tokens=-1))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("estimated_tokens")
+
+
+async def test_budget_changes_need_admin(tracker, tokens):
+    async with connect(tracker.target, tokens[Role.MODULE]) as module:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ug.BudgetServiceStub(module).CreateBudget(
+                u.CreateBudgetRequest(budget=global_budget(limit_micros=1)))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_threshold_alerts_published_once_also_under_replay(admin, tracker, publisher_channel, module_channel):
+    stub = ug.BudgetServiceStub(admin)
+    await stub.CreateBudget(u.CreateBudgetRequest(budget=u.Budget(
+        name="p1-daily", scope=u.BUDGET_SCOPE_PROJECT, scope_value="p1",
+        period=u.BUDGET_PERIOD_DAILY, limit_micros=1000)))
+    events = await publish(publisher_channel, [completed(project="p1", cost=300) for _ in range(3)])
+    await wait_requests(admin, 3)
+    seen: list[ev.BudgetThresholdCrossed] = []
+
+    async def handle(received: ReceivedEvent) -> None:
+        seen.append(received.payload)
+
+    sub = Subscriber(module_channel, subscription="alerts-test",
+                     event_types=["lodestar.usage.v1.BudgetThresholdCrossed"], handler=handle)
+    task = asyncio.create_task(sub.run())
+    for _ in range(100):
+        if {(a.kind, a.threshold_pct) for a in seen} >= {(ev.ALERT_KIND_THRESHOLD, 50),
+                                                         (ev.ALERT_KIND_THRESHOLD, 80)}:
+            break
+        await asyncio.sleep(0.1)
+    # Replaying the events and re-checking many times adds no alert.
+    from lodestar.common.events import unpack
+    for e in events:
+        await tracker.module.handle(ReceivedEvent(0, 2, e, unpack(e)))
+    for _ in range(3):
+        await tracker.module.check_alerts()
+    await asyncio.sleep(0.5)
+    sub.stop()
+    await task
+    thresholds = sorted(a.threshold_pct for a in seen if a.kind == ev.ALERT_KIND_THRESHOLD)
+    assert thresholds == [50, 80]
+    assert all(a.spent_micros == 900 and a.scope_value == "p1" for a in seen)
+
+
+# --- property: admission under concurrency, straight against Postgres -------------------------
+
+
+async def _admission_round(dsn: str, schema: str, limit: int, estimates: list[int], commits: list[int]) -> None:
+    pool = await create_pool(dsn, schema, max_size=20)
+    try:
+        async with pool.acquire() as conn:
+            await apply_migrations(conn, schema, MIGRATIONS)
+            await conn.execute("TRUNCATE budgets, reservations, reservation_budgets")
+        budget = budgets.budget_from_proto(global_budget(limit_micros=limit), require_id=False)
+        await budgets.create_budget(pool, budget)
+
+        async def one(estimate: int, actual: int) -> None:
+            admission = await budgets.reserve(
+                pool, u.ReserveRequest(session_id="s", estimated_cost_micros=estimate), timedelta(seconds=30))
+            if admission.granted:
+                await budgets.commit(pool, u.CommitRequest(
+                    reservation_id=admission.reservation_id, actual_cost_micros=min(actual, estimate)))
+
+        await asyncio.gather(*(one(e, c) for e, c in zip(estimates, commits, strict=True)))
+        used = await pool.fetchval(
+            "SELECT coalesce(sum(amount_micros), 0) FROM reservations WHERE state IN ('active', 'committed')")
+        assert used <= limit
+    finally:
+        await pool.close()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    limit=st.integers(min_value=1, max_value=5_000),
+    pairs=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 200)), min_size=200, max_size=200),
+)
+def test_property_reserved_plus_committed_never_exceeds_limit(database_url, schema, limit, pairs):
+    estimates, commits = [p[0] for p in pairs], [p[1] for p in pairs]
+    asyncio.run(_admission_round(database_url, f"{schema}_adm", limit, estimates, commits))
+
+
+def test_alert_event_ids_are_deterministic_uuid7():
+    bid = uuid.uuid4()
+    from datetime import UTC, datetime
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    a = budgets.alert_event_id(bid, "p", start, 1, 80)
+    assert a == budgets.alert_event_id(bid, "p", start, 1, 80)
+    assert a != budgets.alert_event_id(bid, "p", start, 1, 100)
+    assert uuid.UUID(a).version == 7
+    assert uuid.UUID(a).int >> 80 == int(start.timestamp() * 1000)
+
+
+_ = asyncpg
