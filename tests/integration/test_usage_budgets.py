@@ -23,7 +23,7 @@ from lodestar_usage import budgets
 from lodestar_usage.service import MIGRATIONS
 from lodestar_usage.testing import start_tracker, tracker_settings
 
-from .test_usage_ledger import completed, publish, wait_requests  # noqa: F401  (fixtures below)
+from .test_usage_ledger import completed, publish, wait_requests
 
 
 @pytest.fixture
@@ -33,9 +33,16 @@ def tracker_schema(schema):
 
 @pytest.fixture
 async def tracker(tmp_path, database_url, tracker_schema, core, tokens):
-    running = await start_tracker(tracker_settings(
-        database_url=database_url, schema=tracker_schema, core_target=core.target,
-        token=tokens[Role.MODULE], credentials=tmp_path / "credentials.yaml", spool=tmp_path / "spool"))
+    running = await start_tracker(
+        tracker_settings(
+            database_url=database_url,
+            schema=tracker_schema,
+            core_target=core.target,
+            token=tokens[Role.MODULE],
+            credentials=tmp_path / "credentials.yaml",
+            spool=tmp_path / "spool",
+        )
+    )
     yield running
     await running.stop()
 
@@ -55,14 +62,21 @@ async def test_200_concurrent_reserves_never_exceed_the_limit(admin, tracker, to
     await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=10_000)))
     async with connect(tracker.target, tokens[Role.PUBLISHER]) as publisher:
         gate = ug.BudgetServiceStub(publisher)
-        replies = await asyncio.gather(*(
-            gate.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=100)) for _ in range(200)))
+        replies = await asyncio.gather(
+            *(
+                gate.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=100))
+                for _ in range(200)
+            )
+        )
         granted = [r for r in replies if r.granted]
         assert len(granted) == 100
         denied = next(r for r in replies if not r.granted)
-        assert denied.denial.budget_name == "all" and denied.denial.remaining_micros == 0
+        assert denied.denial.budget_name == "all"
+        assert denied.denial.remaining_micros == 0
         # Committing less than reserved frees the difference; releasing frees it all.
-        await gate.Commit(u.CommitRequest(reservation_id=granted[0].reservation_id, actual_cost_micros=40))
+        await gate.Commit(
+            u.CommitRequest(reservation_id=granted[0].reservation_id, actual_cost_micros=40)
+        )
         await gate.Release(u.ReleaseRequest(reservation_id=granted[1].reservation_id))
         status = (await stub.ListBudgets(u.ListBudgetsRequest())).budgets[0]
         assert status.reserved_micros == 98 * 100 + 40
@@ -72,8 +86,9 @@ async def test_200_concurrent_reserves_never_exceed_the_limit(admin, tracker, to
 async def test_leaked_reservations_expire(admin, tracker, tokens):
     stub = ug.BudgetServiceStub(admin)
     await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=100)))
-    first = await stub.Reserve(u.ReserveRequest(estimated_cost_micros=100,
-                                                lease=duration_pb2.Duration(nanos=300_000_000)))
+    first = await stub.Reserve(
+        u.ReserveRequest(estimated_cost_micros=100, lease=duration_pb2.Duration(nanos=300_000_000))
+    )
     assert first.granted
     assert not (await stub.Reserve(u.ReserveRequest(estimated_cost_micros=1))).granted
     await asyncio.sleep(0.4)
@@ -84,11 +99,22 @@ async def test_leaked_reservations_expire(admin, tracker, tokens):
     ("budget", "field"),
     [
         (global_budget(), "budget.limit_micros"),
-        (u.Budget(name="x", scope=u.BUDGET_SCOPE_PROJECT, period=u.BUDGET_PERIOD_DAILY, limit_micros=1),
-         "budget.scope_value"),
+        (
+            u.Budget(
+                name="x", scope=u.BUDGET_SCOPE_PROJECT, period=u.BUDGET_PERIOD_DAILY, limit_micros=1
+            ),
+            "budget.scope_value",
+        ),
         (global_budget(limit_micros=1, timezone="Nowhere/Land"), "budget.timezone"),
-        (u.Budget(name="x", scope=u.BUDGET_SCOPE_GLOBAL, period=u.BUDGET_PERIOD_ROLLING, limit_micros=1),
-         "budget.rolling"),
+        (
+            u.Budget(
+                name="x",
+                scope=u.BUDGET_SCOPE_GLOBAL,
+                period=u.BUDGET_PERIOD_ROLLING,
+                limit_micros=1,
+            ),
+            "budget.rolling",
+        ),
         (global_budget(limit_micros=-5), "budget.limit_micros"),
     ],
 )
@@ -112,15 +138,26 @@ async def test_budget_changes_need_admin(tracker, tokens):
     async with connect(tracker.target, tokens[Role.MODULE]) as module:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await ug.BudgetServiceStub(module).CreateBudget(
-                u.CreateBudgetRequest(budget=global_budget(limit_micros=1)))
+                u.CreateBudgetRequest(budget=global_budget(limit_micros=1))
+            )
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_threshold_alerts_published_once_also_under_replay(admin, tracker, publisher_channel, module_channel):
+async def test_threshold_alerts_published_once_also_under_replay(
+    admin, tracker, publisher_channel, module_channel
+):
     stub = ug.BudgetServiceStub(admin)
-    await stub.CreateBudget(u.CreateBudgetRequest(budget=u.Budget(
-        name="p1-daily", scope=u.BUDGET_SCOPE_PROJECT, scope_value="p1",
-        period=u.BUDGET_PERIOD_DAILY, limit_micros=1000)))
+    await stub.CreateBudget(
+        u.CreateBudgetRequest(
+            budget=u.Budget(
+                name="p1-daily",
+                scope=u.BUDGET_SCOPE_PROJECT,
+                scope_value="p1",
+                period=u.BUDGET_PERIOD_DAILY,
+                limit_micros=1000,
+            )
+        )
+    )
     events = await publish(publisher_channel, [completed(project="p1", cost=300) for _ in range(3)])
     await wait_requests(admin, 3)
     seen: list[ev.BudgetThresholdCrossed] = []
@@ -128,16 +165,23 @@ async def test_threshold_alerts_published_once_also_under_replay(admin, tracker,
     async def handle(received: ReceivedEvent) -> None:
         seen.append(received.payload)
 
-    sub = Subscriber(module_channel, subscription="alerts-test",
-                     event_types=["lodestar.usage.v1.BudgetThresholdCrossed"], handler=handle)
+    sub = Subscriber(
+        module_channel,
+        subscription="alerts-test",
+        event_types=["lodestar.usage.v1.BudgetThresholdCrossed"],
+        handler=handle,
+    )
     task = asyncio.create_task(sub.run())
     for _ in range(100):
-        if {(a.kind, a.threshold_pct) for a in seen} >= {(ev.ALERT_KIND_THRESHOLD, 50),
-                                                         (ev.ALERT_KIND_THRESHOLD, 80)}:
+        if {(a.kind, a.threshold_pct) for a in seen} >= {
+            (ev.ALERT_KIND_THRESHOLD, 50),
+            (ev.ALERT_KIND_THRESHOLD, 80),
+        }:
             break
         await asyncio.sleep(0.1)
     # Replaying the events and re-checking many times adds no alert.
     from lodestar.common.events import unpack
+
     for e in events:
         await tracker.module.handle(ReceivedEvent(0, 2, e, unpack(e)))
     for _ in range(3):
@@ -153,7 +197,9 @@ async def test_threshold_alerts_published_once_also_under_replay(admin, tracker,
 # --- property: admission under concurrency, straight against Postgres -------------------------
 
 
-async def _admission_round(dsn: str, schema: str, limit: int, estimates: list[int], commits: list[int]) -> None:
+async def _admission_round(
+    dsn: str, schema: str, limit: int, estimates: list[int], commits: list[int]
+) -> None:
     pool = await create_pool(dsn, schema, max_size=20)
     try:
         async with pool.acquire() as conn:
@@ -164,20 +210,32 @@ async def _admission_round(dsn: str, schema: str, limit: int, estimates: list[in
 
         async def one(estimate: int, actual: int) -> None:
             admission = await budgets.reserve(
-                pool, u.ReserveRequest(session_id="s", estimated_cost_micros=estimate), timedelta(seconds=30))
+                pool,
+                u.ReserveRequest(session_id="s", estimated_cost_micros=estimate),
+                timedelta(seconds=30),
+            )
             if admission.granted:
-                await budgets.commit(pool, u.CommitRequest(
-                    reservation_id=admission.reservation_id, actual_cost_micros=min(actual, estimate)))
+                await budgets.commit(
+                    pool,
+                    u.CommitRequest(
+                        reservation_id=admission.reservation_id,
+                        actual_cost_micros=min(actual, estimate),
+                    ),
+                )
 
         await asyncio.gather(*(one(e, c) for e, c in zip(estimates, commits, strict=True)))
         used = await pool.fetchval(
-            "SELECT coalesce(sum(amount_micros), 0) FROM reservations WHERE state IN ('active', 'committed')")
+            "SELECT coalesce(sum(amount_micros), 0) FROM reservations "
+            "WHERE state IN ('active', 'committed')"
+        )
         assert used <= limit
     finally:
         await pool.close()
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     limit=st.integers(min_value=1, max_value=5_000),
     pairs=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 200)), min_size=200, max_size=200),
@@ -190,6 +248,7 @@ def test_property_reserved_plus_committed_never_exceeds_limit(database_url, sche
 def test_alert_event_ids_are_deterministic_uuid7():
     bid = uuid.uuid4()
     from datetime import UTC, datetime
+
     start = datetime(2026, 1, 1, tzinfo=UTC)
     a = budgets.alert_event_id(bid, "p", start, 1, 80)
     assert a == budgets.alert_event_id(bid, "p", start, 1, 80)

@@ -1,4 +1,4 @@
-"""usage-tracker ledger: idempotent ingest, pricing, summaries, records, sessions (real Postgres)."""
+"""usage-tracker ledger: idempotent ingest, pricing, summaries, records, sessions."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2
 
 from lodestar.common.auth import Role
 from lodestar.common.events import new_event
-from lodestar.common.sdk import Publisher, connect
+from lodestar.common.sdk import connect
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.usage.v1 import events_pb2 as ev
 from lodestar.usage.v1 import usage_pb2 as u
@@ -30,10 +30,15 @@ def tracker_schema(schema):
 def make_settings(tmp_path, database_url, tracker_schema, core, tokens):
     def make(**overrides):
         return tracker_settings(
-            database_url=database_url, schema=tracker_schema, core_target=core.target,
-            token=tokens[Role.MODULE], credentials=tmp_path / "credentials.yaml",
-            spool=tmp_path / "spool", **overrides,
+            database_url=database_url,
+            schema=tracker_schema,
+            core_target=core.target,
+            token=tokens[Role.MODULE],
+            credentials=tmp_path / "credentials.yaml",
+            spool=tmp_path / "spool",
+            **overrides,
         )
+
     return make
 
 
@@ -50,14 +55,31 @@ async def admin(tracker, tokens):
         yield channel
 
 
-def completed(model="claude-sonnet-4", provider="anthropic", *, project="p1", session="s1",
-              user="ann", tokens=None, cost=None, status=ev.REQUEST_STATUS_OK, seconds=1.0,
-              reservation=""):
+def completed(
+    model="claude-sonnet-4",
+    provider="anthropic",
+    *,
+    project="p1",
+    session="s1",
+    user="ann",
+    tokens=None,
+    cost=None,
+    status=ev.REQUEST_STATUS_OK,
+    seconds=1.0,
+    reservation="",
+):
     payload = ev.RequestCompleted(
-        model=model, provider=provider, project=project, session_id=session, user=user,
-        task_id="t", attempt=1, status=status,
+        model=model,
+        provider=provider,
+        project=project,
+        session_id=session,
+        user=user,
+        task_id="t",
+        attempt=1,
+        status=status,
         duration=duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9)),
-        tokens=tokens or ev.TokenUsage(input=1000, output=100), reservation_id=reservation,
+        tokens=tokens or ev.TokenUsage(input=1000, output=100),
+        reservation_id=reservation,
     )
     if cost is not None:
         payload.reported_cost.CopyFrom(ev.Money(currency="USD", micros=cost))
@@ -68,7 +90,7 @@ async def publish(channel, payloads, when=None):
     events = [new_event(p, source="test://usage", time=when) for p in payloads]
     stub = bus_pb2_grpc.EventBusServiceStub(channel)
     for i in range(0, len(events), 1000):
-        await stub.Publish(bus_pb2.PublishRequest(events=events[i:i + 1000]))
+        await stub.Publish(bus_pb2.PublishRequest(events=events[i : i + 1000]))
     return events
 
 
@@ -90,23 +112,42 @@ async def wait_requests(channel, n, timeout=20.0):
 
 
 async def set_price(admin, pattern, valid_from, inp, out, **kw):
-    await ug.UsageServiceStub(admin).SetPrice(u.SetPriceRequest(price=u.Price(
-        model_pattern=pattern, valid_from=valid_from, input_micros_per_mtok=inp,
-        output_micros_per_mtok=out, **kw)))
+    await ug.UsageServiceStub(admin).SetPrice(
+        u.SetPriceRequest(
+            price=u.Price(
+                model_pattern=pattern,
+                valid_from=valid_from,
+                input_micros_per_mtok=inp,
+                output_micros_per_mtok=out,
+                **kw,
+            )
+        )
+    )
 
 
 async def test_events_priced_and_summarised_by_model_and_day(tracker, admin, publisher_channel):
-    await set_price(admin, "claude-sonnet-4*", "2020-01-01", 3 * M, 15 * M,
-                    cached_read_micros_per_mtok=300_000, reasoning_micros_per_mtok=20 * M)
+    await set_price(
+        admin,
+        "claude-sonnet-4*",
+        "2020-01-01",
+        3 * M,
+        15 * M,
+        cached_read_micros_per_mtok=300_000,
+        reasoning_micros_per_mtok=20 * M,
+    )
     await tracker.module.reload_prices()
-    tokens = ev.TokenUsage(input=1_000_000, output=100_000, cached_read=2_000_000,
-                           cache_write=10_000, reasoning=50_000)
-    await publish(publisher_channel, [
-        completed(tokens=tokens),
-        completed(model="gpt-4o", provider="openai", cost=1234),
-        completed(model="mystery", provider="acme"),
-        completed(status=ev.REQUEST_STATUS_ERROR, tokens=ev.TokenUsage()),
-    ])
+    tokens = ev.TokenUsage(
+        input=1_000_000, output=100_000, cached_read=2_000_000, cache_write=10_000, reasoning=50_000
+    )
+    await publish(
+        publisher_channel,
+        [
+            completed(tokens=tokens),
+            completed(model="gpt-4o", provider="openai", cost=1234),
+            completed(model="mystery", provider="acme"),
+            completed(status=ev.REQUEST_STATUS_ERROR, tokens=ev.TokenUsage()),
+        ],
+    )
     reply = await wait_requests(admin, 4)
     # 3.00 input + 1.50 output + 0.60 cached read + 0.03 cache write (input price) + 1.00 reasoning
     expected = 3 * M + 1_500_000 + 600_000 + 30_000 + 1 * M
@@ -118,12 +159,17 @@ async def test_events_priced_and_summarised_by_model_and_day(tracker, admin, pub
     assert {r.group["day"] for r in by_model.rows} == {datetime.now(UTC).date().isoformat()}
 
 
-async def test_replaying_the_same_events_twice_gives_identical_totals(tracker, admin, publisher_channel, db):
-    events = await publish(publisher_channel, [completed(cost=i + 1, session=f"s{i % 3}") for i in range(300)])
+async def test_replaying_the_same_events_twice_gives_identical_totals(
+    tracker, admin, publisher_channel, db
+):
+    events = await publish(
+        publisher_channel, [completed(cost=i + 1, session=f"s{i % 3}") for i in range(300)]
+    )
     first = await wait_requests(admin, 300)
     # Deliver everything again: a second subscription's worth of the same ids through the writer.
-    from lodestar.common.sdk.subscriber import ReceivedEvent
     from lodestar.common.events import unpack
+    from lodestar.common.sdk.subscriber import ReceivedEvent
+
     for e in events:
         await tracker.module.handle(ReceivedEvent(0, 2, e, unpack(e)))
     again = await summary(admin, ["session"])
@@ -132,7 +178,9 @@ async def test_replaying_the_same_events_twice_gives_identical_totals(tracker, a
     assert first.totals.requests == 300
 
 
-async def test_effective_dated_price_change_applies_only_from_its_date(tracker, admin, publisher_channel):
+async def test_effective_dated_price_change_applies_only_from_its_date(
+    tracker, admin, publisher_channel
+):
     await set_price(admin, "m-*", "2024-01-01", 1 * M, 1 * M)
     await set_price(admin, "m-*", "2024-06-01", 2 * M, 2 * M)
     await tracker.module.reload_prices()
@@ -151,25 +199,46 @@ async def test_effective_dated_price_change_applies_only_from_its_date(tracker, 
             break
         await asyncio.sleep(0.05)
     assert {r.group["day"]: r.totals.cost_micros for r in reply.rows} == {
-        "2024-05-31": 1 * M, "2024-06-01": 2 * M}
+        "2024-05-31": 1 * M,
+        "2024-06-01": 2 * M,
+    }
 
 
-async def test_local_models_cost_compute_and_report_savings(make_settings, admin_channel, publisher_channel, tokens):
+async def test_local_models_cost_compute_and_report_savings(
+    make_settings, admin_channel, publisher_channel, tokens
+):
     from lodestar_usage.settings import PricingSettings
-    settings = make_settings(pricing=PricingSettings(local_compute_micros_per_second=1000,
-                                                     baseline_model="premium", baseline_provider="x"))
+
+    settings = make_settings(
+        pricing=PricingSettings(
+            local_compute_micros_per_second=1000, baseline_model="premium", baseline_provider="x"
+        )
+    )
     tracker = await start_tracker(settings)
     try:
         async with connect(tracker.target, tokens[Role.ADMIN]) as admin:
             await set_price(admin, "premium", "2020-01-01", 10 * M, 10 * M)
             await tracker.module.reload_prices()
-            await publish(publisher_channel, [
-                completed(model="llama3:8b", provider="ollama", seconds=2.5, project="p", session="a",
-                          tokens=ev.TokenUsage(input=100_000, output=100_000)),
-            ])
+            await publish(
+                publisher_channel,
+                [
+                    completed(
+                        model="llama3:8b",
+                        provider="ollama",
+                        seconds=2.5,
+                        project="p",
+                        session="a",
+                        tokens=ev.TokenUsage(input=100_000, output=100_000),
+                    ),
+                ],
+            )
             reply = await wait_requests(admin, 1)
             t = reply.totals
-            assert (t.cost_micros, t.compute_cost_micros, t.shadow_cost_micros) == (2500, 2500, 2 * M)
+            assert (t.cost_micros, t.compute_cost_micros, t.shadow_cost_micros) == (
+                2500,
+                2500,
+                2 * M,
+            )
             assert t.savings_micros == 2 * M - 2500
             by_session = await summary(admin, ["project", "session"])
             assert by_session.rows[0].group == {"project": "p", "session": "a"}
@@ -185,15 +254,31 @@ async def test_records_export_and_sessions(tracker, admin, publisher_channel):
         await publish(publisher_channel, [p], when=base + timedelta(seconds=i))
     await wait_requests(admin, 4)
     stub = ug.UsageServiceStub(admin)
-    page = await stub.ListRecords(u.ListRecordsRequest(window=u.Window(rolling=u.RollingWindow(hours=1)), page_size=3))
-    assert len(page.records) == 3 and page.next_page_token
-    rest = await stub.ListRecords(u.ListRecordsRequest(window=u.Window(rolling=u.RollingWindow(hours=1)),
-                                                       page_size=3, page_token=page.next_page_token))
-    assert len(rest.records) == 1 and not rest.next_page_token
-    chunks = [c.chunk async for c in stub.ExportRecords(u.ExportRecordsRequest(
-        window=u.Window(rolling=u.RollingWindow(hours=1)), format=u.EXPORT_FORMAT_CSV))]
+    page = await stub.ListRecords(
+        u.ListRecordsRequest(window=u.Window(rolling=u.RollingWindow(hours=1)), page_size=3)
+    )
+    assert len(page.records) == 3
+    assert page.next_page_token
+    rest = await stub.ListRecords(
+        u.ListRecordsRequest(
+            window=u.Window(rolling=u.RollingWindow(hours=1)),
+            page_size=3,
+            page_token=page.next_page_token,
+        )
+    )
+    assert len(rest.records) == 1
+    assert not rest.next_page_token
+    chunks = [
+        c.chunk
+        async for c in stub.ExportRecords(
+            u.ExportRecordsRequest(
+                window=u.Window(rolling=u.RollingWindow(hours=1)), format=u.EXPORT_FORMAT_CSV
+            )
+        )
+    ]
     lines = b"".join(chunks).decode().splitlines()
-    assert lines[0].startswith("occurred_at,event_id") and len(lines) == 5
+    assert lines[0].startswith("occurred_at,event_id")
+    assert len(lines) == 5
     sessions = await stub.ListSessions(u.ListSessionsRequest(filters=u.Filters(sessions=["sx"])))
     s = sessions.sessions[0]
     assert (s.requests, s.model_switches, s.cost_micros, s.last_model) == (4, 2, 40, "a")
@@ -204,10 +289,20 @@ async def test_records_export_and_sessions(tracker, admin, publisher_channel):
     ("request_", "field"),
     [
         (u.SummaryRequest(group_by=["model", "colour"]), "group_by[1]"),
-        (u.SummaryRequest(window=u.Window(range=u.TimeRange(start={"seconds": 100}, end={"seconds": 50}))),
-         "window.range.end"),
-        (u.SummaryRequest(window=u.Window(calendar=u.CalendarWindow(unit=u.CALENDAR_UNIT_DAY, timezone="Mars/Base"))),
-         "window.calendar.timezone"),
+        (
+            u.SummaryRequest(
+                window=u.Window(range=u.TimeRange(start={"seconds": 100}, end={"seconds": 50}))
+            ),
+            "window.range.end",
+        ),
+        (
+            u.SummaryRequest(
+                window=u.Window(
+                    calendar=u.CalendarWindow(unit=u.CALENDAR_UNIT_DAY, timezone="Mars/Base")
+                )
+            ),
+            "window.calendar.timezone",
+        ),
     ],
 )
 async def test_bad_summary_requests_name_the_field(admin, request_, field):

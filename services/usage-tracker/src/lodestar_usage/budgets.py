@@ -5,6 +5,9 @@ Admission holds under concurrency because every Reserve locks the rows of the bu
 against one budget are decided one after the other, each seeing the other's hold.
 """
 
+# SQL here is assembled from constant identifiers only; every value is a bind parameter.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import hashlib
@@ -233,7 +236,8 @@ def _values(b: BudgetDef) -> list[object]:
 
 async def create_budget(pool: asyncpg.Pool, budget: BudgetDef) -> BudgetDef:
     rec = await pool.fetchrow(
-        f"INSERT INTO budgets ({BUDGET_COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 14))}) "
+        f"INSERT INTO budgets ({BUDGET_COLUMNS}) "
+        f"VALUES ({', '.join(f'${i}' for i in range(1, 14))}) "
         "RETURNING *",
         *_values(budget),
     )
@@ -471,7 +475,8 @@ async def _check(
                 > budget.session_max_cost_micros
             ):
                 return deny(
-                    f"session has spent {session['cost_micros']} of {budget.session_max_cost_micros} micro-dollars",
+                    f"session has spent {session['cost_micros']} of "
+                    f"{budget.session_max_cost_micros} micro-dollars",
                     None,
                 )
     if budget.limit_micros is None and budget.limit_tokens is None:
@@ -590,7 +595,8 @@ async def detect_crossings(
         values = [
             r["session_id"]
             for r in await conn.fetch(
-                "SELECT DISTINCT session_id FROM rollup_session_hourly WHERE hour >= $1 AND session_id <> '' LIMIT 1000",
+                "SELECT DISTINCT session_id FROM rollup_session_hourly "
+                "WHERE hour >= $1 AND session_id <> '' LIMIT 1000",
                 wstart - timedelta(hours=1),
             )
         ]
@@ -662,8 +668,9 @@ async def record_crossings(
         wstart = c.payload.window_start.ToDatetime(tzinfo=UTC)
         event_id = alert_event_id(c.budget.id, c.value, wstart, c.kind, c.threshold)
         inserted = await conn.fetchval(
-            "INSERT INTO budget_crossings (budget_id, scope_value, window_start, kind, threshold_pct, "
-            "event_id, payload) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING 1",
+            "INSERT INTO budget_crossings (budget_id, scope_value, window_start, kind, "
+            "threshold_pct, event_id, payload) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+            "ON CONFLICT DO NOTHING RETURNING 1",
             c.budget.id,
             c.value,
             wstart,

@@ -161,9 +161,12 @@ class UsageModule(Module):
         ]
 
     async def _run_subscriber(self) -> None:
-        assert self.subscriber is not None and self.agent is not None
+        assert self.subscriber is not None
+        assert self.agent is not None
         try:
-            await self.agent.registered.wait()  # core accepts a module's subscription once it knows it
+            await (
+                self.agent.registered.wait()
+            )  # core accepts a module's subscription once it knows it
             await self.subscriber.run()
         except grpc.aio.AioRpcError as exc:
             self._last_error = f"subscription refused: {exc.code().name}: {exc.details()}"
@@ -238,7 +241,8 @@ class UsageModule(Module):
             kind = "burn_rate" if rec["kind"] == events_pb2.ALERT_KIND_BURN_RATE else "threshold"
             metrics.ALERTS.labels(kind).inc()
             await self.pool.execute(
-                "UPDATE budget_crossings SET published = true WHERE budget_id = $1 AND scope_value = $2 "
+                "UPDATE budget_crossings SET published = true "
+                "WHERE budget_id = $1 AND scope_value = $2 "
                 "AND window_start = $3 AND kind = $4 AND threshold_pct = $5",
                 rec["budget_id"],
                 rec["scope_value"],
@@ -250,7 +254,8 @@ class UsageModule(Module):
     async def _close_idle_sessions(self) -> None:
         assert self.pool is not None
         for rec in await self.pool.fetch(
-            "UPDATE sessions SET closed = true WHERE NOT closed AND last_activity_at < now() - $1::interval "
+            "UPDATE sessions SET closed = true "
+            "WHERE NOT closed AND last_activity_at < now() - $1::interval "
             "RETURNING extract(epoch FROM last_activity_at - started_at)::float8 AS seconds",
             timedelta(seconds=self.settings.session_idle_seconds),
         ):

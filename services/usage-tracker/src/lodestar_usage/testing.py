@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,8 +19,14 @@ from lodestar_usage.settings import AlertSettings, UsageSettings
 
 
 def tracker_settings(
-    *, database_url: str, schema: str, core_target: str, token: str, credentials: Path,
-    spool: Path, **overrides: object,
+    *,
+    database_url: str,
+    schema: str,
+    core_target: str,
+    token: str,
+    credentials: Path,
+    spool: Path,
+    **overrides: object,
 ) -> UsageSettings:
     """Settings of a tracker on a free port, in its own schema, talking to ``core_target``."""
     values: dict[str, object] = {
@@ -65,7 +72,8 @@ async def start_tracker(settings: UsageSettings, timeout: float = 30.0) -> Runni
         started.set_result(server)
 
     task = asyncio.create_task(runner.run(on_started, handle_signals=False))
-    done, _ = await asyncio.wait({started, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    waiting: set[asyncio.Future[Any]] = {started, task}
+    done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()
     server = started.result()
@@ -74,7 +82,9 @@ async def start_tracker(settings: UsageSettings, timeout: float = 30.0) -> Runni
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=READINESS), timeout=1)
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=READINESS), timeout=1
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     break
             except grpc.aio.AioRpcError:
