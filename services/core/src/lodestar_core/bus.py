@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import re
 from collections import deque
@@ -88,8 +89,8 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
             span.set_attribute("messaging.batch.message_count", len(valid))
             with _event_spans("lodestar.persist", events):
                 result = await self._store.append(valid)
-        for event in valid:
-            EVENTS_PUBLISHED.labels(event.type).inc()
+        for event_type, count in collections.Counter(e.type for e in valid).items():
+            EVENTS_PUBLISHED.labels(event_type).inc(count)
         EVENTS_DUPLICATE.inc(result.duplicates)
         HEAD_SEQUENCE.set(self._store.head)
         return result

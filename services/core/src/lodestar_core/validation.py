@@ -13,6 +13,9 @@ from lodestar.common.events import EVENT_TYPES, TYPE_URL_PREFIX
 from lodestar.core.v1 import bus_pb2
 from lodestar.events.v1 import event_pb2
 
+CANONICAL_UUID7 = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.IGNORECASE
+)
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 MAX_SOURCE_CHARS = 512
 MAX_SUBJECT_CHARS = 512
@@ -22,7 +25,7 @@ MAX_SUBJECT_CHARS = 512
 class ValidEvent:
     """An event that passed validation, with what the store needs."""
 
-    id: uuid.UUID
+    id: str
     type: str
     source: str
     envelope: bytes
@@ -31,14 +34,18 @@ class ValidEvent:
 def validate_event(event: event_pb2.Event, max_bytes: int) -> ValidEvent:
     """The storable form of ``event``; raises ValueError naming the field and the fix."""
     event_id = _event_id(event.id)
-    if not event.source:
-        raise ValueError("source: required, a URI-reference naming the producer")
-    if len(event.source) > MAX_SOURCE_CHARS:
-        raise ValueError(f"source: at most {MAX_SOURCE_CHARS} characters")
+    source = event.source
+    if not source or len(source) > MAX_SOURCE_CHARS:
+        raise ValueError(
+            f"source: required, a URI-reference naming the producer, at most {MAX_SOURCE_CHARS} "
+            "characters"
+        )
     if len(event.subject) > MAX_SUBJECT_CHARS:
         raise ValueError(f"subject: at most {MAX_SUBJECT_CHARS} characters")
-    _check_payload(event)
-    if event.traceparent and not _valid_traceparent(event.traceparent):
+    event_type = event.type
+    _check_payload(event_type, event)
+    traceparent = event.traceparent
+    if traceparent and not _valid_traceparent(traceparent):
         raise ValueError("traceparent: must be a W3C traceparent like 00-<32 hex>-<16 hex>-01")
     envelope = event.SerializeToString()
     if len(envelope) > max_bytes:
@@ -46,10 +53,13 @@ def validate_event(event: event_pb2.Event, max_bytes: int) -> ValidEvent:
             f"event is {len(envelope)} bytes, the limit is {max_bytes}; "
             "store large content elsewhere and reference it"
         )
-    return ValidEvent(id=event_id, type=event.type, source=event.source, envelope=envelope)
+    return ValidEvent(event_id, event_type, source, envelope)
 
 
-def _event_id(raw: str) -> uuid.UUID:
+def _event_id(raw: str) -> str:
+    """The canonical (lower-case) form of a valid UUIDv7 id."""
+    if CANONICAL_UUID7.fullmatch(raw):
+        return raw.lower()
     if not raw:
         raise ValueError("id: required, a UUIDv7 minted by the publisher")
     try:
@@ -62,7 +72,7 @@ def _event_id(raw: str) -> uuid.UUID:
         )
     if event_id.version != 7:
         raise ValueError(f"id: must be a UUIDv7 (time-ordered), got version {event_id.version}")
-    return event_id
+    raise ValueError(f"id: {raw[:64]!r} does not have the RFC 9562 variant bits (10xx)")
 
 
 def _valid_traceparent(value: str) -> bool:
@@ -73,23 +83,24 @@ def _valid_traceparent(value: str) -> bool:
     return version != "ff" and trace_id != "0" * 32 and parent_id != "0" * 16
 
 
-def _check_payload(event: event_pb2.Event) -> None:
-    if not event.type:
+def _check_payload(event_type: str, event: event_pb2.Event) -> None:
+    if not event_type:
         raise ValueError("type: required, the full name of the payload message")
-    payload_cls = EVENT_TYPES.get(event.type)
+    payload_cls = EVENT_TYPES.get(event_type)
     if payload_cls is None:
         known = ", ".join(sorted(EVENT_TYPES))
-        raise ValueError(f"type: unknown event type {event.type[:128]!r}; known types: {known}")
+        raise ValueError(f"type: unknown event type {event_type[:128]!r}; known types: {known}")
     if not event.HasField("data"):
-        raise ValueError(f"data: required, a packed {event.type}")
-    if event.data.type_url != TYPE_URL_PREFIX + event.type:
+        raise ValueError(f"data: required, a packed {event_type}")
+    data = event.data
+    if data.type_url != TYPE_URL_PREFIX + event_type:
         raise ValueError(
-            f"data: type_url {event.data.type_url[:128]!r} does not match type {event.type!r}"
+            f"data: type_url {data.type_url[:128]!r} does not match type {event_type!r}"
         )
     try:
-        payload_cls.FromString(event.data.value)
+        payload_cls.FromString(data.value)
     except message.DecodeError:
-        raise ValueError(f"data: the bytes are not a valid {event.type}") from None
+        raise ValueError(f"data: the bytes are not a valid {event_type}") from None
 
 
 def validate_batch(
