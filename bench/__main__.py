@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-
-import grpc
 
 from bench.core_bench import (
     CoreUnderTest,
@@ -37,15 +32,23 @@ def line(label: str, value: str) -> None:
 
 
 async def main(dsn: str, workdir: Path) -> None:
-    print(f"Lodestar benchmarks — {EVENTS} events, {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(
+        f"Lodestar benchmarks — {EVENTS} events, {os.cpu_count()} cores, "
+        f"Python {sys.version.split()[0]}"
+    )
     async with CoreUnderTest(dsn, workdir) as core:
         events = sample_events(EVENTS)
         publish_rate = await bench_stream_publish(core, events)
         line("durable publish, PublishStream, batches of 500 (events/s)", f"{publish_rate:,.0f}")
         delivery_rate = await bench_delivery(core, len(events))
-        line("delivery to one subscriber, SDK runtime with acks (events/s)", f"{delivery_rate:,.0f}")
+        line(
+            "delivery to one subscriber, SDK runtime with acks (events/s)", f"{delivery_rate:,.0f}"
+        )
         p50, p99, achieved = await bench_unary_latency(core, RATE, seconds=5)
-        line(f"unary Publish of 1 event at {RATE}/s: p50 / p99 (ms)", f"{p50:.2f} / {p99:.2f}  ({achieved:,.0f} req/s achieved)")
+        line(
+            f"unary Publish of 1 event at {RATE}/s: p50 / p99 (ms)",
+            f"{p50:.2f} / {p99:.2f}  ({achieved:,.0f} req/s achieved)",
+        )
     if not await jetstream_available():
         line("NATS JetStream", "not answering on 127.0.0.1:4222; comparison skipped")
         return

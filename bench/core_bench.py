@@ -50,13 +50,18 @@ class CoreUnderTest:
 
     async def __aenter__(self) -> CoreUnderTest:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "lodestar_core", "serve"], env=self._env, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "lodestar_core", "serve"],
+            env=self._env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         async with grpc.aio.insecure_channel(self.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for _ in range(600):
                 try:
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
+                    reply = await stub.Check(
+                        health_pb2.HealthCheckRequest(service="readiness"), timeout=1
+                    )
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return self
                 except grpc.aio.AioRpcError:
@@ -64,7 +69,9 @@ class CoreUnderTest:
                 await asyncio.sleep(0.1)
         raise RuntimeError("core did not become ready")
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._process is not None:
             self._process.terminate()
             self._process.wait(timeout=30)
@@ -75,9 +82,15 @@ def sample_events(count: int) -> list[event_pb2.Event]:
     return [
         new_event(
             usage.RequestCompleted(
-                model="claude-sonnet-4", provider="anthropic", project=f"project-{i % 20}",
-                session_id=f"session-{i % 500}", user="dev", task_id=f"task-{i}", attempt=1,
-                status=usage.REQUEST_STATUS_OK, tokens=usage.TokenUsage(input=1200, output=300, cached_read=800),
+                model="claude-sonnet-4",
+                provider="anthropic",
+                project=f"project-{i % 20}",
+                session_id=f"session-{i % 500}",
+                user="dev",
+                task_id=f"task-{i}",
+                attempt=1,
+                status=usage.REQUEST_STATUS_OK,
+                tokens=usage.TokenUsage(input=1200, output=300, cached_read=800),
             ),
             source="bench://publisher",
         )
@@ -121,8 +134,13 @@ async def bench_delivery(core: CoreUnderTest, expected: int) -> float:
             done.set()
 
     async with connect(core.target, core.tokens[Role.MODULE]) as channel:
-        subscriber = Subscriber(channel, subscription="bench-delivery", handler=handle,
-                                concurrency=64, max_in_flight=4096)
+        subscriber = Subscriber(
+            channel,
+            subscription="bench-delivery",
+            handler=handle,
+            concurrency=64,
+            max_in_flight=4096,
+        )
         started = time.perf_counter()
         task = asyncio.create_task(subscriber.run())
         await asyncio.wait_for(done.wait(), 600)
@@ -132,7 +150,9 @@ async def bench_delivery(core: CoreUnderTest, expected: int) -> float:
     return count / elapsed
 
 
-async def bench_unary_latency(core: CoreUnderTest, rate: int, seconds: float) -> tuple[float, float, float]:
+async def bench_unary_latency(
+    core: CoreUnderTest, rate: int, seconds: float
+) -> tuple[float, float, float]:
     """p50 and p99 milliseconds of single-event Publish calls sent at a fixed rate."""
     latencies: list[float] = []
     events = sample_events(int(rate * seconds))

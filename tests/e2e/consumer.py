@@ -24,7 +24,9 @@ async def main(target: str, token: str, subscription: str, out: Path) -> None:
             os.fsync(sink.fileno())
 
         async with connect(target, token) as channel:
-            await Subscriber(channel, subscription=subscription, handler=record, concurrency=4).run()
+            await Subscriber(
+                channel, subscription=subscription, handler=record, concurrency=4
+            ).run()
 
 
 if __name__ == "__main__":

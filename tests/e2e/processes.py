@@ -28,7 +28,9 @@ def service_process(
             process.wait()
 
 
-def start_service(package: str, env: dict[str, str], log: Path, port: int) -> subprocess.Popen[bytes]:
+def start_service(
+    package: str, env: dict[str, str], log: Path, port: int
+) -> subprocess.Popen[bytes]:
     """Start a service process writing its log to ``log``."""
     full_env = os.environ | env | {"LODESTAR_PORT": str(port), "LODESTAR_METRICS_PORT": "-1"}
     return subprocess.Popen(

@@ -18,13 +18,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lodestar.common.auth import Role
+from lodestar.common.cli import free_port
 from lodestar.common.embedded import EmbeddedPostgres
 from lodestar.common.sdk import Publisher, connect
 from lodestar.common.testing import dev_credentials
 from lodestar.usage.v1 import events_pb2 as usage
 from tests.conftest import wait_serving
 from tests.e2e.processes import kill9, start_service
-from lodestar.common.cli import free_port
 
 pytestmark = pytest.mark.faults
 CONSUMER = Path(__file__).with_name("consumer.py")
@@ -55,8 +55,16 @@ class Suite:
 
     def start_consumer(self, subscription: str, out: Path) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
-            [sys.executable, str(CONSUMER), self.target, self.tokens[Role.MODULE], subscription, str(out)],
-            stdout=(self.root / "consumer.log").open("ab"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                str(CONSUMER),
+                self.target,
+                self.tokens[Role.MODULE],
+                subscription,
+                str(out),
+            ],
+            stdout=(self.root / "consumer.log").open("ab"),
+            stderr=subprocess.STDOUT,
         )
         self.consumers.append(process)
         return process
@@ -84,7 +92,9 @@ def completed(n: int) -> usage.RequestCompleted:
 
 
 async def publish_all(publisher: Publisher, count: int, offset: int = 0) -> list[str]:
-    receipts = await asyncio.gather(*(publisher.publish(completed(offset + i)) for i in range(count)))
+    receipts = await asyncio.gather(
+        *(publisher.publish(completed(offset + i)) for i in range(count))
+    )
     return [r.event_id for r in receipts]
 
 
@@ -120,26 +130,32 @@ async def readiness(target: str, service: str) -> int:
 async def test_kill9_subscriber_mid_stream_loses_nothing(suite: Suite, tmp_path: Path):
     await wait_serving(suite.target, "readiness")
     out = tmp_path / "handled.txt"
-    async with connect(suite.target, suite.tokens[Role.PUBLISHER]) as channel:
-        async with Publisher(channel, source="test://faults") as publisher:
-            first = await publish_all(publisher, 3000)
-            consumer = suite.start_consumer("faults-sub", out)
-            await wait_for(lambda: len(handled_ids(out)) >= 500, 60, "the consumer to get going")
-            kill9(consumer)
-            second = await publish_all(publisher, 1000, offset=3000)
+    async with (
+        connect(suite.target, suite.tokens[Role.PUBLISHER]) as channel,
+        Publisher(channel, source="test://faults") as publisher,
+    ):
+        first = await publish_all(publisher, 3000)
+        consumer = suite.start_consumer("faults-sub", out)
+        await wait_for(lambda: len(handled_ids(out)) >= 500, 60, "the consumer to get going")
+        kill9(consumer)
+        second = await publish_all(publisher, 1000, offset=3000)
     suite.start_consumer("faults-sub", out)
     expected = set(first) | set(second)
     await wait_for(lambda: expected <= set(handled_ids(out)), 60, "every event to be handled")
     handled = handled_ids(out)
     assert set(handled) == expected
-    print(f"handled {len(handled)} deliveries for {len(expected)} events "
-          f"({len(handled) - len(expected)} redelivered after the kill)")
+    print(
+        f"handled {len(handled)} deliveries for {len(expected)} events "
+        f"({len(handled) - len(expected)} redelivered after the kill)"
+    )
 
 
 async def test_kill9_core_mid_publish_loses_nothing_and_stores_once(suite: Suite, tmp_path: Path):
     await wait_serving(suite.target, "readiness")
     async with connect(suite.target, suite.tokens[Role.PUBLISHER]) as channel:
-        publisher = Publisher(channel, source="test://faults", spool_dir=tmp_path / "spool", attempts=2)
+        publisher = Publisher(
+            channel, source="test://faults", spool_dir=tmp_path / "spool", attempts=2
+        )
         publishing = asyncio.create_task(publish_all(publisher, 20_000))
         await wait_for(lambda: publisher._sending, 30, "publishing to start")
         await asyncio.sleep(0.3)
@@ -162,7 +178,9 @@ async def test_postgres_restart_loses_nothing(suite: Suite, tmp_path: Path):
     out = tmp_path / "handled.txt"
     suite.start_consumer("pg-restart", out)
     async with connect(suite.target, suite.tokens[Role.PUBLISHER]) as channel:
-        publisher = Publisher(channel, source="test://faults", spool_dir=tmp_path / "spool", attempts=2)
+        publisher = Publisher(
+            channel, source="test://faults", spool_dir=tmp_path / "spool", attempts=2
+        )
         before = await publish_all(publisher, 500)
         suite.pg.stop("immediate")
         await wait_for_status(suite.target, "readiness", health_pb2.HealthCheckResponse.NOT_SERVING)

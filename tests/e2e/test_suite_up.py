@@ -33,7 +33,10 @@ def wait_for_line(process: subprocess.Popen[str], needle: str, timeout: float) -
 def lodestar(state: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*LODESTAR, *args, "--state-dir", str(state)],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -42,7 +45,10 @@ def suite(tmp_path: Path):
     state = tmp_path / "state"
     process = subprocess.Popen(
         [*LODESTAR, "up", "--port-base", "0", "--state-dir", str(state)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
     )
     try:
         wait_for_line(process, "ready", timeout=120)
@@ -61,12 +67,18 @@ def test_up_publish_tail_and_clean_stop(suite):
     endpoints = json.loads((state / "endpoints.json").read_text())
     assert "core" in endpoints
 
-    published = lodestar(state, "publish", "lodestar.usage.v1.RequestCompleted",
-                         '{"model": "llama3:8b", "provider": "ollama", "tokens": {"input": 12}}')
+    published = lodestar(
+        state,
+        "publish",
+        "lodestar.usage.v1.RequestCompleted",
+        '{"model": "llama3:8b", "provider": "ollama", "tokens": {"input": 12}}',
+    )
     assert published.returncode == 0, published.stdout + published.stderr
     event_id = published.stdout.strip()
 
-    tail = lodestar(state, "events", "tail", "--from-start", "--limit", "1", "--subscription", "e2e-tail")
+    tail = lodestar(
+        state, "events", "tail", "--from-start", "--limit", "1", "--subscription", "e2e-tail"
+    )
     assert tail.returncode == 0, tail.stdout + tail.stderr
     line = json.loads(tail.stdout.strip().splitlines()[-1])
     assert line["id"] == event_id

@@ -11,7 +11,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import grpc
-import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from lodestar.common.auth import Role
@@ -32,7 +31,11 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     async def Export(self, request, context):
         for resource_spans in request.resource_spans:
             service = next(
-                (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"),
+                (
+                    a.value.string_value
+                    for a in resource_spans.resource.attributes
+                    if a.key == "service.name"
+                ),
                 "?",
             )
             for scope in resource_spans.scope_spans:
@@ -41,7 +44,9 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-async def test_one_trace_spans_publisher_core_and_subscriber(tmp_path: Path, database_url: str, schema: str):
+async def test_one_trace_spans_publisher_core_and_subscriber(
+    tmp_path: Path, database_url: str, schema: str
+):
     receiver = Receiver()
     server = grpc.aio.server()
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
@@ -54,11 +59,17 @@ async def test_one_trace_spans_publisher_core_and_subscriber(tmp_path: Path, dat
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
     port = free_port()
-    core = start_service("lodestar_core", otel | {
-        "LODESTAR_DATABASE__URL": database_url,
-        "LODESTAR_DATABASE__SCHEMA_NAME": schema,
-        "LODESTAR_CREDENTIALS_FILE": str(tmp_path / "credentials.yaml"),
-    }, tmp_path / "core.log", port)
+    core = start_service(
+        "lodestar_core",
+        otel
+        | {
+            "LODESTAR_DATABASE__URL": database_url,
+            "LODESTAR_DATABASE__SCHEMA_NAME": schema,
+            "LODESTAR_CREDENTIALS_FILE": str(tmp_path / "credentials.yaml"),
+        },
+        tmp_path / "core.log",
+        port,
+    )
     target = f"127.0.0.1:{port}"
     consumer = None
     try:
@@ -66,15 +77,26 @@ async def test_one_trace_spans_publisher_core_and_subscriber(tmp_path: Path, dat
         env = os.environ | otel
         # asyncio subprocess: the receiver runs in this event loop and must keep answering
         publisher = await asyncio.create_subprocess_exec(
-            sys.executable, str(HERE / "traced_publisher.py"), target, tokens[Role.PUBLISHER],
-            env=env, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            str(HERE / "traced_publisher.py"),
+            target,
+            tokens[Role.PUBLISHER],
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
         )
         stdout, _ = await asyncio.wait_for(publisher.communicate(), 60)
         assert publisher.returncode == 0
         assert stdout.strip()
         out = tmp_path / "handled.txt"
         consumer = subprocess.Popen(
-            [sys.executable, str(HERE / "consumer.py"), target, tokens[Role.MODULE], "traced", str(out)],
+            [
+                sys.executable,
+                str(HERE / "consumer.py"),
+                target,
+                tokens[Role.MODULE],
+                "traced",
+                str(out),
+            ],
             env=env,
         )
         deadline = asyncio.get_running_loop().time() + 60
@@ -93,7 +115,11 @@ async def test_one_trace_spans_publisher_core_and_subscriber(tmp_path: Path, dat
                 break
             await asyncio.sleep(0.2)
         complete = [spans for spans in by_trace.values() if _complete(spans)]
-        interesting = {t: spans for t, spans in by_trace.items() if any(n.startswith(("lodestar", "/")) for _, n in spans)}
+        interesting = {
+            t: spans
+            for t, spans in by_trace.items()
+            if any(n.startswith(("lodestar", "/")) for _, n in spans)
+        }
         assert complete, f"no trace covers all three processes: {interesting}"
     finally:
         for process in (consumer, core):

@@ -14,7 +14,10 @@ from lodestar.usage.v1 import events_pb2 as usage
 
 
 async def main(target: str, token: str) -> str:
-    async with connect(target, token) as channel, Publisher(channel, source="test://traced") as publisher:
+    async with (
+        connect(target, token) as channel,
+        Publisher(channel, source="test://traced") as publisher,
+    ):
         receipt = await publisher.publish(usage.RequestCompleted(model="traced", provider="test"))
     return receipt.event_id
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from lodestar.common.events import new_event
 from lodestar.common.sdk import Publisher, ReceivedEvent, Subscriber
@@ -13,7 +14,9 @@ from lodestar.usage.v1 import events_pb2 as usage
 
 
 def completed(model: str, n: int = 1) -> usage.RequestCompleted:
-    return usage.RequestCompleted(model=model, provider="test", project="p", tokens=usage.TokenUsage(input=n))
+    return usage.RequestCompleted(
+        model=model, provider="test", project="p", tokens=usage.TokenUsage(input=n)
+    )
 
 
 async def test_publish_then_subscribe_receives_in_order(publisher_channel, module_channel):
@@ -53,13 +56,10 @@ async def test_unknown_type_is_rejected_and_nothing_stored(publisher_channel, ad
     good = new_event(completed("m"), source="test://bad")
     bad = new_event(completed("m"), source="test://bad")
     bad.type = "acme.v1.Nope"
-    try:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.Publish(bus_pb2.PublishRequest(events=[good, bad]))
-    except grpc.aio.AioRpcError as exc:
-        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "events[1].type" in exc.details()
-        assert "nothing was stored" in exc.details()
-    else:
-        raise AssertionError("expected INVALID_ARGUMENT")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "events[1].type" in refused.value.details()
+    assert "nothing was stored" in refused.value.details()
     again = await stub.Publish(bus_pb2.PublishRequest(events=[good]))
     assert again.accepted == 1

@@ -213,7 +213,7 @@ def test_environment_follows_the_service_contract() -> None:
         }
         assert env["LODESTAR_TOKEN"]["secretKeyRef"]["key"] == f"{module}-token"
         assert env["LODESTAR_CREDENTIALS_FILE"] == "/etc/lodestar/credentials/credentials.yaml"
-        assert env["LODESTAR_SPOOL_DIR"] == "/tmp/spool"  # noqa: S108
+        assert env["LODESTAR_SPOOL_DIR"] == "/tmp/spool"
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4317"
         assert env["OTEL_SERVICE_NAME"] == f"lodestar-{module}"
         grace = float(env["LODESTAR_SHUTDOWN_GRACE_SECONDS"])

@@ -42,6 +42,6 @@ class CoreSettings(ServiceSettings):
     """Everything core reads from its configuration layers."""
 
     default_schema: ClassVar[str] = "core"
-    bus: BusSettings = BusSettings()
-    registry: RegistrySettings = RegistrySettings()
+    bus: BusSettings = Field(default_factory=BusSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     migrate_on_start: bool = True

@@ -27,6 +27,7 @@ import yaml
 
 from lodestar.common.errors import ConfigurationError
 
+Handler = grpc.RpcMethodHandler[Any, Any]
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 TOKEN_BYTES = 32
 
@@ -136,22 +137,24 @@ def bearer_token(metadata: Any) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Rejects calls without a valid token, or whose role the method does not allow.
 
     ``method_roles`` maps full method names (``/pkg.Service/Method``) to the roles allowed; a
     method missing from it is open to admin only. Admin is allowed everywhere.
     """
 
-    def __init__(self, credentials: Credentials, method_roles: Mapping[str, frozenset[Role]]):
+    def __init__(
+        self, credentials: Credentials, method_roles: Mapping[str, frozenset[Role]]
+    ) -> None:
         self._credentials = credentials
         self._method_roles = method_roles
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(UNAUTHENTICATED_PREFIXES):
@@ -183,8 +186,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusal(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str
-) -> grpc.RpcMethodHandler:
+    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, details: str
+) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same RPC kind as ``handler`` that fails with ``code``."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

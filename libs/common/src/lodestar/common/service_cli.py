@@ -74,12 +74,20 @@ def service_app(spec: ServiceSpec[Any]) -> typer.Typer:
         config_dir: ConfigDir = None, port: Port = None, host: Host = None, set_: Overrides = None
     ) -> None:
         """Serve gRPC until SIGTERM."""
-        _exit_on_error(lambda: asyncio.run(_serve(spec, settings_for(config_dir, cli_overrides(port, host, set_)))))
+        _exit_on_error(
+            lambda: asyncio.run(
+                _serve(spec, settings_for(config_dir, cli_overrides(port, host, set_)))
+            )
+        )
 
     @app.command()
     def migrate(config_dir: ConfigDir = None, set_: Overrides = None) -> None:
         """Apply pending schema migrations and exit."""
-        _exit_on_error(lambda: asyncio.run(_migrate(spec, settings_for(config_dir, cli_overrides(None, None, set_)))))
+        _exit_on_error(
+            lambda: asyncio.run(
+                _migrate(spec, settings_for(config_dir, cli_overrides(None, None, set_)))
+            )
+        )
 
     return app
 

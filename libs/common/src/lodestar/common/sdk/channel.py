@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 
@@ -36,7 +37,7 @@ def connect(
     credentials. ``client_cert``/``client_key`` present a client certificate for mutual TLS.
     """
     interceptors = client_interceptors()
-    options = list(CHANNEL_OPTIONS)
+    options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
     if not tls:
         if token:
             interceptors = [*interceptors, *token_interceptors(token)]
@@ -68,29 +69,40 @@ class _WithToken:
         self._token = token
 
 
-class _UnaryUnaryToken(_WithToken, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+class _UnaryUnaryToken(_WithToken, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_unary_unary(
+        self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         return await continuation(_with_token(details, self._token), request)
 
 
-class _UnaryStreamToken(_WithToken, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+class _UnaryStreamToken(_WithToken, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_unary_stream(
+        self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         return await continuation(_with_token(details, self._token), request)
 
 
-class _StreamUnaryToken(_WithToken, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+class _StreamUnaryToken(_WithToken, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_stream_unary(
+        self, continuation: Any, details: grpc.aio.ClientCallDetails, requests: Any
+    ) -> Any:
         return await continuation(_with_token(details, self._token), requests)
 
 
-class _StreamStreamToken(_WithToken, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+class _StreamStreamToken(_WithToken, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_stream_stream(
+        self, continuation: Any, details: grpc.aio.ClientCallDetails, requests: Any
+    ) -> Any:
         return await continuation(_with_token(details, self._token), requests)
 
 
 def token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
     """Client interceptors adding ``authorization: Bearer <token>`` to every kind of call."""
-    return [
-        kind(token)
-        for kind in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
-    ]
+    kinds: tuple[type[_WithToken], ...] = (
+        _UnaryUnaryToken,
+        _UnaryStreamToken,
+        _StreamUnaryToken,
+        _StreamStreamToken,
+    )
+    return [cast(grpc.aio.ClientInterceptor, kind(token)) for kind in kinds]

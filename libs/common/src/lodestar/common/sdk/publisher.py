@@ -197,8 +197,12 @@ class Publisher:
                 if exc.code() in RETRYABLE:
                     return False
                 path = self._spool.quarantine(single)
-                log.error("core refuses a spooled event; kept aside", error=exc.details(),
-                          event_id=event.id, file=str(path))
+                log.error(
+                    "core refuses a spooled event; kept aside",
+                    error=exc.details(),
+                    event_id=event.id,
+                    file=str(path),
+                )
         return True
 
     def _spool_buffer(self) -> None:

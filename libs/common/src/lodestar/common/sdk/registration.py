@@ -45,7 +45,11 @@ class ModuleAgent:
         lease = duration_pb2.Duration()
         lease.FromSeconds(int(interval_seconds * 3) or 1)
         self._registration = registry_pb2.RegisterRequest(
-            name=name, version=version, endpoint=endpoint, event_types=list(event_types), lease=lease
+            name=name,
+            version=version,
+            endpoint=endpoint,
+            event_types=list(event_types),
+            lease=lease,
         )
         self._health = health
         self._interval = interval_seconds
@@ -71,7 +75,9 @@ class ModuleAgent:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     self.registered.clear()
-                log.warning("core registry call failed", code=exc.code().name, details=exc.details())
+                log.warning(
+                    "core registry call failed", code=exc.code().name, details=exc.details()
+                )
                 delay, backoff = backoff, min(backoff * 2, MAX_BACKOFF_SECONDS)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)

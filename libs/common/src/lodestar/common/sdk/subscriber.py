@@ -95,8 +95,12 @@ class Subscriber:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL:
                     raise
-                log.warning("subscription interrupted; reconnecting", code=exc.code().name,
-                            details=exc.details(), subscription=self._open.subscription)
+                log.warning(
+                    "subscription interrupted; reconnecting",
+                    code=exc.code().name,
+                    details=exc.details(),
+                    subscription=self._open.subscription,
+                )
             finally:
                 self.connected.clear()
             with contextlib.suppress(TimeoutError):
@@ -112,7 +116,10 @@ class Subscriber:
         helpers = [
             asyncio.create_task(self._flush_acks(acks, outbox)),
             asyncio.create_task(self._cancel_on_stop(call)),
-            *(asyncio.create_task(self._work(inbox, acks, outbox)) for _ in range(self._concurrency)),
+            *(
+                asyncio.create_task(self._work(inbox, acks, outbox))
+                for _ in range(self._concurrency)
+            ),
         ]
         try:
             async for response in _responses(call, self._stopping):
@@ -174,7 +181,9 @@ class Subscriber:
             if acks:
                 batch = acks[:]
                 acks.clear()
-                outbox.put_nowait(bus_pb2.SubscribeRequest(ack=bus_pb2.SubscribeAck(sequences=batch)))
+                outbox.put_nowait(
+                    bus_pb2.SubscribeRequest(ack=bus_pb2.SubscribeAck(sequences=batch))
+                )
 
 
 async def _responses(
