@@ -1,0 +1,90 @@
+"""Probe semantics, checked the way the kubelet's gRPC probe checks: Health/Check by service name."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lodestar.common.cli import free_port
+from lodestar.common.embedded import EmbeddedPostgres
+from lodestar.common.testing import dev_credentials
+from tests.e2e.processes import start_service
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+GRACE_SECONDS = 3
+
+
+async def probe(target: str, service: str) -> int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=2
+        )
+        return reply.status
+
+
+async def until(target: str, service: str, status: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = await probe(target, service)
+            if last == status:
+                return
+        except grpc.aio.AioRpcError as exc:
+            last = exc.code()
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{service} stayed {last}, wanted {status}")
+
+
+async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drains(tmp_path: Path):
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    pg.initialise()  # not started: core comes up before its database
+    dev_credentials(tmp_path / "credentials.yaml")
+    port = free_port()
+    env = {
+        "LODESTAR_DATABASE__URL": pg.dsn(),
+        "LODESTAR_CREDENTIALS_FILE": str(tmp_path / "credentials.yaml"),
+        "LODESTAR_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
+    }
+    core = start_service("lodestar_core", env, tmp_path / "core.log", port)
+    target = f"127.0.0.1:{port}"
+    try:
+        await until(target, "liveness", SERVING)
+        assert await probe(target, "readiness") == NOT_SERVING
+        assert await probe(target, "") == NOT_SERVING
+
+        pg.start()
+        await until(target, "readiness", SERVING)
+        assert await probe(target, "") == SERVING
+        assert await probe(target, "lodestar.core.v1.EventBusService") == SERVING
+
+        pg.stop("immediate")
+        await until(target, "readiness", NOT_SERVING)
+        assert await probe(target, "liveness") == SERVING  # a lost database must not restart the pod
+
+        pg.start()
+        await until(target, "readiness", SERVING)
+
+        async with grpc.aio.insecure_channel(target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="readiness")
+            )
+            assert (await watch.read()).status == SERVING
+            core.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert (await asyncio.wait_for(watch.read(), 10)).status == NOT_SERVING
+        while core.poll() is None:
+            assert time.monotonic() - started < GRACE_SECONDS + 5, "core did not exit within its grace period"
+            await asyncio.sleep(0.05)
+        assert core.returncode == 0
+    finally:
+        if core.poll() is None:
+            core.kill()
+            core.wait()
+        pg.stop("immediate")
