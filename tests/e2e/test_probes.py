@@ -1,4 +1,4 @@
-"""Probe semantics, checked the way the kubelet's gRPC probe checks: Health/Check by service name."""
+"""Probe semantics, checked as the kubelet's gRPC probe does: Health/Check by service name."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drai
 
         pg.stop("immediate")
         await until(target, "readiness", NOT_SERVING)
-        assert await probe(target, "liveness") == SERVING  # a lost database must not restart the pod
+        # a lost database must not get the pod restarted
+        assert await probe(target, "liveness") == SERVING
 
         pg.start()
         await until(target, "readiness", SERVING)
@@ -80,7 +81,8 @@ async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drai
             started = time.monotonic()
             assert (await asyncio.wait_for(watch.read(), 10)).status == NOT_SERVING
         while core.poll() is None:
-            assert time.monotonic() - started < GRACE_SECONDS + 5, "core did not exit within its grace period"
+            waited = time.monotonic() - started
+            assert waited < GRACE_SECONDS + 5, "core did not exit within its grace period"
             await asyncio.sleep(0.05)
         assert core.returncode == 0
     finally:
