@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
@@ -124,6 +125,14 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
         yield ch
 
 
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for ``condition``: the server counts a call just after the client saw its status."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.01)
+
+
 def handled(method: str, code: str) -> float:
     labels = {"grpc_service": SERVICE, "grpc_method": method, "grpc_code": code}
     return REGISTRY.get_sample_value("lodestar_grpc_server_handled_total", labels) or 0.0
@@ -174,7 +183,7 @@ def log_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
 async def test_unary_ok(channel: grpc.aio.Channel) -> None:
     before = handled("Unary", "OK"), started("Unary"), timed("Unary")
     assert await call_unary(channel, b"hi") == b"echo:hi"
-    assert handled("Unary", "OK") == before[0] + 1
+    await eventually(lambda: handled("Unary", "OK") == before[0] + 1)
     assert started("Unary") == before[1] + 1
     assert timed("Unary") == before[2] + 1
 
@@ -183,7 +192,7 @@ async def test_lodestar_error_becomes_its_status(channel: grpc.aio.Channel) -> N
     before = handled("Unary", "INVALID_ARGUMENT")
     details = await expect_status(call_unary(channel, b"invalid"), grpc.StatusCode.INVALID_ARGUMENT)
     assert details == "amount: must be positive"
-    assert handled("Unary", "INVALID_ARGUMENT") == before + 1
+    await eventually(lambda: handled("Unary", "INVALID_ARGUMENT") == before + 1)
 
 
 async def test_storage_error_is_unavailable(channel: grpc.aio.Channel) -> None:
@@ -198,7 +207,7 @@ async def test_unexpected_error_is_internal_and_logged(
     details = await expect_status(call_unary(channel, b"boom"), grpc.StatusCode.INTERNAL)
     assert details == GENERIC
     assert "kaput" not in details
-    assert handled("Unary", "INTERNAL") == before + 1
+    await eventually(lambda: handled("Unary", "INTERNAL") == before + 1)
     lines = log_lines(capsys)
     error = next(line for line in lines if line["event"] == "unhandled error in rpc handler")
     assert error["level"] == "error"
@@ -213,7 +222,7 @@ async def test_abort_passes_through(
     before = handled("Unary", "NOT_FOUND")
     details = await expect_status(call_unary(channel, b"notfound"), grpc.StatusCode.NOT_FOUND)
     assert details == "no such probe"
-    assert handled("Unary", "NOT_FOUND") == before + 1
+    await eventually(lambda: handled("Unary", "NOT_FOUND") == before + 1)
     events = [line["event"] for line in log_lines(capsys)]
     assert "unhandled error in rpc handler" not in events
 
@@ -222,7 +231,7 @@ async def test_set_code_without_abort_is_counted(channel: grpc.aio.Channel) -> N
     before = handled("Unary", "ALREADY_EXISTS")
     details = await expect_status(call_unary(channel, b"setcode"), grpc.StatusCode.ALREADY_EXISTS)
     assert details == "probe exists"
-    assert handled("Unary", "ALREADY_EXISTS") == before + 1
+    await eventually(lambda: handled("Unary", "ALREADY_EXISTS") == before + 1)
 
 
 @pytest.mark.parametrize("method", ["ServerStream", "WriteStream"])
@@ -230,7 +239,7 @@ async def test_server_streaming_ok(channel: grpc.aio.Channel, method: str) -> No
     before = handled(method, "OK")
     responses = await call_server_stream(channel, method, b"fine")
     assert responses[0] in (b"first", b"written")
-    assert handled(method, "OK") == before + 1
+    await eventually(lambda: handled(method, "OK") == before + 1)
 
 
 @pytest.mark.parametrize("method", ["ServerStream", "WriteStream"])
@@ -248,7 +257,7 @@ async def test_server_streaming_errors(
     before = handled(method, code.name)
     got = await expect_status(call_server_stream(channel, method, request_), code)
     assert got == details
-    assert handled(method, code.name) == before + 1
+    await eventually(lambda: handled(method, code.name) == before + 1)
 
 
 async def test_client_streaming(channel: grpc.aio.Channel) -> None:
@@ -261,8 +270,8 @@ async def test_client_streaming(channel: grpc.aio.Channel) -> None:
         call_client_stream(channel, [b"a", b"invalid"]), grpc.StatusCode.INVALID_ARGUMENT
     )
     assert details == "amount: must be positive"
-    assert handled("ClientStream", "OK") == before_ok + 1
-    assert handled("ClientStream", "INVALID_ARGUMENT") == before_bad + 1
+    await eventually(lambda: handled("ClientStream", "OK") == before_ok + 1)
+    await eventually(lambda: handled("ClientStream", "INVALID_ARGUMENT") == before_bad + 1)
 
 
 async def test_bidi_streaming(channel: grpc.aio.Channel) -> None:
@@ -270,8 +279,8 @@ async def test_bidi_streaming(channel: grpc.aio.Channel) -> None:
     assert await call_bidi(channel, [b"a", b"b"]) == [b"echo:a", b"echo:b"]
     details = await expect_status(call_bidi(channel, [b"a", b"boom"]), grpc.StatusCode.INTERNAL)
     assert details == GENERIC
-    assert handled("Bidi", "OK") == before_ok + 1
-    assert handled("Bidi", "INTERNAL") == before_internal + 1
+    await eventually(lambda: handled("Bidi", "OK") == before_ok + 1)
+    await eventually(lambda: handled("Bidi", "INTERNAL") == before_internal + 1)
 
 
 async def test_unknown_method_is_unimplemented_and_not_counted(channel: grpc.aio.Channel) -> None:
@@ -327,7 +336,7 @@ async def test_metrics_without_error_mapping_maps_exception_code() -> None:
     before = handled("Unary", "INTERNAL")
     async for ch in _serve([MetricsInterceptor()]):
         await expect_status(call_unary(ch, b"boom"), grpc.StatusCode.UNKNOWN)
-    assert handled("Unary", "INTERNAL") == before + 1
+    await eventually(lambda: handled("Unary", "INTERNAL") == before + 1)
 
 
 async def test_metrics_inside_error_mapping_maps_the_raw_exception() -> None:
@@ -335,7 +344,7 @@ async def test_metrics_inside_error_mapping_maps_the_raw_exception() -> None:
     before = handled("Unary", "INTERNAL")
     async for ch in _serve([ErrorMappingInterceptor(), MetricsInterceptor()]):
         await expect_status(call_unary(ch, b"invalid"), grpc.StatusCode.INVALID_ARGUMENT)
-    assert handled("Unary", "INTERNAL") == before
+    await eventually(lambda: handled("Unary", "INTERNAL") == before)
     assert handled("Unary", "INVALID_ARGUMENT") > 0
 
 
