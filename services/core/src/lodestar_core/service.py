@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import grpc
-from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from lodestar.common.auth import Role
 from lodestar.common.db import apply_migrations, create_pool
-from lodestar.common.errors import ConfigurationError, StorageError
+from lodestar.common.deferred import DeferredServicer
+from lodestar.common.errors import ConfigurationError
 from lodestar.common.logging import get_logger
 from lodestar.common.module import HealthReport, HealthState, Module
 from lodestar.common.service_cli import ServiceSpec
@@ -64,9 +63,11 @@ class CoreModule(Module):
         self.store: EventStore | None = None
         self._bus: EventBus | None = None
         self._registry: Registry | None = None
-        self._bus_servicer = _Deferred(bus_pb2.DESCRIPTOR.services_by_name["EventBusService"])
-        self._registry_servicer = _Deferred(
-            registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
+        self._bus_servicer = DeferredServicer(
+            bus_pb2.DESCRIPTOR.services_by_name["EventBusService"], "core"
+        )
+        self._registry_servicer = DeferredServicer(
+            registry_pb2.DESCRIPTOR.services_by_name["RegistryService"], "core"
         )
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
@@ -171,37 +172,6 @@ class CoreModule(Module):
             last_error=self._last_error,
             uptime_seconds=self.uptime_seconds,
         )
-
-
-class _Deferred:
-    """A servicer that forwards each call to ``target`` once it is set.
-
-    Handlers are bound when the server is built, before the database is reachable; until then
-    every call fails with UNAVAILABLE so that clients retry.
-    """
-
-    def __init__(self, service: ServiceDescriptor) -> None:
-        self.target: object | None = None
-        self._service = service
-
-    def _require(self) -> Any:
-        if self.target is None:
-            raise StorageError("core is starting and its database is not ready yet; retry")
-        return self.target
-
-    def __getattr__(self, method: str) -> Callable[..., object]:
-        if self._service.methods_by_name[method].server_streaming:
-
-            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                async for response in getattr(self._require(), method)(request, context):
-                    yield response
-
-            return stream
-
-        async def unary(request: Any, context: Any) -> Any:
-            return await getattr(self._require(), method)(request, context)
-
-        return unary
 
 
 SPEC = ServiceSpec(
