@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lodestar.common.auth import Role
 from lodestar.common.cli import free_port
 from lodestar.common.embedded import EmbeddedPostgres
 from lodestar.common.testing import dev_credentials
@@ -42,17 +44,29 @@ async def until(target: str, service: str, status: int, timeout: float = 60) -> 
     raise AssertionError(f"{service} stayed {last}, wanted {status}")
 
 
-async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drains(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("package", "service_name"),
+    [
+        ("lodestar_core", "lodestar.core.v1.EventBusService"),
+        ("lodestar_usage", "lodestar.usage.v1.UsageService"),
+    ],
+)
+async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drains(
+    tmp_path: Path, package: str, service_name: str
+):
     pg = EmbeddedPostgres(tmp_path / "pg")
-    pg.initialise()  # not started: core comes up before its database
-    dev_credentials(tmp_path / "credentials.yaml")
+    pg.initialise()  # not started: the service comes up before its database
+    tokens = dev_credentials(tmp_path / "credentials.yaml")
     port = free_port()
     env = {
         "LODESTAR_DATABASE__URL": pg.dsn(),
         "LODESTAR_CREDENTIALS_FILE": str(tmp_path / "credentials.yaml"),
         "LODESTAR_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
+        # modules only: no core answers here, which makes a module degraded, not unready
+        "LODESTAR_CORE_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "LODESTAR_TOKEN": tokens[Role.MODULE],
     }
-    core = start_service("lodestar_core", env, tmp_path / "core.log", port)
+    core = start_service(package, env, tmp_path / "service.log", port)
     target = f"127.0.0.1:{port}"
     try:
         await until(target, "liveness", SERVING)
@@ -62,7 +76,7 @@ async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drai
         pg.start()
         await until(target, "readiness", SERVING)
         assert await probe(target, "") == SERVING
-        assert await probe(target, "lodestar.core.v1.EventBusService") == SERVING
+        assert await probe(target, service_name) == SERVING
 
         pg.stop("immediate")
         await until(target, "readiness", NOT_SERVING)
@@ -82,7 +96,7 @@ async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drai
             assert (await asyncio.wait_for(watch.read(), 10)).status == NOT_SERVING
         while core.poll() is None:
             waited = time.monotonic() - started
-            assert waited < GRACE_SECONDS + 5, "core did not exit within its grace period"
+            assert waited < GRACE_SECONDS + 5, "the service did not exit within its grace period"
             await asyncio.sleep(0.05)
         assert core.returncode == 0
     finally:

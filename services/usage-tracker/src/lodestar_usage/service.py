@@ -32,6 +32,7 @@ from lodestar_usage.settings import UsageSettings
 MIGRATIONS = Path(__file__).parent / "migrations"
 NAME = "usage-tracker"
 SOURCE = "lodestar://usage-tracker"
+STOP_WAIT_SECONDS = 2.0
 USAGE = "/lodestar.usage.v1.UsageService/"
 BUDGET = "/lodestar.usage.v1.BudgetService/"
 MODULE = frozenset({Role.MODULE})
@@ -299,6 +300,12 @@ class UsageModule(Module):
             self.agent.stop()
         for task in self._tasks:
             if task.get_name() not in ("subscriber", "module-agent"):
+                task.cancel()
+        # the subscriber and agent finish their current call; one still waiting for core to
+        # answer (never registered) is cancelled so that shutdown stays within the grace period
+        if self._tasks:
+            _, waiting = await asyncio.wait(self._tasks, timeout=STOP_WAIT_SECONDS)
+            for task in waiting:
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.writer is not None:
