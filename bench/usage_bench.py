@@ -1,7 +1,8 @@
 """Benchmarks of usage-tracker: real core and tracker processes on a real Postgres.
 
 Sizes via environment: USAGE_BENCH_ROWS (ledger rows for the Summary benchmark, default 10M),
-USAGE_BENCH_EVENTS (events for end-to-end ingest, default 100k).
+USAGE_BENCH_EVENTS (events for end-to-end ingest, default 100k). USAGE_BENCH_ONLY picks one part:
+``ingest`` (ingest rate and freshness), ``admission`` (Reserve+Commit) or ``summary``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from lodestar_usage.service import MIGRATIONS
 
 ROWS = int(os.environ.get("USAGE_BENCH_ROWS", "10000000"))
 EVENTS = int(os.environ.get("USAGE_BENCH_EVENTS", "100000"))
+ONLY = os.environ.get("USAGE_BENCH_ONLY", "")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -198,6 +200,9 @@ async def bench_end_to_end(dsn: str, workdir: Path, out: Callable[[str], None]) 
             ):
                 bus = bus_pb2_grpc.EventBusServiceStub(pub)
                 usage = ug.UsageServiceStub(admin)
+                if ONLY == "admission":
+                    await _admission(tracker, core, admin, out)
+                    return
                 events = [new_event(_event(), source="bench://usage") for _ in range(EVENTS)]
                 began = time.perf_counter()
                 sem = asyncio.Semaphore(8)
@@ -215,7 +220,8 @@ async def bench_end_to_end(dsn: str, workdir: Path, out: Callable[[str], None]) 
                     f"{rate:,.0f}"
                 )
                 await _freshness(bus, usage, out)
-                await _admission(tracker, core, admin, out)
+                if ONLY != "ingest":
+                    await _admission(tracker, core, admin, out)
         finally:
             tracker.stop()
 
@@ -297,8 +303,10 @@ async def run_usage_benchmarks(print_fn: Callable[[str], None]) -> None:
     with tempfile.TemporaryDirectory() as tmp, postgres_server(Path(tmp)) as admin_dsn:
         name, dsn = await _scratch(admin_dsn)
         try:
-            await bench_end_to_end(dsn, Path(tmp), print_fn)
-            await bench_summary(dsn, print_fn)
+            if ONLY != "summary":
+                await bench_end_to_end(dsn, Path(tmp), print_fn)
+            if ONLY in ("", "summary"):
+                await bench_summary(dsn, print_fn)
         finally:
             await _drop(admin_dsn, name)
 

@@ -83,6 +83,37 @@ async def test_200_concurrent_reserves_never_exceed_the_limit(admin, tracker, to
         assert status.remaining_micros == 10_000 - 9840
 
 
+async def test_rolling_and_calendar_budgets_together_never_overspend(admin, tracker, tokens):
+    """A rolling budget takes the locked path; it and the counter path share the counters."""
+    stub = ug.BudgetServiceStub(admin)
+    await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=4_500)))
+    rolling = u.Budget(
+        name="hour",
+        scope=u.BUDGET_SCOPE_PROJECT,
+        scope_value="r",
+        period=u.BUDGET_PERIOD_ROLLING,
+        rolling=duration_pb2.Duration(seconds=3600),
+        limit_micros=1_000,
+    )
+    await stub.CreateBudget(u.CreateBudgetRequest(budget=rolling))
+    async with connect(tracker.target, tokens[Role.PUBLISHER]) as publisher:
+        gate = ug.BudgetServiceStub(publisher)
+        replies = await asyncio.gather(
+            *(
+                gate.Reserve(
+                    u.ReserveRequest(project="r" if i % 2 else "c", estimated_cost_micros=100)
+                )
+                for i in range(80)
+            )
+        )
+    granted_r = sum(r.granted for i, r in enumerate(replies) if i % 2)
+    granted_c = sum(r.granted for i, r in enumerate(replies) if not i % 2)
+    assert granted_r <= 10  # the rolling budget's limit
+    assert granted_r + granted_c == 45  # the global budget's limit, exactly used up
+    denied = {r.denial.budget_name for r in replies if not r.granted}
+    assert denied <= {"all", "hour"}
+
+
 async def test_leaked_reservations_expire(admin, tracker, tokens):
     stub = ug.BudgetServiceStub(admin)
     await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=100)))
@@ -194,6 +225,99 @@ async def test_threshold_alerts_published_once_also_under_replay(
     assert all(a.spent_micros == 900 and a.scope_value == "p1" for a in seen)
 
 
+async def test_counters_equal_the_ledger_and_the_holds(admin, tracker, tokens, publisher_channel):
+    """After ingest, settlement, commits, releases and expiry the O(1) counters are exact."""
+    stub = ug.BudgetServiceStub(admin)
+    await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=10**9)))
+    await stub.CreateBudget(
+        u.CreateBudgetRequest(
+            budget=u.Budget(
+                name="p1",
+                scope=u.BUDGET_SCOPE_PROJECT,
+                scope_value="p1",
+                period=u.BUDGET_PERIOD_DAILY,
+                timezone="America/New_York",
+                limit_tokens=10**9,
+            )
+        )
+    )
+    await stub.CreateBudget(
+        u.CreateBudgetRequest(
+            budget=u.Budget(
+                name="each-session",
+                scope=u.BUDGET_SCOPE_SESSION,
+                period=u.BUDGET_PERIOD_WEEKLY,
+                limit_micros=10**9,
+            )
+        )
+    )
+    # Spend before the first Reserve: counted when the counters are initialised.
+    await publish(publisher_channel, [completed(project="p1", cost=111) for _ in range(5)])
+    await wait_requests(admin, 5)
+
+    async def reserve(lease_ms: int = 60_000, session: str = "s1") -> u.ReserveResponse:
+        reply = await stub.Reserve(
+            u.ReserveRequest(
+                project="p1",
+                session_id=session,
+                estimated_cost_micros=1_000,
+                estimated_tokens=500,
+                lease=duration_pb2.Duration(
+                    seconds=lease_ms // 1000, nanos=(lease_ms % 1000) * 1_000_000
+                ),
+            )
+        )
+        assert reply.granted
+        return reply
+
+    held = await asyncio.gather(*(reserve(session=f"s{i % 3}") for i in range(30)))
+    leaked = await asyncio.gather(*(reserve(lease_ms=200) for _ in range(4)))
+    for r in held[:10]:
+        await stub.Commit(
+            u.CommitRequest(
+                reservation_id=r.reservation_id, actual_cost_micros=400, actual_tokens=7
+            )
+        )
+    for r in held[10:15]:
+        await stub.Release(u.ReleaseRequest(reservation_id=r.reservation_id))
+    # Settle five committed and five still-active reservations, plus spend without one.
+    settle = [r.reservation_id for r in held[:5] + held[20:25]]
+    await publish(
+        publisher_channel,
+        [completed(project="p1", session="s1", cost=400, reservation=rid) for rid in settle]
+        + [completed(project="p1", session="s2", cost=50) for _ in range(7)]
+        + [completed(project="other", session="s9", cost=3) for _ in range(3)],
+    )
+    await wait_requests(admin, 25)
+    await asyncio.sleep(0.5)
+    pool = tracker.module.pool
+    await budgets.expire_reservations(pool)  # as the sweeper does every second
+    assert {
+        r["state"]
+        for r in await pool.fetch(
+            "SELECT state FROM reservations WHERE id = ANY($1::uuid[])",
+            [uuid.UUID(r.reservation_id) for r in leaked],
+        )
+    } == {"expired"}
+    counters = await pool.fetch("SELECT * FROM budget_counters")
+    assert len(counters) >= 5  # global, p1 and three sessions
+    now = await pool.fetchval("SELECT now()")
+    defs = {b.id: b for b in await budgets.all_budgets(pool)}
+    for c in counters:
+        budget = defs[c["budget_id"]]
+        assert c["window_start"] == budget.window(now)[0]
+        usage = await budgets.usage_of(pool, budget, c["scope_value"], now)
+        held_now = await pool.fetchrow(
+            budgets.HELD_IN_WINDOW, budget.id, c["scope_value"], c["window_start"]
+        )
+        assert (c["spent_micros"], c["spent_tokens"]) == (usage.spent_micros, usage.spent_tokens)
+        assert (c["held_micros"], c["held_tokens"]) == (held_now[0], held_now[1])
+    glob = next(c for c in counters if defs[c["budget_id"]].name == "all")
+    assert glob["spent_micros"] == 5 * 111 + 10 * 400 + 7 * 50 + 3 * 3
+    # 10 committed at 400 (5 of them settled), 5 released, 5 active settled, 10 active held.
+    assert glob["held_micros"] == 5 * 400 + 10 * 1_000
+
+
 # --- property: admission under concurrency, straight against Postgres -------------------------
 
 
@@ -204,7 +328,9 @@ async def _admission_round(
     try:
         async with pool.acquire() as conn:
             await apply_migrations(conn, schema, MIGRATIONS)
-            await conn.execute("TRUNCATE budgets, reservations, reservation_budgets")
+            await conn.execute(
+                "TRUNCATE budgets, reservations, reservation_budgets, budget_counters"
+            )
         budget = budgets.budget_from_proto(global_budget(limit_micros=limit), require_id=False)
         await budgets.create_budget(pool, budget)
 
@@ -229,6 +355,8 @@ async def _admission_round(
             "WHERE state IN ('active', 'committed')"
         )
         assert used <= limit
+        counter = await pool.fetchval("SELECT held_micros FROM budget_counters")
+        assert counter == used
     finally:
         await pool.close()
 

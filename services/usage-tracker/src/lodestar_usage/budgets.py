@@ -1,8 +1,15 @@
 """Budgets: definitions, their current windows, admission (Reserve/Commit/Release) and alerts.
 
 Admission holds under concurrency because every Reserve locks the rows of the budgets that apply
-(``SELECT … FOR UPDATE``, in id order) before it adds up spend and holds, so two reservations
-against one budget are decided one after the other, each seeing the other's hold.
+(``SELECT … FOR UPDATE``, in id order) before it reads their usage, so two reservations against
+one budget are decided one after the other, each seeing the other's hold.
+
+Reading the usage is O(1): calendar budgets keep a running counter per scope value and window
+(``budget_counters``: spent and held micro-dollars and tokens), changed in the same transaction
+as the ledger rows (ingest), and as each hold (Reserve, Commit, Release, expiry, settlement).
+A missing counter (a new window, session or budget) is initialised from the ledger and the holds
+under an exclusive advisory lock that ingest takes shared, so no ledger row is counted twice or
+missed. Rolling budgets have no fixed window to count in and still add up the ledger.
 """
 
 # SQL here is assembled from constant identifiers only; every value is a bind parameter.
@@ -12,17 +19,33 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import asyncpg
+from asyncpg.exceptions import DeadlockDetectedError
 from google.protobuf import duration_pb2
 
-from lodestar.common.errors import InvalidArgumentError, ModuleError, NotFoundError
+from lodestar.common.errors import (
+    InvalidArgumentError,
+    ModuleError,
+    NotFoundError,
+    StorageError,
+)
 from lodestar.usage.v1 import events_pb2, usage_pb2
 from lodestar_usage.reports import Filters, calendar_window, stamp, summarize, zone
 
+T = TypeVar("T")
 DEFAULT_THRESHOLDS = (50, 80, 100)
+TOKEN_SUMS = (
+    "input_tokens",
+    "output_tokens",
+    "cached_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
 SCOPE_NAMES = {
     usage_pb2.BUDGET_SCOPE_GLOBAL: "global",
     usage_pb2.BUDGET_SCOPE_PROJECT: "project",
@@ -35,6 +58,9 @@ CALENDAR_UNIT = {
     usage_pb2.BUDGET_PERIOD_MONTHLY: usage_pb2.CALENDAR_UNIT_MONTH,
 }
 MAX_MONEY = 10**15
+#: The advisory lock between counter initialisation (exclusive) and ledger ingest (shared).
+COUNTER_LOCK = 0x75736167  # "usag"
+DEADLOCK_ATTEMPTS = 5
 
 
 @dataclass
@@ -56,6 +82,31 @@ class BudgetDef:
     session_max_cost_micros: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
+
+    @property
+    def has_limit(self) -> bool:
+        return self.limit_micros is not None or self.limit_tokens is not None
+
+    @property
+    def counted(self) -> bool:
+        """Whether admission keeps a running counter for this budget (calendar, with a limit)."""
+        return self.period != usage_pb2.BUDGET_PERIOD_ROLLING and (
+            self.limit_micros is not None or self.limit_tokens is not None
+        )
+
+    def value_for(self, project: str, user: str, session_id: str) -> str | None:
+        """The scope value a request or ledger row counts under, or None if it does not apply."""
+        if self.scope == usage_pb2.BUDGET_SCOPE_GLOBAL:
+            return ""
+        if self.scope == usage_pb2.BUDGET_SCOPE_PROJECT:
+            return self.scope_value if project and project == self.scope_value else None
+        if self.scope == usage_pb2.BUDGET_SCOPE_USER:
+            return self.scope_value if user and user == self.scope_value else None
+        if not session_id:
+            return None
+        if self.per_session:
+            return session_id
+        return self.scope_value if session_id == self.scope_value else None
 
     @property
     def per_session(self) -> bool:
@@ -248,11 +299,15 @@ async def update_budget(pool: asyncpg.Pool, budget: BudgetDef) -> BudgetDef:
     sets = ", ".join(
         f"{c.strip()} = ${i}" for i, c in enumerate(BUDGET_COLUMNS.split(",")[1:], start=2)
     )
-    rec = await pool.fetchrow(
-        f"UPDATE budgets SET {sets}, updated_at = now() WHERE id = $1 RETURNING *", *_values(budget)
-    )
-    if rec is None:
-        raise NotFoundError(f"no budget {budget.id}", field="budget.id")
+    async with pool.acquire() as conn, conn.transaction():
+        rec = await conn.fetchrow(
+            f"UPDATE budgets SET {sets}, updated_at = now() WHERE id = $1 RETURNING *",
+            *_values(budget),
+        )
+        if rec is None:
+            raise NotFoundError(f"no budget {budget.id}", field="budget.id")
+        # Scope, period or timezone may have changed: counters are rebuilt on the next Reserve.
+        await conn.execute("DELETE FROM budget_counters WHERE budget_id = $1", budget.id)
     return BudgetDef.from_record(rec)
 
 
@@ -261,9 +316,11 @@ async def delete_budget(pool: asyncpg.Pool, budget_id: str) -> bool:
         key = uuid.UUID(budget_id)
     except ValueError:
         raise InvalidArgumentError("not a budget id", field="id") from None
-    deleted = await pool.fetchval("DELETE FROM budgets WHERE id = $1 RETURNING id", key)
-    if deleted is None:
-        raise NotFoundError(f"no budget {budget_id}", field="id")
+    async with pool.acquire() as conn, conn.transaction():
+        deleted = await conn.fetchval("DELETE FROM budgets WHERE id = $1 RETURNING id", key)
+        if deleted is None:
+            raise NotFoundError(f"no budget {budget_id}", field="id")
+        await conn.execute("DELETE FROM budget_counters WHERE budget_id = $1", key)
     return True
 
 
@@ -361,12 +418,13 @@ class Admission:
 
 
 APPLICABLE = (
-    f"SELECT * FROM budgets WHERE scope = {usage_pb2.BUDGET_SCOPE_GLOBAL} "
+    f"SELECT *, now() AS now_ FROM budgets WHERE scope = {usage_pb2.BUDGET_SCOPE_GLOBAL} "
     f"OR (scope = {usage_pb2.BUDGET_SCOPE_PROJECT} AND scope_value = $1 AND $1 <> '') "
     f"OR (scope = {usage_pb2.BUDGET_SCOPE_USER} AND scope_value = $2 AND $2 <> '') "
     f"OR (scope = {usage_pb2.BUDGET_SCOPE_SESSION} AND $3 <> '' AND scope_value IN ($3, '')) "
     "ORDER BY id FOR UPDATE"
 )
+APPLICABLE_READ = APPLICABLE.removesuffix(" FOR UPDATE")
 
 
 def validate_reserve(request: usage_pb2.ReserveRequest) -> None:
@@ -383,30 +441,263 @@ def validate_reserve(request: usage_pb2.ReserveRequest) -> None:
             raise InvalidArgumentError("at most 512 characters", field=fname)
 
 
+Key = tuple[uuid.UUID, str, datetime]
+
+READ_COUNTERS = (
+    "SELECT k.b, k.v, k.w, c.spent_micros, c.spent_tokens, "
+    "c.held_micros - coalesce(x.m, 0), c.held_tokens - coalesce(x.t, 0) "
+    "FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS k(b, v, w) "
+    "JOIN budget_counters c ON c.budget_id = k.b AND c.scope_value = k.v AND c.window_start = k.w "
+    # Holds whose lease ran out stop counting at once, before the expiry job marks them; read in
+    # the same statement (one snapshot) as the counter that still includes them.
+    "LEFT JOIN LATERAL (SELECT sum(r.amount_micros) AS m, sum(r.amount_tokens) AS t "
+    "FROM reservations r JOIN reservation_budgets rb ON rb.reservation_id = r.id "
+    "WHERE r.state = 'active' AND r.lease_expires_at <= now() "
+    "AND rb.budget_id = k.b AND rb.scope_value = k.v AND rb.window_start = k.w) x ON true"
+)
+HELD_IN_WINDOW = (
+    "SELECT coalesce(sum(r.amount_micros), 0)::bigint, coalesce(sum(r.amount_tokens), 0)::bigint "
+    "FROM reservation_budgets rb JOIN reservations r ON r.id = rb.reservation_id "
+    "WHERE rb.budget_id = $1 AND rb.scope_value = $2 AND rb.window_start = $3 "
+    "AND r.state IN ('active', 'committed')"
+)
+#: Adds (spent, held) deltas to counters, locking them in key order (the order every writer uses).
+ADD_TO_COUNTERS = (
+    "UPDATE budget_counters c SET spent_micros = c.spent_micros + d.sm, "
+    "spent_tokens = c.spent_tokens + d.st, held_micros = c.held_micros + d.hm, "
+    "held_tokens = c.held_tokens + d.ht "
+    "FROM (SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::bigint[], "
+    "$5::bigint[], $6::bigint[], $7::bigint[]) AS u(b, v, w, sm, st, hm, ht) ORDER BY b, v, w) d "
+    "WHERE c.budget_id = d.b AND c.scope_value = d.v AND c.window_start = d.w"
+)
+
+
+async def add_to_counters(conn: asyncpg.Connection, deltas: dict[Key, list[int]]) -> None:
+    """Add ``[spent_micros, spent_tokens, held_micros, held_tokens]`` per counter key."""
+    deltas = {k: d for k, d in deltas.items() if any(d)}
+    if not deltas:
+        return
+    keys = sorted(deltas, key=lambda k: (k[0].bytes, k[1], k[2]))
+    await conn.execute(
+        ADD_TO_COUNTERS,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
+        *([deltas[k][i] for k in keys] for i in range(4)),
+    )
+
+
+async def _init_counters(
+    conn: asyncpg.Connection, missing: list[tuple[BudgetDef, str, datetime, datetime]]
+) -> None:
+    """Create counters from the ledger and the holds, with ingest held off meanwhile."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", COUNTER_LOCK)
+    for budget, value, start, end in missing:
+        rows = await summarize(conn, start, end, [], budget.filters(value))
+        spent_micros = spent_tokens = 0
+        if rows:
+            sums = rows[0].sums
+            spent_micros = sums["cost_micros"]
+            spent_tokens = sum(sums[k] for k in TOKEN_SUMS)
+        held = await conn.fetchrow(HELD_IN_WINDOW, budget.id, value, start)
+        assert held is not None
+        await conn.execute(
+            "INSERT INTO budget_counters (budget_id, scope_value, window_start, spent_micros, "
+            "spent_tokens, held_micros, held_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+            "ON CONFLICT DO NOTHING",
+            budget.id,
+            value,
+            start,
+            spent_micros,
+            spent_tokens,
+            int(held[0]),
+            int(held[1]),
+        )
+
+
+async def _counters(
+    conn: asyncpg.Connection, wanted: list[tuple[BudgetDef, str, datetime, datetime]]
+) -> dict[Key, Usage]:
+    """The usage of each (budget, value, window), initialising counters that do not exist yet."""
+
+    async def read() -> dict[Key, Usage]:
+        recs = await conn.fetch(
+            READ_COUNTERS,
+            [b.id for b, _, _, _ in wanted],
+            [v for _, v, _, _ in wanted],
+            [w for _, _, w, _ in wanted],
+        )
+        ends = {(b.id, v, w): e for b, v, w, e in wanted}
+        return {
+            (r[0], r[1], r[2]): Usage(
+                r[2], ends[(r[0], r[1], r[2])], r[3], r[4], int(r[5]), int(r[6])
+            )
+            for r in recs
+        }
+
+    missing = [item for item in wanted if (item[0].id, item[1], item[2]) not in await read()]
+    if missing:
+        await _init_counters(conn, missing)
+    # Lock in key order (the order every writer uses), then read what the locks now protect.
+    await conn.execute(
+        "SELECT 1 FROM budget_counters c JOIN unnest($1::uuid[], $2::text[], $3::timestamptz[]) "
+        "AS k(b, v, w) ON c.budget_id = k.b AND c.scope_value = k.v AND c.window_start = k.w "
+        "ORDER BY c.budget_id, c.scope_value, c.window_start FOR UPDATE OF c",
+        [b.id for b, _, _, _ in wanted],
+        [v for _, v, _, _ in wanted],
+        [w for _, _, w, _ in wanted],
+    )
+    return await read()
+
+
 async def reserve(
     pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta
 ) -> Admission:
-    """Hold the estimate against every applicable budget, or deny naming the first that refuses."""
+    """Hold the estimate against every applicable budget, or deny naming the first that refuses.
+
+    Calendar budgets are decided in one call of the ``admit`` function, which locks only their
+    counters and only for its own statement; a rolling budget (no counter) takes the slower path
+    that locks the budget rows and adds up the ledger.
+    """
     validate_reserve(request)
+    recs = await pool.fetch(APPLICABLE_READ, request.project, request.user, request.session_id)
+    now: datetime = recs[0]["now_"] if recs else datetime.now(UTC)
+    defs = [BudgetDef.from_record(r) for r in recs]
+    if any(b.period == usage_pb2.BUDGET_PERIOD_ROLLING and b.has_limit for b in defs):
+        return await _retrying_reserve(pool, request, lease)
+    values = [request.session_id if b.per_session else b.scope_value for b in defs]
+    session_budgets = [
+        (b, v)
+        for b, v in zip(defs, values, strict=True)
+        if b.scope == usage_pb2.BUDGET_SCOPE_SESSION
+    ]
+    if session_budgets and request.session_id:
+        async with pool.acquire() as conn:
+            for budget, value in session_budgets:
+                denial = await _check(conn, budget, value, request, now, None, limits=False)
+                if denial is not None:
+                    return Admission(False, denial=denial)
+    windows: list[tuple[datetime, datetime] | None] = [
+        b.window(now) if b.counted else None for b in defs
+    ]
+    args = [
+        [b.id for b in defs],
+        values,
+        [w[0] if w else None for w in windows],
+        [b.limit_micros for b in defs],
+        [b.limit_tokens for b in defs],
+    ]
+    for attempt in range(DEADLOCK_ATTEMPTS):
+        reservation_id = uuid.uuid4()
+        try:
+            rec = await pool.fetchrow(
+                ADMIT,
+                reservation_id,
+                request.project,
+                request.user,
+                request.session_id,
+                request.model,
+                request.estimated_cost_micros,
+                request.estimated_tokens,
+                lease,
+                *args,
+            )
+        except DeadlockDetectedError:
+            if attempt == DEADLOCK_ATTEMPTS - 1:
+                raise
+            continue
+        assert rec is not None
+        outcome = rec["outcome"]
+        if outcome == "missing":
+            missing = [
+                (b, v, w[0], w[1])
+                for b, v, w in zip(defs, values, windows, strict=True)
+                if w is not None
+            ]
+            async with pool.acquire() as conn, conn.transaction():
+                await _init_counters(conn, missing)
+            continue
+        if outcome == "granted":
+            return Admission(
+                True,
+                str(reservation_id),
+                rec["lease_expires_at"],
+                budget_ids=[str(b.id) for b in defs],
+            )
+        budget = next(b for b in defs if b.id == rec["budget_id"])
+        window = windows[defs.index(budget)]
+        assert window is not None
+        usage = Usage(
+            window[0],
+            window[1],
+            rec["spent_micros"],
+            rec["spent_tokens"],
+            rec["held_micros"],
+            rec["held_tokens"],
+        )
+        reason = (
+            "the estimated cost exceeds what the budget has left"
+            if outcome == "denied_micros"
+            else "the estimated tokens exceed what the budget has left"
+        )
+        return Admission(False, denial=_denial(budget, reason, usage))
+    raise StorageError("admission could not settle its counters; retry")
+
+
+ADMIT = (
+    "SELECT * FROM admit($1, $2, $3, $4, $5, $6, $7, $8, $9::uuid[], $10::text[], "
+    "$11::timestamptz[], $12::bigint[], $13::bigint[])"
+)
+
+
+async def _retrying_reserve(
+    pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta
+) -> Admission:
+    for attempt in range(DEADLOCK_ATTEMPTS):
+        try:
+            return await _reserve_locked(pool, request, lease)
+        except DeadlockDetectedError:  # a rare lock-order clash with ingest; decided again
+            if attempt == DEADLOCK_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _reserve_locked(
+    pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta
+) -> Admission:
+    """The path for rolling budgets: lock the budget rows, then their counters, then decide."""
     async with pool.acquire() as conn, conn.transaction():
-        now: datetime = await conn.fetchval("SELECT now()")
-        budgets = [
-            BudgetDef.from_record(r)
-            for r in await conn.fetch(APPLICABLE, request.project, request.user, request.session_id)
+        recs = await conn.fetch(APPLICABLE, request.project, request.user, request.session_id)
+        now: datetime = recs[0]["now_"] if recs else await conn.fetchval("SELECT now()")
+        budgets = [BudgetDef.from_record(r) for r in recs]
+        values = [
+            request.session_id if budget.per_session else budget.scope_value for budget in budgets
         ]
-        holds: list[tuple[uuid.UUID, str]] = []
-        for budget in budgets:
-            value = request.session_id if budget.per_session else budget.scope_value
-            denial = await _check(conn, budget, value, request, now)
+        wanted = []
+        for budget, value in zip(budgets, values, strict=True):
+            if budget.counted:
+                start, end = budget.window(now)
+                wanted.append((budget, value, start, end))
+        usages = await _counters(conn, wanted) if wanted else {}
+        windows = {b.id: start for b, _, start, _ in wanted}
+        holds: list[tuple[uuid.UUID, str, datetime | None]] = []
+        for budget, value in zip(budgets, values, strict=True):
+            wstart = windows.get(budget.id)
+            usage = usages.get((budget.id, value, wstart)) if wstart is not None else None
+            denial = await _check(conn, budget, value, request, now, usage)
             if denial is not None:
                 return Admission(False, denial=denial)
-            holds.append((budget.id, value))
+            holds.append((budget.id, value, wstart))
         reservation_id = uuid.uuid4()
         expires = now + lease
         await conn.execute(
-            "INSERT INTO reservations (id, project, user_id, session_id, model, state, "
+            "WITH r AS (INSERT INTO reservations (id, project, user_id, session_id, model, state, "
             "amount_micros, amount_tokens, created_at, lease_expires_at) "
-            "VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $9)",
+            "VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $9) RETURNING id) "
+            "INSERT INTO reservation_budgets "
+            "(reservation_id, budget_id, scope_value, window_start) "
+            "SELECT r.id, u.b, u.v, u.w FROM r, "
+            "unnest($10::uuid[], $11::text[], $12::timestamptz[]) AS u(b, v, w)",
             reservation_id,
             request.project,
             request.user,
@@ -416,14 +707,36 @@ async def reserve(
             request.estimated_tokens,
             now,
             expires,
+            [b for b, _, _ in holds],
+            [v for _, v, _ in holds],
+            [w for _, _, w in holds],
         )
-        if holds:
-            await conn.executemany(
-                "INSERT INTO reservation_budgets (reservation_id, budget_id, scope_value) "
-                "VALUES ($1, $2, $3)",
-                [(reservation_id, bid, value) for bid, value in holds],
-            )
-    return Admission(True, str(reservation_id), expires, budget_ids=[str(b) for b, _ in holds])
+        await add_to_counters(
+            conn,
+            {
+                (bid, value, wstart): [
+                    0,
+                    0,
+                    request.estimated_cost_micros,
+                    request.estimated_tokens,
+                ]
+                for bid, value, wstart in holds
+                if wstart is not None
+            },
+        )
+    return Admission(True, str(reservation_id), expires, budget_ids=[str(b) for b, _, _ in holds])
+
+
+def _denial(budget: BudgetDef, reason: str, usage: Usage | None) -> usage_pb2.Denial:
+    return usage_pb2.Denial(
+        budget_id=str(budget.id),
+        budget_name=budget.name,
+        reason=reason,
+        limit_micros=budget.limit_micros or 0,
+        limit_tokens=budget.limit_tokens or 0,
+        remaining_micros=max(usage.remaining(budget.limit_micros, "micros"), 0) if usage else 0,
+        remaining_tokens=max(usage.remaining(budget.limit_tokens, "tokens"), 0) if usage else 0,
+    )
 
 
 async def _check(
@@ -432,17 +745,12 @@ async def _check(
     value: str,
     request: usage_pb2.ReserveRequest,
     now: datetime,
+    counted: Usage | None,
+    *,
+    limits: bool = True,
 ) -> usage_pb2.Denial | None:
     def deny(reason: str, usage: Usage | None) -> usage_pb2.Denial:
-        return usage_pb2.Denial(
-            budget_id=str(budget.id),
-            budget_name=budget.name,
-            reason=reason,
-            limit_micros=budget.limit_micros or 0,
-            limit_tokens=budget.limit_tokens or 0,
-            remaining_micros=max(usage.remaining(budget.limit_micros, "micros"), 0) if usage else 0,
-            remaining_tokens=max(usage.remaining(budget.limit_tokens, "tokens"), 0) if usage else 0,
-        )
+        return _denial(budget, reason, usage)
 
     if budget.scope == usage_pb2.BUDGET_SCOPE_SESSION and request.session_id:
         session = await conn.fetchrow(
@@ -479,9 +787,9 @@ async def _check(
                     f"{budget.session_max_cost_micros} micro-dollars",
                     None,
                 )
-    if budget.limit_micros is None and budget.limit_tokens is None:
+    if not limits or (budget.limit_micros is None and budget.limit_tokens is None):
         return None
-    usage = await usage_of(conn, budget, value, now)
+    usage = counted if counted is not None else await usage_of(conn, budget, value, now)
     if (
         budget.limit_micros is not None
         and usage.remaining(budget.limit_micros, "micros") < request.estimated_cost_micros
@@ -504,6 +812,30 @@ def _reservation_id(value: str) -> uuid.UUID:
         ) from None
 
 
+async def _retrying(pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Run ``work`` in a transaction, again after a (rare) deadlock."""
+    for attempt in range(DEADLOCK_ATTEMPTS):
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                return await work(conn)
+        except DeadlockDetectedError:
+            if attempt == DEADLOCK_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _call(pool: asyncpg.Pool, query: str, *args: object) -> str:
+    """One server-side admission function call (its own transaction), again after a deadlock."""
+    for attempt in range(DEADLOCK_ATTEMPTS):
+        try:
+            result: str = await pool.fetchval(query, *args)
+            return result
+        except DeadlockDetectedError:
+            if attempt == DEADLOCK_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def commit(pool: asyncpg.Pool, request: usage_pb2.CommitRequest) -> bool:
     """Replace a hold by the actual usage; idempotent."""
     key = _reservation_id(request.reservation_id)
@@ -511,45 +843,63 @@ async def commit(pool: asyncpg.Pool, request: usage_pb2.CommitRequest) -> bool:
         raise InvalidArgumentError("must not be negative", field="actual_cost_micros")
     if request.actual_tokens < 0:
         raise InvalidArgumentError("must not be negative", field="actual_tokens")
-    async with pool.acquire() as conn, conn.transaction():
-        state = await conn.fetchval("SELECT state FROM reservations WHERE id = $1 FOR UPDATE", key)
-        if state is None:
-            raise NotFoundError(f"no reservation {key}", field="reservation_id")
-        if state in ("committed", "settled"):
-            return True
-        if state == "released":
-            raise ModuleError("the reservation was released; reserve again", field="reservation_id")
-        await conn.execute(
-            "UPDATE reservations SET state = 'committed', amount_micros = $2, amount_tokens = $3, "
-            "finished_at = now() WHERE id = $1",
-            key,
-            request.actual_cost_micros,
-            request.actual_tokens,
-        )
+    state = await _call(
+        pool,
+        "SELECT commit_hold($1, $2, $3)",
+        key,
+        request.actual_cost_micros,
+        request.actual_tokens,
+    )
+    if state == "missing":
+        raise NotFoundError(f"no reservation {key}", field="reservation_id")
+    if state == "released":
+        raise ModuleError("the reservation was released; reserve again", field="reservation_id")
     return True
 
 
 async def release(pool: asyncpg.Pool, request: usage_pb2.ReleaseRequest) -> bool:
     """Give the hold back; True if it was still held."""
     key = _reservation_id(request.reservation_id)
-    state = await pool.fetchval("SELECT state FROM reservations WHERE id = $1", key)
-    if state is None:
+    state = await _call(pool, "SELECT release_hold($1)", key)
+    if state == "missing":
         raise NotFoundError(f"no reservation {key}", field="reservation_id")
-    done = await pool.fetchval(
-        "UPDATE reservations SET state = 'released', finished_at = now() "
-        "WHERE id = $1 AND state IN ('active', 'expired') RETURNING id",
-        key,
-    )
-    return done is not None
+    return state in ("active", "expired")
 
 
 async def expire_reservations(pool: asyncpg.Pool) -> int:
     """Mark holds whose lease ran out as expired (they already stopped counting)."""
-    result: str = await pool.execute(
-        "UPDATE reservations SET state = 'expired', finished_at = now() "
-        "WHERE state = 'active' AND lease_expires_at <= now()"
-    )
-    return int(result.split()[-1])
+
+    async def work(conn: asyncpg.Connection) -> int:
+        recs = await conn.fetch(
+            "WITH e AS (UPDATE reservations SET state = 'expired', finished_at = now() "
+            "WHERE state = 'active' AND lease_expires_at <= now() "
+            "RETURNING id, amount_micros, amount_tokens) "
+            "SELECT e.id, e.amount_micros, e.amount_tokens, rb.budget_id, rb.scope_value, "
+            "rb.window_start FROM e LEFT JOIN reservation_budgets rb "
+            "ON rb.reservation_id = e.id AND rb.window_start IS NOT NULL"
+        )
+        deltas: dict[Key, list[int]] = {}
+        for r in recs:
+            if r["budget_id"] is not None:
+                acc = deltas.setdefault(
+                    (r["budget_id"], r["scope_value"], r["window_start"]), [0] * 4
+                )
+                acc[2] -= r["amount_micros"]
+                acc[3] -= r["amount_tokens"]
+        await add_to_counters(conn, deltas)
+        return len({r["id"] for r in recs})
+
+    return await _retrying(pool, work)
+
+
+async def ingest_budgets(conn: asyncpg.Connection) -> list[BudgetDef]:
+    """The counted budgets, with ingest's (shared) side of the counter lock taken."""
+    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", COUNTER_LOCK)
+    return [
+        b
+        for b in map(BudgetDef.from_record, await conn.fetch("SELECT * FROM budgets"))
+        if b.counted
+    ]
 
 
 # --- alerts -------------------------------------------------------------------------------------

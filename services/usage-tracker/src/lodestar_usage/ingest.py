@@ -29,7 +29,7 @@ from lodestar.common.events import uuid7_millis
 from lodestar.common.logging import get_logger
 from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2
-from lodestar_usage import metrics
+from lodestar_usage import budgets, metrics
 from lodestar_usage.pricing import PriceTable, cost_request
 from lodestar_usage.settings import PricingSettings
 
@@ -183,8 +183,12 @@ UPSERT_SESSIONS = (
 )
 
 SETTLE = (
-    "UPDATE reservations SET state = 'settled', finished_at = now() "
-    "WHERE id = ANY($1::uuid[]) AND state IN ('active', 'committed')"
+    "WITH s AS (UPDATE reservations SET state = 'settled', finished_at = now() "
+    "WHERE id = ANY($1::uuid[]) AND state IN ('active', 'committed') "
+    "RETURNING id, amount_micros, amount_tokens) "
+    "SELECT rb.budget_id, rb.scope_value, rb.window_start, s.amount_micros, s.amount_tokens "
+    "FROM s JOIN reservation_budgets rb ON rb.reservation_id = s.id "
+    "WHERE rb.window_start IS NOT NULL"
 )
 
 
@@ -320,9 +324,42 @@ async def write_rows(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> lis
         if row.reservation_id:
             with contextlib.suppress(ValueError):
                 settle.append(uuid.UUID(row.reservation_id))
+    deltas: dict[budgets.Key, list[int]] = {}
     if settle:
-        await conn.execute(SETTLE, settle)
+        # A settled reservation stops holding; its spend is now in the ledger (below).
+        for rec in await conn.fetch(SETTLE, sorted(settle)):
+            acc = deltas.setdefault((rec[0], rec[1], rec[2]), [0, 0, 0, 0])
+            acc[2] -= rec[3]
+            acc[3] -= rec[4]
+    counted = await budgets.ingest_budgets(conn)
+    if counted:
+        _spend_deltas(new, counted, deltas)
+    await budgets.add_to_counters(conn, deltas)
     return new
+
+
+def _spend_deltas(
+    rows: Sequence[LedgerRow],
+    counted: Sequence[budgets.BudgetDef],
+    deltas: dict[budgets.Key, list[int]],
+) -> None:
+    """Add each row's cost and tokens to the counter of every budget window it falls in."""
+    windows: dict[tuple[uuid.UUID, datetime], datetime] = {}
+    for row in rows:
+        # Calendar periods start on whole quarter hours in every timezone.
+        quarter = row.occurred_at.replace(
+            minute=row.occurred_at.minute // 15 * 15, second=0, microsecond=0
+        )
+        for budget in counted:
+            value = budget.value_for(row.project, row.user_id, row.session_id)
+            if value is None:
+                continue
+            start = windows.get((budget.id, quarter))
+            if start is None:
+                start = windows[(budget.id, quarter)] = budget.window(quarter)[0]
+            acc = deltas.setdefault((budget.id, value, start), [0, 0, 0, 0])
+            acc[0] += row.cost_micros
+            acc[1] += row.tokens
 
 
 async def _update_sessions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> None:
