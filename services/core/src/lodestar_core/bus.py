@@ -246,7 +246,7 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         replayed = await self._subscriptions.replay(request.subscription, list(request.sequences))
         session = self._sessions.get(request.subscription)
         if session is not None:
-            session.wake()
+            session.replays_queued()
         return bus_pb2.ReplayDeadLettersResponse(replayed=replayed)
 
 
@@ -314,10 +314,16 @@ class _Session:
         self._failures: dict[int, int] = {}
         self._retry: deque[int] = deque()
         self._wake = asyncio.Event()
+        self._replays_waiting = True  # replays may have been queued while disconnected
 
     def wake(self) -> None:
         """Re-run the send loop now."""
         self._wake.set()
+
+    def replays_queued(self) -> None:
+        """Dead letters were queued for redelivery: look for them on the next pass."""
+        self._replays_waiting = True
+        self.wake()
 
     async def load_failures(self) -> None:
         """Recorded failed attempts, so attempt numbers survive reconnects."""
@@ -395,9 +401,10 @@ class _Session:
         return deliveries
 
     async def _replays(self) -> list[bus_pb2.Delivery]:
-        if not self._has_room():
+        if not (self._replays_waiting and self._has_room()):
             return []
         waiting = await self.bus._subscriptions.redeliveries(self.name, self._window)
+        self._replays_waiting = len(waiting) == self._window
         deliveries = []
         for seq, envelope in waiting:
             if seq in self._in_flight or not self._has_room():
