@@ -32,6 +32,7 @@ from lodestar.common.embedded import EmbeddedPostgres
 from lodestar.common.events import EVENT_TYPES, unpack
 from lodestar.common.sdk import Publisher, ReceivedEvent, Subscriber, connect
 from lodestar.common.service_cli import ServiceSpec
+from lodestar.common.usage_cli import register as register_usage_commands
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 app = typer.Typer(
@@ -478,6 +479,8 @@ def main() -> None:
     """Console entry point."""
     app()
 
+
+register_usage_commands(app)  # lodestar usage …, lodestar budgets …
 
 if __name__ == "__main__":
     main()
