@@ -135,24 +135,48 @@ SUMS = [
 ]
 
 
-def _rollup_sql(table: str, keys: Sequence[tuple[str, str]]) -> str:
-    columns = [*keys, *((s, "bigint") for s in SUMS)]
-    names, arrays = _unnest(columns)
-    updates = ", ".join(f"{s} = r.{s} + EXCLUDED.{s}" for s in SUMS)
-    conflict = ", ".join(k for k, _ in keys)
+DIMS = [("model", "text"), ("provider", "text"), ("project", "text"), ("user_id", "text")]
+
+
+def _rollup_from_inserted(table: str, keys: Sequence[tuple[str, str]], where: str = "") -> str:
+    """An upsert of ``table`` aggregated in SQL from the ``ins`` CTE (the rows really inserted)."""
+    names = [k for k, _ in keys]
+    exprs = [
+        "date_trunc('hour', occurred_at, 'UTC')"
+        if k == "hour"
+        else "date_trunc('day', occurred_at, 'UTC')"
+        if k == "day"
+        else k
+        for k in names
+    ]
+    sums = [
+        "count(*)",
+        f"count(*) FILTER (WHERE status = {int(ERROR)})",
+        *(f"sum({c})::bigint" for c in SUMS[2:]),
+    ]
+    positions = ", ".join(str(i) for i in range(1, len(names) + 1))
+    updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in SUMS)
     return (
-        f"INSERT INTO {table} AS r ({names}) SELECT * FROM unnest({arrays}) "
-        f"ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
+        f"INSERT INTO {table} AS r ({', '.join(names + SUMS)}) "
+        f"SELECT {', '.join(exprs + sums)} FROM ins {where} "
+        f"GROUP BY {positions} ORDER BY {positions} "
+        f"ON CONFLICT ({', '.join(names)}) DO UPDATE SET {updates}"
     )
 
 
-DIMS = [("model", "text"), ("provider", "text"), ("project", "text"), ("user_id", "text")]
-UPSERT_HOURLY = _rollup_sql("rollup_hourly", [("hour", "timestamptz"), *DIMS])
-UPSERT_DAILY = _rollup_sql("rollup_daily", [("day", "timestamptz"), *DIMS])
-UPSERT_SESSION = _rollup_sql(
-    "rollup_session_hourly", [("session_id", "text"), ("hour", "timestamptz"), *DIMS]
+#: One statement: the ledger rows, and the hourly, daily and per-session rollups of exactly the
+#: rows that were inserted (a redelivered event adds nothing), aggregated by Postgres.
+_HOURLY = _rollup_from_inserted("rollup_hourly", [("hour", ""), *DIMS])
+_DAILY = _rollup_from_inserted("rollup_daily", [("day", ""), *DIMS])
+_SESSION = _rollup_from_inserted(
+    "rollup_session_hourly", [("session_id", ""), ("hour", ""), *DIMS], "WHERE session_id <> ''"
 )
-
+_RETURNED = ", ".join(c for c, _ in LEDGER_COLUMNS)
+INSERT_WITH_ROLLUPS = (
+    f"WITH ins AS ({INSERT_LEDGER.removesuffix('RETURNING event_id')}RETURNING {_RETURNED}), "
+    f"h AS ({_HOURLY}), d AS ({_DAILY}), s AS ({_SESSION}) "
+    "SELECT event_id FROM ins"
+)
 SESSION_COLUMNS = [
     ("session_id", "text"),
     ("project", "text"),
@@ -190,44 +214,6 @@ SETTLE = (
     "FROM s JOIN reservation_budgets rb ON rb.reservation_id = s.id "
     "WHERE rb.window_start IS NOT NULL"
 )
-
-
-def _sums(row: LedgerRow) -> list[int]:
-    return [
-        1,
-        int(row.status == ERROR),
-        row.input,
-        row.output,
-        row.cached_read,
-        row.cache_write,
-        row.reasoning,
-        row.cost_micros,
-        row.compute_cost_micros,
-        row.shadow_cost_micros,
-        row.savings_micros,
-        row.duration_ms,
-    ]
-
-
-def _aggregate(
-    rows: Sequence[LedgerRow], key: Callable[[LedgerRow], tuple[object, ...]]
-) -> list[list[object]]:
-    """Column arrays of ``rows`` summed by ``key``, keys sorted (a stable lock order)."""
-    groups: dict[tuple[object, ...], list[int]] = {}
-    for row in rows:
-        k = key(row)
-        sums = _sums(row)
-        if k in groups:
-            acc = groups[k]
-            for i, v in enumerate(sums):
-                acc[i] += v
-        else:
-            groups[k] = sums
-    ordered = sorted(groups.items(), key=lambda item: tuple(str(v) for v in item[0]))
-    width = len(next(iter(groups))) if groups else 0
-    columns: list[list[object]] = [[k[i] for k, _ in ordered] for i in range(width)]
-    columns += [[s[i] for _, s in ordered] for i in range(len(SUMS))]
-    return columns
 
 
 class InvalidEvent(InvalidArgumentError):
@@ -298,26 +284,12 @@ async def write_rows(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> lis
     if not unique:
         return []
     columns = [[getattr(r, a) for r in unique] for a in LedgerRow.__dataclass_fields__]
-    inserted = {rec["event_id"] for rec in await conn.fetch(INSERT_LEDGER, *columns)}
+    inserted = {rec["event_id"] for rec in await conn.fetch(INSERT_WITH_ROLLUPS, *columns)}
     new = [row for row in unique if row.event_id in inserted]
     if not new:
         return []
-    await conn.execute(
-        UPSERT_HOURLY,
-        *_aggregate(new, lambda r: (r.hour, r.model, r.provider, r.project, r.user_id)),
-    )
-    await conn.execute(
-        UPSERT_DAILY, *_aggregate(new, lambda r: (r.day, r.model, r.provider, r.project, r.user_id))
-    )
     with_session = [r for r in new if r.session_id]
     if with_session:
-        await conn.execute(
-            UPSERT_SESSION,
-            *_aggregate(
-                with_session,
-                lambda r: (r.session_id, r.hour, r.model, r.provider, r.project, r.user_id),
-            ),
-        )
         await _update_sessions(conn, with_session)
     settle = []
     for row in new:
