@@ -237,9 +237,13 @@ def row_from_event(
         event_id = uuid.UUID(envelope.id)
     except ValueError:
         raise InvalidEvent("not a UUID", field="id") from None
-    for kind in TOKEN_KINDS:
-        if getattr(payload.tokens, kind) < 0:
-            raise InvalidEvent("must not be negative", field=f"tokens.{kind}")
+    tokens = payload.tokens
+    if (
+        min(tokens.input, tokens.output, tokens.cached_read, tokens.cache_write, tokens.reasoning)
+        < 0
+    ):
+        kind = next(k for k in TOKEN_KINDS if getattr(tokens, k) < 0)
+        raise InvalidEvent("must not be negative", field=f"tokens.{kind}")
     if payload.reported_cost.micros < 0:
         raise InvalidEvent("must not be negative", field="reported_cost.micros")
     if not payload.model:

@@ -8,6 +8,7 @@ the exact sum over kinds, rounded half up to a whole micro-dollar once.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -173,6 +174,11 @@ class Costing:
     savings_micros: int = 0
 
 
+@functools.lru_cache(maxsize=8)
+def _local(providers: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(p.lower() for p in providers)
+
+
 def cost_request(
     event: events_pb2.RequestCompleted,
     day: date,
@@ -182,7 +188,7 @@ def cost_request(
 ) -> Costing:
     """Cost ``event``: a reported cost wins, local models cost compute time, else the table."""
     reported = event.HasField("reported_cost") and event.reported_cost.currency in ("", "USD")
-    if event.provider.lower() in {p.lower() for p in settings.local_providers}:
+    if event.provider.lower() in _local(tuple(settings.local_providers)):
         compute = (settings.local_compute_micros_per_second * duration_ms + 500) // 1000
         baseline = table.lookup(settings.baseline_model, settings.baseline_provider, day)
         shadow = baseline.cost_micros(event.tokens) if baseline is not None else 0
