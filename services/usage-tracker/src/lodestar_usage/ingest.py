@@ -238,41 +238,44 @@ def row_from_event(
     except ValueError:
         raise InvalidEvent("not a UUID", field="id") from None
     tokens = payload.tokens
-    if (
-        min(tokens.input, tokens.output, tokens.cached_read, tokens.cache_write, tokens.reasoning)
-        < 0
-    ):
-        kind = next(k for k in TOKEN_KINDS if getattr(tokens, k) < 0)
+    counts = (tokens.input, tokens.output, tokens.cached_read, tokens.cache_write, tokens.reasoning)
+    if min(counts) < 0:
+        kind = TOKEN_KINDS[next(i for i, n in enumerate(counts) if n < 0)]
         raise InvalidEvent("must not be negative", field=f"tokens.{kind}")
     if payload.reported_cost.micros < 0:
         raise InvalidEvent("must not be negative", field="reported_cost.micros")
-    if not payload.model:
+    model = payload.model
+    if not model:
         raise InvalidEvent("required, the model that answered", field="model")
-    duration_ms = payload.duration.seconds * 1000 + payload.duration.nanos // 1_000_000
+    duration = payload.duration
+    duration_ms = duration.seconds * 1000 + duration.nanos // 1_000_000
     if duration_ms < 0:
         raise InvalidEvent("must not be negative", field="duration")
-    if envelope.HasField("time") and (envelope.time.seconds or envelope.time.nanos):
-        occurred = envelope.time.ToDatetime(tzinfo=UTC)
+    stamp = envelope.time
+    if stamp.seconds or stamp.nanos:
+        occurred = datetime.fromtimestamp(stamp.seconds, UTC) + timedelta(
+            microseconds=stamp.nanos // 1000
+        )
     else:
         occurred = datetime.fromtimestamp(uuid7_millis(event_id) / 1000, UTC)
     costing = cost_request(payload, occurred.date(), duration_ms, prices, pricing)
     return LedgerRow(
         occurred_at=occurred,
         event_id=event_id,
-        model=_text(payload.model, "model"),
+        model=_text(model, "model"),
         provider=_text(payload.provider, "provider"),
         project=_text(payload.project, "project"),
         session_id=_text(payload.session_id, "session_id"),
         user_id=_text(payload.user, "user"),
         task_id=_text(payload.task_id, "task_id"),
         attempt=payload.attempt,
-        status=int(payload.status),
+        status=payload.status,
         duration_ms=duration_ms,
-        input=payload.tokens.input,
-        output=payload.tokens.output,
-        cached_read=payload.tokens.cached_read,
-        cache_write=payload.tokens.cache_write,
-        reasoning=payload.tokens.reasoning,
+        input=counts[0],
+        output=counts[1],
+        cached_read=counts[2],
+        cache_write=counts[3],
+        reasoning=counts[4],
         cost_micros=costing.cost_micros,
         cost_source=costing.source,
         compute_cost_micros=costing.compute_cost_micros,
