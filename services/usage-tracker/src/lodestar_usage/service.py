@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import grpc
-from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from lodestar.common.auth import Role
 from lodestar.common.db import apply_migrations, create_pool
+from lodestar.common.deferred import DeferredServicer
 from lodestar.common.errors import ConfigurationError, InvalidArgumentError, StorageError
 from lodestar.common.events import event_type, new_event
 from lodestar.common.logging import get_logger
@@ -72,8 +71,10 @@ class UsageModule(Module):
         self._channel: grpc.aio.Channel | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._last_error = ""
-        self._usage = _Deferred(usage_pb2.DESCRIPTOR.services_by_name["UsageService"])
-        self._budgets = _Deferred(usage_pb2.DESCRIPTOR.services_by_name["BudgetService"])
+        self._usage = DeferredServicer(usage_pb2.DESCRIPTOR.services_by_name["UsageService"], NAME)
+        self._budgets = DeferredServicer(
+            usage_pb2.DESCRIPTOR.services_by_name["BudgetService"], NAME
+        )
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         """Register the services (they answer UNAVAILABLE until started)."""
@@ -341,33 +342,6 @@ class UsageModule(Module):
             last_error=error,
             uptime_seconds=self.uptime_seconds,
         )
-
-
-class _Deferred:
-    """A servicer that forwards each call to ``target`` once it is set (UNAVAILABLE before)."""
-
-    def __init__(self, service: ServiceDescriptor) -> None:
-        self.target: object | None = None
-        self._service = service
-
-    def _require(self) -> Any:
-        if self.target is None:
-            raise StorageError("usage-tracker is starting and its database is not ready yet; retry")
-        return self.target
-
-    def __getattr__(self, method: str) -> Callable[..., object]:
-        if self._service.methods_by_name[method].server_streaming:
-
-            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                async for response in getattr(self._require(), method)(request, context):
-                    yield response
-
-            return stream
-
-        async def unary(request: Any, context: Any) -> Any:
-            return await getattr(self._require(), method)(request, context)
-
-        return unary
 
 
 SPEC = ServiceSpec(
