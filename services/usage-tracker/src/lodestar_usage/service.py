@@ -13,9 +13,9 @@ import grpc
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from lodestar.common.auth import Role
-from lodestar.common.db import apply_migrations, create_pool
+from lodestar.common.db import open_service_database
 from lodestar.common.deferred import DeferredServicer
-from lodestar.common.errors import ConfigurationError, InvalidArgumentError, StorageError
+from lodestar.common.errors import InvalidArgumentError, StorageError
 from lodestar.common.events import event_type, new_event
 from lodestar.common.logging import get_logger
 from lodestar.common.module import HealthReport, HealthState, Module
@@ -88,23 +88,9 @@ class UsageModule(Module):
 
     async def start(self) -> None:
         """Connect, migrate, then start ingest, registration and upkeep."""
-        db = self.settings.database
-        if db.url is None:
-            raise ConfigurationError(
-                "no database configured; set LODESTAR_DATABASE__URL or database.url",
-                field="database.url",
-            )
-        pool = await create_pool(
-            db.url.get_secret_value(),
-            db.schema_name,
-            min_size=db.pool_min_size,
-            max_size=db.pool_max_size,
-            timeout=db.connect_timeout_seconds,
-        )
+        migrations = MIGRATIONS if self.settings.migrate_on_start else None
+        pool = await open_service_database(self.settings.database, migrations)
         try:
-            if self.settings.migrate_on_start:
-                async with pool.acquire() as conn:
-                    await apply_migrations(conn, db.schema_name, MIGRATIONS)
             now = datetime.now(UTC)
             await ensure_partitions(
                 pool,

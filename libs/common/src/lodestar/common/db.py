@@ -15,6 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
+from lodestar.common.config import DatabaseSettings
 from lodestar.common.errors import ConfigurationError, StorageError
 from lodestar.common.logging import get_logger
 
@@ -146,4 +147,30 @@ async def create_pool(
     except (OSError, asyncpg.PostgresError) as exc:
         raise StorageError(f"cannot connect to Postgres: {exc}") from exc
     assert pool is not None
+    return pool
+
+
+async def open_service_database(
+    database: DatabaseSettings, migrations: Path | None = None
+) -> asyncpg.Pool:
+    """A pool on the service's own schema, with ``migrations`` applied first when given."""
+    if database.url is None:
+        raise ConfigurationError(
+            "no database configured; set LODESTAR_DATABASE__URL or database.url",
+            field="database.url",
+        )
+    pool = await create_pool(
+        database.url.get_secret_value(),
+        database.schema_name,
+        min_size=database.pool_min_size,
+        max_size=database.pool_max_size,
+        timeout=database.connect_timeout_seconds,
+    )
+    if migrations is not None:
+        try:
+            async with pool.acquire() as conn:
+                await apply_migrations(conn, database.schema_name, migrations)
+        except BaseException:
+            await pool.close()
+            raise
     return pool

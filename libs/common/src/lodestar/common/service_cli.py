@@ -16,7 +16,7 @@ from typing import Annotated, Any, Generic, TypeVar
 import typer
 
 from lodestar.common.config import ServiceSettings, load_settings
-from lodestar.common.db import apply_migrations, create_pool
+from lodestar.common.db import apply_migrations, open_service_database
 from lodestar.common.errors import ConfigurationError, LodestarError
 from lodestar.common.logging import configure_logging, get_logger
 from lodestar.common.module import Module
@@ -99,16 +99,15 @@ async def _serve(spec: ServiceSpec[Any], settings: ServiceSettings) -> None:
 async def _migrate(spec: ServiceSpec[Any], settings: ServiceSettings) -> None:
     if spec.migrations is None:
         return
-    db = settings.database
-    if db.url is None:
-        raise ConfigurationError("no database configured", field="database.url")
-    pool = await create_pool(db.url.get_secret_value(), db.schema_name, max_size=1)
+    pool = await open_service_database(settings.database)
     try:
         async with pool.acquire() as conn:
-            applied = await apply_migrations(conn, db.schema_name, spec.migrations)
+            applied = await apply_migrations(conn, settings.database.schema_name, spec.migrations)
     finally:
         await pool.close()
-    get_logger(__name__).info("migrations done", applied=applied, schema=db.schema_name)
+    get_logger(__name__).info(
+        "migrations done", applied=applied, schema=settings.database.schema_name
+    )
 
 
 def _exit_on_error(run: Callable[[], None]) -> None:
