@@ -20,6 +20,7 @@ from bench.core_bench import (
     sample_events,
 )
 from bench.nats_bench import bench_jetstream, jetstream_available
+from bench.usage_bench import run_usage_benchmarks
 from lodestar.common.testing import postgres_server, scratch_database
 
 EVENTS = int(os.environ.get("BENCH_EVENTS", "200000"))
@@ -65,10 +66,6 @@ def run() -> None:
         workdir = Path(tmp)
         with postgres_server(workdir) as admin_dsn, scratch_database(admin_dsn) as dsn:
             asyncio.run(main(dsn, workdir))
-    try:
-        from bench.usage_bench import run_usage_benchmarks
-    except ImportError:
-        return
     asyncio.run(run_usage_benchmarks(print))
 
 
