@@ -41,6 +41,7 @@ from lodestar_usage.service import MIGRATIONS
 ROWS = int(os.environ.get("USAGE_BENCH_ROWS", "10000000"))
 EVENTS = int(os.environ.get("USAGE_BENCH_EVENTS", "100000"))
 ONLY = os.environ.get("USAGE_BENCH_ONLY", "")
+GENERATE_TIMEOUT_SECONDS = 3600.0
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -89,6 +90,7 @@ async def bench_summary(dsn: str, out: Callable[[str], None]) -> None:
             start,
             (30 * 86400) / ROWS,
             ROWS,
+            timeout=GENERATE_TIMEOUT_SECONDS,
         )
         for table, unit in (("rollup_hourly", "hour"), ("rollup_daily", "day")):
             await pool.execute(
@@ -98,9 +100,10 @@ async def bench_summary(dsn: str, out: Callable[[str], None]) -> None:
                 "sum(output_tokens), sum(cached_read_tokens), sum(cache_write_tokens), "
                 "sum(reasoning_tokens), sum(cost_micros), sum(compute_cost_micros), "
                 "sum(shadow_cost_micros), sum(savings_micros), sum(duration_ms) FROM ledger "
-                "GROUP BY 1, 2, 3, 4, 5"
+                "GROUP BY 1, 2, 3, 4, 5",
+                timeout=GENERATE_TIMEOUT_SECONDS,
             )
-        await pool.execute("ANALYZE")
+        await pool.execute("ANALYZE", timeout=GENERATE_TIMEOUT_SECONDS)
         out(
             f"  {'summary bench: ledger rows generated (N) / seconds':<58} "
             f"{ROWS:,} / {time.perf_counter() - began:.1f}"
