@@ -285,23 +285,27 @@ async def summarize(
         parts.append(" AND ".join([sql, *conditions]))
     params.append(tz)
     tz_param = len(params)
-    keys = []
-    for name in group_by:
+    keys, shown = [], []
+    for i, name in enumerate(group_by):
         if name in TIME_FORMAT:
             unit, fmt = TIME_FORMAT[name]
-            keys.append(f"to_char(date_trunc('{unit}', ts AT TIME ZONE ${tz_param}), '{fmt}')")
+            keys.append(f"date_trunc('{unit}', ts AT TIME ZONE ${tz_param})")
+            shown.append(f"to_char(g{i}, '{fmt}') AS g{i}")  # formatted once per group, not row
         else:
             keys.append(COLUMN[name])
+            shown.append(f"g{i}")
     selected = [f"{k} AS g{i}" for i, k in enumerate(keys)]
     selected += [f"coalesce(sum({s}), 0)::bigint AS {s}" for s in SUMS]
-    grouping = ""
+    grouping = ordering = ""
     if keys:
         positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
-        grouping = f" GROUP BY {positions} ORDER BY {positions}"
+        grouping = f" GROUP BY {positions}"
+        ordering = " ORDER BY " + ", ".join(f"agg.g{i}" for i in range(len(keys)))
     union = " UNION ALL ".join(parts)
     sql = (
+        f"SELECT {', '.join([*shown, *SUMS])} FROM ("
         f"SELECT {', '.join(selected)} FROM ({union}) AS x "
-        f"WHERE ${tz_param}::text IS NOT NULL{grouping}"
+        f"WHERE ${tz_param}::text IS NOT NULL{grouping}) AS agg{ordering}"
     )
     records = await conn.fetch(sql, *params)
     rows = []
