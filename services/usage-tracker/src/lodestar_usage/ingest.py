@@ -2,7 +2,8 @@
 
 A single writer task takes events from many concurrent handler calls and commits them in
 batches: one transaction inserts the ledger rows (``ON CONFLICT DO NOTHING`` on the event) and
-adds only the rows that were really inserted to the rollups and sessions. Each handler call
+adds only the rows that were really inserted to the rollups (both grains: per model, provider,
+project and user, and per model and provider only) and sessions. Each handler call
 returns (and so its delivery is acked) only after that transaction committed. While the database
 is unreachable the batch is retried, never nacked, so an outage cannot dead-letter events.
 """
@@ -164,17 +165,24 @@ def _rollup_from_inserted(table: str, keys: Sequence[tuple[str, str]], where: st
     )
 
 
-#: One statement: the ledger rows, and the hourly, daily and per-session rollups of exactly the
-#: rows that were inserted (a redelivered event adds nothing), aggregated by Postgres.
+#: The coarse grain: per hour or day, model and provider only (no project, no user).
+MODEL_DIMS = DIMS[:2]
+
+#: One statement: the ledger rows, and the hourly, daily and per-session rollups (and the coarse
+#: per-model hourly and daily ones) of exactly the rows that were inserted (a redelivered event
+#: adds nothing), aggregated by Postgres.
 _HOURLY = _rollup_from_inserted("rollup_hourly", [("hour", ""), *DIMS])
 _DAILY = _rollup_from_inserted("rollup_daily", [("day", ""), *DIMS])
 _SESSION = _rollup_from_inserted(
     "rollup_session_hourly", [("session_id", ""), ("hour", ""), *DIMS], "WHERE session_id <> ''"
 )
+_HOURLY_MODEL = _rollup_from_inserted("rollup_hourly_model", [("hour", ""), *MODEL_DIMS])
+_DAILY_MODEL = _rollup_from_inserted("rollup_daily_model", [("day", ""), *MODEL_DIMS])
 _RETURNED = ", ".join(c for c, _ in LEDGER_COLUMNS)
 INSERT_WITH_ROLLUPS = (
     f"WITH ins AS ({INSERT_LEDGER.removesuffix('RETURNING event_id')}RETURNING {_RETURNED}), "
-    f"h AS ({_HOURLY}), d AS ({_DAILY}), s AS ({_SESSION}) "
+    f"h AS ({_HOURLY}), d AS ({_DAILY}), s AS ({_SESSION}), "
+    f"hm AS ({_HOURLY_MODEL}), dm AS ({_DAILY_MODEL}) "
     "SELECT event_id FROM ins"
 )
 SESSION_COLUMNS = [
