@@ -230,7 +230,19 @@ def segments(
     return out
 
 
-def _source(kind: str, session: bool, start_param: int, end_param: int) -> str:
+#: Groups the coarse rollups (per hour or day, model and provider only) can answer.
+COARSE_GROUPS = frozenset({"model", "provider", "day", "week", "month"})
+
+
+def coarse_grain(group_by: Sequence[str], filters: Filters) -> bool:
+    """Whether the per-model rollups answer: no group or filter needs project, user or session."""
+    return set(group_by) <= COARSE_GROUPS and not (
+        filters.projects or filters.users or filters.sessions
+    )
+
+
+def _source(kind: str, grain: str, start_param: int, end_param: int) -> str:
+    """The rows of one segment: ``grain`` is ``session``, ``fine`` or ``model`` (coarse)."""
     sums = ", ".join(SUMS)
     if kind == "ledger":
         return (
@@ -240,14 +252,18 @@ def _source(kind: str, session: bool, start_param: int, end_param: int) -> str:
             "cost_micros, compute_cost_micros, shadow_cost_micros, savings_micros, duration_ms "
             f"FROM ledger WHERE occurred_at >= ${start_param} AND occurred_at < ${end_param}"
         )
-    if session:
+    if grain == "session":
         return (
             f"SELECT hour AS ts, model, provider, project, user_id, session_id, {sums} "
             f"FROM rollup_session_hourly WHERE hour >= ${start_param} AND hour < ${end_param}"
         )
     table, column = ("rollup_daily", "day") if kind == "daily" else ("rollup_hourly", "hour")
+    dims = "project, user_id"
+    if grain == "model":
+        table += "_model"
+        dims = "''::text AS project, ''::text AS user_id"
     return (
-        f"SELECT {column} AS ts, model, provider, project, user_id, ''::text AS session_id, "
+        f"SELECT {column} AS ts, model, provider, {dims}, ''::text AS session_id, "
         f"{sums} FROM {table} WHERE {column} >= ${start_param} AND {column} < ${end_param}"
     )
 
@@ -271,16 +287,18 @@ async def summarize(
     """Totals over [start, end) grouped by ``group_by``, exact to the microsecond.
 
     Whole hours come from the hourly rollups (whole UTC days from the daily ones when no group
-    needs local time), the partial hours at the edges from the ledger.
+    needs local time), the partial hours at the edges from the ledger. When no group or filter
+    needs project, user or session, the coarse per-model rollups stand in for the fine ones.
     """
     session = "session" in group_by or bool(filters.sessions)
+    grain = "session" if session else "model" if coarse_grain(group_by, filters) else "fine"
     time_grouped = any(g in TIME_FORMAT for g in group_by)
     daily = not session and (not time_grouped or tz in ("UTC", "Etc/UTC"))
     params: list[object] = []
     parts = []
     for kind, seg_start, seg_end in segments(start, end, daily=daily):
         params += [seg_start, seg_end]
-        sql = _source(kind, session, len(params) - 1, len(params))
+        sql = _source(kind, grain, len(params) - 1, len(params))
         conditions = filters.clauses(params, with_session=session or kind == "ledger")
         parts.append(" AND ".join([sql, *conditions]))
     params.append(tz)
