@@ -1,4 +1,4 @@
-"""Retention: raw ledger rows expire after ``raw_days``; rollups stay.
+"""Retention: raw ledger rows expire after ``raw_days``; rollups (both grains) stay.
 
 Before a daily partition is dropped its rows are archived as gzip-compressed JSON lines next to a
 manifest (day, row count, SHA-256 of the archive, columns); ``import_archive`` puts them back.
