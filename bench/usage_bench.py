@@ -103,6 +103,18 @@ async def bench_summary(dsn: str, out: Callable[[str], None]) -> None:
                 "GROUP BY 1, 2, 3, 4, 5",
                 timeout=GENERATE_TIMEOUT_SECONDS,
             )
+        for table, source, unit in (
+            ("rollup_hourly_model", "rollup_hourly", "hour"),
+            ("rollup_daily_model", "rollup_daily", "day"),
+        ):
+            await pool.execute(
+                f"INSERT INTO {table} SELECT {unit}, model, provider, sum(requests), sum(errors), "
+                "sum(input_tokens), sum(output_tokens), sum(cached_read_tokens), "
+                "sum(cache_write_tokens), sum(reasoning_tokens), sum(cost_micros), "
+                "sum(compute_cost_micros), sum(shadow_cost_micros), sum(savings_micros), "
+                f"sum(duration_ms) FROM {source} GROUP BY 1, 2, 3",
+                timeout=GENERATE_TIMEOUT_SECONDS,
+            )
         await pool.execute("ANALYZE", timeout=GENERATE_TIMEOUT_SECONDS)
         out(
             f"  {'summary bench: ledger rows generated (N) / seconds':<58} "
