@@ -12,11 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from lodestar.common.auth import Role
-from lodestar.common.cli import free_port
+from lodestar.common.cli import free_port, wait_until_serving
 from lodestar.common.events import new_event
 from lodestar.common.sdk import ReceivedEvent, Subscriber, connect
 from lodestar.common.testing import dev_credentials
@@ -25,6 +22,7 @@ from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2 as usage
 
 STREAM_BATCH = 500
+READY_TIMEOUT_SECONDS = 60.0
 STREAM_WINDOW = 8
 
 
@@ -55,18 +53,8 @@ class CoreUnderTest:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            for _ in range(600):
-                try:
-                    reply = await stub.Check(
-                        health_pb2.HealthCheckRequest(service="readiness"), timeout=1
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return self
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
+        if await wait_until_serving(self.port, self._process, READY_TIMEOUT_SECONDS):
+            return self
         raise RuntimeError("core did not become ready")
 
     async def __aexit__(

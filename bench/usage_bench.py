@@ -21,11 +21,10 @@ from pathlib import Path
 
 import asyncpg
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.core_bench import CoreUnderTest
+from bench.core_bench import READY_TIMEOUT_SECONDS, CoreUnderTest
 from lodestar.common.auth import Role
-from lodestar.common.cli import free_port
+from lodestar.common.cli import free_port, wait_until_serving
 from lodestar.common.db import apply_migrations, create_pool
 from lodestar.common.events import new_event
 from lodestar.common.sdk import connect
@@ -163,19 +162,9 @@ class TrackerUnderTest:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            for _ in range(600):
-                try:
-                    reply = await stub.Check(
-                        health_pb2.HealthCheckRequest(service="readiness"), timeout=1
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        await asyncio.sleep(1.0)  # let it subscribe
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
+        if await wait_until_serving(self.port, self.process, READY_TIMEOUT_SECONDS):
+            await asyncio.sleep(1.0)  # let it subscribe
+            return
         raise RuntimeError("usage-tracker did not become ready")
 
     def stop(self) -> None:
