@@ -213,8 +213,9 @@ async def test_threshold_alerts_published_once_also_under_replay(
     # Replaying the events and re-checking many times adds no alert.
     from lodestar.common.events import unpack
 
-    for e in events:
-        await tracker.module.handle(ReceivedEvent(0, 2, e, unpack(e)))
+    await tracker.module.handle_batch(
+        [ReceivedEvent(i, 2, e, unpack(e)) for i, e in enumerate(events)]
+    )
     for _ in range(3):
         await tracker.module.check_alerts()
     await asyncio.sleep(0.5)

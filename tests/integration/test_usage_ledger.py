@@ -170,8 +170,9 @@ async def test_replaying_the_same_events_twice_gives_identical_totals(
     from lodestar.common.events import unpack
     from lodestar.common.sdk.subscriber import ReceivedEvent
 
-    for e in events:
-        await tracker.module.handle(ReceivedEvent(0, 2, e, unpack(e)))
+    await tracker.module.handle_batch(
+        [ReceivedEvent(i, 2, e, unpack(e)) for i, e in enumerate(events)]
+    )
     again = await summary(admin, ["session"])
     assert again.totals == first.totals
     assert first.totals.cost_micros == sum(range(1, 301))

@@ -22,7 +22,14 @@ import pytest
 
 from lodestar.common.db import apply_migrations, create_pool
 from lodestar_usage import reports
-from lodestar_usage.ingest import ERROR, INSERT_LEDGER, LedgerRow, ensure_partitions, write_rows
+from lodestar_usage.ingest import (
+    ERROR,
+    INSERT_LEDGER,
+    LedgerRow,
+    ensure_partitions,
+    stage,
+    write_rows,
+)
 from lodestar_usage.service import MIGRATIONS
 
 # 2025-03-30: Europe/Berlin moves from UTC+1 to UTC+2, so local days are 23 h and 24 h long.
@@ -245,8 +252,9 @@ async def test_migration_backfills_the_model_rollups_from_the_fine_ones(
             ]
         await ensure_partitions(pool, BASE - timedelta(days=1), BASE + timedelta(days=6))
         rows = make_rows(1200, seed=11)
-        columns = [[getattr(r, a) for r in rows] for a in LedgerRow.__dataclass_fields__]
-        await pool.execute(INSERT_LEDGER, *columns)
+        async with pool.acquire() as conn, conn.transaction():
+            await stage(conn, rows)
+            await conn.execute(INSERT_LEDGER)
         sums = ", ".join(
             ["count(*)", f"count(*) FILTER (WHERE status = {int(ERROR)})"]
             + [f"sum({s})" for s in reports.SUMS[2:]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -126,7 +126,7 @@ class UsageModule(Module):
             self._channel,
             subscription=NAME,
             module=NAME,
-            handler=self.handle,
+            batch_handler=self.handle_batch,
             event_types=[event_type(events_pb2.RequestCompleted())],
             concurrency=ingest.concurrency,
             max_in_flight=ingest.max_in_flight,
@@ -160,20 +160,31 @@ class UsageModule(Module):
             self._last_error = f"subscription refused: {exc.code().name}: {exc.details()}"
             log.error("subscription refused", code=exc.code().name, details=exc.details())
 
-    async def handle(self, received: ReceivedEvent) -> None:
-        """Write one delivered RequestCompleted; returns after its ledger row is committed."""
+    async def handle_batch(self, batch: Sequence[ReceivedEvent]) -> dict[int, str]:
+        """Write delivered RequestCompleted events; returns after their rows are committed.
+
+        Invalid events are refused (core retries, then dead-letters them); the rest are written.
+        """
         assert self.writer is not None
-        payload = received.payload
-        assert isinstance(payload, events_pb2.RequestCompleted)
-        try:
-            row = row_from_event(received.event, payload, self.prices, self.settings.pricing)
-        except InvalidArgumentError as exc:
-            metrics.REJECTED.inc()
-            log.warning(
-                "invalid RequestCompleted refused", event_id=received.event.id, error=exc.details()
-            )
-            raise
-        await self.writer.submit(row)
+        rows = []
+        refused = {}
+        for received in batch:
+            payload = received.payload
+            assert isinstance(payload, events_pb2.RequestCompleted)
+            try:
+                rows.append(
+                    row_from_event(received.event, payload, self.prices, self.settings.pricing)
+                )
+            except InvalidArgumentError as exc:
+                metrics.REJECTED.inc()
+                log.warning(
+                    "invalid RequestCompleted refused",
+                    event_id=received.event.id,
+                    error=exc.details(),
+                )
+                refused[received.sequence] = f"invalid RequestCompleted: {exc.details()}"
+        await self.writer.submit(rows)
+        return refused
 
     async def reload_prices(self) -> None:
         """Refresh the in-memory price table."""

@@ -35,7 +35,9 @@ class IngestSettings(BaseModel):
     model_config = {"extra": "forbid"}
 
     concurrency: int = Field(
-        default=4096, ge=1, description="Deliveries handled at once (batched)."
+        default=16,
+        ge=1,
+        description="Delivery batches (one per stream message, up to 256 events) handled at once.",
     )
     max_in_flight: int = Field(default=4096, ge=1)
     batch_max_events: int = Field(default=2000, ge=1)

@@ -4,13 +4,17 @@ Each delivery runs the handler (at most ``concurrency`` at once) inside a span t
 publisher's trace; success acks it, an exception nacks it so core retries and, after its limit,
 dead-letters it. A broken stream reconnects with backoff and resumes after the last ack, so a
 handler must be idempotent on ``event.id``: delivery is at-least-once.
+
+A batch handler gets every delivery of one stream message at once (up to a few hundred) and
+says which of them it refuses; the rest are acked. It suits handlers whose work is itself batched
+(one database transaction per batch), saving the per-event scheduling of the single-event form.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -49,6 +53,9 @@ class ReceivedEvent:
 
 Handler = Callable[[ReceivedEvent], Awaitable[None]]
 
+#: Handles a batch; returns the events it refuses (sequence → error) or raises to refuse them all.
+BatchHandler = Callable[[Sequence[ReceivedEvent]], Awaitable[Mapping[int, str]]]
+
 
 class Subscriber:
     """Consumes one named subscription until ``stop``."""
@@ -58,7 +65,8 @@ class Subscriber:
         channel: grpc.aio.Channel,
         *,
         subscription: str,
-        handler: Handler,
+        handler: Handler | None = None,
+        batch_handler: BatchHandler | None = None,
         module: str = "",
         event_types: Sequence[str] = (),
         start: bus_pb2.StartPosition.ValueType = bus_pb2.START_POSITION_EARLIEST,
@@ -74,7 +82,10 @@ class Subscriber:
             start=start,
             max_in_flight=max_in_flight,
         )
+        if (handler is None) == (batch_handler is None):
+            raise ValueError("give exactly one of handler and batch_handler")
         self._handler = handler
+        self._batch_handler = batch_handler
         self._concurrency = concurrency
         self._ack_interval = ack_interval_seconds
         self._stopping = asyncio.Event()
@@ -111,7 +122,7 @@ class Subscriber:
         outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None] = asyncio.Queue()
         outbox.put_nowait(bus_pb2.SubscribeRequest(open=self._open))
         acks: list[int] = []
-        inbox: asyncio.Queue[bus_pb2.Delivery] = asyncio.Queue(self._concurrency * 2)
+        inbox: asyncio.Queue[Sequence[bus_pb2.Delivery]] = asyncio.Queue(self._concurrency * 2)
         call = self._stub.Subscribe(_drain(outbox))
         helpers = [
             asyncio.create_task(self._flush_acks(acks, outbox)),
@@ -126,8 +137,11 @@ class Subscriber:
                 if response.WhichOneof("message") == "opened":
                     self.connected.set()
                     continue
+                if self._batch_handler is not None:
+                    await inbox.put(response.batch.deliveries)
+                    continue
                 for delivery in response.batch.deliveries:
-                    await inbox.put(delivery)
+                    await inbox.put((delivery,))
         finally:
             for task in helpers:
                 task.cancel()
@@ -141,37 +155,72 @@ class Subscriber:
 
     async def _work(
         self,
-        inbox: asyncio.Queue[bus_pb2.Delivery],
+        inbox: asyncio.Queue[Sequence[bus_pb2.Delivery]],
         acks: list[int],
         outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None],
     ) -> None:
         while True:
-            delivery = await inbox.get()
-            try:
-                await self._handle(delivery)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("handler failed; nacking", seq=delivery.sequence, error=str(exc))
-                error = f"{type(exc).__name__}: {exc}"
+            deliveries = await inbox.get()
+            if self._batch_handler is not None:
+                refused = await self._handle_batch(self._batch_handler, deliveries)
+            else:
+                refused = {}
+                for delivery in deliveries:
+                    refused |= await self._handle_one(delivery)
+            for delivery in deliveries:
+                error = refused.get(delivery.sequence)
+                if error is None:
+                    acks.append(delivery.sequence)
+                    self.handled += 1
+                    continue
+                log.warning("handler failed; nacking", seq=delivery.sequence, error=error)
                 nack = bus_pb2.SubscribeNack(sequence=delivery.sequence, error=error)
                 outbox.put_nowait(bus_pb2.SubscribeRequest(nack=nack))
-            else:
-                self.handled += 1
-                acks.append(delivery.sequence)
 
-    async def _handle(self, delivery: bus_pb2.Delivery) -> None:
+    async def _handle_one(self, delivery: bus_pb2.Delivery) -> dict[int, str]:
+        assert self._handler is not None
         event = delivery.event
-        received = ReceivedEvent(delivery.sequence, delivery.attempt, event, unpack(event))
-        if not (event.traceparent and telemetry_enabled()):
-            await self._handler(received)
-            return
-        with _TRACER.start_as_current_span(
-            f"lodestar.handle {event.type}",
-            context=context_from_event(event),
-            kind=trace.SpanKind.CONSUMER,
-        ):
-            await self._handler(received)
+        try:
+            received = ReceivedEvent(delivery.sequence, delivery.attempt, event, unpack(event))
+            if not (event.traceparent and telemetry_enabled()):
+                await self._handler(received)
+                return {}
+            with _TRACER.start_as_current_span(
+                _span_name(event), context=context_from_event(event), kind=trace.SpanKind.CONSUMER
+            ):
+                await self._handler(received)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return {delivery.sequence: _describe(exc)}
+        return {}
+
+    async def _handle_batch(
+        self, handler: BatchHandler, deliveries: Sequence[bus_pb2.Delivery]
+    ) -> dict[int, str]:
+        refused: dict[int, str] = {}
+        batch = []
+        for delivery in deliveries:
+            try:
+                payload = unpack(delivery.event)
+            except Exception as exc:
+                refused[delivery.sequence] = _describe(exc)
+                continue
+            batch.append(
+                ReceivedEvent(delivery.sequence, delivery.attempt, delivery.event, payload)
+            )
+        spans = _consumer_spans(batch) if telemetry_enabled() else []
+        try:
+            if batch:
+                refused |= await handler(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            refused |= dict.fromkeys((r.sequence for r in batch), _describe(exc))
+        finally:
+            for span in spans:
+                span.end()
+        return refused
 
     async def _flush_acks(
         self, acks: list[int], outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None]
@@ -184,6 +233,25 @@ class Subscriber:
                 outbox.put_nowait(
                     bus_pb2.SubscribeRequest(ack=bus_pb2.SubscribeAck(sequences=batch))
                 )
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _span_name(event: event_pb2.Event) -> str:
+    return f"lodestar.handle {event.type}"
+
+
+def _consumer_spans(batch: Sequence[ReceivedEvent]) -> list[trace.Span]:
+    """One consumer span per traced event, each continuing its publisher's trace."""
+    return [
+        _TRACER.start_span(
+            _span_name(r.event), context=context_from_event(r.event), kind=trace.SpanKind.CONSUMER
+        )
+        for r in batch
+        if r.event.traceparent
+    ]
 
 
 async def _responses(
