@@ -225,10 +225,8 @@ class InvalidEvent(InvalidArgumentError):
     """A RequestCompleted that must not enter the ledger."""
 
 
-def _text(value: str, field: str) -> str:
-    if len(value) > MAX_TEXT:
-        raise InvalidEvent(f"at most {MAX_TEXT} characters", field=field)
-    return value
+#: The event's free-text fields, in ledger column order (``user`` is the user_id column).
+TEXT_FIELDS = ("model", "provider", "project", "session_id", "user", "task_id")
 
 
 def row_from_event(
@@ -249,44 +247,41 @@ def row_from_event(
         raise InvalidEvent("must not be negative", field=f"tokens.{kind}")
     if payload.reported_cost.micros < 0:
         raise InvalidEvent("must not be negative", field="reported_cost.micros")
-    model = payload.model
-    if not model:
+    texts = (
+        payload.model,
+        payload.provider,
+        payload.project,
+        payload.session_id,
+        payload.user,
+        payload.task_id,
+    )
+    reservation_id = payload.reservation_id
+    if not texts[0]:
         raise InvalidEvent("required, the model that answered", field="model")
+    if max(map(len, texts)) > MAX_TEXT or len(reservation_id) > MAX_TEXT:
+        field = next((f for f, t in zip(TEXT_FIELDS, texts, strict=True) if len(t) > MAX_TEXT), "")
+        raise InvalidEvent(f"at most {MAX_TEXT} characters", field=field or "reservation_id")
     duration = payload.duration
     duration_ms = duration.seconds * 1000 + duration.nanos // 1_000_000
     if duration_ms < 0:
         raise InvalidEvent("must not be negative", field="duration")
     stamp = envelope.time
     if stamp.seconds or stamp.nanos:
-        occurred = datetime.fromtimestamp(stamp.seconds, UTC) + timedelta(
-            microseconds=stamp.nanos // 1000
-        )
+        micros = stamp.nanos // 1000
+        occurred = datetime.fromtimestamp(stamp.seconds, UTC).replace(microsecond=micros)
     else:
         occurred = datetime.fromtimestamp(uuid7_millis(event_id) / 1000, UTC)
     costing = cost_request(payload, occurred.date(), duration_ms, prices, pricing)
     return LedgerRow(
-        occurred_at=occurred,
-        event_id=event_id,
-        model=_text(model, "model"),
-        provider=_text(payload.provider, "provider"),
-        project=_text(payload.project, "project"),
-        session_id=_text(payload.session_id, "session_id"),
-        user_id=_text(payload.user, "user"),
-        task_id=_text(payload.task_id, "task_id"),
-        attempt=payload.attempt,
-        status=payload.status,
-        duration_ms=duration_ms,
-        input=counts[0],
-        output=counts[1],
-        cached_read=counts[2],
-        cache_write=counts[3],
-        reasoning=counts[4],
-        cost_micros=costing.cost_micros,
-        cost_source=costing.source,
-        compute_cost_micros=costing.compute_cost_micros,
-        shadow_cost_micros=costing.shadow_cost_micros,
-        savings_micros=costing.savings_micros,
-        reservation_id=_text(payload.reservation_id, "reservation_id"),
+        occurred,
+        event_id,
+        *texts,
+        payload.attempt,
+        payload.status,
+        duration_ms,
+        *counts,
+        *costing,
+        reservation_id,
     )
 
 

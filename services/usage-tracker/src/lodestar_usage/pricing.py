@@ -8,11 +8,11 @@ the exact sum over kinds, rounded half up to a whole micro-dollar once.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
+from typing import NamedTuple
 
 import asyncpg
 
@@ -163,8 +163,7 @@ class PriceTable:
         return found
 
 
-@dataclass(frozen=True)
-class Costing:
+class Costing(NamedTuple):
     """What one request cost, and what it saved."""
 
     cost_micros: int
@@ -172,11 +171,6 @@ class Costing:
     compute_cost_micros: int = 0
     shadow_cost_micros: int = 0
     savings_micros: int = 0
-
-
-@functools.lru_cache(maxsize=8)
-def _local(providers: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(p.lower() for p in providers)
 
 
 def cost_request(
@@ -188,7 +182,7 @@ def cost_request(
 ) -> Costing:
     """Cost ``event``: a reported cost wins, local models cost compute time, else the table."""
     reported = event.HasField("reported_cost") and event.reported_cost.currency in ("", "USD")
-    if event.provider.lower() in _local(tuple(settings.local_providers)):
+    if event.provider and event.provider.lower() in settings.local_provider_set:
         compute = (settings.local_compute_micros_per_second * duration_ms + 500) // 1000
         baseline = table.lookup(settings.baseline_model, settings.baseline_provider, day)
         shadow = baseline.cost_micros(event.tokens) if baseline is not None else 0

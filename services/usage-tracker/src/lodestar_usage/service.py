@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import grpc
@@ -168,13 +169,11 @@ class UsageModule(Module):
         assert self.writer is not None
         rows = []
         refused = {}
+        prices, pricing = self.prices, self.settings.pricing
         for received in batch:
-            payload = received.payload
-            assert isinstance(payload, events_pb2.RequestCompleted)
+            payload = cast(events_pb2.RequestCompleted, received.payload)
             try:
-                rows.append(
-                    row_from_event(received.event, payload, self.prices, self.settings.pricing)
-                )
+                rows.append(row_from_event(received.event, payload, prices, pricing))
             except InvalidArgumentError as exc:
                 metrics.REJECTED.inc()
                 log.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
@@ -27,6 +28,11 @@ class PricingSettings(BaseModel):
         description="Premium model whose price gives the shadow cost of local requests.",
     )
     baseline_provider: str = "anthropic"
+
+    @cached_property
+    def local_provider_set(self) -> frozenset[str]:
+        """``local_providers``, lower-cased."""
+        return frozenset(p.lower() for p in self.local_providers)
 
 
 class IngestSettings(BaseModel):

@@ -209,16 +209,18 @@ class Subscriber:
             batch.append(
                 ReceivedEvent(delivery.sequence, delivery.attempt, delivery.event, payload)
             )
-        spans = _consumer_spans(batch) if telemetry_enabled() else []
+        spans = _consumer_spans(batch) if telemetry_enabled() else {}
         try:
             if batch:
-                refused |= await handler(batch)
+                refused |= _checked_refusals(await handler(batch), batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             refused |= dict.fromkeys((r.sequence for r in batch), _describe(exc))
         finally:
-            for span in spans:
+            for sequence, span in spans.items():
+                if sequence in refused:
+                    span.set_status(trace.StatusCode.ERROR, refused[sequence])
                 span.end()
         return refused
 
@@ -235,6 +237,21 @@ class Subscriber:
                 )
 
 
+def _checked_refusals(
+    refusals: Mapping[int, str] | None, batch: Sequence[ReceivedEvent]
+) -> dict[int, str]:
+    """The handler's refusals as sequence → text; a key outside the batch is a handler bug."""
+    if not refusals:
+        return {}
+    sequences = {r.sequence for r in batch}
+    checked = {}
+    for sequence, error in refusals.items():
+        if sequence not in sequences:
+            raise TypeError(f"refused {sequence!r}, which is not a sequence of this batch")
+        checked[sequence] = str(error)
+    return checked
+
+
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -243,15 +260,15 @@ def _span_name(event: event_pb2.Event) -> str:
     return f"lodestar.handle {event.type}"
 
 
-def _consumer_spans(batch: Sequence[ReceivedEvent]) -> list[trace.Span]:
+def _consumer_spans(batch: Sequence[ReceivedEvent]) -> dict[int, trace.Span]:
     """One consumer span per traced event, each continuing its publisher's trace."""
-    return [
-        _TRACER.start_span(
+    return {
+        r.sequence: _TRACER.start_span(
             _span_name(r.event), context=context_from_event(r.event), kind=trace.SpanKind.CONSUMER
         )
         for r in batch
         if r.event.traceparent
-    ]
+    }
 
 
 async def _responses(
