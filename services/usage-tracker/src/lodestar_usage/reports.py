@@ -207,15 +207,17 @@ def _ceil(ts: datetime, step: timedelta) -> datetime:
 
 
 def segments(
-    start: datetime, end: datetime, *, daily: bool
+    start: datetime, end: datetime, *, daily: bool, now: datetime | None = None
 ) -> list[tuple[str, datetime, datetime]]:
-    """Split [start, end) into ledger edges, hourly rollups and (optionally) daily rollups."""
+    """Split [start, end) into rollup segments (``hourly``, and ``daily`` when allowed) and the
+    partial hours at its edges (see ``_edge``)."""
+    now = now or datetime.now(UTC)
     h1, h2 = _ceil(start, HOUR), _floor(end, HOUR)
-    if h1 >= h2:
-        return [("ledger", start, end)]
+    if h1 > h2:  # start and end inside one hour
+        return _edge(start, end, now)
     out: list[tuple[str, datetime, datetime]] = []
     if start < h1:
-        out.append(("ledger", start, h1))
+        out += _edge(start, h1, now)
     d1, d2 = _ceil(h1, DAY), _floor(h2, DAY)
     if daily and d1 < d2:
         if h1 < d1:
@@ -223,11 +225,31 @@ def segments(
         out.append(("daily", d1, d2))
         if d2 < h2:
             out.append(("hourly", d2, h2))
-    else:
+    elif h1 < h2:
         out.append(("hourly", h1, h2))
     if h2 < end:
-        out.append(("ledger", h2, end))
+        out += _edge(h2, end, now)
     return out
+
+
+def _edge(start: datetime, end: datetime, now: datetime) -> list[tuple[str, datetime, datetime]]:
+    """The part [start, end) of one hour: read from the ledger, or as the hour's rollup minus the
+    ledger rows of the rest of the hour (``unledger``), whichever spans less of the past.
+
+    A window ending now takes the second form: the rest of its last hour is in the future, so
+    the current hour costs one rollup row however many events it already holds.
+    """
+    if start >= end:
+        return []
+    hour = _floor(start, HOUR)
+    rest = [(a, b) for a, b in ((hour, start), (end, hour + HOUR)) if a < b]
+    if sum((_past(a, b, now) for a, b in rest), timedelta()) >= _past(start, end, now):
+        return [("ledger", start, end)]
+    return [("hourly", hour, hour + HOUR), *(("unledger", a, b) for a, b in rest)]
+
+
+def _past(start: datetime, end: datetime, now: datetime) -> timedelta:
+    return max(timedelta(), min(end, now) - start)
 
 
 #: Groups the coarse rollups (per hour or day, model and provider only) can answer.
@@ -244,13 +266,22 @@ def coarse_grain(group_by: Sequence[str], filters: Filters) -> bool:
 def _source(kind: str, grain: str, start_param: int, end_param: int) -> str:
     """The rows of one segment: ``grain`` is ``session``, ``fine`` or ``model`` (coarse)."""
     sums = ", ".join(SUMS)
-    if kind == "ledger":
+    if kind in ("ledger", "unledger"):
+        # unledger rows cancel rows of an hourly rollup: negated, and dated like the rollup row.
+        ts, sign = "occurred_at", ""
+        if kind == "unledger":
+            ts, sign = "date_trunc('hour', occurred_at, 'UTC')", "-"
+        values = [
+            "1::bigint AS requests",
+            f"(status = {int(events_pb2.REQUEST_STATUS_ERROR)})::int::bigint AS errors",
+            *(f"{c}::bigint AS {c}" for c in SUMS[2:]),
+        ]
+        only_sessions = " AND session_id <> ''" if grain == "session" else ""
         return (
-            "SELECT occurred_at AS ts, model, provider, project, user_id, session_id, "
-            "1::bigint AS requests, (status = 2)::int::bigint AS errors, input_tokens, "
-            "output_tokens, cached_read_tokens, cache_write_tokens, reasoning_tokens, "
-            "cost_micros, compute_cost_micros, shadow_cost_micros, savings_micros, duration_ms "
-            f"FROM ledger WHERE occurred_at >= ${start_param} AND occurred_at < ${end_param}"
+            f"SELECT {ts} AS ts, model, provider, project, user_id, session_id, "
+            + ", ".join(sign + v for v in values)
+            + f" FROM ledger WHERE occurred_at >= ${start_param} AND occurred_at < ${end_param}"
+            + only_sessions
         )
     if grain == "session":
         return (
@@ -283,6 +314,7 @@ async def summarize(
     group_by: Sequence[str],
     filters: Filters,
     tz: str = "UTC",
+    now: datetime | None = None,
 ) -> list[Row]:
     """Totals over [start, end) grouped by ``group_by``, exact to the microsecond.
 
@@ -296,10 +328,10 @@ async def summarize(
     daily = not session and (not time_grouped or tz in ("UTC", "Etc/UTC"))
     params: list[object] = []
     parts = []
-    for kind, seg_start, seg_end in segments(start, end, daily=daily):
+    for kind, seg_start, seg_end in segments(start, end, daily=daily, now=now):
         params += [seg_start, seg_end]
         sql = _source(kind, grain, len(params) - 1, len(params))
-        conditions = filters.clauses(params, with_session=session or kind == "ledger")
+        conditions = filters.clauses(params, with_session=session or kind in ("ledger", "unledger"))
         parts.append(" AND ".join([sql, *conditions]))
     params.append(tz)
     tz_param = len(params)
