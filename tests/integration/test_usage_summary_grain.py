@@ -62,7 +62,7 @@ def make_rows(count: int, seed: int = 7) -> list[LedgerRow]:
         rows.append(
             LedgerRow(
                 occurred_at=occurred,
-                event_id=uuid.UUID(int=rng.getrandbits(128)),
+                event_id=str(uuid.UUID(int=rng.getrandbits(128))),
                 model=model,
                 provider=provider,
                 project=PROJECTS[rng.randrange(len(PROJECTS))],
@@ -298,3 +298,15 @@ async def test_any_window_at_any_moment_equals_the_ledger(pool):
             now,
             keys,
         )
+
+
+async def test_a_batch_mixing_new_and_recorded_events_adds_only_the_new_ones(pool):
+    rows = make_rows(600, seed=9)
+    assert await ingest(pool, rows[:300], batch=300) == 300
+    async with pool.acquire() as conn, conn.transaction():
+        new = await write_rows(conn, [*rows[200:600], *rows[250:260]])
+    assert sorted(r.event_id for r in new) == sorted(r.event_id for r in rows[300:600])
+    assert await pool.fetchval("SELECT count(*) FROM ledger") == 600
+    await assert_grains_agree(pool)
+    got = await reports.summarize(pool, START, END, ["model", "day"], reports.Filters())
+    assert by_keys(got, ["model", "day"]) == expected(rows, ["model", "day"])

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -47,7 +49,7 @@ class LedgerRow(NamedTuple):
     """One ledger row, ready to insert: the fields are the ledger's columns, in order."""
 
     occurred_at: datetime
-    event_id: uuid.UUID
+    event_id: str  # canonical (lower-case) UUID text
     model: str
     provider: str
     project: str
@@ -119,9 +121,9 @@ CREATE_STAGING = (
     + ") ON COMMIT DELETE ROWS"
 )
 _names = ", ".join(LEDGER_COLUMN_NAMES)
-INSERT_LEDGER = (
-    f"INSERT INTO ledger ({_names}) SELECT {_names} FROM pg_temp.{STAGING} ON CONFLICT DO NOTHING"
-)
+#: Moves the staged rows into the ledger; fails on an event already there (see write_rows).
+INSERT_NEW_LEDGER = f"INSERT INTO ledger ({_names}) SELECT {_names} FROM pg_temp.{STAGING}"
+INSERT_LEDGER = f"{INSERT_NEW_LEDGER} ON CONFLICT DO NOTHING"
 
 SUMS = [
     "requests",
@@ -170,18 +172,26 @@ _ROLLUPS = {
     "hm": _rollup("rollup_hourly_model", ["hour", *DIMS[:2]]),
     "dm": _rollup("rollup_daily_model", ["day", *DIMS[:2]]),
 }
-#: One statement: the staged rows into the ledger, then the rollups of exactly the rows that were
-#: inserted (a redelivered event adds nothing) at every grain — hourly, daily, per session, and per
-#: model only — all re-summed from one aggregation of the inserted rows. Returns NULL when all
-#: ``$1`` staged rows were new (the usual case: nothing to send back), else the new event ids.
-INSERT_WITH_ROLLUPS = (
-    f"WITH ins AS ({INSERT_LEDGER} RETURNING *), "
-    f"fine AS MATERIALIZED (SELECT session_id, date_trunc('hour', occurred_at, 'UTC') AS hour, "
-    f"{', '.join(DIMS)}, {_FINE_SUMS} FROM ins GROUP BY 1, 2, 3, 4, 5, 6), "
-    + ", ".join(f"{name} AS ({statement})" for name, statement in _ROLLUPS.items())
-    + " SELECT CASE WHEN count(*) = $1 THEN NULL "
-    "ELSE coalesce(array_agg(event_id), '{}') END FROM ins"
-)
+
+
+def _with_rollups(insert: str) -> str:
+    """``insert`` (RETURNING the rows it inserted), then the rollups of exactly those rows at
+    every grain — hourly, daily, per session, and per model only — all re-summed from one
+    aggregation. Returns NULL when all ``$1`` staged rows were new, else the new event ids."""
+    return (
+        f"WITH ins AS ({insert} RETURNING *), "
+        "fine AS MATERIALIZED (SELECT session_id, date_trunc('hour', occurred_at, 'UTC') AS hour, "
+        f"{', '.join(DIMS)}, {_FINE_SUMS} FROM ins GROUP BY 1, 2, 3, 4, 5, 6), "
+        + ", ".join(f"{name} AS ({statement})" for name, statement in _ROLLUPS.items())
+        + " SELECT CASE WHEN count(*) = $1 THEN NULL "
+        "ELSE coalesce(array_agg(event_id), '{}') END FROM ins"
+    )
+
+
+#: For staged rows none of which is in the ledger yet (the usual case; a plain insert is cheaper
+#: than ON CONFLICT's speculative one), and for any staged rows (a redelivered event adds nothing).
+INSERT_NEW_WITH_ROLLUPS = _with_rollups(INSERT_NEW_LEDGER)
+INSERT_WITH_ROLLUPS = _with_rollups(INSERT_LEDGER)
 SESSION_COLUMNS = [
     ("session_id", "text"),
     ("project", "text"),
@@ -225,6 +235,15 @@ class InvalidEvent(InvalidArgumentError):
     """A RequestCompleted that must not enter the ledger."""
 
 
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _utc_second(seconds: int) -> datetime:
+    """The UTC datetime of a Unix second (events arrive many per second)."""
+    return datetime.fromtimestamp(seconds, UTC)
+
+
 #: The event's free-text fields, in ledger column order (``user`` is the user_id column).
 TEXT_FIELDS = ("model", "provider", "project", "session_id", "user", "task_id")
 
@@ -236,10 +255,12 @@ def row_from_event(
     pricing: PricingSettings,
 ) -> LedgerRow:
     """Validate and cost one event; raises InvalidEvent naming the bad field."""
-    try:
-        event_id = uuid.UUID(envelope.id)
-    except ValueError:
-        raise InvalidEvent("not a UUID", field="id") from None
+    event_id = envelope.id
+    if not CANONICAL_UUID.fullmatch(event_id):
+        try:
+            event_id = str(uuid.UUID(event_id))
+        except ValueError:
+            raise InvalidEvent("not a UUID", field="id") from None
     tokens = payload.tokens
     counts = (tokens.input, tokens.output, tokens.cached_read, tokens.cache_write, tokens.reasoning)
     if min(counts) < 0:
@@ -267,10 +288,9 @@ def row_from_event(
         raise InvalidEvent("must not be negative", field="duration")
     stamp = envelope.time
     if stamp.seconds or stamp.nanos:
-        micros = stamp.nanos // 1000
-        occurred = datetime.fromtimestamp(stamp.seconds, UTC).replace(microsecond=micros)
+        occurred = _utc_second(stamp.seconds).replace(microsecond=stamp.nanos // 1000)
     else:
-        occurred = datetime.fromtimestamp(uuid7_millis(event_id) / 1000, UTC)
+        occurred = datetime.fromtimestamp(uuid7_millis(uuid.UUID(event_id)) / 1000, UTC)
     costing = cost_request(payload, occurred.date(), duration_ms, prices, pricing)
     return LedgerRow(
         occurred,
@@ -299,11 +319,15 @@ async def write_rows(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> lis
     if not unique:
         return []
     await stage(conn, unique)
-    inserted = await conn.fetchval(INSERT_WITH_ROLLUPS, len(unique))
+    try:
+        async with conn.transaction():  # a savepoint: a duplicate undoes only this attempt
+            inserted = await conn.fetchval(INSERT_NEW_WITH_ROLLUPS, len(unique))
+    except asyncpg.UniqueViolationError:
+        inserted = await conn.fetchval(INSERT_WITH_ROLLUPS, len(unique))
     if inserted is None:
         new = unique
     else:
-        fresh = set(inserted)
+        fresh = {str(event_id) for event_id in inserted}
         new = [row for row in unique if row.event_id in fresh]
     if not new:
         return []

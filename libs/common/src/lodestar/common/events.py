@@ -67,8 +67,9 @@ def new_event(
 
 
 def unpack(event: event_pb2.Event) -> message.Message:
-    """The typed payload of a known event type."""
+    """The typed payload of a known event type; TypeError if the data holds another type."""
     cls = EVENT_TYPES[event.type]
-    payload = cls()
-    event.data.Unpack(payload)
-    return payload
+    data = event.data
+    if data.type_url.rpartition("/")[2] != event.type:
+        raise TypeError(f"event of type {event.type} carries data of type {data.type_url!r}")
+    return cls.FromString(data.value)
