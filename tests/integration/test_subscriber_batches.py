@@ -13,9 +13,9 @@ from lodestar.common.sdk import ReceivedEvent, Subscriber
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2 as usage
+from lodestar_core.bus import DELIVERIES_PER_MESSAGE
 
 MAX_ATTEMPTS = 3
-DELIVERIES_PER_MESSAGE = 256  # what core packs into one stream message at most
 DEADLINE = 30.0
 
 
@@ -67,7 +67,7 @@ async def caught_up(channel, name: str) -> None:  # type: ignore[no-untyped-def]
 async def test_batches_arrive_in_order_each_once_and_are_all_acked(
     publisher_channel, module_channel, db
 ):
-    total = 600  # more than two stream messages of DELIVERIES_PER_MESSAGE
+    total = 2 * DELIVERIES_PER_MESSAGE + 100  # more than two stream messages
     published = await publish(publisher_channel, [usage_event(i) for i in range(total)])
     batches: list[list[ReceivedEvent]] = []
 

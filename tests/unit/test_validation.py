@@ -9,8 +9,10 @@ import pytest
 import uuid6
 
 from lodestar.common.events import new_event, uuid7_millis
+from lodestar.core.v1 import bus_pb2
 from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2 as usage
+from lodestar_core.bus import DELIVERIES_PER_MESSAGE, DELIVERY_MESSAGE_BYTES, _message_chunks
 from lodestar_core.store import day_bound
 from lodestar_core.validation import describe_rejections, validate_batch, validate_event
 
@@ -152,3 +154,18 @@ def uuid7_at(millis: int) -> uuid.UUID:
     """A UUIDv7 with the given timestamp and maximal random bits (the worst case for bounds)."""
     value = (millis << 80) | (0x7 << 76) | (0xFFF << 64) | (0b10 << 62) | ((1 << 62) - 1)
     return uuid.UUID(int=value)
+
+
+def test_delivery_messages_are_bounded_in_count_and_bytes():
+    def delivery(seq: int, size: int) -> bus_pb2.Delivery:
+        event = event_pb2.Event(id=f"{seq}", source="s://x", type="t", subject="x" * size)
+        return bus_pb2.Delivery(sequence=seq, attempt=1, event=event)
+
+    small = [delivery(i, 10) for i in range(2 * DELIVERIES_PER_MESSAGE + 5)]
+    chunks = list(_message_chunks(small))
+    assert [len(c) for c in chunks] == [DELIVERIES_PER_MESSAGE, DELIVERIES_PER_MESSAGE, 5]
+    large = [delivery(i, 250_000) for i in range(40)]
+    chunks = list(_message_chunks(large))
+    assert [d.sequence for c in chunks for d in c] == list(range(40))
+    assert all(sum(d.event.ByteSize() for d in c) <= DELIVERY_MESSAGE_BYTES for c in chunks)
+    assert len(chunks) == 3

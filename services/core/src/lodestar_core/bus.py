@@ -29,7 +29,9 @@ from lodestar_core.validation import describe_rejections, validate_batch
 
 SUBSCRIPTION_NAME = re.compile(r"^[a-z][a-z0-9._-]{0,127}$")
 IDLE_WAKE_SECONDS = 1.0
-DELIVERIES_PER_MESSAGE = 256
+DELIVERIES_PER_MESSAGE = 1024
+#: A stream message stays well under the SDK's 16 MiB receive limit, however large the events.
+DELIVERY_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_RETRY_DELAY_SECONDS = 5.0
 
 log = get_logger(__name__)
@@ -337,8 +339,7 @@ class _Session:
         try:
             while not reader.done():
                 deliveries = await self._next_deliveries()
-                for start in range(0, len(deliveries), DELIVERIES_PER_MESSAGE):
-                    chunk = deliveries[start : start + DELIVERIES_PER_MESSAGE]
+                for chunk in _message_chunks(deliveries):
                     yield bus_pb2.SubscribeResponse(batch=bus_pb2.DeliveryBatch(deliveries=chunk))
                 self._delivered.inc(len(deliveries))
                 await self._idle(reader)
@@ -472,6 +473,24 @@ class _Session:
 
 def _delivery(seq: int, item: _InFlight) -> bus_pb2.Delivery:
     event = event_pb2.Event.FromString(item.envelope)
-    with _event_spans("lodestar.deliver", [event], trace.SpanKind.PRODUCER):
-        pass
+    if event.traceparent and telemetry_enabled():
+        with _event_spans("lodestar.deliver", [event], trace.SpanKind.PRODUCER):
+            pass
     return bus_pb2.Delivery(sequence=seq, attempt=item.attempt, event=event)
+
+
+def _message_chunks(deliveries: list[bus_pb2.Delivery]) -> Iterator[list[bus_pb2.Delivery]]:
+    """``deliveries`` in order, cut into stream messages of bounded count and size."""
+    chunk: list[bus_pb2.Delivery] = []
+    size = 0
+    for delivery in deliveries:
+        event_bytes = delivery.event.ByteSize()
+        if chunk and (
+            len(chunk) == DELIVERIES_PER_MESSAGE or size + event_bytes > DELIVERY_MESSAGE_BYTES
+        ):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(delivery)
+        size += event_bytes
+    if chunk:
+        yield chunk

@@ -43,10 +43,10 @@ class IngestSettings(BaseModel):
     concurrency: int = Field(
         default=16,
         ge=1,
-        description="Delivery batches (one per stream message, up to 256 events) handled at once.",
+        description="Delivery batches (one per stream message, <= 1,024 events) handled at once.",
     )
     max_in_flight: int = Field(default=4096, ge=1)
-    batch_max_events: int = Field(default=2000, ge=1)
+    batch_max_events: int = Field(default=4096, ge=1)
     batch_linger_seconds: float = Field(default=0.005, ge=0)
 
 

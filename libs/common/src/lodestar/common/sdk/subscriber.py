@@ -5,7 +5,7 @@ publisher's trace; success acks it, an exception nacks it so core retries and, a
 dead-letters it. A broken stream reconnects with backoff and resumes after the last ack, so a
 handler must be idempotent on ``event.id``: delivery is at-least-once.
 
-A batch handler gets every delivery of one stream message at once (up to a few hundred) and
+A batch handler gets every delivery of one stream message at once (up to about a thousand) and
 says which of them it refuses; the rest are acked. It suits handlers whose work is itself batched
 (one database transaction per batch), saving the per-event scheduling of the single-event form.
 """
