@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
+import operator
 import re
 import time
 import uuid
@@ -377,10 +377,25 @@ def _spend_deltas(
             acc[1] += row.tokens
 
 
-async def _update_sessions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> None:
-    by_session: dict[str, list[LedgerRow]] = defaultdict(list)
+#: Positions of LedgerRow fields, for summing whole columns of a group of rows at once.
+_AT = {name: index for index, name in enumerate(LedgerRow._fields)}
+_BY_TIME = operator.itemgetter(_AT["occurred_at"], _AT["event_id"])
+
+
+def _group(rows: Sequence[LedgerRow], field: str) -> dict[str, list[LedgerRow]]:
+    groups: dict[str, list[LedgerRow]] = defaultdict(list)
+    key = operator.attrgetter(field)
     for row in rows:
-        by_session[row.session_id].append(row)
+        groups[key(row)].append(row)
+    return groups
+
+
+def _sums(columns: Sequence[Sequence[int]], *fields: str) -> list[int]:
+    return [sum(columns[_AT[field]]) for field in fields]
+
+
+async def _update_sessions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> None:
+    by_session = _group(rows, "session_id")
     ids = sorted(by_session)
     existing = {
         rec["session_id"]: rec
@@ -392,14 +407,16 @@ async def _update_sessions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) 
     }
     values: list[list[object]] = [[] for _ in SESSION_COLUMNS]
     for sid in ids:
-        group = sorted(by_session[sid], key=lambda r: (r.occurred_at, r.event_id))
-        switches = sum(1 for a, b in itertools.pairwise(group) if a.model != b.model)
-        last_model = group[-1].model
+        group = sorted(by_session[sid], key=_BY_TIME)
+        columns = list(zip(*group, strict=True))
+        models = columns[_AT["model"]]
+        switches = sum(map(operator.ne, models, models[1:]))
+        last_model = models[-1]
         known = existing.get(sid)
         if known is not None:
             if (
                 group[0].occurred_at >= known["last_activity_at"]
-                and group[0].model != known["last_model"]
+                and models[0] != known["last_model"]
             ):
                 switches += 1
             if group[-1].occurred_at < known["last_activity_at"]:
@@ -414,10 +431,8 @@ async def _update_sessions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) 
             group[-1].occurred_at,
             last_model,
             len(group),
-            sum(r.status == ERROR for r in group),
-            *(sum(getattr(r, k) for r in group) for k in TOKEN_KINDS),
-            sum(r.cost_micros for r in group),
-            sum(r.savings_micros for r in group),
+            columns[_AT["status"]].count(ERROR),
+            *_sums(columns, *TOKEN_KINDS, "cost_micros", "savings_micros"),
             switches,
         ]
         for column, value in zip(values, row_values, strict=True):
@@ -427,23 +442,17 @@ async def _update_sessions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) 
 
 def record_metrics(rows: Sequence[LedgerRow]) -> None:
     """Count newly recorded rows in the Prometheus metrics (aggregated per model)."""
-    per_model: dict[str, list[int]] = defaultdict(lambda: [0] * 8)
-    for row in rows:
-        acc = per_model[row.model]
-        acc[0] += 1
-        acc[1] += int(row.status == ERROR)
-        acc[2] += row.cost_micros
-        for i, kind in enumerate(TOKEN_KINDS, start=3):
-            acc[i] += getattr(row, kind)
-    for model, acc in per_model.items():
+    for model, group in _group(rows, "model").items():
+        columns = list(zip(*group, strict=True))
         label = metrics.model_label(model)
-        metrics.REQUESTS.labels(label).inc(acc[0])
-        if acc[1]:
-            metrics.ERRORS.labels(label).inc(acc[1])
-        metrics.COST.labels(label).inc(acc[2] / 1_000_000)
-        for i, kind in enumerate(TOKEN_KINDS, start=3):
-            if acc[i]:
-                metrics.TOKENS.labels(label, kind).inc(acc[i])
+        metrics.REQUESTS.labels(label).inc(len(group))
+        errors = columns[_AT["status"]].count(ERROR)
+        if errors:
+            metrics.ERRORS.labels(label).inc(errors)
+        metrics.COST.labels(label).inc(sum(columns[_AT["cost_micros"]]) / 1_000_000)
+        for kind, tokens in zip(TOKEN_KINDS, _sums(columns, *TOKEN_KINDS), strict=True):
+            if tokens:
+                metrics.TOKENS.labels(label, kind).inc(tokens)
     metrics.INGESTED.inc(len(rows))
 
 

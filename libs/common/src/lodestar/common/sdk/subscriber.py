@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 from google.protobuf import message
@@ -41,8 +41,7 @@ log = get_logger(__name__)
 _TRACER = tracer("lodestar.sdk")
 
 
-@dataclass(frozen=True)
-class ReceivedEvent:
+class ReceivedEvent(NamedTuple):
     """One delivery handed to a handler."""
 
     sequence: int
