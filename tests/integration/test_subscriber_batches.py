@@ -8,50 +8,26 @@ from collections.abc import Mapping, Sequence
 import grpc
 import pytest
 
-from lodestar.common.events import new_event
 from lodestar.common.sdk import ReceivedEvent, Subscriber
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
-from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2 as usage
 from lodestar_core.bus import DELIVERIES_PER_MESSAGE
 
-MAX_ATTEMPTS = 3
+from .test_subscriptions import (  # noqa: F401 (core_settings: the same bus limits)
+    MAX_ATTEMPTS,
+    core_settings,
+    eventually,
+    publish,
+    subscriptions,
+    usage_event,
+)
+
 DEADLINE = 30.0
 
 
-@pytest.fixture
-def core_settings(core_settings):  # type: ignore[no-untyped-def]
-    bus = core_settings.bus.model_copy(update={"max_delivery_attempts": MAX_ATTEMPTS})
-    return core_settings.model_copy(update={"bus": bus})
-
-
-def usage_event(n: int) -> event_pb2.Event:
-    payload = usage.RequestCompleted(model="m", provider="t", tokens=usage.TokenUsage(input=n))
-    return new_event(payload, source="test://batches")
-
-
-async def publish(channel, events: list[event_pb2.Event]) -> list[event_pb2.Event]:  # type: ignore[no-untyped-def]
-    reply = await bus_pb2_grpc.EventBusServiceStub(channel).Publish(
-        bus_pb2.PublishRequest(events=events)
-    )
-    assert reply.accepted == len(events)
-    return events
-
-
-async def subscriptions(channel) -> dict[str, bus_pb2.Subscription]:  # type: ignore[no-untyped-def]
-    reply = await bus_pb2_grpc.EventBusServiceStub(channel).ListSubscriptions(
-        bus_pb2.ListSubscriptionsRequest()
-    )
-    return {s.name: s for s in reply.subscriptions}
-
-
-async def eventually(check, timeout: float = DEADLINE) -> None:  # type: ignore[no-untyped-def]
-    """Poll ``check`` (an async predicate) until it is true."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
+async def within_deadline(check) -> None:  # type: ignore[no-untyped-def]
+    """``eventually`` with room for retries and dead-lettering on a loaded machine."""
+    await eventually(check, DEADLINE)
 
 
 async def caught_up(channel, name: str) -> None:  # type: ignore[no-untyped-def]
@@ -61,7 +37,7 @@ async def caught_up(channel, name: str) -> None:  # type: ignore[no-untyped-def]
         listed = (await subscriptions(channel)).get(name)
         return listed is not None and listed.lag == 0
 
-    await eventually(no_lag)
+    await within_deadline(no_lag)
 
 
 async def test_batches_arrive_in_order_each_once_and_are_all_acked(
@@ -81,7 +57,7 @@ async def test_batches_arrive_in_order_each_once_and_are_all_acked(
     async def all_handled() -> bool:
         return sum(len(b) for b in batches) >= total
 
-    await eventually(all_handled)
+    await within_deadline(all_handled)
     await caught_up(module_channel, "batched")
     subscriber.stop()
     await task
@@ -126,7 +102,7 @@ async def test_refused_event_is_retried_then_dead_lettered_and_the_rest_acked(
         listed = (await subscriptions(module_channel)).get("batch-poison")
         return listed is not None and listed.dead_letters == 1
 
-    await eventually(dead_lettered)
+    await within_deadline(dead_lettered)
     await caught_up(module_channel, "batch-poison")
     subscriber.stop()
     await task
@@ -174,7 +150,7 @@ async def test_raising_batch_handler_gets_the_whole_batch_again(
     async def all_acked() -> bool:
         return len(acked) >= total
 
-    await eventually(all_acked)
+    await within_deadline(all_acked)
     await caught_up(module_channel, "batch-raises")
     subscriber.stop()
     await task
@@ -210,7 +186,7 @@ async def test_refusals_not_keyed_by_sequence_refuse_the_batch_instead_of_acking
 
     subscriber = Subscriber(module_channel, subscription="batch-keys", batch_handler=keyed_by_id)
     task = asyncio.create_task(subscriber.run())
-    await eventually(lambda: _true(sum(len(c) for c in calls) >= 10))
+    await within_deadline(lambda: _true(sum(len(c) for c in calls) >= 10))
     await caught_up(module_channel, "batch-keys")
     subscriber.stop()
     await task
@@ -232,7 +208,7 @@ async def test_a_refusal_that_is_not_text_is_still_a_refusal(publisher_channel, 
 
     subscriber = Subscriber(module_channel, subscription="batch-text", batch_handler=handle)
     task = asyncio.create_task(subscriber.run())
-    await eventually(lambda: _true(len(attempts) >= 2))
+    await within_deadline(lambda: _true(len(attempts) >= 2))
     await caught_up(module_channel, "batch-text")
     subscriber.stop()
     await task

@@ -139,6 +139,10 @@ class LoggingInterceptor(_HandlerInterceptor):
 
     @asynccontextmanager
     async def _guard(self, method: str, context: Context) -> AsyncIterator[None]:
+        # Asked now, while the call is alive: grpcio's peer() on a call whose client has vanished
+        # (e.g. killed mid-stream) dereferences a freed call and crashes the process.
+        peer = _peer(context)
+
         def record(outcome: _Outcome) -> None:
             _log.log(
                 _level_for(method),
@@ -146,7 +150,7 @@ class LoggingInterceptor(_HandlerInterceptor):
                 grpc_method=method,
                 grpc_code=outcome.code.name,
                 duration_ms=round(outcome.seconds * 1000, 3),
-                peer=_peer(context),
+                peer=peer,
             )
 
         async with _observe(context, record):
