@@ -440,12 +440,18 @@ class _Session:
             self.wake()
 
     async def _ack(self, sequences: Any) -> None:
+        recovered = []
         for seq in sequences:
             item = self._in_flight.pop(seq, None)
             if item is not None and item.replayed:
                 await self.bus._subscriptions.finish_redelivery(self.name, seq)
-        fresh = [s for s, item in self._in_flight.items() if not item.replayed]
-        await self._advance(min(fresh) - 1 if fresh else self._scan)
+            if self._failures.pop(seq, None) is not None:
+                recovered.append(seq)
+        if recovered:
+            await self.bus._subscriptions.clear_failures(self.name, recovered)
+        # Fresh deliveries enter _in_flight in sequence order, so the first one left is the oldest.
+        oldest = next((s for s, item in self._in_flight.items() if not item.replayed), None)
+        await self._advance(oldest - 1 if oldest is not None else self._scan)
 
     async def _advance(self, position: int) -> None:
         if position > self.cursor:
@@ -457,6 +463,7 @@ class _Session:
         if item is None:
             return
         attempts = await self.bus._subscriptions.record_failure(self.name, seq, error)
+        self._failures[seq] = attempts
         if attempts >= self.bus._settings.max_delivery_attempts:
             log.warning("dead-lettered", subscription=self.name, seq=seq, attempts=attempts)
             await self.bus._subscriptions.dead_letter(self.name, seq, item.envelope)

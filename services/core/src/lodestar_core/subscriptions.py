@@ -95,6 +95,14 @@ class SubscriptionStore:
         )
         return attempts
 
+    async def clear_failures(self, name: str, sequences: builtins.list[int]) -> None:
+        """Forget the failed attempts of events that have since been handled."""
+        await self._pool.execute(
+            "DELETE FROM delivery_failures WHERE subscription = $1 AND seq = ANY($2::bigint[])",
+            name,
+            sequences,
+        )
+
     async def dead_letter(self, name: str, seq: int, envelope: bytes) -> None:
         """Move an event that failed too often to the dead-letter list."""
         async with self._pool.acquire() as conn, conn.transaction():
