@@ -467,6 +467,7 @@ class _Session:
         if attempts >= self.bus._settings.max_delivery_attempts:
             log.warning("dead-lettered", subscription=self.name, seq=seq, attempts=attempts)
             await self.bus._subscriptions.dead_letter(self.name, seq, item.envelope)
+            del self._failures[seq]  # dead_letter moved its failure row already
             DEAD_LETTERED.labels(self.name).inc()
             await self._ack([seq])
             return
