@@ -177,6 +177,19 @@ def log_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
     return [json.loads(line) for line in err.splitlines() if line.startswith("{")]
 
 
+async def finished_lines(
+    capsys: pytest.CaptureFixture[str], timeout: float = 5.0
+) -> list[dict[str, object]]:
+    """The server's "rpc finished" lines: it may log just after the client saw the status."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    lines: list[dict[str, object]] = []
+    while not lines and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+        lines = [line for line in log_lines(capsys) if line["event"] == "rpc finished"]
+    await asyncio.sleep(0.05)  # a second line for the same call would show up by now
+    return lines + [line for line in log_lines(capsys) if line["event"] == "rpc finished"]
+
+
 # --- error mapping ------------------------------------------------------------------------------
 
 
@@ -297,7 +310,7 @@ async def test_one_log_line_per_rpc_with_mapped_code(
 ) -> None:
     capsys.readouterr()
     await expect_status(call_unary(channel, b"invalid"), grpc.StatusCode.INVALID_ARGUMENT)
-    finished = [line for line in log_lines(capsys) if line["event"] == "rpc finished"]
+    finished = await finished_lines(capsys)
     assert len(finished) == 1
     line = finished[0]
     assert line["level"] == "info"
@@ -315,9 +328,9 @@ async def test_health_checks_are_counted_but_logged_at_debug(
     before = REGISTRY.get_sample_value("lodestar_grpc_server_handled_total", labels) or 0.0
     capsys.readouterr()
     await channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=5)
-    assert REGISTRY.get_sample_value("lodestar_grpc_server_handled_total", labels) == before + 1
-    finished = [line for line in log_lines(capsys) if line["event"] == "rpc finished"]
+    finished = await finished_lines(capsys)
     assert [line["level"] for line in finished] == ["debug"]
+    assert REGISTRY.get_sample_value("lodestar_grpc_server_handled_total", labels) == before + 1
 
     logging.getLogger().setLevel(logging.INFO)
     await channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=5)
