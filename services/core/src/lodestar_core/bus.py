@@ -481,9 +481,9 @@ class _Session:
 
 def _delivery(seq: int, item: _InFlight) -> bus_pb2.Delivery:
     event = event_pb2.Event.FromString(item.envelope)
-    if event.traceparent and telemetry_enabled():
-        with _event_spans("lodestar.deliver", [event], trace.SpanKind.PRODUCER):
-            pass
+    if event.traceparent and telemetry_enabled():  # a point in the trace: started and ended
+        context = context_from_event(event)
+        tracer.start_span("lodestar.deliver", context=context, kind=trace.SpanKind.PRODUCER).end()
     return bus_pb2.Delivery(sequence=seq, attempt=item.attempt, event=event)
 
 
