@@ -1,13 +1,21 @@
 """The Lodestar error hierarchy and its mapping to gRPC status codes.
 
 Every error carries a message meant for the caller: what was wrong and what to do about it.
-``field`` names the offending request or config field when there is one.
+``field`` names the offending request or config field when there is one; ``violations`` name
+several. On the wire they become ``google.rpc.BadRequest`` field violations in the status details
+(and ``retry_after`` a ``google.rpc.RetryInfo``), so typed clients read fields instead of text.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import asyncpg
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 #: Exceptions that mean the database went away, not that the request was wrong.
 DATABASE_UNREACHABLE: tuple[type[BaseException], ...] = (
@@ -19,19 +27,42 @@ DATABASE_UNREACHABLE: tuple[type[BaseException], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class FieldViolation:
+    """One refused request field and what is wrong with it."""
+
+    field: str
+    description: str
+
+
 class LodestarError(Exception):
     """Base of every error Lodestar raises on purpose."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        violations: Sequence[FieldViolation] = (),
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        self.violations = tuple(violations)
+        self.retry_after = retry_after
 
     def details(self) -> str:
         """The text sent to the gRPC caller."""
         return f"{self.field}: {self.message}" if self.field else self.message
+
+    def field_violations(self) -> tuple[FieldViolation, ...]:
+        """The violations carried as ``google.rpc.BadRequest``: explicit ones, else ``field``."""
+        if self.violations:
+            return self.violations
+        return (FieldViolation(self.field, self.message),) if self.field else ()
 
 
 class ConfigurationError(LodestarError):
@@ -98,3 +129,55 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, DATABASE_UNREACHABLE):
         return grpc.StatusCode.UNAVAILABLE, "the database is unreachable; retry with backoff"
     return grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
+
+
+def rich_status(error: BaseException) -> grpc.Status:
+    """The status for ``error`` with ``google.rpc`` details: BadRequest and RetryInfo."""
+    code, message = status_for(error)
+    details: list[any_pb2.Any] = []
+    if isinstance(error, LodestarError):
+        violations = error.field_violations()
+        if violations:
+            details.append(_packed(_bad_request(violations)))
+        if error.retry_after is not None:
+            details.append(_packed(_retry_info(error.retry_after)))
+    status = status_pb2.Status(code=_code_number(code), message=message, details=details)
+    return rpc_status.to_status(status)
+
+
+def bad_request_violations(status: status_pb2.Status) -> list[FieldViolation]:
+    """The field violations a ``google.rpc.Status`` carries (for clients and tests)."""
+    found = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            found += [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
+    return found
+
+
+def _bad_request(violations: Sequence[FieldViolation]) -> error_details_pb2.BadRequest:
+    return error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in violations
+        ]
+    )
+
+
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(0, round(seconds * 1e9)))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def _packed(message: error_details_pb2.BadRequest | error_details_pb2.RetryInfo) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _code_number(code: grpc.StatusCode) -> int:
+    number: int = code.value[0]
+    assert number in code_pb2.Code.values()
+    return number

@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from lodestar.common.errors import LodestarError, status_for
+from lodestar.common.errors import LodestarError, rich_status, status_for
 from lodestar.common.logging import get_logger
 from lodestar.common.metrics import GRPC_HANDLED, GRPC_HANDLING_SECONDS, GRPC_STARTED
 
@@ -64,8 +64,7 @@ class ErrorMappingInterceptor(_HandlerInterceptor):
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except LodestarError as exc:
-            code, details = status_for(exc)
-            await context.abort(code, details)
+            await _abort(context, exc)
         except Exception as exc:
             _log.error(
                 "unhandled error in rpc handler",
@@ -73,8 +72,13 @@ class ErrorMappingInterceptor(_HandlerInterceptor):
                 error_type=type(exc).__name__,
                 exc_info=exc,
             )
-            code, details = status_for(exc)
-            await context.abort(code, details)
+            await _abort(context, exc)
+
+
+async def _abort(context: Context, error: Exception) -> None:
+    """End the call with ``error``'s status, its ``google.rpc`` details in the trailers."""
+    status = rich_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class _Outcome:
