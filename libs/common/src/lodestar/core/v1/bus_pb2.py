@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from lodestar.events.v1 import event_pb2 as lodestar_dot_events_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alodestar/core/v1/bus.proto\x12\x10lodestar.core.v1\x1a\x1elodestar/events/v1/event.proto\";\n\x0ePublishRequest\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.lodestar.events.v1.Event\"<\n\tRejection\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"N\n\x0fPublishResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"S\n\x14PublishStreamRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x03\x12)\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x19.lodestar.events.v1.Event\"\xa6\x01\n\x15PublishStreamResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x12\n\nduplicates\x18\x03 \x01(\x05\x12\x15\n\rlast_sequence\x18\x04 \x01(\x03\x12/\n\nrejections\x18\x05 \x03(\x0b\x32\x1b.lodestar.core.v1.Rejection\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x91\x01\n\rSubscribeOpen\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12.\n\x05start\x18\x04 \x01(\x0e\x32\x1f.lodestar.core.v1.StartPosition\x12\x15\n\rmax_in_flight\x18\x05 \x01(\x05\"!\n\x0cSubscribeAck\x12\x11\n\tsequences\x18\x01 \x03(\x03\"0\n\rSubscribeNack\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xad\x01\n\x10SubscribeRequest\x12/\n\x04open\x18\x01 \x01(\x0b\x32\x1f.lodestar.core.v1.SubscribeOpenH\x00\x12-\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1e.lodestar.core.v1.SubscribeAckH\x00\x12/\n\x04nack\x18\x03 \x01(\x0b\x32\x1f.lodestar.core.v1.SubscribeNackH\x00\x42\x08\n\x06\x61\x63tion\"W\n\x08\x44\x65livery\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12(\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x19.lodestar.events.v1.Event\"?\n\x0fSubscribeOpened\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63ked_sequence\x18\x02 \x01(\x03\"?\n\rDeliveryBatch\x12.\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1a.lodestar.core.v1.Delivery\"\x95\x01\n\x11SubscribeResponse\x12\x33\n\x06opened\x18\x01 \x01(\x0b\x32!.lodestar.core.v1.SubscribeOpenedH\x00\x12\x30\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1f.lodestar.core.v1.DeliveryBatchH\x00\x42\t\n\x07messageJ\x04\x08\x02\x10\x03R\x08\x64\x65livery\"\xa6\x01\n\x0cSubscription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x16\n\x0e\x61\x63ked_sequence\x18\x04 \x01(\x03\x12\x15\n\rhead_sequence\x18\x05 \x01(\x03\x12\x0b\n\x03lag\x18\x06 \x01(\x03\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x08 \x01(\x03\"\x1a\n\x18ListSubscriptionsRequest\"R\n\x19ListSubscriptionsResponse\x12\x35\n\rsubscriptions\x18\x01 \x03(\x0b\x32\x1e.lodestar.core.v1.Subscription\"\x84\x01\n\nDeadLetter\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12(\n\x05\x65vent\x18\x05 \x01(\x0b\x32\x19.lodestar.events.v1.Event\"=\n\x16ListDeadLettersRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"M\n\x17ListDeadLettersResponse\x12\x32\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1c.lodestar.core.v1.DeadLetter\"C\n\x18ReplayDeadLettersRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x11\n\tsequences\x18\x02 \x03(\x03\"-\n\x19ReplayDeadLettersResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x05*g\n\rStartPosition\x12\x1e\n\x1aSTART_POSITION_UNSPECIFIED\x10\x00\x12\x1b\n\x17START_POSITION_EARLIEST\x10\x01\x12\x19\n\x15START_POSITION_LATEST\x10\x02\x32\xe5\x04\n\x0f\x45ventBusService\x12N\n\x07Publish\x12 .lodestar.core.v1.PublishRequest\x1a!.lodestar.core.v1.PublishResponse\x12\x64\n\rPublishStream\x12&.lodestar.core.v1.PublishStreamRequest\x1a\'.lodestar.core.v1.PublishStreamResponse(\x01\x30\x01\x12X\n\tSubscribe\x12\".lodestar.core.v1.SubscribeRequest\x1a#.lodestar.core.v1.SubscribeResponse(\x01\x30\x01\x12l\n\x11ListSubscriptions\x12*.lodestar.core.v1.ListSubscriptionsRequest\x1a+.lodestar.core.v1.ListSubscriptionsResponse\x12\x66\n\x0fListDeadLetters\x12(.lodestar.core.v1.ListDeadLettersRequest\x1a).lodestar.core.v1.ListDeadLettersResponse\x12l\n\x11ReplayDeadLetters\x12*.lodestar.core.v1.ReplayDeadLettersRequest\x1a+.lodestar.core.v1.ReplayDeadLettersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alodestar/core/v1/bus.proto\x12\x10lodestar.core.v1\x1a\x1elodestar/events/v1/event.proto\";\n\x0ePublishRequest\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.lodestar.events.v1.Event\"<\n\tRejection\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"N\n\x0fPublishResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"S\n\x14PublishStreamRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x03\x12)\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x19.lodestar.events.v1.Event\"\xa6\x01\n\x15PublishStreamResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x12\n\nduplicates\x18\x03 \x01(\x05\x12\x15\n\rlast_sequence\x18\x04 \x01(\x03\x12/\n\nrejections\x18\x05 \x03(\x0b\x32\x1b.lodestar.core.v1.Rejection\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x91\x01\n\rSubscribeOpen\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12.\n\x05start\x18\x04 \x01(\x0e\x32\x1f.lodestar.core.v1.StartPosition\x12\x15\n\rmax_in_flight\x18\x05 \x01(\x05\"!\n\x0cSubscribeAck\x12\x11\n\tsequences\x18\x01 \x03(\x03\"C\n\rSubscribeNack\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\tpermanent\x18\x03 \x01(\x08\"\xad\x01\n\x10SubscribeRequest\x12/\n\x04open\x18\x01 \x01(\x0b\x32\x1f.lodestar.core.v1.SubscribeOpenH\x00\x12-\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1e.lodestar.core.v1.SubscribeAckH\x00\x12/\n\x04nack\x18\x03 \x01(\x0b\x32\x1f.lodestar.core.v1.SubscribeNackH\x00\x42\x08\n\x06\x61\x63tion\"W\n\x08\x44\x65livery\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12(\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x19.lodestar.events.v1.Event\"?\n\x0fSubscribeOpened\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63ked_sequence\x18\x02 \x01(\x03\"?\n\rDeliveryBatch\x12.\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1a.lodestar.core.v1.Delivery\"\x95\x01\n\x11SubscribeResponse\x12\x33\n\x06opened\x18\x01 \x01(\x0b\x32!.lodestar.core.v1.SubscribeOpenedH\x00\x12\x30\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1f.lodestar.core.v1.DeliveryBatchH\x00\x42\t\n\x07messageJ\x04\x08\x02\x10\x03R\x08\x64\x65livery\"\xa6\x01\n\x0cSubscription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x16\n\x0e\x61\x63ked_sequence\x18\x04 \x01(\x03\x12\x15\n\rhead_sequence\x18\x05 \x01(\x03\x12\x0b\n\x03lag\x18\x06 \x01(\x03\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x08 \x01(\x03\"\x1a\n\x18ListSubscriptionsRequest\"R\n\x19ListSubscriptionsResponse\x12\x35\n\rsubscriptions\x18\x01 \x03(\x0b\x32\x1e.lodestar.core.v1.Subscription\"\x84\x01\n\nDeadLetter\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12(\n\x05\x65vent\x18\x05 \x01(\x0b\x32\x19.lodestar.events.v1.Event\"=\n\x16ListDeadLettersRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"M\n\x17ListDeadLettersResponse\x12\x32\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1c.lodestar.core.v1.DeadLetter\"C\n\x18ReplayDeadLettersRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x11\n\tsequences\x18\x02 \x03(\x03\"-\n\x19ReplayDeadLettersResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x05*g\n\rStartPosition\x12\x1e\n\x1aSTART_POSITION_UNSPECIFIED\x10\x00\x12\x1b\n\x17START_POSITION_EARLIEST\x10\x01\x12\x19\n\x15START_POSITION_LATEST\x10\x02\x32\xe5\x04\n\x0f\x45ventBusService\x12N\n\x07Publish\x12 .lodestar.core.v1.PublishRequest\x1a!.lodestar.core.v1.PublishResponse\x12\x64\n\rPublishStream\x12&.lodestar.core.v1.PublishStreamRequest\x1a\'.lodestar.core.v1.PublishStreamResponse(\x01\x30\x01\x12X\n\tSubscribe\x12\".lodestar.core.v1.SubscribeRequest\x1a#.lodestar.core.v1.SubscribeResponse(\x01\x30\x01\x12l\n\x11ListSubscriptions\x12*.lodestar.core.v1.ListSubscriptionsRequest\x1a+.lodestar.core.v1.ListSubscriptionsResponse\x12\x66\n\x0fListDeadLetters\x12(.lodestar.core.v1.ListDeadLettersRequest\x1a).lodestar.core.v1.ListDeadLettersResponse\x12l\n\x11ReplayDeadLetters\x12*.lodestar.core.v1.ReplayDeadLettersRequest\x1a+.lodestar.core.v1.ReplayDeadLettersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lodestar.core.v1.bus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STARTPOSITION']._serialized_start=1991
-  _globals['_STARTPOSITION']._serialized_end=2094
+  _globals['_STARTPOSITION']._serialized_start=2010
+  _globals['_STARTPOSITION']._serialized_end=2113
   _globals['_PUBLISHREQUEST']._serialized_start=80
   _globals['_PUBLISHREQUEST']._serialized_end=139
   _globals['_REJECTION']._serialized_start=141
@@ -49,33 +49,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBSCRIBEACK']._serialized_start=685
   _globals['_SUBSCRIBEACK']._serialized_end=718
   _globals['_SUBSCRIBENACK']._serialized_start=720
-  _globals['_SUBSCRIBENACK']._serialized_end=768
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=771
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=944
-  _globals['_DELIVERY']._serialized_start=946
-  _globals['_DELIVERY']._serialized_end=1033
-  _globals['_SUBSCRIBEOPENED']._serialized_start=1035
-  _globals['_SUBSCRIBEOPENED']._serialized_end=1098
-  _globals['_DELIVERYBATCH']._serialized_start=1100
-  _globals['_DELIVERYBATCH']._serialized_end=1163
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1166
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1315
-  _globals['_SUBSCRIPTION']._serialized_start=1318
-  _globals['_SUBSCRIPTION']._serialized_end=1484
-  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_start=1486
-  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_end=1512
-  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_start=1514
-  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_end=1596
-  _globals['_DEADLETTER']._serialized_start=1599
-  _globals['_DEADLETTER']._serialized_end=1731
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1733
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1794
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1796
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1873
-  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=1875
-  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=1942
-  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=1944
-  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_end=1989
-  _globals['_EVENTBUSSERVICE']._serialized_start=2097
-  _globals['_EVENTBUSSERVICE']._serialized_end=2710
+  _globals['_SUBSCRIBENACK']._serialized_end=787
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=790
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=963
+  _globals['_DELIVERY']._serialized_start=965
+  _globals['_DELIVERY']._serialized_end=1052
+  _globals['_SUBSCRIBEOPENED']._serialized_start=1054
+  _globals['_SUBSCRIBEOPENED']._serialized_end=1117
+  _globals['_DELIVERYBATCH']._serialized_start=1119
+  _globals['_DELIVERYBATCH']._serialized_end=1182
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1185
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1334
+  _globals['_SUBSCRIPTION']._serialized_start=1337
+  _globals['_SUBSCRIPTION']._serialized_end=1503
+  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_start=1505
+  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_end=1531
+  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_start=1533
+  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_end=1615
+  _globals['_DEADLETTER']._serialized_start=1618
+  _globals['_DEADLETTER']._serialized_end=1750
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1752
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1813
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1815
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1892
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=1894
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=1961
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=1963
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_end=2008
+  _globals['_EVENTBUSSERVICE']._serialized_start=2116
+  _globals['_EVENTBUSSERVICE']._serialized_end=2729
 # @@protoc_insertion_point(module_scope)

@@ -238,17 +238,23 @@ class SubscribeNack(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PERMANENT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     error: _builtins.str
+    permanent: _builtins.bool
+    """The event can never be handled (it is invalid for this consumer): dead-letter it now instead
+    of retrying it.
+    """
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         error: _builtins.str = ...,
+        permanent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "permanent", b"permanent", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

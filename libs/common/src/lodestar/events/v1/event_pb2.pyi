@@ -34,6 +34,8 @@ class Event(_message.Message):
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     TRACESTATE_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
+    AUTHID_FIELD_NUMBER: _builtins.int
+    AUTHTYPE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """UUIDv7 minted by the publisher; a retried publish with the same id is stored once."""
     source: _builtins.str
@@ -45,6 +47,14 @@ class Event(_message.Message):
     tracestate: _builtins.str
     subject: _builtins.str
     """Optional subject within the source, e.g. a project or session."""
+    authid: _builtins.str
+    """The authenticated principal that published the event (CloudEvents authcontext extension).
+    Stamped by core on every stored event; whatever a publisher sends here is replaced.
+    """
+    authtype: _builtins.str
+    """The kind of that principal: "user" (an admin), "service_account" (a module) or "api_key" (a
+    publisher).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the occurrence happened, as the producer saw it."""
@@ -64,10 +74,12 @@ class Event(_message.Message):
         traceparent: _builtins.str = ...,
         tracestate: _builtins.str = ...,
         subject: _builtins.str = ...,
+        authid: _builtins.str = ...,
+        authtype: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "id", b"id", "source", b"source", "subject", b"subject", "time", b"time", "traceparent", b"traceparent", "tracestate", b"tracestate", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authid", b"authid", "authtype", b"authtype", "data", b"data", "id", b"id", "source", b"source", "subject", b"subject", "time", b"time", "traceparent", b"traceparent", "tracestate", b"tracestate", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
