@@ -6,9 +6,12 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
+from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
 from lodestar.common.errors import InvalidArgumentError, StorageError
@@ -22,6 +25,7 @@ from lodestar.common.interceptors import (
 from lodestar.common.logging import configure_logging
 
 SERVICE = "lodestar.test.v1.Probe"
+TYPED = "lodestar.test.v1.Typed"
 GENERIC = "internal error; the server log has the details"
 
 
@@ -94,7 +98,7 @@ def _handlers() -> list[grpc.GenericRpcHandler]:
     health = grpc.method_handlers_generic_handler(
         "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(health_check, **kw)}
     )
-    return [probe, health]
+    return [probe, health, _typed_handlers()]
 
 
 @pytest.fixture(autouse=True)
@@ -372,3 +376,172 @@ async def test_metrics_inside_error_mapping_maps_the_raw_exception() -> None:
 )
 def test_split_method(full: str, expected: tuple[str, str]) -> None:
     assert split_method(full) == expected
+
+
+# --- requests that do not decode ----------------------------------------------------------------
+
+GARBAGE = b"\xff\xff\xff"  # a field tag whose varint never ends
+NOT_A_DURATION = "the request is not a valid google.protobuf.Duration: wire format was corrupt"
+seen_by_typed: list[duration_pb2.Duration] = []
+
+
+def _seen(request: duration_pb2.Duration) -> duration_pb2.Duration:
+    assert type(request) is duration_pb2.Duration  # never the marker of an undecodable request
+    seen_by_typed.append(request)
+    return request
+
+
+async def typed_unary(request: duration_pb2.Duration, context) -> duration_pb2.Duration:
+    return _seen(request)
+
+
+async def typed_server_stream(request: duration_pb2.Duration, context) -> AsyncIterator:
+    yield _seen(request)
+
+
+async def typed_client_stream(requests: AsyncIterator, context) -> duration_pb2.Duration:
+    total = duration_pb2.Duration()
+    async for request in requests:
+        total.seconds += _seen(request).seconds
+    return total
+
+
+async def typed_bidi(requests: AsyncIterator, context) -> AsyncIterator:
+    async for request in requests:
+        yield _seen(request)
+
+
+async def typed_bidi_swallowing(requests: AsyncIterator, context) -> AsyncIterator:
+    """Reads its requests in a task of its own and ignores how that task ended."""
+
+    async def read() -> None:
+        async for request in requests:
+            _seen(request)
+
+    reader = asyncio.create_task(read())
+    await asyncio.gather(reader, return_exceptions=True)
+    yield duration_pb2.Duration(seconds=len(seen_by_typed))
+
+
+def _typed_handlers() -> grpc.GenericRpcHandler:
+    kw = {
+        "request_deserializer": duration_pb2.Duration.FromString,
+        "response_serializer": duration_pb2.Duration.SerializeToString,
+    }
+    return grpc.method_handlers_generic_handler(
+        TYPED,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(typed_unary, **kw),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(typed_server_stream, **kw),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(typed_client_stream, **kw),
+            "Bidi": grpc.stream_stream_rpc_method_handler(typed_bidi, **kw),
+            "BidiSwallowing": grpc.stream_stream_rpc_method_handler(typed_bidi_swallowing, **kw),
+        },
+    )
+
+
+def typed_handled(method: str, code: str) -> float:
+    labels = {"grpc_service": TYPED, "grpc_method": method, "grpc_code": code}
+    return REGISTRY.get_sample_value("lodestar_grpc_server_handled_total", labels) or 0.0
+
+
+def duration(seconds: int) -> bytes:
+    return duration_pb2.Duration(seconds=seconds).SerializeToString()
+
+
+async def typed_call(channel: grpc.aio.Channel, method: str, requests: list[bytes]) -> list[bytes]:
+    """Call ``method`` of the typed service with raw request bytes; the raw responses."""
+    path = f"/{TYPED}/{method}"
+    if method == "Unary":
+        return [await channel.unary_unary(path)(requests[0], timeout=5)]
+    if method == "ServerStream":
+        return [r async for r in channel.unary_stream(path)(requests[0], timeout=5)]
+    if method == "ClientStream":
+        return [await channel.stream_unary(path)(iter(requests), timeout=5)]
+    return [r async for r in channel.stream_stream(path)(iter(requests), timeout=5)]
+
+
+KINDS = ["Unary", "ServerStream", "ClientStream", "Bidi"]
+
+
+@pytest.mark.parametrize("method", KINDS)
+async def test_undecodable_request_is_invalid_argument(
+    channel: grpc.aio.Channel, method: str
+) -> None:
+    before = typed_handled(method, "INVALID_ARGUMENT")
+    seen_by_typed.clear()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await typed_call(channel, method, [GARBAGE])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == NOT_A_DURATION
+    assert rpc_status.from_call(info.value).message == NOT_A_DURATION
+    assert seen_by_typed == []
+    await eventually(lambda: typed_handled(method, "INVALID_ARGUMENT") == before + 1)
+
+
+@pytest.mark.parametrize("method", ["ClientStream", "Bidi", "BidiSwallowing"])
+async def test_undecodable_message_later_in_a_stream(
+    channel: grpc.aio.Channel, method: str
+) -> None:
+    """The messages before it reach the handler; the call ends at the bad one, whatever the
+    handler does with the exception."""
+    seen_by_typed.clear()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await typed_call(channel, method, [duration(1), duration(2), GARBAGE, duration(3)])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == NOT_A_DURATION
+    assert [d.seconds for d in seen_by_typed] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x08",  # a tag without its value
+        b"\x0a\x05ab",  # a length-delimited field shorter than its length
+        b"\x08\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01",  # a varint of 11 bytes
+    ],
+)
+async def test_truncated_and_corrupt_requests(channel: grpc.aio.Channel, garbage: bytes) -> None:
+    details = await expect_status(
+        typed_call(channel, "Unary", [garbage]), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert details == NOT_A_DURATION
+
+
+async def test_invalid_utf8_in_a_string_field_is_named() -> None:
+    """The reason protobuf gives is kept, after the message's full name."""
+    from google.protobuf import wrappers_pb2
+
+    from lodestar.common.interceptors import wrap_handler
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        typed_unary, request_deserializer=wrappers_pb2.StringValue.FromString
+    )
+    wrapped = wrap_handler(handler, lambda context: _no_guard(), refuse_undecodable=True)
+    marker = wrapped.request_deserializer(b"\x0a\x01\xff")
+    assert str(marker.error) == (
+        "the request is not a valid google.protobuf.StringValue: string field had bad UTF-8"
+    )
+    assert wrapped.request_deserializer(b"\x0a\x01a") == wrappers_pb2.StringValue(value="a")
+
+
+@asynccontextmanager
+async def _no_guard() -> AsyncIterator[None]:
+    yield
+
+
+@pytest.mark.parametrize("method", [*KINDS, "BidiSwallowing"])
+async def test_decodable_requests_pass_unchanged(channel: grpc.aio.Channel, method: str) -> None:
+    seen_by_typed.clear()
+    replies = await typed_call(channel, method, [duration(5), duration(7)])
+    sent = [5] if method in ("Unary", "ServerStream") else [5, 7]
+    assert [d.seconds for d in seen_by_typed] == sent
+    assert replies
+
+
+async def test_undecodable_request_without_error_mapping_is_grpc_default() -> None:
+    """The refusal is the error mapping's doing: without it grpc.aio says UNKNOWN."""
+    async for ch in _serve([MetricsInterceptor(), LoggingInterceptor()]):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await typed_call(ch, "Unary", [GARBAGE])
+        assert info.value.code() == grpc.StatusCode.UNKNOWN

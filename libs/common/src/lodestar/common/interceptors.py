@@ -3,6 +3,11 @@
 Each interceptor wraps the method handler returned by ``continuation`` so that it works for all
 four RPC kinds. ``default_server_interceptors`` returns them in the order in which the metrics
 and the log line see the status code the error mapping produced.
+
+The error mapping also refuses requests that do not decode as the method's request message with
+INVALID_ARGUMENT ("the request is not a valid <message>: ..."), for every RPC kind: grpc.aio on its
+own answers UNKNOWN for a unary request it cannot decode, and hands the handler of a streaming one
+a ``DecodeError`` to fail on.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from lodestar.common.errors import LodestarError, rich_status, status_for
+from lodestar.common.errors import InvalidArgumentError, LodestarError, rich_status, status_for
 from lodestar.common.logging import get_logger
 from lodestar.common.metrics import GRPC_HANDLED, GRPC_HANDLING_SECONDS, GRPC_STARTED
 
@@ -39,6 +45,9 @@ def split_method(full_method: str) -> tuple[str, str]:
 class _HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Runs every call of every RPC kind inside the guard ``_guard`` returns."""
 
+    #: Whether requests that do not decode are refused with INVALID_ARGUMENT inside the guard.
+    refuses_undecodable = False
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
@@ -48,14 +57,23 @@ class _HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return None
         method = str(handler_call_details.method)
-        return wrap_handler(handler, lambda context: self._guard(method, context))
+        return wrap_handler(
+            handler,
+            lambda context: self._guard(method, context),
+            refuse_undecodable=self.refuses_undecodable,
+        )
 
     def _guard(self, method: str, context: Context) -> AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
 
 class ErrorMappingInterceptor(_HandlerInterceptor):
-    """Turns LodestarError into its gRPC status and anything unexpected into INTERNAL."""
+    """Turns LodestarError into its gRPC status and anything unexpected into INTERNAL.
+
+    A request (or a message of a request stream) that does not decode is INVALID_ARGUMENT.
+    """
+
+    refuses_undecodable = True
 
     @asynccontextmanager
     async def _guard(self, method: str, context: Context) -> AsyncIterator[None]:
@@ -179,19 +197,31 @@ def default_server_interceptors() -> list[grpc.aio.ServerInterceptor]:  # type: 
 
 # --- wrapping handlers of every kind -------------------------------------------------------------
 
+#: Turns what the deserializer produced into the request the behaviour is given (or refuses it).
+Admit = Callable[[Any, Context], Awaitable[Any]]
 
-def wrap_handler(handler: Handler, guard: Guard) -> Handler:
-    """A handler that runs ``handler``'s behaviour inside ``guard(context)``."""
+
+def wrap_handler(handler: Handler, guard: Guard, *, refuse_undecodable: bool = False) -> Handler:
+    """A handler that runs ``handler``'s behaviour inside ``guard(context)``.
+
+    With ``refuse_undecodable``, a request that does not decode ends the call with
+    INVALID_ARGUMENT inside the guard instead of reaching the behaviour.
+    """
     kind = _kind(handler)
     behavior = getattr(handler, kind)
+    deserializer = handler.request_deserializer
+    admit: Admit | None = None
+    if refuse_undecodable and deserializer is not None:
+        deserializer = _tolerant(deserializer, _message_name(deserializer))
+        admit = _admit_stream if handler.request_streaming else _admit_unary
     if handler.response_streaming and _is_generator(behavior):
-        wrapped: Callable[..., Any] = _guarded_stream(behavior, guard)
+        wrapped: Callable[..., Any] = _guarded_stream(behavior, guard, admit)
     else:
-        wrapped = _guarded_call(behavior, guard)
+        wrapped = _guarded_call(behavior, guard, admit)
     factory = _FACTORIES[kind]
     return factory(
         wrapped,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -214,11 +244,15 @@ def _is_generator(behavior: Callable[..., Any]) -> bool:
     return inspect.isasyncgenfunction(behavior) or inspect.isgeneratorfunction(behavior)
 
 
-def _guarded_call(behavior: Callable[..., Any], guard: Guard) -> Callable[..., Awaitable[Any]]:
+def _guarded_call(
+    behavior: Callable[..., Any], guard: Guard, admit: Admit | None
+) -> Callable[..., Awaitable[Any]]:
     """For unary responses and for streaming handlers that ``context.write`` their responses."""
 
     async def call(request: Any, context: Context) -> Any:
         async with guard(context):
+            if admit is not None:
+                request = await admit(request, context)
             result = behavior(request, context)
             if inspect.isawaitable(result):
                 result = await result
@@ -228,12 +262,14 @@ def _guarded_call(behavior: Callable[..., Any], guard: Guard) -> Callable[..., A
 
 
 def _guarded_stream(
-    behavior: Callable[..., Any], guard: Guard
+    behavior: Callable[..., Any], guard: Guard, admit: Admit | None
 ) -> Callable[..., AsyncIterator[Any]]:
     """For streaming handlers that yield their responses."""
 
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
         async with guard(context):
+            if admit is not None:
+                request = await admit(request, context)
             responses = behavior(request, context)
             if hasattr(responses, "__aiter__"):
                 async for response in responses:
@@ -243,3 +279,62 @@ def _guarded_stream(
                     yield response
 
     return stream
+
+
+# --- requests that do not decode -----------------------------------------------------------------
+
+
+class _Undecodable:
+    """What the tolerant deserializer returns for bytes that are not a valid request message."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, message: str, error: DecodeError) -> None:
+        reason = str(error).rpartition("': ")[2] or "the bytes are not a valid encoding"
+        self.error = InvalidArgumentError(
+            f"the request is not a valid {message}: {reason[:1].lower()}{reason[1:]}"
+        )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any], message: str) -> Callable[[bytes], Any]:
+    """``deserializer``, returning an ``_Undecodable`` where it would raise ``DecodeError``.
+
+    grpc.aio answers UNKNOWN for a deserializer that raises on a unary request, before any
+    interceptor's behaviour runs; the marker lets the guarded behaviour refuse it instead.
+    """
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(message, exc)
+
+    return deserialize
+
+
+def _message_name(deserializer: Callable[[bytes], Any]) -> str:
+    """The full protobuf name of the message ``deserializer`` (``Msg.FromString``) decodes."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", None)
+    return name if isinstance(name, str) else "request message"
+
+
+async def _admit_unary(request: Any, context: Context) -> Any:
+    """``request``, unless it did not decode: then the call ends with INVALID_ARGUMENT."""
+    if type(request) is _Undecodable:
+        await _abort(context, request.error)
+    return request
+
+
+async def _admit_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+    """``requests``, ending the call with INVALID_ARGUMENT at the first one that did not decode."""
+    return _decoded(requests, context)
+
+
+async def _decoded(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+    async for request in requests:
+        if type(request) is _Undecodable:
+            # Aborting (not raising) sets the status even if the handler swallows the exception,
+            # e.g. when it reads the stream in a task of its own.
+            await _abort(context, request.error)
+        yield request
