@@ -1,4 +1,4 @@
-"""Bearer-token authentication and role checks for every RPC except health and reflection.
+"""Bearer-token authentication, role checks and rate limits for every RPC but health and reflection.
 
 Accepted credentials live in a YAML file (``credentials_file``)::
 
@@ -6,8 +6,15 @@ Accepted credentials live in a YAML file (``credentials_file``)::
       - name: usage-tracker
         role: module
         token_sha256: 9f86d081...
+      - name: usage-tracker             # a second token of the same principal (rotation)
+        role: module
+        token_sha256: 60303ae2...
+        expires_at: "2026-01-31T12:00:00Z"
 
-Only the SHA-256 of each token is kept, so the file can be read without exposing the tokens.
+Only the SHA-256 of each token is kept, so the file can be read without exposing the tokens. A
+principal may hold several tokens, all of one role, each with an optional ``expires_at`` (RFC 3339,
+UTC when no offset is given); an expired token is refused with a message that says so. A server
+re-reads the file when it changes (checked at most once a second), so a rotation needs no restart.
 """
 
 from __future__ import annotations
@@ -15,21 +22,43 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
+import math
+import os
+import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import grpc
 import yaml
+from google.protobuf import descriptor_pool
 
-from lodestar.common.errors import ConfigurationError
+from lodestar.common.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    LodestarError,
+    PermissionDeniedError,
+    rich_status,
+)
+from lodestar.common.logging import get_logger
+
+if TYPE_CHECKING:
+    from lodestar.common.ratelimit import RateLimiter
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 TOKEN_BYTES = 32
+FINGERPRINT_CHARS = 8
+RELOAD_CHECK_SECONDS = 1.0
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+log = get_logger(__name__)
 
 
 class Role(StrEnum):
@@ -63,68 +92,334 @@ def new_token() -> str:
     return secrets.token_urlsafe(TOKEN_BYTES)
 
 
+def format_time(moment: datetime) -> str:
+    """``moment`` as RFC 3339 in UTC with a ``Z`` suffix, to the second."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialEntry:
+    """One accepted token of a principal, by its hash, with its optional expiry."""
+
+    principal: Principal
+    token_sha256: str
+    expires_at: datetime | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """The first hex digits of the token's hash: safe to show, enough to tell tokens apart."""
+        return self.token_sha256[:FINGERPRINT_CHARS]
+
+    def expired(self, now: datetime) -> bool:
+        """Whether the token is no longer accepted at ``now``."""
+        return self.expires_at is not None and self.expires_at <= now
+
+
+class Authenticator(Protocol):
+    """Turns a bearer token into its principal, or raises AuthenticationError."""
+
+    def check(self, token: str) -> Principal:
+        """The principal holding ``token``; AuthenticationError if unknown or expired."""
+        ...
+
+
 class Credentials:
     """The set of accepted tokens, by hash."""
 
-    def __init__(self, principals: Mapping[str, Principal]) -> None:
-        self._by_hash = dict(principals)
+    def __init__(self, entries: Iterable[CredentialEntry]) -> None:
+        self.entries = tuple(entries)
+        self._by_hash = {
+            entry.token_sha256: (
+                entry,
+                entry.expires_at.timestamp() if entry.expires_at is not None else math.inf,
+            )
+            for entry in self.entries
+        }
 
     @classmethod
     def load(cls, path: Path) -> Credentials:
         """Read a credentials file; a malformed one is a ConfigurationError naming the entry."""
-        try:
-            document = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigurationError(f"cannot read credentials file {path}: {exc}") from exc
-        entries = document.get("principals") if isinstance(document, dict) else None
-        if not isinstance(entries, list):
-            raise ConfigurationError(f"credentials file {path} needs a list under 'principals'")
-        by_hash: dict[str, Principal] = {}
-        for index, entry in enumerate(entries):
-            by_hash[_entry_hash(path, index, entry)] = _entry_principal(path, index, entry)
-        return cls(by_hash)
+        return cls(parse_credentials(read_credentials_document(path), path))
+
+    def check(self, token: str) -> Principal:
+        """The principal holding ``token``; AuthenticationError if it is unknown or expired."""
+        wanted = hash_token(token)
+        found = self._by_hash.get(wanted)
+        if found is None or not hmac.compare_digest(found[0].token_sha256, wanted):
+            raise AuthenticationError(
+                "invalid credential: the bearer token is not known to this server"
+            )
+        entry, expires = found
+        if expires <= time.time():
+            assert entry.expires_at is not None
+            raise AuthenticationError(
+                f"expired credential: this bearer token of {entry.principal.name} expired at "
+                f"{format_time(entry.expires_at)}; use its current token "
+                "(`lodestar tokens rotate` issues one)"
+            )
+        return entry.principal
 
     def authenticate(self, token: str) -> Principal | None:
-        """The principal holding ``token``, or None."""
-        wanted = hash_token(token)
-        for stored, principal in self._by_hash.items():
-            if hmac.compare_digest(stored, wanted):
-                return principal
-        return None
+        """The principal holding ``token`` if it is known and current, else None."""
+        try:
+            return self.check(token)
+        except AuthenticationError:
+            return None
 
 
-def _entry_hash(path: Path, index: int, entry: Any) -> str:
-    digest = entry.get("token_sha256") if isinstance(entry, dict) else None
-    if not isinstance(digest, str) or len(digest) != 64:
-        raise ConfigurationError(
-            f"credentials file {path}: principals[{index}].token_sha256 must be a 64-hex SHA-256"
+class CredentialsFile:
+    """The credentials of a file, re-read when the file changes.
+
+    The file's modification time, size and inode are compared at most once per
+    ``check_interval`` seconds, on the calls that authenticate. A changed file that cannot be
+    read or is invalid is reported in the log once; the credentials read before stay in force.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        check_interval: float = RELOAD_CHECK_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self._check_interval = check_interval
+        self._clock = clock
+        self._signature: tuple[int, int, int] | None = _file_signature(path)
+        self.credentials = Credentials.load(path)
+        self._next_check = clock() + check_interval
+
+    def check(self, token: str) -> Principal:
+        """The principal holding ``token`` in the current file; AuthenticationError if none."""
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + self._check_interval
+            self.reload_if_changed()
+        return self.credentials.check(token)
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the file if it changed since it was last read; whether new credentials apply."""
+        try:
+            signature = _file_signature(self.path)
+        except ConfigurationError as exc:
+            if self._signature is not None:
+                log.error(
+                    "credentials file unreadable; keeping the previous credentials",
+                    path=str(self.path),
+                    error=exc.message,
+                )
+            self._signature = None
+            return False
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        try:
+            self.credentials = Credentials.load(self.path)
+        except ConfigurationError as exc:
+            log.error(
+                "credentials file changed but is invalid; keeping the previous credentials",
+                path=str(self.path),
+                error=exc.message,
+            )
+            return False
+        principals = {entry.principal.name for entry in self.credentials.entries}
+        log.info(
+            "credentials reloaded",
+            path=str(self.path),
+            principals=len(principals),
+            tokens=len(self.credentials.entries),
         )
+        return True
+
+
+def _file_signature(path: Path) -> tuple[int, int, int]:
+    try:
+        status = path.stat()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read credentials file {path}: {exc}") from exc
+    return status.st_mtime_ns, status.st_size, status.st_ino
+
+
+# --- the file -----------------------------------------------------------------------------------
+
+
+def read_credentials_document(path: Path) -> dict[str, Any]:
+    """The YAML document of a credentials file, as read (ConfigurationError if unreadable)."""
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"cannot read credentials file {path}: {exc}") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("principals"), list):
+        raise ConfigurationError(f"credentials file {path} needs a list under 'principals'")
+    return document
+
+
+def parse_credentials(document: Mapping[str, Any], path: Path) -> list[CredentialEntry]:
+    """The entries of a credentials document; ConfigurationError naming the first bad entry.
+
+    Every entry needs a name, a role and a 64-hex ``token_sha256``; ``expires_at`` is optional.
+    A token may appear once, and all entries of one name must have the same role.
+    """
+    entries: list[CredentialEntry] = []
+    roles: dict[str, Role] = {}
+    seen: set[str] = set()
+    for index, raw in enumerate(document.get("principals") or []):
+        where = f"credentials file {path}: principals[{index}]"
+        if not isinstance(raw, dict):
+            raise ConfigurationError(f"{where} must be a mapping with name, role, token_sha256")
+        entry = CredentialEntry(
+            principal=_entry_principal(where, raw),
+            token_sha256=_entry_hash(where, raw),
+            expires_at=_entry_expiry(where, raw),
+        )
+        name, role = entry.principal.name, entry.principal.role
+        if roles.setdefault(name, role) is not role:
+            raise ConfigurationError(
+                f"{where}: principal {name!r} has role {role.value} here but "
+                f"{roles[name].value} in an earlier entry; all tokens of a principal share a role"
+            )
+        if entry.token_sha256 in seen:
+            raise ConfigurationError(f"{where}: token_sha256 {entry.fingerprint}… is listed twice")
+        seen.add(entry.token_sha256)
+        entries.append(entry)
+    return entries
+
+
+def _entry_hash(where: str, entry: Mapping[str, Any]) -> str:
+    digest = entry.get("token_sha256")
+    if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+        raise ConfigurationError(f"{where}.token_sha256 must be a 64-hex SHA-256")
     return digest.lower()
 
 
-def _entry_principal(path: Path, index: int, entry: dict[str, Any]) -> Principal:
+def _entry_principal(where: str, entry: Mapping[str, Any]) -> Principal:
     name, role = entry.get("name"), entry.get("role")
     if not isinstance(name, str) or not name:
-        raise ConfigurationError(f"credentials file {path}: principals[{index}].name is required")
+        raise ConfigurationError(f"{where}.name is required")
     if role not in {r.value for r in Role}:
         raise ConfigurationError(
-            f"credentials file {path}: principals[{index}].role must be one of "
-            f"{', '.join(r.value for r in Role)}, not {role!r}"
+            f"{where}.role must be one of {', '.join(r.value for r in Role)}, not {role!r}"
         )
     return Principal(name=name, role=Role(role))
 
 
+def _entry_expiry(where: str, entry: Mapping[str, Any]) -> datetime | None:
+    value = entry.get("expires_at")
+    if value is None:
+        return None
+    moment = value
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.strip())
+        except ValueError:
+            moment = None
+    if not isinstance(moment, datetime):
+        raise ConfigurationError(
+            f"{where}.expires_at must be an RFC 3339 time such as 2026-01-31T12:00:00Z, "
+            f"not {value!r}"
+        )
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def entry_document(entry: CredentialEntry) -> dict[str, str]:
+    """One entry as it is written to a credentials file."""
+    document = {
+        "name": entry.principal.name,
+        "role": entry.principal.role.value,
+        "token_sha256": entry.token_sha256,
+    }
+    if entry.expires_at is not None:
+        document["expires_at"] = format_time(entry.expires_at)
+    return document
+
+
+def write_credentials_document(path: Path, document: Mapping[str, Any]) -> None:
+    """Replace ``path`` by ``document`` atomically (temporary file, then rename), mode 0600."""
+    write_private_file(path, yaml.safe_dump(dict(document), sort_keys=False))
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically: readers see the old or the new file, never a
+    part; the file is readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def write_credentials(path: Path, principals: Mapping[str, tuple[Role, str]]) -> None:
     """Write a credentials file for ``{name: (role, token)}``, readable by the owner only."""
-    document = {
-        "principals": [
-            {"name": name, "role": role.value, "token_sha256": hash_token(token)}
-            for name, (role, token) in principals.items()
-        ]
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    path.chmod(0o600)
+    entries = [
+        CredentialEntry(Principal(name, role), hash_token(token))
+        for name, (role, token) in principals.items()
+    ]
+    write_credentials_document(path, {"principals": [entry_document(e) for e in entries]})
+
+
+# --- the role table -----------------------------------------------------------------------------
+
+
+def check_method_roles(
+    method_roles: Mapping[str, frozenset[Role]],
+    service_names: Iterable[str],
+    pool: descriptor_pool.DescriptorPool | None = None,
+) -> None:
+    """Refuse a role table naming a method that the given services do not have.
+
+    Every key must be a full method name ``/pkg.Service/Method`` of one of ``service_names``, as
+    the protobuf descriptors define it; otherwise ConfigurationError names each unknown key and
+    the methods its service has.
+    """
+    pool = pool or descriptor_pool.Default()
+    methods = {name: _service_methods(pool, name) for name in service_names}
+    problems = [
+        problem
+        for full_name in method_roles
+        if (problem := _method_problem(full_name, methods)) is not None
+    ]
+    if problems:
+        raise ConfigurationError("role table: " + "; ".join(problems), field="method_roles")
+
+
+def _service_methods(pool: descriptor_pool.DescriptorPool, service: str) -> list[str]:
+    try:
+        descriptor = pool.FindServiceByName(service)
+    except KeyError:
+        raise ConfigurationError(
+            f"role table: service {service!r} has no protobuf descriptor; import its _pb2 module",
+            field="method_roles",
+        ) from None
+    return [method.name for method in descriptor.methods]
+
+
+def _method_problem(full_name: str, methods: Mapping[str, list[str]]) -> str | None:
+    service, _, method = full_name.removeprefix("/").partition("/")
+    if not full_name.startswith("/") or not service or not method or "/" in method:
+        return f"{full_name!r} is not a full method name of the form /pkg.Service/Method"
+    if service not in methods:
+        return (
+            f"{full_name!r} names service {service!r}, which this module does not serve "
+            f"(it serves {', '.join(sorted(methods)) or 'none'})"
+        )
+    if method not in methods[service]:
+        return (
+            f"{full_name!r}: {service} has no method {method!r}; "
+            f"its methods are {', '.join(methods[service])}"
+        )
+    return None
+
+
+# --- the interceptor ----------------------------------------------------------------------------
 
 
 def bearer_token(metadata: Any) -> str | None:
@@ -138,17 +433,23 @@ def bearer_token(metadata: Any) -> str | None:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Rejects calls without a valid token, or whose role the method does not allow.
+    """Rejects calls without a valid token, over their principal's rate, or whose role the method
+    does not allow.
 
     ``method_roles`` maps full method names (``/pkg.Service/Method``) to the roles allowed; a
-    method missing from it is open to admin only. Admin is allowed everywhere.
+    method missing from it is open to admin only. Admin is allowed everywhere. Every
+    authenticated call counts against its principal's rate limit, when ``rate_limiter`` is set.
     """
 
     def __init__(
-        self, credentials: Credentials, method_roles: Mapping[str, frozenset[Role]]
+        self,
+        credentials: Authenticator,
+        method_roles: Mapping[str, frozenset[Role]],
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._credentials = credentials
         self._method_roles = method_roles
+        self._rate_limiter = rate_limiter
 
     async def intercept_service(
         self,
@@ -163,38 +464,43 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if token is None:
             return _refusal(
                 handler,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing credential: send metadata 'authorization: Bearer <token>'",
+                AuthenticationError(
+                    "missing credential: send metadata 'authorization: Bearer <token>'"
+                ),
             )
-        principal = self._credentials.authenticate(token)
-        if principal is None:
-            return _refusal(
-                handler,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "invalid credential: the bearer token is not known to this server",
-            )
+        try:
+            principal = self._credentials.check(token)
+        except AuthenticationError as exc:
+            return _refusal(handler, exc)
+        if self._rate_limiter is not None:
+            refused = self._rate_limiter.refusal(principal)
+            if refused is not None:
+                return _refusal(handler, refused)
         allowed = self._method_roles.get(method, frozenset())
         if principal.role is not Role.ADMIN and principal.role not in allowed:
             needed = ", ".join(sorted(r.value for r in allowed | {Role.ADMIN}))
             return _refusal(
                 handler,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{principal.name} has role {principal.role.value}; {method} needs {needed}",
+                PermissionDeniedError(
+                    f"{principal.name} has role {principal.role.value}; {method} needs {needed}"
+                ),
             )
         current_principal.set(principal)
         return handler
 
 
 def _refusal(
-    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, details: str
+    handler: grpc.RpcMethodHandler[Any, Any], error: LodestarError
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same RPC kind as ``handler`` that fails with ``code``."""
+    """A handler of the same RPC kind as ``handler`` that fails with ``error``'s status and
+    ``google.rpc`` details."""
+    status = rich_status(error)
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, details)
+        await context.abort(status.code, status.details, status.trailing_metadata)
 
     async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, details)
+        await context.abort(status.code, status.details, status.trailing_metadata)
         yield  # pragma: no cover - makes this an async generator
 
     kind = (handler.request_streaming, handler.response_streaming)

@@ -27,11 +27,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from lodestar.common.audit_cli import register as register_audit_commands
 from lodestar.common.auth import Role, new_token, write_credentials
 from lodestar.common.embedded import EmbeddedPostgres
 from lodestar.common.events import EVENT_TYPES, unpack
 from lodestar.common.sdk import Publisher, ReceivedEvent, Subscriber, connect
 from lodestar.common.service_cli import ServiceSpec
+from lodestar.common.tokens_cli import register as register_token_commands
 from lodestar.common.usage_cli import register as register_usage_commands
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_grpc
 
@@ -481,6 +483,8 @@ def main() -> None:
 
 
 register_usage_commands(app)  # lodestar usage …, lodestar budgets …
+register_audit_commands(app)  # lodestar audit
+register_token_commands(app)  # lodestar tokens rotate, lodestar tokens list
 
 if __name__ == "__main__":
     main()

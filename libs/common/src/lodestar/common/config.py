@@ -31,6 +31,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, to_jsonable_python
 
 from lodestar.common.errors import ConfigurationError
+from lodestar.common.ratelimit import RateLimitSettings
 
 ENV_PREFIX = "LODESTAR_"
 CONFIG_DIR_ENV = "LODESTAR_CONFIG_DIR"
@@ -129,6 +130,10 @@ class ServiceSettings(BaseModel):
     spool_dir: Path = Path(".lodestar/spool")
     tls: TlsSettings = Field(default_factory=TlsSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    rate_limits: RateLimitSettings = Field(
+        default_factory=RateLimitSettings,
+        description="Per-principal token buckets, by role and by principal name.",
+    )
 
     #: Schema used when the configuration names none.
     default_schema: ClassVar[str] = ""

@@ -20,13 +20,14 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from lodestar.common.auth import AuthInterceptor, Credentials
+from lodestar.common.auth import AuthInterceptor, CredentialsFile, check_method_roles
 from lodestar.common.config import ServiceSettings
 from lodestar.common.errors import ConfigurationError, NetworkError, StorageError
 from lodestar.common.interceptors import default_server_interceptors
 from lodestar.common.logging import get_logger
 from lodestar.common.metrics import start_metrics_server
 from lodestar.common.module import HealthState, Module
+from lodestar.common.ratelimit import RateLimiter
 from lodestar.common.telemetry import Telemetry, configure_telemetry, server_interceptors
 
 LIVENESS = "liveness"
@@ -105,12 +106,17 @@ class ServiceRunner:
             interceptors=[
                 *server_interceptors(),
                 *default_server_interceptors(),
-                AuthInterceptor(credentials, self.module.method_roles()),
+                AuthInterceptor(
+                    credentials,
+                    self.module.method_roles(),
+                    RateLimiter(self.settings.rate_limits),
+                ),
             ],
             options=server_options(self.settings),
         )
         self._servers.append(server)
         self._service_names = self.module.add_to_server(server)
+        check_method_roles(self.module.method_roles(), self._service_names)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -140,7 +146,7 @@ class ServiceRunner:
         """Begin a graceful shutdown."""
         self._stop.set()
 
-    def _credentials(self) -> Credentials:
+    def _credentials(self) -> CredentialsFile:
         path = self.settings.credentials_file
         if path is None:
             raise ConfigurationError(
@@ -149,7 +155,7 @@ class ServiceRunner:
                 "which creates local development credentials",
                 field="credentials_file",
             )
-        return Credentials.load(path)
+        return CredentialsFile(path)
 
     def _bind(
         self, server: grpc.aio.Server, port: int, creds: grpc.ServerCredentials | None
