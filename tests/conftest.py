@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -39,10 +40,30 @@ def schema() -> str:
     return f"t_{uuid.uuid4().hex[:12]}"
 
 
+#: Module names the tests register or subscribe as: each is a module principal of its own.
+TEST_MODULES = (
+    *("usage-tracker", "tracker", "another", "first", "second", "sentinel", "phoenix"),
+    *("fleeting", "short", "pausable", "gone"),
+)
+
+
 @pytest.fixture
-def tokens(tmp_path: Path) -> dict[Role, str]:
-    """One token per role, accepted by servers started with ``credentials_file``."""
-    return dev_credentials(tmp_path / "credentials.yaml")
+def tokens(tmp_path: Path) -> dict[Role | str, str]:
+    """One token per role and per test module, accepted by servers using ``credentials_file``."""
+    return dev_credentials(tmp_path / "credentials.yaml", TEST_MODULES)
+
+
+@pytest.fixture
+async def module_as(
+    core: RunningCore, tokens: dict[Role | str, str]
+) -> AsyncIterator[Callable[[str], Awaitable[grpc.aio.Channel]]]:
+    """Opens channels to core with the credential of the module principal of a given name."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def open_channel(name: str) -> grpc.aio.Channel:
+            return await stack.enter_async_context(connect(core.target, tokens[name]))
+
+        yield open_channel
 
 
 @pytest.fixture

@@ -306,9 +306,9 @@ async def test_subscribe_second_open_is_refused(module_channel):
     assert "once" in details
 
 
-async def test_subscribe_unregistered_module_is_refused(module_channel):
+async def test_subscribe_unregistered_module_is_refused(admin_channel):
     open_ = bus_pb2.SubscribeOpen(subscription="s", module="ghost")
-    code, details = await _subscribe_error(module_channel, bus_pb2.SubscribeRequest(open=open_))
+    code, details = await _subscribe_error(admin_channel, bus_pb2.SubscribeRequest(open=open_))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "open.module" in details
     assert "register" in details
@@ -331,20 +331,48 @@ async def test_subscribe_unregistered_module_is_refused(module_channel):
         ),
     ],
 )
-async def test_register_bad_input_is_refused(module_channel, db, request_, field):
-    stub = registry_pb2_grpc.RegistryServiceStub(module_channel)
+async def test_register_bad_input_is_refused(admin_channel, db, request_, field):
+    """Refused for what it says even from an admin, who may register under any name."""
+    stub = registry_pb2_grpc.RegistryServiceStub(admin_channel)
     details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, stub.Register(request_))
     assert details.startswith(f"{field}:")
     assert await db.fetchval("SELECT count(*) FROM modules") == 0
 
 
-async def test_register_bad_lease_is_refused(module_channel, db):
-    stub = registry_pb2_grpc.RegistryServiceStub(module_channel)
+@pytest.mark.parametrize(
+    ("seconds", "nanos"), [(0, -5_000_000), (0, 0), (0, 99_999_999), (10**11, 0), (2**63 - 1, 0), (5, 10**9)]
+)
+async def test_register_bad_lease_is_refused(admin_channel, db, seconds, nanos):
+    stub = registry_pb2_grpc.RegistryServiceStub(admin_channel)
     request = registry_pb2.RegisterRequest(name="ok", version="1", endpoint="h:1")
-    request.lease.FromMilliseconds(-5)
+    request.lease.seconds, request.lease.nanos = seconds, nanos
     details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, stub.Register(request))
     assert details.startswith("lease:")
+    assert "86400" in details
     assert await db.fetchval("SELECT count(*) FROM modules") == 0
+
+
+@pytest.mark.parametrize(
+    ("health", "field"),
+    [
+        (registry_pb2.ModuleHealth(status=99), "health.status"),
+        (registry_pb2.ModuleHealth(latency_ms=float("nan")), "health.latency_ms"),
+        (registry_pb2.ModuleHealth(latency_ms=-1), "health.latency_ms"),
+        (registry_pb2.ModuleHealth(uptime_seconds=float("inf")), "health.uptime_seconds"),
+        (registry_pb2.ModuleHealth(last_error="bad\x00byte"), "health.last_error"),
+        (registry_pb2.ModuleHealth(last_error="x" * 2001), "health.last_error"),
+    ],
+)
+async def test_heartbeat_bad_health_is_refused(admin_channel, db, health, field):
+    stub = registry_pb2_grpc.RegistryServiceStub(admin_channel)
+    await stub.Register(registry_pb2.RegisterRequest(name="ok", version="1", endpoint="h:1"))
+    before = await db.fetchrow("SELECT health_status, latency_ms, last_error FROM modules")
+    details = await expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.Heartbeat(registry_pb2.HeartbeatRequest(name="ok", health=health)),
+    )
+    assert details.startswith(f"{field}:")
+    assert await db.fetchrow("SELECT health_status, latency_ms, last_error FROM modules") == before
 
 
 async def test_unknown_module_is_not_found(module_channel, admin_channel):
@@ -353,11 +381,11 @@ async def test_unknown_module_is_not_found(module_channel, admin_channel):
         grpc.StatusCode.NOT_FOUND, stub.GetModule(registry_pb2.GetModuleRequest(name="ghost"))
     )
     assert "ghost" in details
+    admin = registry_pb2_grpc.RegistryServiceStub(admin_channel)
     await expect_status(
         grpc.StatusCode.NOT_FOUND,
-        stub.Heartbeat(registry_pb2.HeartbeatRequest(name="ghost")),
+        admin.Heartbeat(registry_pb2.HeartbeatRequest(name="ghost")),
     )
-    admin = registry_pb2_grpc.RegistryServiceStub(admin_channel)
     await expect_status(
         grpc.StatusCode.NOT_FOUND,
         admin.SetModuleEnabled(registry_pb2.SetModuleEnabledRequest(name="ghost")),

@@ -48,8 +48,12 @@ class Watch:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def test_register_heartbeat_list_get(module_channel, db):
-    stub = registry_pb2_grpc.RegistryServiceStub(module_channel)
+def registry(channel: grpc.aio.Channel) -> registry_pb2_grpc.RegistryServiceStub:
+    return registry_pb2_grpc.RegistryServiceStub(channel)
+
+
+async def test_register_heartbeat_list_get(module_as, db):
+    stub = registry(await module_as("tracker"))
     registered = (await stub.Register(register_request("tracker"))).module
     assert (registered.name, registered.version, registered.endpoint) == (
         "tracker",
@@ -76,7 +80,7 @@ async def test_register_heartbeat_list_get(module_channel, db):
     )
     assert tuple(row) == (registry_pb2.HEALTH_STATUS_DEGRADED, 12.5, "slow db", 99.0)
 
-    await stub.Register(register_request("another"))
+    await registry(await module_as("another")).Register(register_request("another"))
     listed = (await stub.ListModules(registry_pb2.ListModulesRequest())).modules
     assert [m.name for m in listed] == ["another", "tracker"]
     got = (await stub.GetModule(registry_pb2.GetModuleRequest(name="tracker"))).module
@@ -84,8 +88,8 @@ async def test_register_heartbeat_list_get(module_channel, db):
     assert got.registered_at == registered.registered_at
 
 
-async def test_heartbeat_keeps_the_registered_lease(module_channel):
-    stub = registry_pb2_grpc.RegistryServiceStub(module_channel)
+async def test_heartbeat_keeps_the_registered_lease(module_as):
+    stub = registry(await module_as("short"))
     module = (await stub.Register(register_request("short", lease=2.0))).module
     registered_for = module.lease_expires_at.ToDatetime() - module.registered_at.ToDatetime()
     assert timedelta(seconds=1.5) < registered_for <= timedelta(seconds=2.5)
@@ -94,10 +98,10 @@ async def test_heartbeat_keeps_the_registered_lease(module_channel):
     assert remaining <= timedelta(seconds=3), "a heartbeat must renew the module's own lease"
 
 
-async def test_watch_snapshot_then_changes(module_channel, admin_channel):
-    stub = registry_pb2_grpc.RegistryServiceStub(module_channel)
+async def test_watch_snapshot_then_changes(module_channel, module_as, admin_channel):
+    stub = registry(await module_as("second"))
     admin = registry_pb2_grpc.RegistryServiceStub(admin_channel)
-    await stub.Register(register_request("first"))
+    await registry(await module_as("first")).Register(register_request("first"))
     watch = Watch(module_channel)
     snapshot = await watch.next()
     assert (snapshot.change, snapshot.module.name) == (Change.MODULE_CHANGE_SNAPSHOT, "first")
@@ -125,9 +129,9 @@ async def test_watch_snapshot_then_changes(module_channel, admin_channel):
     await watch.close()
 
 
-async def test_lease_expiry_is_announced(module_channel, db):
-    stub = registry_pb2_grpc.RegistryServiceStub(module_channel)
-    await stub.Register(register_request("sentinel"))
+async def test_lease_expiry_is_announced(module_channel, module_as, db):
+    stub = registry(await module_as("fleeting"))
+    await registry(await module_as("sentinel")).Register(register_request("sentinel"))
     watch = Watch(module_channel)
     assert (await watch.next()).module.name == "sentinel"  # the watch is live
     await stub.Register(register_request("fleeting", lease=0.3))
@@ -157,8 +161,8 @@ async def test_lease_expiry_is_announced(module_channel, db):
     await watch.close()
 
 
-async def test_deregister_then_register_again(module_channel, admin_channel, db):
-    stub = registry_pb2_grpc.RegistryServiceStub(module_channel)
+async def test_deregister_then_register_again(module_channel, module_as, admin_channel, db):
+    stub = registry(await module_as("phoenix"))
     admin = registry_pb2_grpc.RegistryServiceStub(admin_channel)
     await stub.Register(register_request("phoenix"))
     await admin.SetModuleEnabled(
@@ -173,7 +177,7 @@ async def test_deregister_then_register_again(module_channel, admin_channel, db)
         await stub.Heartbeat(registry_pb2.HeartbeatRequest(name="phoenix"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
-    await stub.Register(register_request("sentinel"))
+    await registry(await module_as("sentinel")).Register(register_request("sentinel"))
     watch = Watch(module_channel)
     assert (await watch.next()).module.name == "sentinel"  # the watch is live
     again = (await stub.Register(register_request("phoenix"))).module

@@ -394,13 +394,14 @@ async def test_concurrent_opens_of_one_name_admit_one(module_channel):
 
 
 async def test_disabled_module_pauses_and_resumes_without_loss(
-    publisher_channel, module_channel, admin_channel
+    publisher_channel, module_channel, module_as, admin_channel
 ):
-    registry = registry_pb2_grpc.RegistryServiceStub(module_channel)
+    pausable = await module_as("pausable")
+    registry = registry_pb2_grpc.RegistryServiceStub(pausable)
     await registry.Register(
         registry_pb2.RegisterRequest(name="pausable", version="1", endpoint="127.0.0.1:1")
     )
-    sub = raw(module_channel, "pausable-sub", module="pausable")
+    sub = raw(pausable, "pausable-sub", module="pausable")
     await sub.opened()
     before = await publish(publisher_channel, [usage_event(i) for i in range(3)])
     got = await sub.take(3)
@@ -434,11 +435,12 @@ async def test_disabled_module_pauses_and_resumes_without_loss(
 
 
 async def test_deregistered_module_pauses_without_hanging(
-    publisher_channel, module_channel, admin_channel
+    publisher_channel, module_channel, module_as, admin_channel
 ):
-    registry = registry_pb2_grpc.RegistryServiceStub(module_channel)
+    gone = await module_as("gone")
+    registry = registry_pb2_grpc.RegistryServiceStub(gone)
     await registry.Register(registry_pb2.RegisterRequest(name="gone", version="1", endpoint="h:1"))
-    sub = raw(module_channel, "gone-sub", module="gone")
+    sub = raw(gone, "gone-sub", module="gone")
     await sub.opened()
     admin = registry_pb2_grpc.RegistryServiceStub(admin_channel)
     await admin.Deregister(registry_pb2.DeregisterRequest(name="gone"))

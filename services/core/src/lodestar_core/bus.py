@@ -15,12 +15,20 @@ import grpc
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
-from lodestar.common.errors import InvalidArgumentError, ModuleError
+from lodestar.common.auth import Principal, Role
+from lodestar.common.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    LodestarError,
+    ModuleError,
+    PermissionDeniedError,
+)
 from lodestar.common.events import EVENT_TYPES
 from lodestar.common.logging import get_logger
 from lodestar.common.telemetry import context_from_event, telemetry_enabled
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.events.v1 import event_pb2
+from lodestar_core.identity import caller, publish_refusals, require_module_identity, stamp
 from lodestar_core.registry import Registry
 from lodestar_core.settings import BusSettings
 from lodestar_core.store import AppendResult, EventStore
@@ -62,6 +70,27 @@ class _InFlight:
     replayed: bool = False
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """A batch refused as a whole: by validation, or because the caller may not publish it."""
+
+    rejections: list[bus_pb2.Rejection]
+    permission: bool = False
+
+    def error(self, total: int) -> LodestarError:
+        """The error a unary Publish answers with, one field violation per rejection."""
+        message = describe_rejections(self.rejections, total)
+        violations = [_violation(r.reason) for r in self.rejections]
+        if self.permission:
+            return PermissionDeniedError(message, violations=violations)
+        return InvalidArgumentError(message, violations=violations)
+
+
+def _violation(reason: str) -> FieldViolation:
+    field, _, description = reason.partition(": ")
+    return FieldViolation(field, description) if description else FieldViolation("", reason)
+
+
 class EventBus(bus_pb2_grpc.EventBusServiceServicer):
     """gRPC handlers of the event bus."""
 
@@ -80,13 +109,17 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         self._opening: set[str] = set()
 
     async def _append(
-        self, events: list[event_pb2.Event]
-    ) -> AppendResult | list[bus_pb2.Rejection]:
+        self, events: list[event_pb2.Event], principal: Principal
+    ) -> AppendResult | _Refused:
+        refused = publish_refusals(principal, events)
+        if refused:
+            return _Refused(refused, permission=True)
+        stamp(events, principal)
         valid, rejections = validate_batch(
             events, self._settings.max_batch_events, self._settings.max_event_bytes
         )
         if rejections:
-            return rejections
+            return _Refused(rejections)
         with tracer.start_as_current_span("lodestar.persist.batch") as span:
             span.set_attribute("messaging.batch.message_count", len(valid))
             with _event_spans("lodestar.persist", events):
@@ -101,9 +134,9 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         self, request: bus_pb2.PublishRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bus_pb2.PublishResponse:
         """Store a batch; all or nothing."""
-        outcome = await self._append(list(request.events))
-        if isinstance(outcome, list):
-            raise InvalidArgumentError(describe_rejections(outcome, len(request.events)))
+        outcome = await self._append(list(request.events), caller())
+        if isinstance(outcome, _Refused):
+            raise outcome.error(len(request.events))
         return bus_pb2.PublishResponse(
             accepted=outcome.accepted,
             duplicates=outcome.duplicates,
@@ -116,13 +149,14 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[bus_pb2.PublishStreamResponse]:
         """Store batches from a stream, acking each once committed; a bad batch is refused alone."""
+        principal = caller()
         async for request in request_iterator:
-            outcome = await self._append(list(request.events))
-            if isinstance(outcome, list):
+            outcome = await self._append(list(request.events), principal)
+            if isinstance(outcome, _Refused):
                 yield bus_pb2.PublishStreamResponse(
                     batch_id=request.batch_id,
-                    rejections=outcome,
-                    error=describe_rejections(outcome, len(request.events)),
+                    rejections=outcome.rejections,
+                    error=describe_rejections(outcome.rejections, len(request.events)),
                 )
                 continue
             yield bus_pb2.PublishStreamResponse(
@@ -164,6 +198,9 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
                 f"({session.peer if session else 'opening'}); one consumer at a time",
                 field="open.subscription",
             )
+        principal = caller()
+        if request.module:
+            require_module_identity(principal, request.module, "open.module")
         # Reserved before the first await, so that concurrent opens of one name admit one.
         self._opening.add(name)
         try:
@@ -174,7 +211,11 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
                 )
             start = self._store.head if request.start == bus_pb2.START_POSITION_LATEST else 0
             row = await self._subscriptions.open(
-                name, request.module, list(request.event_types), start
+                name,
+                request.module,
+                list(request.event_types),
+                start,
+                owner=None if principal.role is Role.ADMIN else principal.name,
             )
             window = request.max_in_flight or self._settings.default_in_flight
             session = _Session(self, row, window, peer)
@@ -434,7 +475,7 @@ class _Session:
             if action == "ack":
                 await self._ack(request.ack.sequences)
             elif action == "nack":
-                await self._nack(request.nack.sequence, request.nack.error)
+                await self._nack(request.nack.sequence, request.nack.error, request.nack.permanent)
             else:
                 raise InvalidArgumentError("`open` may only be sent once per stream")
             self.wake()
@@ -458,13 +499,15 @@ class _Session:
             self.cursor = position
             await self.bus._subscriptions.advance(self.name, position)
 
-    async def _nack(self, seq: int, error: str) -> None:
+    async def _nack(self, seq: int, error: str, permanent: bool = False) -> None:
         item = self._in_flight.get(seq)
         if item is None:
             return
-        attempts = await self.bus._subscriptions.record_failure(self.name, seq, error)
+        attempts = await self.bus._subscriptions.record_failure(
+            self.name, seq, error[:2000].replace("\x00", "\ufffd")
+        )
         self._failures[seq] = attempts
-        if attempts >= self.bus._settings.max_delivery_attempts:
+        if permanent or attempts >= self.bus._settings.max_delivery_attempts:
             log.warning("dead-lettered", subscription=self.name, seq=seq, attempts=attempts)
             await self.bus._subscriptions.dead_letter(self.name, seq, item.envelope)
             del self._failures[seq]  # dead_letter moved its failure row already

@@ -11,12 +11,14 @@ from typing import Any
 
 import asyncpg
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
+from lodestar.common import audit
 from lodestar.common.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from lodestar.common.events import EVENT_TYPES
 from lodestar.common.logging import get_logger
 from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
+from lodestar_core.identity import caller, require_module_identity
 
 MODULE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 ENDPOINT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
@@ -25,6 +27,13 @@ MODULE_COLUMNS = (
     "uptime_seconds, registered_at, lease_expires_at"
 )
 WATCH_QUEUE_SIZE = 1024
+DEREGISTER, SET_ENABLED = "RegistryService/Deregister", "RegistryService/SetModuleEnabled"
+MIN_LEASE_SECONDS = 0.1
+MAX_LEASE_SECONDS = 86_400
+MAX_VERSION_CHARS = 128
+MAX_LAST_ERROR_CHARS = 2_000
+MAX_LATENCY_MS = 86_400_000.0
+MAX_UPTIME_SECONDS = 1e10
 
 
 def _qualified(alias: str) -> str:
@@ -86,6 +95,7 @@ class Registry:
 
     async def heartbeat(self, request: registry_pb2.HeartbeatRequest) -> registry_pb2.Module:
         """Renew a lease and record the module's health."""
+        _validate_heartbeat(request)
         health = request.health
         row = await self._pool.fetchrow(
             f"""UPDATE modules AS m SET lease_expires_at = now() + m.lease,
@@ -111,16 +121,21 @@ class Registry:
         return module
 
     async def deregister(self, name: str) -> None:
-        """Remove a module; its subscriptions keep their position."""
-        row = await self._pool.fetchrow(
-            f"DELETE FROM modules WHERE name = $1 RETURNING {MODULE_COLUMNS}",  # noqa: S608
-            name,
-        )
-        if row is None:
-            raise NotFoundError(f"module {name!r} is not registered", field="name")
+        """Remove a module (audited); its subscriptions keep their position."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"DELETE FROM modules WHERE name = $1 RETURNING {MODULE_COLUMNS}",  # noqa: S608
+                name,
+            )
+            if row is None:
+                raise NotFoundError(f"module {name!r} is not registered", field="name")
+            module = _module(row)
+            await audit.record(
+                conn, action=DEREGISTER, target=f"module/{name}", before=module, after=None
+            )
         self._enabled.pop(name, None)
         self.on_enabled_changed(name)
-        self._announce(Change.MODULE_CHANGE_DEREGISTERED, _module(row))
+        self._announce(Change.MODULE_CHANGE_DEREGISTERED, module)
 
     async def list(self) -> list[registry_pb2.Module]:
         """Every module, by name."""
@@ -140,15 +155,23 @@ class Registry:
         return _module(row)
 
     async def set_enabled(self, name: str, enabled: bool) -> registry_pb2.Module:
-        """Enable or disable a module; disabling pauses its deliveries."""
-        row = await self._pool.fetchrow(
-            f"UPDATE modules SET enabled = $2 WHERE name = $1 RETURNING {MODULE_COLUMNS}",  # noqa: S608
-            name,
-            enabled,
-        )
-        if row is None:
-            raise NotFoundError(f"module {name!r} is not registered", field="name")
-        module = _module(row)
+        """Enable or disable a module (audited); disabling pauses its deliveries."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            old = await conn.fetchrow(
+                f"SELECT {MODULE_COLUMNS} FROM modules WHERE name = $1 FOR UPDATE",  # noqa: S608
+                name,
+            )
+            if old is None:
+                raise NotFoundError(f"module {name!r} is not registered", field="name")
+            row = await conn.fetchrow(
+                f"UPDATE modules SET enabled = $2 WHERE name = $1 RETURNING {MODULE_COLUMNS}",  # noqa: S608
+                name,
+                enabled,
+            )
+            module = _module(row)
+            await audit.record(
+                conn, action=SET_ENABLED, target=f"module/{name}", before=_module(old), after=module
+            )
         self._enabled[name] = enabled
         self.on_enabled_changed(name)
         self._announce(Change.MODULE_CHANGE_UPDATED, module)
@@ -217,8 +240,42 @@ def _validate_registration(request: registry_pb2.RegisterRequest) -> None:
             f"unknown event types {unknown[:5]}; known: {', '.join(sorted(EVENT_TYPES))}",
             field="event_types",
         )
-    if request.HasField("lease") and request.lease.ToTimedelta() <= timedelta(0):
-        raise InvalidArgumentError("must be positive", field="lease")
+    _check_text(request.version, "version", MAX_VERSION_CHARS)
+    if request.HasField("lease"):
+        _check_lease(request.lease)
+
+
+def _check_lease(lease: duration_pb2.Duration) -> None:
+    seconds = lease.seconds + lease.nanos / 1e9
+    if not (0 <= lease.nanos < 1_000_000_000 and MIN_LEASE_SECONDS <= seconds <= MAX_LEASE_SECONDS):
+        raise InvalidArgumentError(
+            f"must be from {MIN_LEASE_SECONDS} to {MAX_LEASE_SECONDS} seconds "
+            f"(got {lease.seconds} s {lease.nanos} ns)",
+            field="lease",
+        )
+
+
+def _validate_heartbeat(request: registry_pb2.HeartbeatRequest) -> None:
+    health = request.health
+    if health.status not in registry_pb2.HealthStatus.values():
+        raise InvalidArgumentError(
+            f"unknown health status {health.status}; use a HealthStatus value",
+            field="health.status",
+        )
+    for field, value, limit in (
+        ("health.latency_ms", health.latency_ms, MAX_LATENCY_MS),
+        ("health.uptime_seconds", health.uptime_seconds, MAX_UPTIME_SECONDS),
+    ):
+        if not 0 <= value <= limit:  # also refuses NaN
+            raise InvalidArgumentError(f"must be from 0 to {limit:g}, got {value!r}", field=field)
+    _check_text(health.last_error, "health.last_error", MAX_LAST_ERROR_CHARS)
+
+
+def _check_text(value: str, field: str, limit: int) -> None:
+    if "\x00" in value:
+        raise InvalidArgumentError("must not contain NUL characters", field=field)
+    if len(value) > limit:
+        raise InvalidArgumentError(f"at most {limit} characters, got {len(value)}", field=field)
 
 
 def _valid_endpoint(endpoint: str) -> bool:
@@ -264,12 +321,14 @@ class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.RegisterResponse:
         """Create or update a module."""
+        require_module_identity(caller(), request.name, "name")
         return registry_pb2.RegisterResponse(module=await self._registry.register(request))
 
     async def Heartbeat(
         self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.HeartbeatResponse:
         """Renew a lease."""
+        require_module_identity(caller(), request.name, "name")
         return registry_pb2.HeartbeatResponse(module=await self._registry.heartbeat(request))
 
     async def Deregister(

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from lodestar.common.errors import NotFoundError
+from lodestar.common import audit
+from lodestar.common.errors import NotFoundError, PermissionDeniedError
 
 
 @dataclass(frozen=True)
@@ -39,21 +40,42 @@ class SubscriptionStore:
         self._pool = pool
 
     async def open(
-        self, name: str, module: str, event_types: Sequence[str], start_after: int
+        self,
+        name: str,
+        module: str,
+        event_types: Sequence[str],
+        start_after: int,
+        *,
+        owner: str | None,
     ) -> SubscriptionRow:
-        """The subscription ``name``, created at ``start_after`` if new; filters are updated."""
+        """The subscription ``name``, created at ``start_after`` if new; filters are updated.
+
+        A subscription belongs to the principal that created it (``owner``); ``owner=None`` is an
+        admin, who may open any subscription and creates subscriptions only admins may open.
+        """
         row = await self._pool.fetchrow(
-            """INSERT INTO subscriptions (name, module, event_types, acked_seq)
-               VALUES ($1, $2, $3, $4)
+            """INSERT INTO subscriptions (name, module, event_types, acked_seq, owner)
+               VALUES ($1, $2, $3, $4, coalesce($5, ''))
                ON CONFLICT (name) DO UPDATE
                  SET module = EXCLUDED.module, event_types = EXCLUDED.event_types,
                      updated_at = now()
+                 WHERE $5::text IS NULL OR subscriptions.owner = $5
                RETURNING name, module, event_types, acked_seq""",
             name,
             module,
             list(event_types),
             start_after,
+            owner,
         )
+        if row is None:
+            holder = await self._pool.fetchval(
+                "SELECT owner FROM subscriptions WHERE name = $1", name
+            )
+            raise PermissionDeniedError(
+                f"subscription {name!r} belongs to {holder or 'the admins'!r}; {owner} may not "
+                "open it (choose another subscription name)",
+                field="open.subscription",
+            )
         return _subscription(row)
 
     async def list(self) -> list[SubscriptionRow]:
@@ -144,14 +166,17 @@ class SubscriptionStore:
         return {r["subscription"]: r["n"] for r in rows}
 
     async def replay(self, name: str, sequences: Sequence[int]) -> int:
-        """Queue dead letters (all of ``name``'s when ``sequences`` is empty) for redelivery."""
+        """Queue dead letters (all of ``name``'s when ``sequences`` is empty) for redelivery.
+
+        Audited: the entry lists the dead letters moved (before) and the redeliveries (after).
+        """
         async with self._pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT true FROM subscriptions WHERE name = $1", name):
                 raise NotFoundError(f"no subscription named {name!r}", field="subscription")
             moved = await conn.fetch(
                 """DELETE FROM dead_letters
                    WHERE subscription = $1 AND (cardinality($2::bigint[]) = 0 OR seq = ANY($2))
-                   RETURNING seq, envelope""",
+                   RETURNING seq, envelope, attempts, last_error""",
                 name,
                 list(sequences),
             )
@@ -160,6 +185,7 @@ class SubscriptionStore:
                 "ON CONFLICT DO NOTHING",
                 [(name, r["seq"], r["envelope"]) for r in moved],
             )
+            await _audit_replay(conn, name, moved)
         return len(moved)
 
     async def redeliveries(self, name: str, limit: int) -> builtins.list[tuple[int, bytes]]:
@@ -191,6 +217,21 @@ class SubscriptionStore:
                 "SELECT count(*) FROM events WHERE seq > $1 AND seq <= $2", row.acked_seq, head
             )
         return int(count)
+
+
+async def _audit_replay(conn: asyncpg.Connection, name: str, moved: list[asyncpg.Record]) -> None:
+    ordered = sorted(moved, key=lambda r: r["seq"])
+    before = [
+        {"sequence": r["seq"], "attempts": r["attempts"], "last_error": r["last_error"]}
+        for r in ordered
+    ]
+    await audit.record(
+        conn,
+        action="EventBusService/ReplayDeadLetters",
+        target=f"subscription/{name}",
+        before={"dead_letters": before},
+        after={"redeliveries": [r["seq"] for r in ordered]},
+    )
 
 
 def _subscription(row: asyncpg.Record) -> SubscriptionRow:

@@ -13,6 +13,7 @@ import asyncpg
 import grpc
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
+from lodestar.common import audit
 from lodestar.common.auth import Role
 from lodestar.common.db import open_service_database
 from lodestar.common.deferred import DeferredServicer
@@ -20,7 +21,14 @@ from lodestar.common.errors import InvalidArgumentError, StorageError
 from lodestar.common.events import event_type, new_event
 from lodestar.common.logging import get_logger
 from lodestar.common.module import HealthReport, HealthState, Module
-from lodestar.common.sdk import ModuleAgent, Publisher, ReceivedEvent, Subscriber, connect
+from lodestar.common.sdk import (
+    ModuleAgent,
+    PermanentFailure,
+    Publisher,
+    ReceivedEvent,
+    Subscriber,
+    connect,
+)
 from lodestar.common.service_cli import ServiceSpec
 from lodestar.usage.v1 import events_pb2, usage_pb2, usage_pb2_grpc
 from lodestar_usage import budgets, metrics, retention
@@ -49,6 +57,7 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     BUDGET + "Commit": ADMISSION,
     BUDGET + "Release": ADMISSION,
     # SetPrice, DeletePrice, CreateBudget, UpdateBudget and DeleteBudget are admin only.
+    **audit.METHOD_ROLES,  # reading the audit log: admin only
 }
 
 log = get_logger(__name__)
@@ -76,12 +85,17 @@ class UsageModule(Module):
         self._budgets = DeferredServicer(
             usage_pb2.DESCRIPTOR.services_by_name["BudgetService"], NAME
         )
+        self._audit = audit.deferred_servicer(NAME)
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         """Register the services (they answer UNAVAILABLE until started)."""
         usage_pb2_grpc.add_UsageServiceServicer_to_server(self._usage, server)  # type: ignore[arg-type]
         usage_pb2_grpc.add_BudgetServiceServicer_to_server(self._budgets, server)  # type: ignore[arg-type]
-        return ["lodestar.usage.v1.UsageService", "lodestar.usage.v1.BudgetService"]
+        return [
+            "lodestar.usage.v1.UsageService",
+            "lodestar.usage.v1.BudgetService",
+            audit.add_to_server(self._audit, server),
+        ]
 
     def method_roles(self) -> Mapping[str, frozenset[Role]]:
         """Who may call what."""
@@ -105,6 +119,7 @@ class UsageModule(Module):
         self.pool = pool
         self._usage.target = UsageApi(pool, self.reload_prices)
         self._budgets.target = BudgetApi(pool, self.settings)
+        self._audit.target = audit.AuditService(pool)
         ingest = self.settings.ingest
         self.writer = LedgerWriter(
             pool, max_batch=ingest.batch_max_events, linger_seconds=ingest.batch_linger_seconds
@@ -161,14 +176,16 @@ class UsageModule(Module):
             self._last_error = f"subscription refused: {exc.code().name}: {exc.details()}"
             log.error("subscription refused", code=exc.code().name, details=exc.details())
 
-    async def handle_batch(self, batch: Sequence[ReceivedEvent]) -> dict[int, str]:
+    async def handle_batch(
+        self, batch: Sequence[ReceivedEvent]
+    ) -> dict[int, str | PermanentFailure]:
         """Write delivered RequestCompleted events; returns after their rows are committed.
 
-        Invalid events are refused (core retries, then dead-letters them); the rest are written.
+        Invalid events are refused for good (core dead-letters them at once); the rest are written.
         """
         assert self.writer is not None
         rows = []
-        refused = {}
+        refused: dict[int, str | PermanentFailure] = {}
         prices, pricing = self.prices, self.settings.pricing
         for received in batch:
             payload = cast(events_pb2.RequestCompleted, received.payload)
@@ -181,7 +198,9 @@ class UsageModule(Module):
                     event_id=received.event.id,
                     error=exc.details(),
                 )
-                refused[received.sequence] = f"invalid RequestCompleted: {exc.details()}"
+                refused[received.sequence] = PermanentFailure(
+                    f"invalid RequestCompleted: {exc.details()}"
+                )
         await self.writer.submit(rows)
         return refused
 

@@ -34,6 +34,12 @@ class FieldViolation:
     field: str
     description: str
 
+#: Exceptions that mean a text the caller sent cannot be stored (a NUL, say), not a server fault.
+UNSTORABLE_TEXT: tuple[type[BaseException], ...] = (
+    asyncpg.CharacterNotInRepertoireError,
+    asyncpg.UntranslatableCharacterError,
+)
+
 
 class LodestarError(Exception):
     """Base of every error Lodestar raises on purpose."""
@@ -128,6 +134,11 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return error.code, error.details()
     if isinstance(error, DATABASE_UNREACHABLE):
         return grpc.StatusCode.UNAVAILABLE, "the database is unreachable; retry with backoff"
+    if isinstance(error, UNSTORABLE_TEXT):  # a safety net: text fields are checked at the edge
+        return (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "a text field holds a NUL character or text the database cannot store; remove it",
+        )
     return grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
 
 

@@ -28,6 +28,17 @@ EVENT_TYPES: dict[str, type[message.Message]] = {
 }
 
 
+#: Event types a module emits, by full name, and the module whose principal alone may publish them.
+#: Every other known type is a producer event, published by publishers (and admins).
+EVENT_OWNERS: dict[str, str] = {
+    usage_events.BudgetThresholdCrossed.DESCRIPTOR.full_name: "usage-tracker",
+    health_events.TargetHealthChanged.DESCRIPTOR.full_name: "health-monitor",
+}
+
+#: ``source`` URIs under this scheme name a Lodestar module: ``lodestar://<module>``.
+MODULE_SOURCE_PREFIX = "lodestar://"
+
+
 def event_type(payload: message.Message) -> str:
     """The bus type name of a payload message."""
     return str(payload.DESCRIPTOR.full_name)

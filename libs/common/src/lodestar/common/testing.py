@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,8 +71,16 @@ def _with_database(dsn: str, database: str) -> str:
     return f"{head}/{database}" + (f"?{query}" if query else "")
 
 
-def dev_credentials(path: Path) -> dict[Role, str]:
-    """Write a credentials file with one token per role; returns the tokens."""
-    tokens = {role: new_token() for role in Role}
-    write_credentials(path, {f"test-{role.value}": (role, token) for role, token in tokens.items()})
+def dev_credentials(path: Path, modules: Sequence[str] = ()) -> dict[Role | str, str]:
+    """Write a credentials file with one token per role and one per module name; returns them.
+
+    The role tokens belong to ``test-admin``, ``test-module`` and ``test-publisher``; each name in
+    ``modules`` is a module principal of its own, whose token is under its name.
+    """
+    tokens: dict[Role | str, str] = {role: new_token() for role in Role}
+    principals = {f"test-{role.value}": (role, tokens[role]) for role in Role}
+    for name in modules:
+        tokens[name] = new_token()
+        principals[name] = (Role.MODULE, tokens[name])
+    write_credentials(path, principals)
     return tokens

@@ -6,7 +6,9 @@ dead-letters it. A broken stream reconnects with backoff and resumes after the l
 handler must be idempotent on ``event.id``: delivery is at-least-once.
 
 A batch handler gets every delivery of one stream message at once (up to about a thousand) and
-says which of them it refuses; the rest are acked. It suits handlers whose work is itself batched
+says which of them it refuses; the rest are acked. An event that can never be handled (invalid for
+this consumer) is refused with ``PermanentFailure``: core dead-letters it at once instead of
+retrying it. It suits handlers whose work is itself batched
 (one database transaction per batch), saving the per-event scheduling of the single-event form.
 """
 
@@ -49,11 +51,29 @@ class ReceivedEvent(NamedTuple):
     event: event_pb2.Event
     payload: message.Message
 
+    @property
+    def principal(self) -> str:
+        """The authenticated principal that published the event, as stamped by core."""
+        return self.event.authid
+
+
+class PermanentFailure(Exception):
+    """An event that can never be handled: dead-lettered at once instead of retried.
+
+    Raise it from a handler, or give it as a batch handler's refusal of one sequence.
+    """
+
+
+class _Refusal(NamedTuple):
+    error: str
+    permanent: bool
+
 
 Handler = Callable[[ReceivedEvent], Awaitable[None]]
 
-#: Handles a batch; returns the events it refuses (sequence → error) or raises to refuse them all.
-BatchHandler = Callable[[Sequence[ReceivedEvent]], Awaitable[Mapping[int, str]]]
+#: Handles a batch; returns the events it refuses (sequence → error text, retried, or a
+#: PermanentFailure, dead-lettered at once) or raises to refuse them all.
+BatchHandler = Callable[[Sequence[ReceivedEvent]], Awaitable[Mapping[int, str | PermanentFailure]]]
 
 
 class Subscriber:
@@ -167,16 +187,23 @@ class Subscriber:
                 for delivery in deliveries:
                     refused |= await self._handle_one(delivery)
             for delivery in deliveries:
-                error = refused.get(delivery.sequence)
-                if error is None:
+                refusal = refused.get(delivery.sequence)
+                if refusal is None:
                     acks.append(delivery.sequence)
                     self.handled += 1
                     continue
-                log.warning("handler failed; nacking", seq=delivery.sequence, error=error)
-                nack = bus_pb2.SubscribeNack(sequence=delivery.sequence, error=error)
+                log.warning(
+                    "handler failed; nacking",
+                    seq=delivery.sequence,
+                    error=refusal.error,
+                    permanent=refusal.permanent,
+                )
+                nack = bus_pb2.SubscribeNack(
+                    sequence=delivery.sequence, error=refusal.error, permanent=refusal.permanent
+                )
                 outbox.put_nowait(bus_pb2.SubscribeRequest(nack=nack))
 
-    async def _handle_one(self, delivery: bus_pb2.Delivery) -> dict[int, str]:
+    async def _handle_one(self, delivery: bus_pb2.Delivery) -> dict[int, _Refusal]:
         assert self._handler is not None
         event = delivery.event
         try:
@@ -191,19 +218,19 @@ class Subscriber:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return {delivery.sequence: _describe(exc)}
+            return {delivery.sequence: _refusal(exc)}
         return {}
 
     async def _handle_batch(
         self, handler: BatchHandler, deliveries: Sequence[bus_pb2.Delivery]
-    ) -> dict[int, str]:
-        refused: dict[int, str] = {}
+    ) -> dict[int, _Refusal]:
+        refused: dict[int, _Refusal] = {}
         batch = []
         for delivery in deliveries:
             try:
                 payload = unpack(delivery.event)
             except Exception as exc:
-                refused[delivery.sequence] = _describe(exc)
+                refused[delivery.sequence] = _Refusal(_describe(exc), permanent=True)
                 continue
             batch.append(
                 ReceivedEvent(delivery.sequence, delivery.attempt, delivery.event, payload)
@@ -215,11 +242,11 @@ class Subscriber:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            refused |= dict.fromkeys((r.sequence for r in batch), _describe(exc))
+            refused |= dict.fromkeys((r.sequence for r in batch), _refusal(exc))
         finally:
             for sequence, span in spans.items():
                 if sequence in refused:
-                    span.set_status(trace.StatusCode.ERROR, refused[sequence])
+                    span.set_status(trace.StatusCode.ERROR, refused[sequence].error)
                 span.end()
         return refused
 
@@ -237,9 +264,9 @@ class Subscriber:
 
 
 def _checked_refusals(
-    refusals: Mapping[int, str] | None, batch: Sequence[ReceivedEvent]
-) -> dict[int, str]:
-    """The handler's refusals as sequence → text; a key outside the batch is a handler bug."""
+    refusals: Mapping[int, str | PermanentFailure] | None, batch: Sequence[ReceivedEvent]
+) -> dict[int, _Refusal]:
+    """The handler's refusals by sequence; a key outside the batch is a handler bug."""
     if not refusals:
         return {}
     sequences = {r.sequence for r in batch}
@@ -247,8 +274,15 @@ def _checked_refusals(
     for sequence, error in refusals.items():
         if sequence not in sequences:
             raise TypeError(f"refused {sequence!r}, which is not a sequence of this batch")
-        checked[sequence] = str(error)
+        if isinstance(error, PermanentFailure):
+            checked[sequence] = _Refusal(str(error), permanent=True)
+        else:
+            checked[sequence] = _Refusal(str(error), permanent=False)
     return checked
+
+
+def _refusal(exc: Exception) -> _Refusal:
+    return _Refusal(_describe(exc), permanent=isinstance(exc, PermanentFailure))
 
 
 def _describe(exc: Exception) -> str:

@@ -1,0 +1,88 @@
+"""Who may act as whom: principals bound to module names, event types bound to their owners.
+
+A module principal registers, heartbeats and subscribes only under its own name; an admin may act
+for anyone. A module's own event types (``EVENT_OWNERS``) may be published only by that module's
+principal, producer events only by publishers, and a ``lodestar://<module>`` source only by that
+module. Every stored event carries the principal that published it (``authid``/``authtype``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lodestar.common.auth import Principal, Role, current_principal
+from lodestar.common.errors import AuthenticationError, PermissionDeniedError
+from lodestar.common.events import EVENT_OWNERS, MODULE_SOURCE_PREFIX
+from lodestar.core.v1 import bus_pb2
+from lodestar.events.v1 import event_pb2
+
+#: CloudEvents authcontext ``authtype`` of each role.
+AUTHTYPE = {Role.ADMIN: "user", Role.MODULE: "service_account", Role.PUBLISHER: "api_key"}
+
+
+def caller() -> Principal:
+    """The authenticated principal of the current call."""
+    principal = current_principal.get()
+    if principal is None:  # only reachable if the auth interceptor is missing
+        raise AuthenticationError("this call carries no authenticated principal")
+    return principal
+
+
+def require_module_identity(principal: Principal, module: str, field: str) -> None:
+    """Refuse a module principal acting under another module's name."""
+    if principal.role is Role.ADMIN or principal.name == module:
+        return
+    raise PermissionDeniedError(
+        f"{principal.name} ({principal.role.value}) may act only as module "
+        f"{principal.name!r}, not {module[:64]!r}; use that module's credential or an admin one",
+        field=field,
+    )
+
+
+def publish_refusals(
+    principal: Principal, events: Sequence[event_pb2.Event]
+) -> list[bus_pb2.Rejection]:
+    """The events of a batch that ``principal`` may not publish, each with the reason."""
+    if principal.role is Role.ADMIN:
+        return []
+    refusals = []
+    for index, event in enumerate(events):
+        reason = _refusal(principal, event)
+        if reason:
+            refusals.append(
+                bus_pb2.Rejection(
+                    index=index, event_id=event.id[:64], reason=f"events[{index}].{reason}"
+                )
+            )
+    return refusals
+
+
+def _refusal(principal: Principal, event: event_pb2.Event) -> str | None:
+    owner = EVENT_OWNERS.get(event.type)
+    if owner is not None and not (principal.role is Role.MODULE and principal.name == owner):
+        return (
+            f"type: {event.type} is emitted by module {owner!r} only; "
+            f"{principal.name} ({principal.role.value}) may not publish it"
+        )
+    if owner is None and principal.role is not Role.PUBLISHER:
+        return (
+            f"type: {event.type} is a producer event, published with a publisher credential; "
+            f"{principal.name} has role {principal.role.value}"
+        )
+    if event.source.startswith(MODULE_SOURCE_PREFIX):
+        module = event.source[len(MODULE_SOURCE_PREFIX) :].partition("/")[0]
+        if module != principal.name:
+            return (
+                f"source: {MODULE_SOURCE_PREFIX}{module[:64]} names module {module[:64]!r}; "
+                f"{principal.name} may only use {MODULE_SOURCE_PREFIX}{principal.name} or a "
+                "source of its own scheme"
+            )
+    return None
+
+
+def stamp(events: Sequence[event_pb2.Event], principal: Principal) -> None:
+    """Record ``principal`` on every event, replacing whatever the publisher claimed."""
+    authtype = AUTHTYPE[principal.role]
+    for event in events:
+        event.authid = principal.name
+        event.authtype = authtype
