@@ -340,7 +340,8 @@ async def test_register_bad_input_is_refused(admin_channel, db, request_, field)
 
 
 @pytest.mark.parametrize(
-    ("seconds", "nanos"), [(0, -5_000_000), (0, 0), (0, 99_999_999), (10**11, 0), (2**63 - 1, 0), (5, 10**9)]
+    ("seconds", "nanos"),
+    [(0, -5_000_000), (0, 0), (0, 99_999_999), (10**11, 0), (2**63 - 1, 0), (5, 10**9)],
 )
 async def test_register_bad_lease_is_refused(admin_channel, db, seconds, nanos):
     stub = registry_pb2_grpc.RegistryServiceStub(admin_channel)
