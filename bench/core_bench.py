@@ -30,7 +30,7 @@ class CoreUnderTest:
     """``python -m lodestar_core serve`` on a free port, with its own schema."""
 
     def __init__(self, dsn: str, workdir: Path) -> None:
-        self.tokens = dev_credentials(workdir / "credentials.yaml")
+        self.tokens = dev_credentials(workdir / "credentials.yaml", ["usage-tracker"])
         self.port = free_port()
         self._env = os.environ | {
             "LODESTAR_PORT": str(self.port),

@@ -144,7 +144,7 @@ class TrackerUnderTest:
             "LODESTAR_DATABASE__URL": dsn,
             "LODESTAR_CREDENTIALS_FILE": str(workdir / "credentials.yaml"),
             "LODESTAR_CORE_ENDPOINT": core.target,
-            "LODESTAR_TOKEN": core.tokens[Role.MODULE],
+            "LODESTAR_TOKEN": core.tokens["usage-tracker"],
             "LODESTAR_SPOOL_DIR": str(workdir / "spool"),
             "LODESTAR_LOG_LEVEL": "WARNING",
         }

@@ -56,7 +56,7 @@ async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drai
 ):
     pg = EmbeddedPostgres(tmp_path / "pg")
     pg.initialise()  # not started: the service comes up before its database
-    tokens = dev_credentials(tmp_path / "credentials.yaml")
+    tokens = dev_credentials(tmp_path / "credentials.yaml", ["usage-tracker"])
     port = free_port()
     env = {
         "LODESTAR_DATABASE__URL": pg.dsn(),
@@ -64,7 +64,7 @@ async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drai
         "LODESTAR_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
         # modules only: no core answers here, which makes a module degraded, not unready
         "LODESTAR_CORE_ENDPOINT": f"127.0.0.1:{free_port()}",
-        "LODESTAR_TOKEN": tokens[Role.MODULE],
+        "LODESTAR_TOKEN": tokens["usage-tracker"],
     }
     core = start_service(package, env, tmp_path / "service.log", port)
     target = f"127.0.0.1:{port}"

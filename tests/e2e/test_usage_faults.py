@@ -39,7 +39,7 @@ class Suite:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.pg = EmbeddedPostgres(root / "pg")
-        self.tokens = dev_credentials(root / "credentials.yaml")
+        self.tokens = dev_credentials(root / "credentials.yaml", ["usage-tracker"])
         self.core_port = free_port()
         self.tracker_port = free_port()
         self.core: subprocess.Popen[bytes] | None = None
@@ -70,7 +70,7 @@ class Suite:
     def start_tracker(self) -> None:
         env = self._env() | {
             "LODESTAR_CORE_ENDPOINT": self.core_target,
-            "LODESTAR_TOKEN": self.tokens[Role.MODULE],
+            "LODESTAR_TOKEN": self.tokens["usage-tracker"],
             # Small batches, so that a kill lands between many committed transactions.
             "LODESTAR_INGEST__BATCH_MAX_EVENTS": "200",
         }

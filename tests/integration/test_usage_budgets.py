@@ -38,7 +38,7 @@ async def tracker(tmp_path, database_url, tracker_schema, core, tokens):
             database_url=database_url,
             schema=tracker_schema,
             core_target=core.target,
-            token=tokens[Role.MODULE],
+            token=tokens["usage-tracker"],
             credentials=tmp_path / "credentials.yaml",
             spool=tmp_path / "spool",
         )

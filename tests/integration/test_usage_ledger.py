@@ -33,7 +33,7 @@ def make_settings(tmp_path, database_url, tracker_schema, core, tokens):
             database_url=database_url,
             schema=tracker_schema,
             core_target=core.target,
-            token=tokens[Role.MODULE],
+            token=tokens["usage-tracker"],
             credentials=tmp_path / "credentials.yaml",
             spool=tmp_path / "spool",
             **overrides,
