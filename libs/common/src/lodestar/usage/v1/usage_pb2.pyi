@@ -391,19 +391,27 @@ class SummaryRow(_message.Message):
 
     GROUP_FIELD_NUMBER: _builtins.int
     TOTALS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    error: _builtins.str
+    """Set when this group's sums cannot be reported (a sum beyond int64 or below zero: a bad stored
+    row); the group is then left out of the response's totals.
+    """
     @_builtins.property
     def group(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
-    def totals(self) -> Global___Totals: ...
+    def totals(self) -> Global___Totals:
+        """Unset when error is set."""
+
     def __init__(
         self,
         *,
         group: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         totals: Global___Totals | None = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "group", b"group", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -417,16 +425,23 @@ class SummaryResponse(_message.Message):
     TOTALS_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___SummaryRow]: ...
     @_builtins.property
-    def totals(self) -> Global___Totals: ...
+    def totals(self) -> Global___Totals:
+        """Sums over the rows without an error; unset when a sum does not fit int64 (see warnings)."""
+
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp:
         """The resolved window."""
 
     @_builtins.property
     def end(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What was left out of the answer and why, e.g. a group with an error."""
+
     def __init__(
         self,
         *,
@@ -434,14 +449,46 @@ class SummaryResponse(_message.Message):
         totals: Global___Totals | None = ...,
         start: _timestamp_pb2.Timestamp | None = ...,
         end: _timestamp_pb2.Timestamp | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start", "totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "rows", b"rows", "start", b"start", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "rows", b"rows", "start", b"start", "totals", b"totals", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SummaryResponse: _TypeAlias = SummaryResponse  # noqa: Y015
+
+@_typing.final
+class SkippedRecord(_message.Message):
+    """SkippedRecord is a stored row a read left out because it cannot be shown as it is (a time
+    outside the accepted window, a value beyond its bound, text that is too long), and why.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """What the row is: "ledger", "session" or "budget"."""
+    id: _builtins.str
+    """Its key: the event id, session id or budget id."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedRecord: _TypeAlias = SkippedRecord  # noqa: Y015
 
 @_typing.final
 class Record(_message.Message):
@@ -554,19 +601,25 @@ class ListRecordsResponse(_message.Message):
 
     RECORDS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SKIPPED_RECORDS_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___Record]: ...
+    @_builtins.property
+    def skipped_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedRecord]:
+        """Rows of this page that were left out."""
+
     def __init__(
         self,
         *,
         records: _abc.Iterable[Global___Record] | None = ...,
         next_page_token: _builtins.str = ...,
+        skipped_records: _abc.Iterable[Global___SkippedRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records", "skipped_records", b"skipped_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -605,16 +658,22 @@ class ExportRecordsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNK_FIELD_NUMBER: _builtins.int
+    SKIPPED_RECORDS_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     """The next piece of the file; concatenate the chunks."""
+    @_builtins.property
+    def skipped_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedRecord]:
+        """Rows that were left out of this chunk."""
+
     def __init__(
         self,
         *,
         chunk: _builtins.bytes = ...,
+        skipped_records: _abc.Iterable[Global___SkippedRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "skipped_records", b"skipped_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -720,18 +779,24 @@ class ListSessionsResponse(_message.Message):
 
     SESSIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SKIPPED_RECORDS_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]: ...
+    @_builtins.property
+    def skipped_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedRecord]:
+        """Sessions of this page that were left out."""
+
     def __init__(
         self,
         *,
         sessions: _abc.Iterable[Global___Session] | None = ...,
         next_page_token: _builtins.str = ...,
+        skipped_records: _abc.Iterable[Global___SkippedRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sessions", b"sessions", "skipped_records", b"skipped_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1169,16 +1234,22 @@ class ListBudgetsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BUDGETS_FIELD_NUMBER: _builtins.int
+    SKIPPED_RECORDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetStatus]: ...
+    @_builtins.property
+    def skipped_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedRecord]:
+        """Budgets that were left out because their stored definition or usage cannot be shown."""
+
     def __init__(
         self,
         *,
         budgets: _abc.Iterable[Global___BudgetStatus] | None = ...,
+        skipped_records: _abc.Iterable[Global___SkippedRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "skipped_records", b"skipped_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
