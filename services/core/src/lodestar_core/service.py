@@ -12,6 +12,7 @@ import asyncpg
 import grpc
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
+from lodestar.common import audit
 from lodestar.common.auth import Role
 from lodestar.common.db import open_service_database
 from lodestar.common.deferred import DeferredServicer
@@ -42,6 +43,7 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     REGISTRY + "GetModule": MODULE,
     REGISTRY + "WatchModules": MODULE,
     # Deregister, SetModuleEnabled and ReplayDeadLetters are admin only.
+    **audit.METHOD_ROLES,  # reading the audit log: admin only
 }
 
 log = get_logger(__name__)
@@ -68,12 +70,17 @@ class CoreModule(Module):
         self._registry_servicer = DeferredServicer(
             registry_pb2.DESCRIPTOR.services_by_name["RegistryService"], "core"
         )
+        self._audit_servicer = audit.deferred_servicer("core")
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         """Register the bus and registry services (they answer UNAVAILABLE until started)."""
         bus_pb2_grpc.add_EventBusServiceServicer_to_server(self._bus_servicer, server)  # type: ignore[arg-type]
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(self._registry_servicer, server)  # type: ignore[arg-type]
-        return ["lodestar.core.v1.EventBusService", "lodestar.core.v1.RegistryService"]
+        return [
+            "lodestar.core.v1.EventBusService",
+            "lodestar.core.v1.RegistryService",
+            audit.add_to_server(self._audit_servicer, server),
+        ]
 
     def method_roles(self) -> Mapping[str, frozenset[Role]]:
         """Who may call what."""
@@ -102,6 +109,7 @@ class CoreModule(Module):
         self.store, self._bus, self._registry = store, bus, registry
         self._bus_servicer.target = bus
         self._registry_servicer.target = RegistryService(registry)
+        self._audit_servicer.target = audit.AuditService(pool)
         self._tasks = [
             self._every(1.0, registry.expire_leases),
             self._every(3600.0, self._maintain_partitions),
