@@ -379,11 +379,12 @@ def test_alert_event_ids_are_deterministic_uuid7():
     from datetime import UTC, datetime
 
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    a = budgets.alert_event_id(bid, "p", start, 1, 80)
-    assert a == budgets.alert_event_id(bid, "p", start, 1, 80)
-    assert a != budgets.alert_event_id(bid, "p", start, 1, 100)
+    seen = datetime(2026, 1, 20, 12, 30, tzinfo=UTC)
+    a = budgets.alert_event_id(bid, "p", start, 1, 80, seen)
+    assert a == budgets.alert_event_id(bid, "p", start, 1, 80, seen)
+    assert a != budgets.alert_event_id(bid, "p", start, 1, 100, seen)
     assert uuid.UUID(a).version == 7
-    assert uuid.UUID(a).int >> 80 == int(start.timestamp() * 1000)
+    assert uuid.UUID(a).int >> 80 == int(seen.timestamp() * 1000), "dated when detected"
 
 
 _ = asyncpg

@@ -906,12 +906,22 @@ async def ingest_budgets(conn: asyncpg.Connection) -> list[BudgetDef]:
 
 
 def alert_event_id(
-    budget_id: uuid.UUID, value: str, window_start: datetime, kind: int, threshold: int
+    budget_id: uuid.UUID,
+    value: str,
+    window_start: datetime,
+    kind: int,
+    threshold: int,
+    detected_at: datetime,
 ) -> str:
-    """A deterministic UUIDv7: the window start's milliseconds plus a hash of the alert's key."""
+    """A UUIDv7 of the moment the crossing was detected plus a hash of the alert's key.
+
+    The id is stored with the crossing, so every retry publishes the same id (core drops repeats);
+    its time is the detection time, which core's event-time bounds accept (a window start can be
+    weeks old).
+    """
     key = f"{budget_id}|{value}|{window_start.isoformat()}|{kind}|{threshold}".encode()
     digest = int.from_bytes(hashlib.sha256(key).digest()[:10], "big")
-    millis = int(window_start.timestamp() * 1000) & ((1 << 48) - 1)
+    millis = int(detected_at.timestamp() * 1000) & ((1 << 48) - 1)
     rand_a = digest >> 68 & 0xFFF
     rand_b = digest & ((1 << 62) - 1)
     return str(uuid.UUID(int=(millis << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b))
@@ -1014,9 +1024,10 @@ async def record_crossings(
 ) -> int:
     """Insert crossings once per key; returns how many were new."""
     new = 0
+    detected_at = datetime.now(UTC)
     for c in crossings:
         wstart = c.payload.window_start.ToDatetime(tzinfo=UTC)
-        event_id = alert_event_id(c.budget.id, c.value, wstart, c.kind, c.threshold)
+        event_id = alert_event_id(c.budget.id, c.value, wstart, c.kind, c.threshold, detected_at)
         inserted = await conn.fetchval(
             "INSERT INTO budget_crossings (budget_id, scope_value, window_start, kind, "
             "threshold_pct, event_id, payload) VALUES ($1, $2, $3, $4, $5, $6, $7) "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ from lodestar.common.auth import Role
 from lodestar.common.db import open_service_database
 from lodestar.common.deferred import DeferredServicer
 from lodestar.common.errors import InvalidArgumentError, StorageError
-from lodestar.common.events import event_type, new_event
+from lodestar.common.events import event_type, new_event, uuid7_millis
 from lodestar.common.logging import get_logger
 from lodestar.common.module import HealthReport, HealthState, Module
 from lodestar.common.sdk import (
@@ -251,8 +252,13 @@ class UsageModule(Module):
             "FROM budget_crossings WHERE NOT published ORDER BY created_at LIMIT 500"
         ):
             payload = events_pb2.BudgetThresholdCrossed.FromString(rec["payload"])
+            event_id: uuid.UUID = rec["event_id"]
             event = new_event(
-                payload, source=SOURCE, subject=payload.budget_id, event_id=str(rec["event_id"])
+                payload,
+                source=SOURCE,
+                subject=payload.budget_id,
+                event_id=str(event_id),
+                time=datetime.fromtimestamp(uuid7_millis(event_id) / 1000, UTC),  # detected at
             )
             await self.publisher.publish_events([event])
             kind = "burn_rate" if rec["kind"] == events_pb2.ALERT_KIND_BURN_RATE else "threshold"
