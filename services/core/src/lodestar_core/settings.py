@@ -22,11 +22,20 @@ class BusSettings(BaseModel):
     retention_days: int = Field(7, ge=1)
     partitions_ahead_days: int = Field(2, ge=1)
     group_commit_max_events: int = Field(20_000, ge=1)
+    #: Backfill allowance: how far in the past an event's `time` may lie (imports of old usage).
+    max_event_age_days: int = Field(3650, ge=1, le=36_500)
+    #: Clock-skew allowance: how far in the future an event's `time` and id may lie.
+    max_clock_skew_seconds: float = Field(300.0, ge=0, le=86_400)
 
     @model_validator(mode="after")
     def _window_fits(self) -> BusSettings:
         if self.default_in_flight > self.max_in_flight:
             raise ValueError("default_in_flight must not exceed max_in_flight")
+        if self.max_clock_skew_seconds > self.partitions_ahead_days * 86_400:
+            raise ValueError(
+                "max_clock_skew_seconds must not exceed partitions_ahead_days days: "
+                "an id dated further ahead would land outside the daily partitions"
+            )
         return self
 
 

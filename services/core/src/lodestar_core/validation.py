@@ -1,24 +1,73 @@
-"""Validation of published events at the edge: every problem named by its field."""
+"""Validation of published events at the edge: every problem named by its field and bound.
+
+Envelope rules live here; payload bounds (token counts, money, durations, text) are defined once in
+``lodestar.common.bounds`` and applied to the decoded payload. Times are checked against a window
+around now: an event's ``time`` may lie ``max_event_age_days`` in the past (backfill) and
+``max_clock_skew_seconds`` in the future; its id's time, which places it in a daily partition of
+the log, may lie at most ``retention_days`` in the past (an older id would land in a partition
+retention has dropped, i.e. in the default partition, for ever) and the same skew in the future,
+and is never earlier than the event's ``time`` minus the skew (an id is minted when, or after,
+the event happened).
+"""
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from google.protobuf import message
+from google.protobuf import message, timestamp_pb2
 
+from lodestar.common.bounds import (
+    MAX_LABEL_CHARS,
+    MAX_NANOS,
+    MAX_TRACESTATE_CHARS,
+    BoundViolation,
+    check_payload,
+    check_request_completed,
+    check_text,
+    check_timestamp,
+)
+from lodestar.common.errors import FieldViolation, InvalidArgumentError
 from lodestar.common.events import EVENT_TYPES, TYPE_URL_PREFIX
 from lodestar.core.v1 import bus_pb2
 from lodestar.events.v1 import event_pb2
+from lodestar.usage.v1.events_pb2 import RequestCompleted
+from lodestar_core.settings import BusSettings
 
 CANONICAL_UUID7 = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.IGNORECASE
 )
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-MAX_SOURCE_CHARS = 512
-MAX_SUBJECT_CHARS = 512
+#: W3C tracestate: printable ASCII (list members separated by commas).
+TRACESTATE = re.compile(r"^[\x20-\x7e]*$")
+MAX_SOURCE_CHARS = MAX_LABEL_CHARS
+MAX_SUBJECT_CHARS = MAX_LABEL_CHARS
+DAY_MILLIS = 86_400_000
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """How far from now an event's time and its id's time may lie, in milliseconds."""
+
+    max_event_age_ms: int
+    max_id_age_ms: int
+    max_skew_ms: int
+
+    @classmethod
+    def from_settings(cls, settings: BusSettings) -> TimeWindow:
+        """The window the bus settings configure."""
+        return cls(
+            max_event_age_ms=settings.max_event_age_days * DAY_MILLIS,
+            max_id_age_ms=settings.retention_days * DAY_MILLIS,
+            max_skew_ms=round(settings.max_clock_skew_seconds * 1000),
+        )
+
+
+DEFAULT_WINDOW = TimeWindow.from_settings(BusSettings())
 
 
 @dataclass(frozen=True)
@@ -31,27 +80,42 @@ class ValidEvent:
     envelope: bytes
 
 
-def validate_event(event: event_pb2.Event, max_bytes: int) -> ValidEvent:
-    """The storable form of ``event``; raises ValueError naming the field and the fix."""
+def validate_event(
+    event: event_pb2.Event,
+    max_bytes: int,
+    window: TimeWindow = DEFAULT_WINDOW,
+    now_ms: int | None = None,
+) -> ValidEvent:
+    """The storable form of ``event``; raises BoundViolation naming the field and the bound."""
     event_id = _event_id(event.id)
     source = event.source
     if not source or len(source) > MAX_SOURCE_CHARS:
-        raise ValueError(
-            f"source: required, a URI-reference naming the producer, at most {MAX_SOURCE_CHARS} "
-            "characters"
+        raise BoundViolation(
+            "source",
+            f"required, a URI-reference naming the producer, at most {MAX_SOURCE_CHARS} characters",
         )
-    if len(event.subject) > MAX_SUBJECT_CHARS:
-        raise ValueError(f"subject: at most {MAX_SUBJECT_CHARS} characters")
+    if "\x00" in source:
+        check_text(source, "source")
+    subject = event.subject
+    if subject:
+        check_text(subject, "subject", MAX_SUBJECT_CHARS)
+    _check_times(event, event_id, time.time_ns() // 1_000_000 if now_ms is None else now_ms, window)
     event_type = event.type
     _check_payload(event_type, event)
     traceparent = event.traceparent
     if traceparent and not _valid_traceparent(traceparent):
-        raise ValueError("traceparent: must be a W3C traceparent like 00-<32 hex>-<16 hex>-01")
+        raise BoundViolation(
+            "traceparent", "must be a W3C traceparent like 00-<32 hex>-<16 hex>-01"
+        )
+    tracestate = event.tracestate
+    if tracestate:
+        _check_tracestate(tracestate)
     envelope = event.SerializeToString()
     if len(envelope) > max_bytes:
-        raise ValueError(
+        raise BoundViolation(
+            "",
             f"event is {len(envelope)} bytes, the limit is {max_bytes}; "
-            "store large content elsewhere and reference it"
+            "store large content elsewhere and reference it",
         )
     return ValidEvent(event_id, event_type, source, envelope)
 
@@ -61,18 +125,87 @@ def _event_id(raw: str) -> str:
     if CANONICAL_UUID7.fullmatch(raw):
         return raw.lower()
     if not raw:
-        raise ValueError("id: required, a UUIDv7 minted by the publisher")
+        raise BoundViolation("id", "required, a UUIDv7 minted by the publisher")
     try:
         event_id = uuid.UUID(raw)
     except ValueError:
-        raise ValueError(f"id: {raw[:64]!r} is not a UUID; mint a UUIDv7") from None
+        raise BoundViolation("id", f"{raw[:64]!r} is not a UUID; mint a UUIDv7") from None
     if str(event_id) != raw.lower():
-        raise ValueError(
-            f"id: {raw[:64]!r} is not in canonical form; send 8-4-4-4-12 hex digits like {event_id}"
+        raise BoundViolation(
+            "id",
+            f"{raw[:64]!r} is not in canonical form; send 8-4-4-4-12 hex digits like {event_id}",
         )
     if event_id.version != 7:
-        raise ValueError(f"id: must be a UUIDv7 (time-ordered), got version {event_id.version}")
-    raise ValueError(f"id: {raw[:64]!r} does not have the RFC 9562 variant bits (10xx)")
+        raise BoundViolation(
+            "id", f"must be a UUIDv7 (time-ordered), got version {event_id.version}"
+        )
+    raise BoundViolation("id", f"{raw[:64]!r} does not have the RFC 9562 variant bits (10xx)")
+
+
+def _check_times(event: event_pb2.Event, event_id: str, now_ms: int, window: TimeWindow) -> None:
+    """The id's time and the event's ``time`` inside the window, and the id not before ``time``.
+
+    A ``time`` of exactly zero (1970-01-01T00:00:00Z, the unset default) counts as absent:
+    consumers then date the event by its id.
+    """
+    id_ms = int(event_id[:13].replace("-", ""), 16)
+    skew_ms = window.max_skew_ms
+    stamp = event.time
+    seconds, nanos = stamp.seconds, stamp.nanos
+    time_ms = seconds * 1000 + nanos // 1_000_000
+    if now_ms - window.max_id_age_ms <= id_ms <= now_ms + skew_ms and (
+        not (seconds or nanos)
+        or (
+            0 <= nanos <= MAX_NANOS
+            and now_ms - window.max_event_age_ms <= time_ms <= now_ms + skew_ms
+            and id_ms >= time_ms - skew_ms
+        )
+    ):
+        return
+    _explain_times(stamp, id_ms, time_ms, now_ms, window)
+
+
+def _explain_times(
+    stamp: timestamp_pb2.Timestamp, id_ms: int, time_ms: int, now_ms: int, window: TimeWindow
+) -> None:
+    """Raise BoundViolation for the id or time that is out of the window."""
+    skew_ms = window.max_skew_ms
+    if not now_ms - window.max_id_age_ms <= id_ms <= now_ms + skew_ms:
+        raise BoundViolation(
+            "id",
+            f"minted at {_iso(id_ms)}, outside [now - {window.max_id_age_ms // DAY_MILLIS} days "
+            f"(bus.retention_days), now + {skew_ms / 1000:g} s (bus.max_clock_skew_seconds)]; "
+            "mint a fresh UUIDv7",
+        )
+    check_timestamp(stamp, "time")
+    if not now_ms - window.max_event_age_ms <= time_ms <= now_ms + skew_ms:
+        raise BoundViolation(
+            "time",
+            f"{_iso(time_ms)} is outside [now - {window.max_event_age_ms // DAY_MILLIS} days "
+            f"(bus.max_event_age_days), now + {skew_ms / 1000:g} s "
+            "(bus.max_clock_skew_seconds)]",
+        )
+    raise BoundViolation(
+        "id",
+        f"minted at {_iso(id_ms)}, before the event's time {_iso(time_ms)} minus "
+        f"{skew_ms / 1000:g} s (bus.max_clock_skew_seconds); mint the id when publishing",
+    )
+
+
+def _iso(millis: int) -> str:
+    """``millis`` as an ISO 8601 UTC time, or the raw number when no datetime can hold it."""
+    try:
+        return datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{millis} ms since 1970"
+
+
+def _check_tracestate(value: str) -> None:
+    if len(value) > MAX_TRACESTATE_CHARS or not TRACESTATE.match(value):
+        raise BoundViolation(
+            "tracestate",
+            f"must be a W3C tracestate: printable ASCII, at most {MAX_TRACESTATE_CHARS} characters",
+        )
 
 
 def _valid_traceparent(value: str) -> bool:
@@ -85,45 +218,75 @@ def _valid_traceparent(value: str) -> bool:
 
 def _check_payload(event_type: str, event: event_pb2.Event) -> None:
     if not event_type:
-        raise ValueError("type: required, the full name of the payload message")
+        raise BoundViolation("type", "required, the full name of the payload message")
     payload_cls = EVENT_TYPES.get(event_type)
     if payload_cls is None:
         known = ", ".join(sorted(EVENT_TYPES))
-        raise ValueError(f"type: unknown event type {event_type[:128]!r}; known types: {known}")
+        raise BoundViolation(
+            "type", f"unknown event type {event_type[:128]!r}; known types: {known}"
+        )
     if not event.HasField("data"):
-        raise ValueError(f"data: required, a packed {event_type}")
+        raise BoundViolation("data", f"required, a packed {event_type}")
     data = event.data
     if data.type_url != TYPE_URL_PREFIX + event_type:
-        raise ValueError(
-            f"data: type_url {data.type_url[:128]!r} does not match type {event_type!r}"
+        raise BoundViolation(
+            "data", f"type_url {data.type_url[:128]!r} does not match type {event_type!r}"
         )
     try:
-        payload_cls.FromString(data.value)
+        payload = payload_cls.FromString(data.value)
     except message.DecodeError:
-        raise ValueError(f"data: the bytes are not a valid {event_type}") from None
+        raise BoundViolation("data", f"the bytes are not a valid {event_type}") from None
+    if isinstance(payload, RequestCompleted):
+        check_request_completed(payload, "data.", data.value)
+    else:
+        check_payload(payload, "data.")
 
 
 def validate_batch(
-    events: Sequence[event_pb2.Event], max_events: int, max_bytes: int
+    events: Sequence[event_pb2.Event],
+    max_events: int,
+    max_bytes: int,
+    window: TimeWindow = DEFAULT_WINDOW,
 ) -> tuple[list[ValidEvent], list[bus_pb2.Rejection]]:
-    """Validated events, or the rejections that refuse the batch as a whole."""
+    """Validated events, or the rejections that refuse the batch as a whole.
+
+    Pass ``TimeWindow.from_settings(bus_settings)`` as ``window`` to apply configured allowances.
+    """
     if not events:
         return [], [bus_pb2.Rejection(index=-1, reason="events: at least one event is required")]
     if len(events) > max_events:
         reason = f"events: {len(events)} in one batch, the limit is {max_events}; split it"
         return [], [bus_pb2.Rejection(index=-1, reason=reason)]
+    now_ms = time.time_ns() // 1_000_000
     valid: list[ValidEvent] = []
     rejections: list[bus_pb2.Rejection] = []
     for index, event in enumerate(events):
         try:
-            valid.append(validate_event(event, max_bytes))
-        except ValueError as exc:
+            valid.append(validate_event(event, max_bytes, window, now_ms))
+        except BoundViolation as exc:
+            field = f"events[{index}].{exc.field}" if exc.field else f"events[{index}]"
             rejections.append(
                 bus_pb2.Rejection(
-                    index=index, event_id=event.id[:64], reason=f"events[{index}].{exc}"
+                    index=index, event_id=event.id[:64], reason=f"{field}: {exc.description}"
                 )
             )
     return valid, rejections
+
+
+def rejection_violations(rejections: Sequence[bus_pb2.Rejection]) -> list[FieldViolation]:
+    """The rejections as ``google.rpc.BadRequest`` field violations (field, then the bound)."""
+    violations = []
+    for rejection in rejections:
+        field, _, description = rejection.reason.partition(": ")
+        violations.append(FieldViolation(field, description))
+    return violations
+
+
+def refusal(rejections: Sequence[bus_pb2.Rejection], total: int) -> InvalidArgumentError:
+    """The INVALID_ARGUMENT error refusing a batch: the summary text plus one violation each."""
+    return InvalidArgumentError(
+        describe_rejections(rejections, total), violations=rejection_violations(rejections)
+    )
 
 
 def describe_rejections(rejections: Sequence[bus_pb2.Rejection], total: int) -> str:
