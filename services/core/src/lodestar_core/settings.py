@@ -25,7 +25,7 @@ class BusSettings(BaseModel):
     #: Backfill allowance: how far in the past an event's `time` may lie (imports of old usage).
     max_event_age_days: int = Field(3650, ge=1, le=36_500)
     #: Clock-skew allowance: how far in the future an event's `time` and id may lie.
-    max_clock_skew_seconds: float = Field(300.0, ge=0, le=86_400)
+    max_clock_skew_seconds: float = Field(300.0, ge=0)
 
     @model_validator(mode="after")
     def _window_fits(self) -> BusSettings:

@@ -228,7 +228,9 @@ def _check_money(money: usage_events.Money, field: str) -> None:
             field + ".micros", f"{money.micros} outside [0, {MAX_COST_MICROS_PER_EVENT}]"
         )
     currency = money.currency
-    if currency and not (len(currency) == 3 and currency.isascii() and currency.isupper()):
+    if currency and not (
+        len(currency) == 3 and currency.isascii() and currency.isalpha() and currency.isupper()
+    ):
         raise BoundViolation(field + ".currency", f"{currency[:16]!r} is not an ISO 4217 code")
 
 
