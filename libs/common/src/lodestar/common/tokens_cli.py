@@ -40,7 +40,7 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 tokens_app = typer.Typer(help="Credentials: rotate and list tokens.", no_args_is_help=True)
 console = Console(width=None if sys.stdout.isatty() else 160)
-notes = Console(stderr=True)
+notes = Console(stderr=True, soft_wrap=True)
 
 StateDir = Annotated[
     Path, typer.Option("--state-dir", help="where `lodestar up` keeps credentials.yaml")
@@ -94,7 +94,8 @@ def rotate_principal(
             f"credentials file {path} has no principal {name!r}; it has: {', '.join(known)}"
         )
     token = new_token()
-    cutoff = now + old_grace
+    # The file keeps whole seconds: a grace is rounded up, never cut short; 0 revokes at once.
+    cutoff = _whole_second_after(now + old_grace) if old_grace else now.replace(microsecond=0)
     fresh = CredentialEntry(
         mine[0].principal,
         hash_token(token),
@@ -115,6 +116,12 @@ def rotate_principal(
     rewritten.append(entry_document(fresh))
     write_credentials_document(path, {**document, "principals": rewritten})
     return token, fresh, kept
+
+
+def _whole_second_after(moment: datetime) -> datetime:
+    """``moment`` rounded up to a whole second, so that a grace is never cut short."""
+    whole = moment.replace(microsecond=0)
+    return whole if whole == moment else whole + timedelta(seconds=1)
 
 
 def _credentials_path(credentials_file: Path | None, state_dir: Path) -> Path:
