@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
+from lodestar.common import audit
 from lodestar.common.errors import DATABASE_UNREACHABLE, InvalidArgumentError, StorageError
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import usage_pb2
 from lodestar_usage import budgets, metrics, reports
-from lodestar_usage.pricing import PriceTable, parse_day, price_from_proto, validate_pattern
+from lodestar_usage.pricing import (
+    PriceRow,
+    PriceTable,
+    parse_day,
+    price_from_proto,
+    validate_pattern,
+)
 from lodestar_usage.settings import UsageSettings
 
 log = get_logger(__name__)
@@ -105,24 +112,16 @@ class UsageApi:
         self, request: usage_pb2.SetPriceRequest, context: Context
     ) -> usage_pb2.SetPriceResponse:
         row = price_from_proto(request.price)
-        await self._pool.execute(
-            "INSERT INTO prices (model_pattern, valid_from, input_micros_per_mtok, "
-            "output_micros_per_mtok, cached_read_micros_per_mtok, cache_write_micros_per_mtok, "
-            "reasoning_micros_per_mtok) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-            "ON CONFLICT (model_pattern, valid_from) DO UPDATE SET "
-            "input_micros_per_mtok = EXCLUDED.input_micros_per_mtok, "
-            "output_micros_per_mtok = EXCLUDED.output_micros_per_mtok, "
-            "cached_read_micros_per_mtok = EXCLUDED.cached_read_micros_per_mtok, "
-            "cache_write_micros_per_mtok = EXCLUDED.cache_write_micros_per_mtok, "
-            "reasoning_micros_per_mtok = EXCLUDED.reasoning_micros_per_mtok, updated_at = now()",
-            row.pattern,
-            row.valid_from,
-            row.input,
-            row.output,
-            row.cached_read,
-            row.cache_write,
-            row.reasoning,
-        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            before = await _locked_price(conn, row.pattern, row.valid_from)
+            await _upsert_price(conn, row)
+            await audit.record(
+                conn,
+                action="UsageService/SetPrice",
+                target=_price_target(row.pattern, row.valid_from),
+                before=before.to_proto() if before else None,
+                after=row.to_proto(),
+            )
         await self._prices_changed()
         return usage_pb2.SetPriceResponse(price=row.to_proto())
 
@@ -131,13 +130,63 @@ class UsageApi:
     ) -> usage_pb2.DeletePriceResponse:
         pattern = validate_pattern(request.model_pattern, "model_pattern")
         day = parse_day(request.valid_from, "valid_from")
-        deleted = await self._pool.fetchval(
-            "DELETE FROM prices WHERE model_pattern = $1 AND valid_from = $2 RETURNING 1",
-            pattern,
-            day,
-        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            before = await _locked_price(conn, pattern, day)
+            await conn.execute(
+                "DELETE FROM prices WHERE model_pattern = $1 AND valid_from = $2", pattern, day
+            )
+            await audit.record(
+                conn,
+                action="UsageService/DeletePrice",
+                target=_price_target(pattern, day),
+                before=before.to_proto() if before else None,
+                after=None,
+            )
         await self._prices_changed()
-        return usage_pb2.DeletePriceResponse(deleted=deleted is not None)
+        return usage_pb2.DeletePriceResponse(deleted=before is not None)
+
+
+def _price_target(pattern: str, valid_from: date) -> str:
+    return f"price/{pattern}@{valid_from.isoformat()}"
+
+
+async def _locked_price(
+    conn: asyncpg.Connection, pattern: str, valid_from: date
+) -> PriceRow | None:
+    """The stored price of (pattern, valid_from), locked for this transaction even if absent."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        f"lodestar:{_price_target(pattern, valid_from)}",
+    )
+    rec = await conn.fetchrow(
+        "SELECT model_pattern, valid_from, input_micros_per_mtok, output_micros_per_mtok, "
+        "cached_read_micros_per_mtok, cache_write_micros_per_mtok, reasoning_micros_per_mtok "
+        "FROM prices WHERE model_pattern = $1 AND valid_from = $2",
+        pattern,
+        valid_from,
+    )
+    return PriceRow(*rec.values()) if rec else None
+
+
+async def _upsert_price(conn: asyncpg.Connection, row: PriceRow) -> None:
+    await conn.execute(
+        "INSERT INTO prices (model_pattern, valid_from, input_micros_per_mtok, "
+        "output_micros_per_mtok, cached_read_micros_per_mtok, cache_write_micros_per_mtok, "
+        "reasoning_micros_per_mtok) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+        "ON CONFLICT (model_pattern, valid_from) DO UPDATE SET "
+        "input_micros_per_mtok = EXCLUDED.input_micros_per_mtok, "
+        "output_micros_per_mtok = EXCLUDED.output_micros_per_mtok, "
+        "cached_read_micros_per_mtok = EXCLUDED.cached_read_micros_per_mtok, "
+        "cache_write_micros_per_mtok = EXCLUDED.cache_write_micros_per_mtok, "
+        "reasoning_micros_per_mtok = EXCLUDED.reasoning_micros_per_mtok, updated_at = now()",
+        row.pattern,
+        row.valid_from,
+        row.input,
+        row.output,
+        row.cached_read,
+        row.cache_write,
+        row.reasoning,
+    )
 
 
 class BudgetApi:

@@ -28,6 +28,7 @@ import asyncpg
 from asyncpg.exceptions import DeadlockDetectedError
 from google.protobuf import duration_pb2
 
+from lodestar.common import audit
 from lodestar.common.errors import (
     InvalidArgumentError,
     ModuleError,
@@ -286,13 +287,23 @@ def _values(b: BudgetDef) -> list[object]:
 
 
 async def create_budget(pool: asyncpg.Pool, budget: BudgetDef) -> BudgetDef:
-    rec = await pool.fetchrow(
-        f"INSERT INTO budgets ({BUDGET_COLUMNS}) "
-        f"VALUES ({', '.join(f'${i}' for i in range(1, 14))}) "
-        "RETURNING *",
-        *_values(budget),
-    )
-    return BudgetDef.from_record(rec)
+    """Store a new budget (audited)."""
+    async with pool.acquire() as conn, conn.transaction():
+        rec = await conn.fetchrow(
+            f"INSERT INTO budgets ({BUDGET_COLUMNS}) "
+            f"VALUES ({', '.join(f'${i}' for i in range(1, 14))}) "
+            "RETURNING *",
+            *_values(budget),
+        )
+        created = BudgetDef.from_record(rec)
+        await audit.record(
+            conn,
+            action="BudgetService/CreateBudget",
+            target=f"budget/{created.id}",
+            before=None,
+            after=created.to_proto(),
+        )
+    return created
 
 
 async def update_budget(pool: asyncpg.Pool, budget: BudgetDef) -> BudgetDef:
@@ -300,15 +311,24 @@ async def update_budget(pool: asyncpg.Pool, budget: BudgetDef) -> BudgetDef:
         f"{c.strip()} = ${i}" for i, c in enumerate(BUDGET_COLUMNS.split(",")[1:], start=2)
     )
     async with pool.acquire() as conn, conn.transaction():
+        old = await conn.fetchrow("SELECT * FROM budgets WHERE id = $1 FOR UPDATE", budget.id)
+        if old is None:
+            raise NotFoundError(f"no budget {budget.id}", field="budget.id")
         rec = await conn.fetchrow(
             f"UPDATE budgets SET {sets}, updated_at = now() WHERE id = $1 RETURNING *",
             *_values(budget),
         )
-        if rec is None:
-            raise NotFoundError(f"no budget {budget.id}", field="budget.id")
         # Scope, period or timezone may have changed: counters are rebuilt on the next Reserve.
         await conn.execute("DELETE FROM budget_counters WHERE budget_id = $1", budget.id)
-    return BudgetDef.from_record(rec)
+        updated = BudgetDef.from_record(rec)
+        await audit.record(
+            conn,
+            action="BudgetService/UpdateBudget",
+            target=f"budget/{budget.id}",
+            before=BudgetDef.from_record(old).to_proto(),
+            after=updated.to_proto(),
+        )
+    return updated
 
 
 async def delete_budget(pool: asyncpg.Pool, budget_id: str) -> bool:
@@ -317,10 +337,17 @@ async def delete_budget(pool: asyncpg.Pool, budget_id: str) -> bool:
     except ValueError:
         raise InvalidArgumentError("not a budget id", field="id") from None
     async with pool.acquire() as conn, conn.transaction():
-        deleted = await conn.fetchval("DELETE FROM budgets WHERE id = $1 RETURNING id", key)
+        deleted = await conn.fetchrow("DELETE FROM budgets WHERE id = $1 RETURNING *", key)
         if deleted is None:
             raise NotFoundError(f"no budget {budget_id}", field="id")
         await conn.execute("DELETE FROM budget_counters WHERE budget_id = $1", key)
+        await audit.record(
+            conn,
+            action="BudgetService/DeleteBudget",
+            target=f"budget/{key}",
+            before=BudgetDef.from_record(deleted).to_proto(),
+            after=None,
+        )
     return True
 
 
