@@ -256,6 +256,8 @@ async def test_time_filters_select_by_when_the_change_was_made(admin_channel, db
         ({"page_size": 1001}, "page_size"),
         ({"page_size": -1}, "page_size"),
         ({"page_token": "not-a-token"}, "page_token"),
+        ({"page_token": "9" * 19}, "page_token"),  # beyond bigint
+        ({"page_token": "0"}, "page_token"),
         ({"principal": "x" * 257}, "principal"),
         ({"target": "module/\x00"}, "target"),
         ({"since": {"seconds": 253_402_300_800}}, "since.seconds"),

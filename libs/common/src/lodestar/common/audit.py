@@ -38,6 +38,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_FILTER_CHARS = 256
 MAX_PAGE_TOKEN_DIGITS = 19
+MAX_ENTRY_ID = 2**63 - 1  # bigint
 TIMESTAMP_MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
 TIMESTAMP_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 
@@ -164,7 +165,12 @@ def _page_size(value: int) -> int:
 def _page_token(value: str) -> int | None:
     if not value:
         return None
-    if not (value.isascii() and value.isdigit() and len(value) <= MAX_PAGE_TOKEN_DIGITS):
+    if not (
+        value.isascii()
+        and value.isdigit()
+        and len(value) <= MAX_PAGE_TOKEN_DIGITS
+        and 0 < int(value) <= MAX_ENTRY_ID
+    ):
         raise InvalidArgumentError(
             f"{value[:40]!r} is not a token returned by ListAuditEntries; pass next_page_token "
             "unchanged, or nothing for the first page",
