@@ -292,7 +292,11 @@ async def test_records_export_and_sessions(tracker, admin, publisher_channel):
         (u.SummaryRequest(group_by=["model", "colour"]), "group_by[1]"),
         (
             u.SummaryRequest(
-                window=u.Window(range=u.TimeRange(start={"seconds": 100}, end={"seconds": 50}))
+                window=u.Window(
+                    range=u.TimeRange(
+                        start={"seconds": 1_750_000_100}, end={"seconds": 1_750_000_050}
+                    )
+                )
             ),
             "window.range.end",
         ),

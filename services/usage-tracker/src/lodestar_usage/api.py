@@ -12,7 +12,7 @@ from lodestar.common import audit
 from lodestar.common.errors import DATABASE_UNREACHABLE, InvalidArgumentError, StorageError
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import usage_pb2
-from lodestar_usage import budgets, metrics, reports
+from lodestar_usage import bounds, budgets, metrics, reports, stored
 from lodestar_usage.pricing import (
     PriceRow,
     PriceTable,
@@ -20,48 +20,60 @@ from lodestar_usage.pricing import (
     price_from_proto,
     validate_pattern,
 )
-from lodestar_usage.settings import UsageSettings
+from lodestar_usage.settings import LimitsSettings, UsageSettings
 
 log = get_logger(__name__)
 Context = Any
 UNREACHABLE: tuple[type[BaseException], ...] = (*DATABASE_UNREACHABLE, StorageError, TimeoutError)
+#: What a bad stored row can raise while a read computes with it (never the database going away).
+BAD_ROW_ERRORS: tuple[type[BaseException], ...] = (
+    ArithmeticError,
+    ValueError,
+    TypeError,
+    asyncpg.DataError,
+    InvalidArgumentError,
+)
 
 
 class UsageApi:
     """Reports and prices."""
 
-    def __init__(self, pool: asyncpg.Pool, on_prices_changed: Any) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, on_prices_changed: Any, limits: LimitsSettings | None = None
+    ) -> None:
         self._pool = pool
         self._prices_changed = on_prices_changed
+        self._limits = limits or LimitsSettings()
+
+    def _window(self, window: usage_pb2.Window) -> tuple[datetime, datetime, str]:
+        return reports.resolve_window(
+            window, datetime.now(UTC), max_lookback_days=self._limits.max_lookback_days
+        )
 
     async def Summary(
         self, request: usage_pb2.SummaryRequest, context: Context
     ) -> usage_pb2.SummaryResponse:
         group_by = reports.validate_group_by(request.group_by)
-        now = datetime.now(UTC)
-        start, end, tz = reports.resolve_window(request.window, now)
+        start, end, tz = self._window(request.window)
+        tz_field = "window.calendar.timezone"
         if request.timezone:
             reports.zone(request.timezone, "timezone")
-            tz = request.timezone
-        rows = await reports.summarize(
-            self._pool, start, end, group_by, reports.Filters.from_proto(request.filters), tz
-        )
-        return usage_pb2.SummaryResponse(
-            rows=[
-                usage_pb2.SummaryRow(group=r.group, totals=reports.totals_proto(r.sums))
-                for r in rows
-            ],
-            totals=reports.totals_proto(reports.add_sums(rows)),
-            start=reports.stamp(start),
-            end=reports.stamp(end),
-        )
+            tz, tz_field = request.timezone, "timezone"
+        filters = reports.Filters.from_proto(request.filters)
+        try:
+            rows = await reports.summarize(self._pool, start, end, group_by, filters, tz)
+        except asyncpg.InvalidParameterValueError:  # a zone Python knows and Postgres does not
+            raise InvalidArgumentError(
+                f"{tz[:64]!r} is not a timezone the database knows", field=tz_field
+            ) from None
+        return _summary_response(rows, start, end)
 
     async def ListRecords(
         self, request: usage_pb2.ListRecordsRequest, context: Context
     ) -> usage_pb2.ListRecordsResponse:
         size = reports.page_size(request.page_size)
-        start, end, _ = reports.resolve_window(request.window, datetime.now(UTC))
-        records, token = await reports.list_records(
+        start, end, _ = self._window(request.window)
+        records, token, skipped = await reports.list_records(
             self._pool,
             start,
             end,
@@ -69,18 +81,20 @@ class UsageApi:
             size,
             request.page_token,
         )
-        return usage_pb2.ListRecordsResponse(records=records, next_page_token=token)
+        return usage_pb2.ListRecordsResponse(
+            records=records, next_page_token=token, skipped_records=skipped
+        )
 
     async def ExportRecords(
         self, request: usage_pb2.ExportRecordsRequest, context: Context
     ) -> AsyncIterator[usage_pb2.ExportRecordsResponse]:
         if request.format not in usage_pb2.ExportFormat.values():
             raise InvalidArgumentError("CSV or JSONL", field="format")
-        start, end, _ = reports.resolve_window(request.window, datetime.now(UTC))
-        async for chunk in reports.export_records(
+        start, end, _ = self._window(request.window)
+        async for chunk, skipped in reports.export_records(
             self._pool, start, end, reports.Filters.from_proto(request.filters), request.format
         ):
-            yield usage_pb2.ExportRecordsResponse(chunk=chunk)
+            yield usage_pb2.ExportRecordsResponse(chunk=chunk, skipped_records=skipped)
 
     async def ListSessions(
         self, request: usage_pb2.ListSessionsRequest, context: Context
@@ -88,20 +102,23 @@ class UsageApi:
         size = reports.page_size(request.page_size)
         window = None
         if request.HasField("window"):
-            start, end, _ = reports.resolve_window(request.window, datetime.now(UTC))
+            start, end, _ = self._window(request.window)
             window = (start, end)
-        sessions, token = await reports.list_sessions(
+        sessions, token, skipped = await reports.list_sessions(
             self._pool,
             window,
             reports.Filters.from_proto(request.filters),
             size,
             request.page_token,
         )
-        return usage_pb2.ListSessionsResponse(sessions=sessions, next_page_token=token)
+        return usage_pb2.ListSessionsResponse(
+            sessions=sessions, next_page_token=token, skipped_records=skipped
+        )
 
     async def ListPrices(
         self, request: usage_pb2.ListPricesRequest, context: Context
     ) -> usage_pb2.ListPricesResponse:
+        bounds.text(request.model, "model")
         table = await PriceTable.load(self._pool)
         rows = sorted(table.rows, key=lambda r: (r.pattern, r.valid_from))
         if request.model:
@@ -112,6 +129,7 @@ class UsageApi:
         self, request: usage_pb2.SetPriceRequest, context: Context
     ) -> usage_pb2.SetPriceResponse:
         row = price_from_proto(request.price)
+        bounds.day_in_window(row.valid_from, "price.valid_from")
         async with self._pool.acquire() as conn, conn.transaction():
             before = await _locked_price(conn, row.pattern, row.valid_from)
             await _upsert_price(conn, row)
@@ -144,6 +162,26 @@ class UsageApi:
             )
         await self._prices_changed()
         return usage_pb2.DeletePriceResponse(deleted=before is not None)
+
+
+def _summary_response(
+    rows: list[reports.Row], start: datetime, end: datetime
+) -> usage_pb2.SummaryResponse:
+    """Summary rows; a group whose sums cannot be reported carries an error and a warning."""
+    response = usage_pb2.SummaryResponse(start=reports.stamp(start), end=reports.stamp(end))
+    for row in rows:
+        if row.error:
+            response.rows.add(group=row.group, error=row.error)
+            response.warnings.append(f"group {row.group} left out of totals: {row.error}")
+        else:
+            response.rows.add(group=row.group, totals=reports.totals_proto(row.sums))
+    totals = reports.add_sums(rows)
+    problem = reports.sum_problem(totals)
+    if problem:
+        response.warnings.append(f"totals not reported: {problem}")
+    else:
+        response.totals.CopyFrom(reports.totals_proto(totals))
+    return response
 
 
 def _price_target(pattern: str, valid_from: date) -> str:
@@ -195,11 +233,14 @@ class BudgetApi:
     def __init__(self, pool: asyncpg.Pool, settings: UsageSettings) -> None:
         self._pool = pool
         self._settings = settings.admission
+        self._max_window = settings.limits.max_budget_window_seconds
 
     async def CreateBudget(
         self, request: usage_pb2.CreateBudgetRequest, context: Context
     ) -> usage_pb2.CreateBudgetResponse:
-        budget = budgets.budget_from_proto(request.budget, require_id=False)
+        budget = budgets.budget_from_proto(
+            request.budget, require_id=False, max_window_seconds=self._max_window
+        )
         return usage_pb2.CreateBudgetResponse(
             budget=(await budgets.create_budget(self._pool, budget)).to_proto()
         )
@@ -207,7 +248,9 @@ class BudgetApi:
     async def UpdateBudget(
         self, request: usage_pb2.UpdateBudgetRequest, context: Context
     ) -> usage_pb2.UpdateBudgetResponse:
-        budget = budgets.budget_from_proto(request.budget, require_id=True)
+        budget = budgets.budget_from_proto(
+            request.budget, require_id=True, max_window_seconds=self._max_window
+        )
         return usage_pb2.UpdateBudgetResponse(
             budget=(await budgets.update_budget(self._pool, budget)).to_proto()
         )
@@ -217,10 +260,15 @@ class BudgetApi:
     ) -> usage_pb2.ListBudgetsResponse:
         now = datetime.now(UTC)
         out = []
-        for budget in await budgets.all_budgets(self._pool):
-            usage = await budgets.usage_of(self._pool, budget, budget.scope_value, now)
-            out.append(budgets.status_proto(budget, usage))
-        return usage_pb2.ListBudgetsResponse(budgets=out)
+        defs, skipped = await stored.read_budgets(self._pool)
+        for budget in defs:
+            try:
+                usage = await budgets.usage_of(self._pool, budget, budget.scope_value, now)
+                out.append(budgets.status_proto(budget, usage))
+            except BAD_ROW_ERRORS as exc:  # one budget's bad rows must not fail the others
+                reason = f"its spend or holds cannot be shown ({exc}): a stored row is bad"
+                skipped.append(reports.skipped("budget", str(budget.id), reason, "list_budgets"))
+        return usage_pb2.ListBudgetsResponse(budgets=out, skipped_records=skipped)
 
     async def DeleteBudget(
         self, request: usage_pb2.DeleteBudgetRequest, context: Context
@@ -234,10 +282,15 @@ class BudgetApi:
     ) -> usage_pb2.ReserveResponse:
         budgets.validate_reserve(request)
         lease = timedelta(seconds=self._settings.default_lease_seconds)
-        if request.HasField("lease") and request.lease.ToTimedelta() > timedelta(0):
-            lease = min(
-                request.lease.ToTimedelta(), timedelta(seconds=self._settings.max_lease_seconds)
+        if request.HasField("lease"):
+            most = self._settings.max_lease_seconds
+            asked = bounds.duration(
+                request.lease,
+                "lease",
+                max_seconds=most,
+                why=f"setting admission.max_lease_seconds = {bounds.number(most)}",
             )
+            lease = asked or lease
         try:
             admission = await budgets.reserve(self._pool, request, lease)
         except UNREACHABLE as exc:

@@ -36,6 +36,7 @@ from lodestar.common.errors import (
     StorageError,
 )
 from lodestar.usage.v1 import events_pb2, usage_pb2
+from lodestar_usage import bounds
 from lodestar_usage.reports import Filters, calendar_window, stamp, summarize, zone
 
 T = TypeVar("T")
@@ -58,7 +59,9 @@ CALENDAR_UNIT = {
     usage_pb2.BUDGET_PERIOD_WEEKLY: usage_pb2.CALENDAR_UNIT_WEEK,
     usage_pb2.BUDGET_PERIOD_MONTHLY: usage_pb2.CALENDAR_UNIT_MONTH,
 }
-MAX_MONEY = 10**15
+MAX_MONEY = bounds.MAX_LIMIT
+#: The default of setting limits.max_budget_window_days, in seconds.
+DEFAULT_MAX_WINDOW_SECONDS = 366 * 86_400
 #: The advisory lock between counter initialisation (exclusive) and ledger ingest (shared).
 COUNTER_LOCK = 0x75736167  # "usag"
 DEADLOCK_ATTEMPTS = 5
@@ -191,22 +194,70 @@ def _seconds(duration: duration_pb2.Duration) -> int:
     return duration.seconds + (1 if duration.nanos > 0 else 0)
 
 
-def budget_from_proto(budget: usage_pb2.Budget, *, require_id: bool) -> BudgetDef:
-    """Validate an API budget; INVALID_ARGUMENT names the first bad field."""
+def _window_why(max_seconds: int) -> str:
+    return f"setting limits.max_budget_window_days = {max_seconds // 86_400}"
+
+
+def _rolling_seconds(budget: usage_pb2.Budget, max_seconds: int) -> int:
+    """A rolling budget's window in whole seconds (0 for calendar budgets), within bounds."""
+    if budget.period != usage_pb2.BUDGET_PERIOD_ROLLING:
+        if budget.HasField("rolling") and (budget.rolling.seconds or budget.rolling.nanos):
+            raise InvalidArgumentError("only for ROLLING budgets", field="budget.rolling")
+        return 0
+    span = bounds.duration(
+        budget.rolling, "budget.rolling", max_seconds=max_seconds, why=_window_why(max_seconds)
+    )
+    if not span:
+        raise InvalidArgumentError(
+            "required for a rolling budget, a positive duration", field="budget.rolling"
+        )
+    return _seconds(budget.rolling)
+
+
+def _session_limits(budget: usage_pb2.Budget, max_seconds: int) -> tuple[int, int, int]:
+    """(max duration seconds, max tokens, max cost) of a session budget, within bounds."""
+    limits = budget.session_limits
+    field = "budget.session_limits"
+    bounds.duration(
+        limits.max_duration,
+        f"{field}.max_duration",
+        max_seconds=max_seconds,
+        why=_window_why(max_seconds),
+    )
+    bounds.integer(limits.max_tokens, f"{field}.max_tokens", 0, MAX_MONEY)
+    bounds.integer(limits.max_cost_micros, f"{field}.max_cost_micros", 0, MAX_MONEY)
+    values = (_seconds(limits.max_duration), limits.max_tokens, limits.max_cost_micros)
+    if any(values) and budget.scope != usage_pb2.BUDGET_SCOPE_SESSION:
+        raise InvalidArgumentError("only for SESSION budgets", field=field)
+    return values
+
+
+def budget_from_proto(
+    budget: usage_pb2.Budget,
+    *,
+    require_id: bool,
+    max_window_seconds: int = DEFAULT_MAX_WINDOW_SECONDS,
+) -> BudgetDef:
+    """Validate an API budget; INVALID_ARGUMENT names the first bad field and its bound.
+
+    ``max_window_seconds`` bounds a rolling window and a session's max_duration (setting
+    ``limits.max_budget_window_days``).
+    """
     if require_id:
         try:
-            budget_id = uuid.UUID(budget.id)
+            budget_id = uuid.UUID(bounds.text(budget.id, "budget.id", 64))
         except ValueError:
             raise InvalidArgumentError(
                 "required, the id CreateBudget returned", field="budget.id"
             ) from None
     else:
         budget_id = uuid.uuid4()
-    name = budget.name.strip()
-    if not name or len(name) > 200:
+    name = bounds.text(budget.name, "budget.name", bounds.MAX_NAME).strip()
+    if not name:
         raise InvalidArgumentError("required, 1-200 characters", field="budget.name")
     if budget.scope not in SCOPE_NAMES:
         raise InvalidArgumentError("one of GLOBAL, PROJECT, USER, SESSION", field="budget.scope")
+    bounds.text(budget.scope_value, "budget.scope_value")
     if budget.scope == usage_pb2.BUDGET_SCOPE_GLOBAL and budget.scope_value:
         raise InvalidArgumentError("must be empty for a global budget", field="budget.scope_value")
     if (
@@ -218,21 +269,9 @@ def budget_from_proto(budget: usage_pb2.Budget, *, require_id: bool) -> BudgetDe
         )
     if budget.period not in CALENDAR_UNIT and budget.period != usage_pb2.BUDGET_PERIOD_ROLLING:
         raise InvalidArgumentError("one of DAILY, WEEKLY, MONTHLY, ROLLING", field="budget.period")
-    rolling = _seconds(budget.rolling)
-    if budget.period == usage_pb2.BUDGET_PERIOD_ROLLING:
-        if rolling <= 0 or budget.rolling.seconds < 0:
-            raise InvalidArgumentError(
-                "required for a rolling budget, a positive duration", field="budget.rolling"
-            )
-    elif budget.HasField("rolling") and rolling:
-        raise InvalidArgumentError("only for ROLLING budgets", field="budget.rolling")
+    rolling = _rolling_seconds(budget, max_window_seconds)
     zone(budget.timezone, "budget.timezone")
-    limits = budget.session_limits
-    session_limits = (_seconds(limits.max_duration), limits.max_tokens, limits.max_cost_micros)
-    if any(v < 0 for v in session_limits):
-        raise InvalidArgumentError("must not be negative", field="budget.session_limits")
-    if any(session_limits) and budget.scope != usage_pb2.BUDGET_SCOPE_SESSION:
-        raise InvalidArgumentError("only for SESSION budgets", field="budget.session_limits")
+    session_limits = _session_limits(budget, max_window_seconds)
     limit_micros = budget.limit_micros if budget.HasField("limit_micros") else None
     limit_tokens = budget.limit_tokens if budget.HasField("limit_tokens") else None
     if limit_micros is None and limit_tokens is None and not any(session_limits):
@@ -241,11 +280,18 @@ def budget_from_proto(budget: usage_pb2.Budget, *, require_id: bool) -> BudgetDe
             field="budget.limit_micros",
         )
     for fname, value in (("limit_micros", limit_micros), ("limit_tokens", limit_tokens)):
-        if value is not None and not 0 < value <= MAX_MONEY:
-            raise InvalidArgumentError(f"must be 1..{MAX_MONEY}", field=f"budget.{fname}")
+        if value is not None:
+            bounds.integer(value, f"budget.{fname}", 1, MAX_MONEY)
+    if len(budget.thresholds_pct) > bounds.MAX_THRESHOLDS:
+        raise InvalidArgumentError(
+            f"at most {bounds.MAX_THRESHOLDS} values; got {len(budget.thresholds_pct)}",
+            field="budget.thresholds_pct",
+        )
     thresholds = sorted(set(budget.thresholds_pct)) or list(DEFAULT_THRESHOLDS)
-    if any(not 1 <= t <= 1000 for t in thresholds):
-        raise InvalidArgumentError("each must be 1..1000 percent", field="budget.thresholds_pct")
+    if any(not 1 <= t <= bounds.MAX_THRESHOLD_PCT for t in thresholds):
+        raise InvalidArgumentError(
+            f"each must be 1..{bounds.MAX_THRESHOLD_PCT} percent", field="budget.thresholds_pct"
+        )
     return BudgetDef(
         budget_id,
         name,
@@ -455,17 +501,16 @@ APPLICABLE_READ = APPLICABLE.removesuffix(" FOR UPDATE")
 
 
 def validate_reserve(request: usage_pb2.ReserveRequest) -> None:
-    if request.estimated_cost_micros < 0:
-        raise InvalidArgumentError("must not be negative", field="estimated_cost_micros")
-    if request.estimated_tokens < 0:
-        raise InvalidArgumentError("must not be negative", field="estimated_tokens")
-    if request.estimated_cost_micros > MAX_MONEY:
-        raise InvalidArgumentError(f"at most {MAX_MONEY}", field="estimated_cost_micros")
+    """INVALID_ARGUMENT naming the first field of ``request`` out of bounds (the lease's
+    maximum is a setting: the API checks it)."""
+    bounds.integer(
+        request.estimated_cost_micros, "estimated_cost_micros", 0, bounds.MAX_COST_MICROS
+    )
+    bounds.integer(request.estimated_tokens, "estimated_tokens", 0, bounds.MAX_TOKENS)
     if request.lease.seconds < 0 or request.lease.nanos < 0:
         raise InvalidArgumentError("must not be negative", field="lease")
     for fname in ("project", "user", "session_id", "model"):
-        if len(getattr(request, fname)) > 512:
-            raise InvalidArgumentError("at most 512 characters", field=fname)
+        bounds.text(getattr(request, fname), fname)
 
 
 Key = tuple[uuid.UUID, str, datetime]
@@ -866,10 +911,8 @@ async def _call(pool: asyncpg.Pool, query: str, *args: object) -> str:
 async def commit(pool: asyncpg.Pool, request: usage_pb2.CommitRequest) -> bool:
     """Replace a hold by the actual usage; idempotent."""
     key = _reservation_id(request.reservation_id)
-    if request.actual_cost_micros < 0:
-        raise InvalidArgumentError("must not be negative", field="actual_cost_micros")
-    if request.actual_tokens < 0:
-        raise InvalidArgumentError("must not be negative", field="actual_tokens")
+    bounds.integer(request.actual_cost_micros, "actual_cost_micros", 0, bounds.MAX_COST_MICROS)
+    bounds.integer(request.actual_tokens, "actual_tokens", 0, bounds.MAX_TOKENS)
     state = await _call(
         pool,
         "SELECT commit_hold($1, $2, $3)",

@@ -28,12 +28,14 @@ from typing import NamedTuple
 
 import asyncpg
 
+from lodestar.common import bounds as event_bounds
 from lodestar.common.errors import DATABASE_UNREACHABLE, InvalidArgumentError, StorageError
 from lodestar.common.events import uuid7_millis
 from lodestar.common.logging import get_logger
 from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2
 from lodestar_usage import budgets, metrics
+from lodestar_usage.bounds import EARLIEST_SECONDS, LATEST_SECONDS, WINDOW_TEXT
 from lodestar_usage.pricing import PriceTable, cost_request
 from lodestar_usage.settings import PricingSettings
 
@@ -41,7 +43,8 @@ log = get_logger(__name__)
 
 TOKEN_KINDS = ("input", "output", "cached_read", "cache_write", "reasoning")
 ERROR = events_pb2.REQUEST_STATUS_ERROR
-MAX_TEXT = 512
+MAX_TEXT = event_bounds.MAX_LABEL_CHARS
+MAX_NANOS = event_bounds.MAX_NANOS
 RETRYABLE: tuple[type[BaseException], ...] = (*DATABASE_UNREACHABLE, StorageError)
 
 
@@ -261,13 +264,12 @@ def row_from_event(
             event_id = str(uuid.UUID(event_id))
         except ValueError:
             raise InvalidEvent("not a UUID", field="id") from None
+    try:  # the bounds core checks at the edge: a stored old event must not poison the ledger
+        event_bounds.check_request_completed(payload)
+    except event_bounds.BoundViolation as exc:
+        raise InvalidEvent(exc.description, field=exc.field) from None
     tokens = payload.tokens
     counts = (tokens.input, tokens.output, tokens.cached_read, tokens.cache_write, tokens.reasoning)
-    if min(counts) < 0:
-        kind = TOKEN_KINDS[next(i for i, n in enumerate(counts) if n < 0)]
-        raise InvalidEvent("must not be negative", field=f"tokens.{kind}")
-    if payload.reported_cost.micros < 0:
-        raise InvalidEvent("must not be negative", field="reported_cost.micros")
     texts = (
         payload.model,
         payload.provider,
@@ -277,20 +279,9 @@ def row_from_event(
         payload.task_id,
     )
     reservation_id = payload.reservation_id
-    if not texts[0]:
-        raise InvalidEvent("required, the model that answered", field="model")
-    if max(map(len, texts)) > MAX_TEXT or len(reservation_id) > MAX_TEXT:
-        field = next((f for f, t in zip(TEXT_FIELDS, texts, strict=True) if len(t) > MAX_TEXT), "")
-        raise InvalidEvent(f"at most {MAX_TEXT} characters", field=field or "reservation_id")
     duration = payload.duration
     duration_ms = duration.seconds * 1000 + duration.nanos // 1_000_000
-    if duration_ms < 0:
-        raise InvalidEvent("must not be negative", field="duration")
-    stamp = envelope.time
-    if stamp.seconds or stamp.nanos:
-        occurred = _utc_second(stamp.seconds).replace(microsecond=stamp.nanos // 1000)
-    else:
-        occurred = datetime.fromtimestamp(uuid7_millis(uuid.UUID(event_id)) / 1000, UTC)
+    occurred = _occurred(envelope, event_id)
     costing = cost_request(payload, occurred.date(), duration_ms, prices, pricing)
     return LedgerRow(
         occurred,
@@ -303,6 +294,27 @@ def row_from_event(
         *costing,
         reservation_id,
     )
+
+
+def _occurred(envelope: event_pb2.Event, event_id: str) -> datetime:
+    """When the event happened: its time, else its UUIDv7's; InvalidEvent outside the window."""
+    stamp = envelope.time
+    seconds, nanos = stamp.seconds, stamp.nanos
+    if seconds or nanos:
+        if not (EARLIEST_SECONDS <= seconds < LATEST_SECONDS and 0 <= nanos <= MAX_NANOS):
+            raise InvalidEvent(
+                f"must be within {WINDOW_TEXT} with nanos 0..{MAX_NANOS}; "
+                f"got seconds {seconds}, nanos {nanos}",
+                field="time",
+            )
+        return _utc_second(seconds).replace(microsecond=nanos // 1000)
+    millis = uuid7_millis(uuid.UUID(event_id))
+    if not EARLIEST_SECONDS * 1000 <= millis < LATEST_SECONDS * 1000:
+        raise InvalidEvent(
+            f"time unset, and the UUIDv7's time ({millis} ms since 1970) is outside {WINDOW_TEXT}",
+            field="id",
+        )
+    return datetime.fromtimestamp(millis / 1000, UTC)
 
 
 async def stage(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> None:

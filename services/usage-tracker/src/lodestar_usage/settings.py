@@ -6,9 +6,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from lodestar.common.config import ServiceSettings
+from lodestar_usage.bounds import MAX_BUDGET_WINDOW_DAYS
 
 
 class PricingSettings(BaseModel):
@@ -21,7 +22,10 @@ class PricingSettings(BaseModel):
         description="Providers whose models run on your own hardware.",
     )
     local_compute_micros_per_second: int = Field(
-        default=100, ge=0, description="Compute cost of a local model: micro-dollars per second."
+        default=100,
+        ge=0,
+        le=1_000_000,
+        description="Compute cost of a local model: micro-dollars per second (at most $1/s).",
     )
     baseline_model: str = Field(
         default="claude-sonnet-4",
@@ -71,8 +75,45 @@ class AdmissionSettings(BaseModel):
         description="While the database is unreachable: True grants Reserve (flagged fail_open), "
         "False answers UNAVAILABLE.",
     )
-    default_lease_seconds: float = Field(default=60.0, gt=0)
-    max_lease_seconds: float = Field(default=3600.0, gt=0)
+    default_lease_seconds: float = Field(
+        default=60.0, gt=0, le=86_400, description="Lease of a Reserve that sets none."
+    )
+    max_lease_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        le=86_400,
+        description="Longest lease a Reserve may ask for; a longer one is refused.",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> AdmissionSettings:
+        if self.default_lease_seconds > self.max_lease_seconds:
+            raise ValueError("default_lease_seconds must not exceed max_lease_seconds")
+        return self
+
+
+class LimitsSettings(BaseModel):
+    """Bounds of requests that depend on the deployment (the fixed ones are in bounds.py)."""
+
+    model_config = {"extra": "forbid"}
+
+    max_lookback_days: int = Field(
+        default=3660,
+        ge=1,
+        le=36_500,
+        description="How far back a rolling window or a calendar window's periods_ago may reach.",
+    )
+    max_budget_window_days: int = Field(
+        default=366,
+        ge=1,
+        le=MAX_BUDGET_WINDOW_DAYS,
+        description="Longest rolling budget window and session max_duration.",
+    )
+
+    @property
+    def max_budget_window_seconds(self) -> int:
+        """``max_budget_window_days`` in seconds."""
+        return self.max_budget_window_days * 86_400
 
 
 class AlertSettings(BaseModel):
@@ -103,3 +144,4 @@ class UsageSettings(ServiceSettings):
     retention: RetentionSettings = RetentionSettings()
     admission: AdmissionSettings = AdmissionSettings()
     alerts: AlertSettings = AlertSettings()
+    limits: LimitsSettings = LimitsSettings()
