@@ -212,7 +212,7 @@ def at(millis: int, payload: message.Message | None = None, time_ms: int | None 
 
 def refusal_of(e: event_pb2.Event, window: TimeWindow = WINDOW) -> BoundViolation:
     with pytest.raises(BoundViolation) as caught:
-        validate_event(e, MAX, window, NOW_MS)
+        validate_event(e, 64 * 1024, window, NOW_MS)
     return caught.value
 
 

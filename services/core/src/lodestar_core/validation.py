@@ -100,6 +100,13 @@ def validate_event(
     if subject:
         check_text(subject, "subject", MAX_SUBJECT_CHARS)
     _check_times(event, event_id, time.time_ns() // 1_000_000 if now_ms is None else now_ms, window)
+    envelope = event.SerializeToString()
+    if len(envelope) > max_bytes:
+        raise BoundViolation(
+            "",
+            f"event is {len(envelope)} bytes, the limit is {max_bytes}; "
+            "store large content elsewhere and reference it",
+        )
     event_type = event.type
     _check_payload(event_type, event)
     traceparent = event.traceparent
@@ -110,13 +117,6 @@ def validate_event(
     tracestate = event.tracestate
     if tracestate:
         _check_tracestate(tracestate)
-    envelope = event.SerializeToString()
-    if len(envelope) > max_bytes:
-        raise BoundViolation(
-            "",
-            f"event is {len(envelope)} bytes, the limit is {max_bytes}; "
-            "store large content elsewhere and reference it",
-        )
     return ValidEvent(event_id, event_type, source, envelope)
 
 

@@ -33,6 +33,7 @@ from lodestar.common.embedded import EmbeddedPostgres
 from lodestar.common.events import EVENT_TYPES, unpack
 from lodestar.common.sdk import Publisher, ReceivedEvent, Subscriber, connect
 from lodestar.common.service_cli import ServiceSpec
+from lodestar.common.spool_cli import register as register_spool_commands
 from lodestar.common.tokens_cli import register as register_token_commands
 from lodestar.common.usage_cli import register as register_usage_commands
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -483,6 +484,7 @@ def main() -> None:
 
 
 register_usage_commands(app)  # lodestar usage …, lodestar budgets …
+register_spool_commands(app)  # lodestar spool list, lodestar spool replay
 register_audit_commands(app)  # lodestar audit
 register_token_commands(app)  # lodestar tokens rotate, lodestar tokens list
 
