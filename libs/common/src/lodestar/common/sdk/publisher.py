@@ -68,7 +68,6 @@ TRANSIENT = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
-RETRYABLE = TRANSIENT  # kept for importers of the earlier name
 SPOOL_RETRY_SECONDS = 0.5
 CREDENTIAL_RETRY_SECONDS = 30.0
 MAX_RETRY_DELAY_SECONDS = 30.0
