@@ -11,7 +11,8 @@ What a refusal means (``classify``):
   for), then spooled;
 - credential (UNAUTHENTICATED): the credential, not the events, is at fault. A live publish fails
   with ``AuthenticationError``; spooled batches stay pending (not quarantined) and are tried again
-  every ``CREDENTIAL_RETRY_SECONDS``, in case core's credentials are fixed;
+  every ``CREDENTIAL_RETRY_SECONDS``, in case core's credentials are fixed (new events queue
+  behind them in the spool meanwhile, to keep the order);
 - permanent (everything else: INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION,
   OUT_OF_RANGE, RESOURCE_EXHAUSTED without a delay — a message too large —, INTERNAL …): never
   retried as it is. The batch is resent event by event so that only the refused events fail: a
