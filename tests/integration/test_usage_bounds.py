@@ -225,7 +225,7 @@ TOKEN_NUL_SESSION = encode_token("2025-01-01T00:00:00+00:00", NUL)
         ("ListRecords", u.ListRecordsRequest(page_size=I32), "page_size", "0..1000"),
         ("ListRecords", u.ListRecordsRequest(page_token=TOKEN_BAD_UUID), "page_token", "issued"),
         ("ListRecords", u.ListRecordsRequest(page_token=TOKEN_YEAR_1), "page_token", "issued"),
-        ("ListRecords", u.ListRecordsRequest(page_token="A" * 2000), "page_token", "at most 1024"),
+        ("ListRecords", u.ListRecordsRequest(page_token="A" * 5000), "page_token", "at most 4096"),
         (
             "ListRecords",
             u.ListRecordsRequest(filters=u.Filters(sessions=[NUL])),

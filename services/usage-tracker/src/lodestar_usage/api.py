@@ -175,6 +175,9 @@ def _summary_response(
             response.warnings.append(f"group {row.group} left out of totals: {row.error}")
         else:
             response.rows.add(group=row.group, totals=reports.totals_proto(row.sums))
+    if rows and all(row.error for row in rows):
+        response.warnings.append("totals not reported: no group could be")
+        return response
     totals = reports.add_sums(rows)
     problem = reports.sum_problem(totals)
     if problem:

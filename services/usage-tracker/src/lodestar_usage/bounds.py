@@ -31,7 +31,8 @@ MAX_NAME = 200
 MAX_TIMEZONE = 64
 MAX_FILTER_VALUES = 100
 MAX_GROUPS = 8
-MAX_PAGE_TOKEN = 1024
+#: Page tokens carry a label of up to MAX_TEXT characters (4 bytes each in UTF-8), base64.
+MAX_PAGE_TOKEN = 4096
 MAX_THRESHOLDS = 20
 MAX_THRESHOLD_PCT = common.MAX_THRESHOLD_PCT
 #: One request's cost (reported), and a Reserve estimate or Commit actual: $10,000.

@@ -872,7 +872,10 @@ async def list_sessions(
     next_token = ""
     if more and records:
         last = records[-1]
-        next_token = encode_token(last["last_activity_at_text"], last["session_id"])
+        # A (bad) id beyond MAX_TEXT continues from its prefix: only ids as long sort between.
+        next_token = encode_token(
+            last["last_activity_at_text"], last["session_id"][: bounds.MAX_TEXT]
+        )
     good, bad = [], []
     for rec in records:
         problem = session_problem(rec)
