@@ -380,3 +380,40 @@ async def test_list_budgets_answers_despite_bad_budget_and_reservation_rows(
         assert column in skipped[str(budget_id)]
     assert "holds" in skipped[str(held)]
     assert all(s.kind == "budget" for s in reply.skipped_records)
+
+
+async def test_a_bad_stored_budget_breaks_neither_admission_nor_ingest_nor_alerts(
+    admin: grpc.aio.Channel, tracker: RunningTracker, tracker_db: asyncpg.Connection
+) -> None:
+    """A rolling budget of 10^11 s (accepted on main), a budget with an unknown timezone or
+    period, and one dated the year 20000 apply to every request: each is left out (and logged)
+    while the good budget still decides."""
+    stub = ug.BudgetServiceStub(admin)
+    await stub.CreateBudget(
+        u.CreateBudgetRequest(
+            budget=u.Budget(
+                name="good",
+                scope=u.BUDGET_SCOPE_GLOBAL,
+                period=u.BUDGET_PERIOD_MONTHLY,
+                limit_micros=1000,
+            )
+        )
+    )
+    await plant_budget(
+        tracker_db, "millennia", period=u.BUDGET_PERIOD_ROLLING, rolling_seconds=10**11
+    )
+    await plant_budget(tracker_db, "nowhere", timezone="Nowhere/Land")
+    await plant_budget(tracker_db, "no-period", period=99)
+    # Usable (only its creation time is bad), with room to spare: "good" decides.
+    await plant_budget(tracker_db, "year-20000", created_at="20000-01-01", limit_micros=10**6)
+
+    granted = await stub.Reserve(u.ReserveRequest(project="p1", estimated_cost_micros=600))
+    assert granted.granted
+    denied = await stub.Reserve(u.ReserveRequest(project="p1", estimated_cost_micros=600))
+    assert not denied.granted
+    assert denied.denial.budget_name == "good"
+    await stub.Release(u.ReleaseRequest(reservation_id=granted.reservation_id))
+
+    await ingest_good(tracker)  # ingest adds to the counters of every counted budget
+    assert await tracker_db.fetchval("SELECT count(*) FROM ledger") == 1
+    assert await tracker.module.check_alerts() >= 0

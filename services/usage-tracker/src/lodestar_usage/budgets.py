@@ -35,11 +35,21 @@ from lodestar.common.errors import (
     NotFoundError,
     StorageError,
 )
+from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import events_pb2, usage_pb2
 from lodestar_usage import bounds
-from lodestar_usage.reports import Filters, calendar_window, stamp, summarize, zone
+from lodestar_usage.reports import (
+    BAD_ROWS,
+    Filters,
+    calendar_window,
+    sane_time,
+    stamp,
+    summarize,
+    zone,
+)
 
 T = TypeVar("T")
+log = get_logger(__name__)
 DEFAULT_THRESHOLDS = (50, 80, 100)
 TOKEN_SUMS = (
     "input_tokens",
@@ -314,6 +324,69 @@ BUDGET_COLUMNS = (
 )
 
 
+#: Budget rows for reading: a stored time Python cannot hold (infinity, the year 20000) reads as
+#: NULL instead of failing the read, admission or ingest.
+BUDGET_ROWS = f"SELECT {BUDGET_COLUMNS}, {sane_time('created_at')}, {sane_time('updated_at')}"
+#: Longest rolling window or session duration a stored budget may have (the setting's ceiling).
+MAX_STORED_WINDOW_SECONDS = bounds.MAX_BUDGET_WINDOW_DAYS * 86_400
+
+
+def budget_problem(budget: BudgetDef) -> str:
+    """Why a stored budget cannot be evaluated (a bad stored row), or "".
+
+    The API never stores such a budget; older builds, restores and hand edits might.
+    """
+    if budget.scope not in SCOPE_NAMES:
+        return f"scope {budget.scope} is not a BudgetScope"
+    rolling = budget.period == usage_pb2.BUDGET_PERIOD_ROLLING
+    if budget.period not in CALENDAR_UNIT and not rolling:
+        return f"period {budget.period} is not a BudgetPeriod"
+    if len(budget.name) > bounds.MAX_NAME or len(budget.scope_value) > bounds.MAX_TEXT:
+        return "name or scope_value is too long"
+    try:
+        zone(budget.timezone, "timezone")
+    except InvalidArgumentError:
+        return f"timezone {budget.timezone[:64]!r} is not an IANA timezone"
+    window = MAX_STORED_WINDOW_SECONDS
+    checks = [
+        ("rolling_seconds", budget.rolling_seconds, 1 if rolling else 0, window),
+        ("limit_micros", budget.limit_micros, 1, MAX_MONEY),
+        ("limit_tokens", budget.limit_tokens, 1, MAX_MONEY),
+        ("session_max_duration_seconds", budget.session_max_duration_seconds, 0, window),
+        ("session_max_tokens", budget.session_max_tokens, 0, MAX_MONEY),
+        ("session_max_cost_micros", budget.session_max_cost_micros, 0, MAX_MONEY),
+        *(("thresholds_pct", t, 1, bounds.MAX_THRESHOLD_PCT) for t in budget.thresholds),
+    ]
+    for name, value, low, high in checks:
+        if value is not None and not low <= value <= high:
+            return f"{name} {value} is outside {low}..{high}"
+    return ""
+
+
+_reported_bad: set[uuid.UUID] = set()
+
+
+def usable_budgets(recs: list[asyncpg.Record]) -> list[BudgetDef]:
+    """The budgets of ``recs`` that can be evaluated; a bad one is left out of admission, ingest
+    and alerts (logged once per budget, counted, named by ListBudgets)."""
+    out = []
+    for rec in recs:
+        budget = BudgetDef.from_record(rec)
+        problem = budget_problem(budget)
+        if not problem:
+            out.append(budget)
+            continue
+        BAD_ROWS.labels("budgets").inc()
+        if budget.id not in _reported_bad:
+            _reported_bad.add(budget.id)
+            log.error(
+                "stored budget cannot be evaluated; left out",
+                budget_id=str(budget.id),
+                problem=problem,
+            )
+    return out
+
+
 def _values(b: BudgetDef) -> list[object]:
     return [
         b.id,
@@ -398,10 +471,8 @@ async def delete_budget(pool: asyncpg.Pool, budget_id: str) -> bool:
 
 
 async def all_budgets(conn: asyncpg.Connection | asyncpg.Pool) -> list[BudgetDef]:
-    return [
-        BudgetDef.from_record(r)
-        for r in await conn.fetch("SELECT * FROM budgets ORDER BY name, id")
-    ]
+    """Every stored budget that can be evaluated (bad ones are logged and left out)."""
+    return usable_budgets(await conn.fetch(f"{BUDGET_ROWS} FROM budgets ORDER BY name, id"))
 
 
 @dataclass
@@ -491,7 +562,7 @@ class Admission:
 
 
 APPLICABLE = (
-    f"SELECT *, now() AS now_ FROM budgets WHERE scope = {usage_pb2.BUDGET_SCOPE_GLOBAL} "
+    f"{BUDGET_ROWS}, now() AS now_ FROM budgets WHERE scope = {usage_pb2.BUDGET_SCOPE_GLOBAL} "
     f"OR (scope = {usage_pb2.BUDGET_SCOPE_PROJECT} AND scope_value = $1 AND $1 <> '') "
     f"OR (scope = {usage_pb2.BUDGET_SCOPE_USER} AND scope_value = $2 AND $2 <> '') "
     f"OR (scope = {usage_pb2.BUDGET_SCOPE_SESSION} AND $3 <> '' AND scope_value IN ($3, '')) "
@@ -634,7 +705,7 @@ async def reserve(
     validate_reserve(request)
     recs = await pool.fetch(APPLICABLE_READ, request.project, request.user, request.session_id)
     now: datetime = recs[0]["now_"] if recs else datetime.now(UTC)
-    defs = [BudgetDef.from_record(r) for r in recs]
+    defs = usable_budgets(recs)
     if any(b.period == usage_pb2.BUDGET_PERIOD_ROLLING and b.has_limit for b in defs):
         return await _retrying_reserve(pool, request, lease)
     values = [request.session_id if b.per_session else b.scope_value for b in defs]
@@ -741,7 +812,7 @@ async def _reserve_locked(
     async with pool.acquire() as conn, conn.transaction():
         recs = await conn.fetch(APPLICABLE, request.project, request.user, request.session_id)
         now: datetime = recs[0]["now_"] if recs else await conn.fetchval("SELECT now()")
-        budgets = [BudgetDef.from_record(r) for r in recs]
+        budgets = usable_budgets(recs)
         values = [
             request.session_id if budget.per_session else budget.scope_value for budget in budgets
         ]
@@ -965,11 +1036,7 @@ async def expire_reservations(pool: asyncpg.Pool) -> int:
 async def ingest_budgets(conn: asyncpg.Connection) -> list[BudgetDef]:
     """The counted budgets, with ingest's (shared) side of the counter lock taken."""
     await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", COUNTER_LOCK)
-    return [
-        b
-        for b in map(BudgetDef.from_record, await conn.fetch("SELECT * FROM budgets"))
-        if b.counted
-    ]
+    return [b for b in usable_budgets(await conn.fetch(f"{BUDGET_ROWS} FROM budgets")) if b.counted]
 
 
 # --- alerts -------------------------------------------------------------------------------------
