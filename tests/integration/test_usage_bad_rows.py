@@ -8,19 +8,26 @@ Every read must still answer for everyone, with the good rows, and name the bad 
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
 
 from lodestar.common.auth import Role
+from lodestar.common.errors import InvalidArgumentError
 from lodestar.common.events import new_event
 from lodestar.common.sdk import ReceivedEvent, connect
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
+from lodestar_usage import retention
+from lodestar_usage.reports import EXPORT_FIELDS
 from lodestar_usage.testing import RunningTracker, start_tracker, tracker_settings
 
 from .test_usage_ledger import completed
@@ -417,3 +424,70 @@ async def test_a_bad_stored_budget_breaks_neither_admission_nor_ingest_nor_alert
     await ingest_good(tracker)  # ingest adds to the counters of every counted budget
     assert await tracker_db.fetchval("SELECT count(*) FROM ledger") == 1
     assert await tracker.module.check_alerts() >= 0
+
+
+def _archived(**changes: object) -> dict[str, object]:
+    row: dict[str, object] = dict.fromkeys(EXPORT_FIELDS, 0)
+    row.update(
+        {
+            "occurred_at": "2025-01-01T10:00:00+00:00",
+            "event_id": str(uuid.uuid4()),
+            "model": "m",
+            "provider": "p",
+            "project": "p1",
+            "session_id": "",
+            "user_id": "ann",
+            "task_id": "",
+            "status": 1,
+            "cost_source": 1,
+            "cost_micros": 7,
+            "reservation_id": "",
+        }
+    )
+    row.update(changes)
+    return row
+
+
+def _write_archive(folder: Path, rows: list[dict[str, object]]) -> Path:
+    data = gzip.compress(("\n".join(json.dumps(r) for r in rows) + "\n").encode(), mtime=0)
+    (folder / "ledger_20250101.jsonl.gz").write_bytes(data)
+    manifest = folder / "ledger_20250101.manifest.json"
+    manifest.write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "day": "2025-01-01",
+                "rows": len(rows),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "file": "ledger_20250101.jsonl.gz",
+                "columns": EXPORT_FIELDS,
+            }
+        )
+    )
+    return manifest
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (_archived(cost_micros=I64), "cost_micros"),
+        (_archived(occurred_at="0001-01-01T00:00:00+00:00"), "occurred_at"),
+        (_archived(model="a\x00b"), "model"),
+        (_archived(input_tokens="12"), "input_tokens"),
+    ],
+    ids=["cost", "year-1", "nul", "text-number"],
+)
+async def test_an_archive_with_a_bad_row_is_refused_whole(
+    tmp_path: Path,
+    tracker: RunningTracker,
+    tracker_db: asyncpg.Connection,
+    bad: dict[str, object],
+    says: str,
+) -> None:
+    assert tracker.module.pool is not None
+    manifest = _write_archive(tmp_path, [_archived(), bad])
+    with pytest.raises(InvalidArgumentError, match=f"row 2 .*{says}"):
+        await retention.import_archive(tracker.module.pool, manifest)
+    assert await tracker_db.fetchval("SELECT count(*) FROM ledger") == 0
+    good = _write_archive(tmp_path, [_archived()])
+    assert await retention.import_archive(tracker.module.pool, good) == 1

@@ -21,8 +21,9 @@ import asyncpg
 
 from lodestar.common.errors import InvalidArgumentError
 from lodestar.common.logging import get_logger
+from lodestar_usage import bounds
 from lodestar_usage.ingest import LEDGER_COLUMNS, ensure_partitions
-from lodestar_usage.reports import EXPORT_FIELDS
+from lodestar_usage.reports import EXPORT_FIELDS, RECORD_RANGES
 
 log = get_logger(__name__)
 FORMAT_VERSION = 1
@@ -133,6 +134,32 @@ async def expire(
     return dropped
 
 
+def archived_row_problem(row: object) -> str:
+    """Why an archived row must not enter the ledger (bounds as at ingest), or ""."""
+    if not isinstance(row, dict) or set(row) != set(EXPORT_FIELDS):
+        return "not an object with exactly the ledger's columns"
+    try:
+        when = datetime.fromisoformat(row["occurred_at"])
+        uuid.UUID(row["event_id"])
+    except (TypeError, ValueError):
+        return "occurred_at or event_id unreadable"
+    if when.tzinfo is None or not bounds.EARLIEST <= when < bounds.LATEST:
+        return f"occurred_at outside {bounds.WINDOW_TEXT}"
+    for name, kind in LEDGER_COLUMNS:
+        value = row[name]
+        if kind == "text" and not (
+            isinstance(value, str) and len(value) <= bounds.MAX_TEXT and "\x00" not in value
+        ):
+            return f"{name} is not text of at most {bounds.MAX_TEXT} characters without NUL"
+        if kind in ("integer", "smallint", "bigint") and type(value) is not int:
+            return f"{name} is not an integer"
+    ranges = {**RECORD_RANGES, "status": (0, 32767), "cost_source": (0, 32767)}
+    for name, (low, high) in ranges.items():
+        if not low <= row[name] <= high:
+            return f"{name} {row[name]} is outside {low}..{high}"
+    return ""
+
+
 async def import_archive(pool: asyncpg.Pool, manifest_path: Path) -> int:
     """Put archived rows back into the ledger (rollups are untouched: they never expired)."""
     try:
@@ -145,6 +172,14 @@ async def import_archive(pool: asyncpg.Pool, manifest_path: Path) -> int:
     rows = [json.loads(line) for line in gzip.decompress(data).decode().splitlines() if line]
     if not rows:
         return 0
+    for index, row in enumerate(rows):
+        problem = archived_row_problem(row)
+        if problem:
+            raise InvalidArgumentError(
+                f"row {index + 1} is not a ledger row this service writes ({problem}); "
+                "nothing was imported",
+                field="manifest",
+            )
     day = datetime.fromisoformat(manifest["day"]).replace(tzinfo=UTC)
     if "default" not in manifest["file"]:
         await ensure_partitions(pool, day, day)
