@@ -13,6 +13,7 @@ a ``DecodeError`` to fail on.
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import logging
 import time
@@ -23,7 +24,13 @@ from typing import Any, TypeAlias
 import grpc
 from google.protobuf.message import DecodeError
 
-from lodestar.common.errors import InvalidArgumentError, LodestarError, rich_status, status_for
+from lodestar.common.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    LodestarError,
+    rich_status,
+    status_for,
+)
 from lodestar.common.logging import get_logger
 from lodestar.common.metrics import GRPC_HANDLED, GRPC_HANDLING_SECONDS, GRPC_STARTED
 
@@ -93,10 +100,68 @@ class ErrorMappingInterceptor(_HandlerInterceptor):
             await _abort(context, exc)
 
 
+#: Bounds on the text of a status, which travels in the trailers: clients refuse trailers over
+#: 16 KiB (8 KiB may already be refused), and the message is sent twice, once percent-encoded.
+MAX_MESSAGE_BYTES = 768
+MAX_VIOLATIONS = 8
+MAX_VIOLATION_FIELD_BYTES = 100
+MAX_VIOLATION_DESCRIPTION_BYTES = 200
+TRUNCATED = "… (truncated)"
+
+
 async def _abort(context: Context, error: Exception) -> None:
     """End the call with ``error``'s status, its ``google.rpc`` details in the trailers."""
-    status = rich_status(error)
+    status = rich_status(_bounded(error))
     await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _bounded(error: Exception) -> Exception:
+    """``error``, or a copy whose message and violations fit in a status trailer.
+
+    An error that quotes what the caller sent could otherwise exceed the client's metadata limit,
+    and the caller would see RESOURCE_EXHAUSTED ("received metadata size exceeds hard limit")
+    instead of the error.
+    """
+    if not isinstance(error, LodestarError) or _fits(error):
+        return error
+    bounded = copy.copy(error)
+    field = error.field
+    bounded.field = _clip(field, MAX_VIOLATION_FIELD_BYTES) if field else field
+    budget = MAX_MESSAGE_BYTES - len((bounded.field or "").encode()) - 2
+    bounded.message = _clip(error.message, budget)
+    violations = [
+        FieldViolation(
+            _clip(v.field, MAX_VIOLATION_FIELD_BYTES),
+            _clip(v.description, MAX_VIOLATION_DESCRIPTION_BYTES),
+        )
+        for v in error.violations[:MAX_VIOLATIONS]
+    ]
+    hidden = len(error.violations) - len(violations)
+    if hidden > 0:
+        violations[-1] = FieldViolation("", f"… and {hidden + 1} more violations")
+    bounded.violations = tuple(violations)
+    return bounded
+
+
+def _fits(error: LodestarError) -> bool:
+    return (
+        len(error.details().encode()) <= MAX_MESSAGE_BYTES
+        and len(error.violations) <= MAX_VIOLATIONS
+        and all(
+            len(v.field.encode()) <= MAX_VIOLATION_FIELD_BYTES
+            and len(v.description.encode()) <= MAX_VIOLATION_DESCRIPTION_BYTES
+            for v in error.violations
+        )
+    )
+
+
+def _clip(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, saying so when it was cut."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    keep = max(0, max_bytes - len(TRUNCATED.encode()))
+    return encoded[:keep].decode("utf-8", "ignore") + TRUNCATED
 
 
 class _Outcome:
