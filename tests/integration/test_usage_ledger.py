@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2
 
 from lodestar.common.auth import Role
 from lodestar.common.events import new_event
-from lodestar.common.sdk import connect
+from lodestar.common.sdk import PermanentFailure, ReceivedEvent, connect
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.usage.v1 import events_pb2 as ev
 from lodestar.usage.v1 import usage_pb2 as u
@@ -331,7 +331,20 @@ async def test_malformed_price_pattern_is_refused_and_nothing_stored(admin):
 
 
 async def test_negative_tokens_are_never_stored(tracker, admin, publisher_channel, db):
-    await publish(publisher_channel, [completed(tokens=ev.TokenUsage(input=-5)), completed(cost=7)])
+    bad = completed(tokens=ev.TokenUsage(input=-5))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await publish(publisher_channel, [bad, completed(cost=7)])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, "core refuses it at the edge"
+    assert "events[0].data.tokens.input" in (info.value.details() or "")
+
+    # Defence in depth: should one reach the tracker (an event stored before the bounds), it is
+    # refused for good, so core dead-letters it at once instead of retrying it.
+    event = new_event(bad, source="test://usage")
+    refused = await tracker.module.handle_batch([ReceivedEvent(7, 1, event, bad)])
+    assert list(refused) == [7]
+    assert isinstance(refused[7], PermanentFailure)
+
+    await publish(publisher_channel, [completed(cost=7)])
     reply = await wait_requests(admin, 1)
     await asyncio.sleep(0.3)
     assert (await summary(admin)).totals.requests == 1

@@ -17,7 +17,6 @@ from prometheus_client import Counter, Gauge
 
 from lodestar.common.auth import Principal, Role
 from lodestar.common.errors import (
-    FieldViolation,
     InvalidArgumentError,
     LodestarError,
     ModuleError,
@@ -33,7 +32,13 @@ from lodestar_core.registry import Registry
 from lodestar_core.settings import BusSettings
 from lodestar_core.store import AppendResult, EventStore
 from lodestar_core.subscriptions import SubscriptionRow, SubscriptionStore
-from lodestar_core.validation import describe_rejections, validate_batch
+from lodestar_core.validation import (
+    TimeWindow,
+    describe_rejections,
+    refusal,
+    rejection_violations,
+    validate_batch,
+)
 
 SUBSCRIPTION_NAME = re.compile(r"^[a-z][a-z0-9._-]{0,127}$")
 IDLE_WAKE_SECONDS = 1.0
@@ -79,16 +84,12 @@ class _Refused:
 
     def error(self, total: int) -> LodestarError:
         """The error a unary Publish answers with, one field violation per rejection."""
-        message = describe_rejections(self.rejections, total)
-        violations = [_violation(r.reason) for r in self.rejections]
-        if self.permission:
-            return PermissionDeniedError(message, violations=violations)
-        return InvalidArgumentError(message, violations=violations)
-
-
-def _violation(reason: str) -> FieldViolation:
-    field, _, description = reason.partition(": ")
-    return FieldViolation(field, description) if description else FieldViolation("", reason)
+        if not self.permission:
+            return refusal(self.rejections, total)
+        return PermissionDeniedError(
+            describe_rejections(self.rejections, total),
+            violations=rejection_violations(self.rejections),
+        )
 
 
 class EventBus(bus_pb2_grpc.EventBusServiceServicer):
@@ -105,6 +106,7 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         self._subscriptions = subscriptions
         self._registry = registry
         self._settings = settings
+        self._window = TimeWindow.from_settings(settings)
         self._sessions: dict[str, _Session] = {}
         self._opening: set[str] = set()
 
@@ -116,7 +118,7 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
             return _Refused(refused, permission=True)
         stamp(events, principal)
         valid, rejections = validate_batch(
-            events, self._settings.max_batch_events, self._settings.max_event_bytes
+            events, self._settings.max_batch_events, self._settings.max_event_bytes, self._window
         )
         if rejections:
             return _Refused(rejections)
