@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -63,3 +65,19 @@ async def test_unknown_type_is_rejected_and_nothing_stored(publisher_channel, ad
     assert "nothing was stored" in refused.value.details()
     again = await stub.Publish(bus_pb2.PublishRequest(events=[good]))
     assert again.accepted == 1
+
+
+async def test_an_id_dated_back_to_the_retention_lands_in_a_partition_retention_drops(
+    publisher_channel, db
+):
+    """Partitions reach back as far as publish accepts ids, so nothing lands in the default one."""
+    now = datetime.now(UTC)
+    old = now - timedelta(days=6)  # inside the default retention of 7 days
+    millis = int(old.timestamp() * 1000)
+    old_id = uuid.UUID(int=(millis << 80) | (0x7 << 76) | (0b10 << 62) | 12345)
+    event = new_event(completed("m"), source="test://old", event_id=str(old_id), time=old)
+    stub = bus_pb2_grpc.EventBusServiceStub(publisher_channel)
+    assert (await stub.Publish(bus_pb2.PublishRequest(events=[event]))).accepted == 1
+    partition = await db.fetchval("SELECT tableoid::regclass::text FROM events")
+    assert partition == f"events_p{old:%Y%m%d}"
+    assert await db.fetchval("SELECT count(*) FROM events_default") == 0

@@ -100,7 +100,11 @@ class CoreModule(Module):
     async def _wire(self, pool: asyncpg.Pool) -> None:
         bus_settings = self.settings.bus
         store = EventStore(pool, group_commit_max_events=bus_settings.group_commit_max_events)
-        await store.ensure_partitions(datetime.now(UTC).date(), bus_settings.partitions_ahead_days)
+        await store.ensure_partitions(
+            datetime.now(UTC).date(),
+            bus_settings.partitions_ahead_days,
+            bus_settings.retention_days,
+        )
         await store.start()
         registry = Registry(pool, timedelta(seconds=self.settings.registry.lease_seconds))
         await registry.load()
@@ -132,8 +136,11 @@ class CoreModule(Module):
     async def _maintain_partitions(self) -> None:
         assert self.store is not None
         today = datetime.now(UTC).date()
-        created = await self.store.ensure_partitions(today, self.settings.bus.partitions_ahead_days)
-        dropped = await self.store.drop_expired_partitions(today, self.settings.bus.retention_days)
+        bus = self.settings.bus
+        created = await self.store.ensure_partitions(
+            today, bus.partitions_ahead_days, bus.retention_days
+        )
+        dropped = await self.store.drop_expired_partitions(today, bus.retention_days)
         if created or dropped:
             log.info("partitions maintained", created=created, dropped=dropped)
 

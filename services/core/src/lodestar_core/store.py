@@ -185,11 +185,17 @@ class EventStore:
                 rows = await conn.fetch(FETCH_ALL, after, up_to, limit)
         return [StoredEvent(row["seq"], row["envelope"]) for row in rows]
 
-    async def ensure_partitions(self, today: date, ahead_days: int) -> list[str]:
-        """Create the daily partitions from yesterday to ``ahead_days`` after today."""
+    async def ensure_partitions(
+        self, today: date, ahead_days: int, behind_days: int = 1
+    ) -> list[str]:
+        """Create the daily partitions from ``behind_days`` before to ``ahead_days`` after today.
+
+        Publish accepts ids dated back to the retention, so the partitions reach back that far
+        and such an event never lands in the default partition, which retention does not drop.
+        """
         created = []
         async with self._pool.acquire() as conn:
-            for offset in range(-1, ahead_days + 1):
+            for offset in range(-behind_days, ahead_days + 1):
                 day = today + timedelta(days=offset)
                 name = f"{PARTITION_PREFIX}{day:%Y%m%d}"
                 exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name)
