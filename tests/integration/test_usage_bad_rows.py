@@ -491,3 +491,40 @@ async def test_an_archive_with_a_bad_row_is_refused_whole(
     assert await tracker_db.fetchval("SELECT count(*) FROM ledger") == 0
     good = _write_archive(tmp_path, [_archived()])
     assert await retention.import_archive(tracker.module.pool, good) == 1
+
+
+async def test_a_saturated_rollup_or_session_row_does_not_block_ingest(
+    admin: grpc.aio.Channel, tracker: RunningTracker, tracker_db: asyncpg.Connection
+) -> None:
+    """Rollup and session sums already at int64's maximum stay there (saturate) instead of
+    failing the batch, whose other events would be retried and dead-lettered with it."""
+    hour = _hour(datetime.now(UTC))
+    await tracker_db.execute(
+        f"INSERT INTO rollup_hourly (hour, model, provider, project, user_id, {SUMS}) "
+        "VALUES ($1, 'full', 'anthropic', 'p1', 'ann', 1, 0, $2, 0, 0, 0, 0, $2, 0, 0, $3, 1)",
+        hour,
+        I64,
+        -I64,
+    )
+    await plant_session(tracker_db, "full", cost_micros=I64)
+    full = completed(model="full", session="full", cost=5)
+    other = completed(model="other", session="other", cost=7)
+    refused = await tracker.module.handle_batch(
+        [
+            ReceivedEvent(1, 1, new_event(full, source="test://bad-rows"), full),
+            ReceivedEvent(2, 1, new_event(other, source="test://bad-rows"), other),
+        ]
+    )
+    assert not refused
+    assert await tracker_db.fetchval("SELECT count(*) FROM ledger") == 2
+    saturated = await tracker_db.fetchrow(
+        "SELECT cost_micros, input_tokens, requests FROM rollup_hourly WHERE model = 'full'"
+    )
+    assert tuple(saturated) == (I64, I64, 2)
+    assert (
+        await tracker_db.fetchval("SELECT cost_micros FROM sessions WHERE session_id = 'full'")
+        == I64
+    )
+    reply = await ug.UsageServiceStub(admin).Summary(u.SummaryRequest(group_by=["model"]))
+    costs = {r.group["model"]: r.totals.cost_micros for r in reply.rows if not r.error}
+    assert costs["other"] == 7

@@ -145,14 +145,37 @@ SUMS = [
 
 
 DIMS = ["model", "provider", "project", "user_id"]
+_MAX = 2**63 - 1
 
 
-def _rollup(table: str, keys: Sequence[str], where: str = "") -> str:
+def plain_add(stored: str, added: str) -> str:
+    """SQL for ``stored + added`` (fails the statement beyond int64)."""
+    return f"{stored} + {added}"
+
+
+def saturating_add(stored: str, added: str) -> str:
+    """SQL for ``stored + added`` that stays at ±(2^63 - 1) instead of failing the statement.
+
+    Bounded events never get a sum there, but one bad stored row (a restore, a hand edit) must
+    not fail every later batch of its group, and the good events batched with them. The nested
+    CASE fixes the evaluation order, so no subtraction below can overflow either.
+    """
+    return (
+        f"CASE WHEN {stored} > 0 THEN CASE WHEN {added} > {_MAX} - {stored} THEN {_MAX} "
+        f"ELSE {stored} + {added} END "
+        f"WHEN {stored} < 0 THEN CASE WHEN {added} < -{_MAX} - {stored} THEN -{_MAX} "
+        f"ELSE {stored} + {added} END ELSE {added} END"
+    )
+
+
+def _rollup(
+    table: str, keys: Sequence[str], where: str = "", add: Callable[[str, str], str] = plain_add
+) -> str:
     """An upsert of ``table`` from the ``fine`` CTE (the inserted rows summed per session, hour
     and every dimension), re-summed to ``keys``; ``day`` is derived from ``hour``."""
     exprs = ["date_trunc('day', hour, 'UTC')" if k == "day" else k for k in keys]
     positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
-    updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in SUMS)
+    updates = ", ".join(f"{c} = {add(f'r.{c}', f'EXCLUDED.{c}')}" for c in SUMS)
     return (
         f"INSERT INTO {table} AS r ({', '.join([*keys, *SUMS])}) "
         f"SELECT {', '.join(exprs)}, {', '.join(f'sum({c})::bigint' for c in SUMS)} "
@@ -168,16 +191,21 @@ _FINE_SUMS = ", ".join(
         *(f"sum({c}) AS {c}" for c in SUMS[2:]),
     ]
 )
-_ROLLUPS = {
-    "h": _rollup("rollup_hourly", ["hour", *DIMS]),
-    "d": _rollup("rollup_daily", ["day", *DIMS]),
-    "s": _rollup("rollup_session_hourly", ["session_id", "hour", *DIMS], "WHERE session_id <> ''"),
-    "hm": _rollup("rollup_hourly_model", ["hour", *DIMS[:2]]),
-    "dm": _rollup("rollup_daily_model", ["day", *DIMS[:2]]),
-}
 
 
-def _with_rollups(insert: str) -> str:
+def _rollups(add: Callable[[str, str], str]) -> dict[str, str]:
+    return {
+        "h": _rollup("rollup_hourly", ["hour", *DIMS], add=add),
+        "d": _rollup("rollup_daily", ["day", *DIMS], add=add),
+        "s": _rollup(
+            "rollup_session_hourly", ["session_id", "hour", *DIMS], "WHERE session_id <> ''", add
+        ),
+        "hm": _rollup("rollup_hourly_model", ["hour", *DIMS[:2]], add=add),
+        "dm": _rollup("rollup_daily_model", ["day", *DIMS[:2]], add=add),
+    }
+
+
+def _with_rollups(insert: str, add: Callable[[str, str], str] = plain_add) -> str:
     """``insert`` (RETURNING the rows it inserted), then the rollups of exactly those rows at
     every grain — hourly, daily, per session, and per model only — all re-summed from one
     aggregation. Returns NULL when all ``$1`` staged rows were new, else the new event ids."""
@@ -185,7 +213,7 @@ def _with_rollups(insert: str) -> str:
         f"WITH ins AS ({insert} RETURNING *), "
         "fine AS MATERIALIZED (SELECT session_id, date_trunc('hour', occurred_at, 'UTC') AS hour, "
         f"{', '.join(DIMS)}, {_FINE_SUMS} FROM ins GROUP BY 1, 2, 3, 4, 5, 6), "
-        + ", ".join(f"{name} AS ({statement})" for name, statement in _ROLLUPS.items())
+        + ", ".join(f"{name} AS ({statement})" for name, statement in _rollups(add).items())
         + " SELECT CASE WHEN count(*) = $1 THEN NULL "
         "ELSE coalesce(array_agg(event_id), '{}') END FROM ins"
     )
@@ -215,13 +243,38 @@ SESSION_COLUMNS = [
 ]
 _snames, _sarrays = _unnest(SESSION_COLUMNS)
 _ADDED = [c for c, _ in SESSION_COLUMNS[6:]]
-UPSERT_SESSIONS = (
-    f"INSERT INTO sessions AS s ({_snames}) SELECT * FROM unnest({_sarrays}) "
-    "ON CONFLICT (session_id) DO UPDATE SET "
-    "started_at = least(s.started_at, EXCLUDED.started_at), "
-    "last_activity_at = greatest(s.last_activity_at, EXCLUDED.last_activity_at), "
-    "last_model = EXCLUDED.last_model, closed = false, "
-    + ", ".join(f"{c} = s.{c} + EXCLUDED.{c}" for c in _ADDED)
+
+
+def _upsert_sessions(add: Callable[[str, str], str]) -> str:
+    return (
+        f"INSERT INTO sessions AS s ({_snames}) SELECT * FROM unnest({_sarrays}) "
+        "ON CONFLICT (session_id) DO UPDATE SET "
+        "started_at = least(s.started_at, EXCLUDED.started_at), "
+        "last_activity_at = greatest(s.last_activity_at, EXCLUDED.last_activity_at), "
+        "last_model = EXCLUDED.last_model, closed = false, "
+        + ", ".join(f"{c} = {add(f's.{c}', f'EXCLUDED.{c}')}" for c in _ADDED)
+    )
+
+
+UPSERT_SESSIONS = _upsert_sessions(plain_add)
+
+
+class WriteSql(NamedTuple):
+    """The statements that write a batch: new rows, any rows, sessions."""
+
+    insert_new: str
+    insert: str
+    sessions: str
+
+
+#: The usual statements, and the same with sums that saturate at ±(2^63 - 1) instead of failing:
+#: the writer retries a batch with these when a stored sum (a bad row) would overflow, so the
+#: plain ones stay as cheap as before.
+PLAIN_SQL = WriteSql(INSERT_NEW_WITH_ROLLUPS, INSERT_WITH_ROLLUPS, UPSERT_SESSIONS)
+SATURATING_SQL = WriteSql(
+    _with_rollups(INSERT_NEW_LEDGER, saturating_add),
+    _with_rollups(INSERT_LEDGER, saturating_add),
+    _upsert_sessions(saturating_add),
 )
 
 SETTLE = (
@@ -325,7 +378,9 @@ async def stage(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> None:
     )
 
 
-async def write_rows(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> list[LedgerRow]:
+async def write_rows(
+    conn: asyncpg.Connection, rows: Sequence[LedgerRow], sql: WriteSql = PLAIN_SQL
+) -> list[LedgerRow]:
     """Insert ``rows`` and their rollups in the caller's transaction; returns the new rows."""
     unique = list({row.event_id: row for row in rows}.values())
     if not unique:
@@ -333,9 +388,9 @@ async def write_rows(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> lis
     await stage(conn, unique)
     try:
         async with conn.transaction():  # a savepoint: a duplicate undoes only this attempt
-            inserted = await conn.fetchval(INSERT_NEW_WITH_ROLLUPS, len(unique))
+            inserted = await conn.fetchval(sql.insert_new, len(unique))
     except asyncpg.UniqueViolationError:
-        inserted = await conn.fetchval(INSERT_WITH_ROLLUPS, len(unique))
+        inserted = await conn.fetchval(sql.insert, len(unique))
     if inserted is None:
         new = unique
     else:
@@ -345,7 +400,7 @@ async def write_rows(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> lis
         return []
     with_session = [r for r in new if r.session_id]
     if with_session:
-        await _update_sessions(conn, with_session)
+        await _update_sessions(conn, with_session, sql.sessions)
     settle = []
     for row in new:
         if row.reservation_id:
@@ -406,7 +461,9 @@ def _sums(columns: Sequence[Sequence[int]], *fields: str) -> list[int]:
     return [sum(columns[_AT[field]]) for field in fields]
 
 
-async def _update_sessions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> None:
+async def _update_sessions(
+    conn: asyncpg.Connection, rows: Sequence[LedgerRow], upsert: str = UPSERT_SESSIONS
+) -> None:
     by_session = _group(rows, "session_id")
     ids = sorted(by_session)
     existing = {
@@ -449,7 +506,7 @@ async def _update_sessions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) 
         ]
         for column, value in zip(values, row_values, strict=True):
             column.append(value)
-    await conn.execute(UPSERT_SESSIONS, *values)
+    await conn.execute(upsert, *values)
 
 
 def record_metrics(rows: Sequence[LedgerRow]) -> None:
@@ -546,14 +603,32 @@ class LedgerWriter:
         self._pending_rows -= rows
         return batch
 
+    @staticmethod
+    def _refuse(batch: list[_Pending], exc: Exception) -> None:
+        """Fail every submission of ``batch`` with ``exc`` (their deliveries are nacked)."""
+        log.error("ledger write refused", error=str(exc), events=sum(len(p.rows) for p in batch))
+        for pending in batch:
+            if not pending.done.done():
+                pending.done.set_exception(exc)
+
     async def _commit(self, batch: list[_Pending]) -> None:
         rows = [row for pending in batch for row in pending.rows]
         backoff = 0.05
+        sql = PLAIN_SQL
         while True:
             started = time.perf_counter()
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    new = await write_rows(conn, rows)
+                    new = await write_rows(conn, rows, sql)
+            except asyncpg.NumericValueOutOfRangeError as exc:
+                if sql is SATURATING_SQL:
+                    self._refuse(batch, exc)
+                    return
+                # A stored rollup or session sum near int64 (a bad row): write with sums that
+                # stay at the limit rather than fail this batch and every later one of the group.
+                log.error("a stored sum would overflow int64; saturating", error=str(exc))
+                sql = SATURATING_SQL
+                continue
             except RETRYABLE as exc:
                 self.last_error = f"database: {exc}"
                 log.warning("ledger write failed; retrying", error=str(exc), events=len(rows))
@@ -561,10 +636,7 @@ class LedgerWriter:
                 backoff = min(backoff * 2, 2.0)
                 continue
             except Exception as exc:
-                log.error("ledger write refused", error=str(exc), events=len(rows))
-                for pending in batch:
-                    if not pending.done.done():
-                        pending.done.set_exception(exc)
+                self._refuse(batch, exc)
                 return
             break
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
