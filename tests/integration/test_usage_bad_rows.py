@@ -528,3 +528,26 @@ async def test_a_saturated_rollup_or_session_row_does_not_block_ingest(
     reply = await ug.UsageServiceStub(admin).Summary(u.SummaryRequest(group_by=["model"]))
     costs = {r.group["model"]: r.totals.cost_micros for r in reply.rows if not r.error}
     assert costs["other"] == 7
+
+
+async def test_a_saturated_budget_counter_does_not_block_ingest(
+    admin: grpc.aio.Channel, tracker: RunningTracker, tracker_db: asyncpg.Connection
+) -> None:
+    stub = ug.BudgetServiceStub(admin)
+    await stub.CreateBudget(
+        u.CreateBudgetRequest(
+            budget=u.Budget(
+                name="all",
+                scope=u.BUDGET_SCOPE_GLOBAL,
+                period=u.BUDGET_PERIOD_MONTHLY,
+                limit_micros=10**12,
+            )
+        )
+    )
+    assert (await stub.Reserve(u.ReserveRequest(estimated_cost_micros=1))).granted
+    await tracker_db.execute("UPDATE budget_counters SET spent_micros = $1", I64)
+    await ingest_good(tracker)
+    assert await tracker_db.fetchval("SELECT count(*) FROM ledger") == 1
+    assert await tracker_db.fetchval("SELECT spent_micros FROM budget_counters") == I64
+    denied = await stub.Reserve(u.ReserveRequest(estimated_cost_micros=1))
+    assert not denied.granted  # a saturated counter refuses, it never wraps around

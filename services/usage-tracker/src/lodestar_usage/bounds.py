@@ -143,3 +143,26 @@ def texts(
     if len(values) > max_values:
         raise InvalidArgumentError(f"at most {max_values} values; got {len(values)}", field=field)
     return [text(value, f"{field}[{i}]", max_length) for i, value in enumerate(values)]
+
+
+# --- SQL sums -----------------------------------------------------------------------------------
+
+
+def plain_add(stored: str, added: str) -> str:
+    """SQL for ``stored + added`` (fails the statement beyond int64)."""
+    return f"{stored} + {added}"
+
+
+def saturating_add(stored: str, added: str) -> str:
+    """SQL for ``stored + added`` that stays at ±(2^63 - 1) instead of failing the statement.
+
+    Bounded events never get a sum there, but one bad stored row (a restore, a hand edit) must
+    not fail every later batch of its group, and the good events batched with them. The nested
+    CASE fixes the evaluation order, so no subtraction below can overflow either.
+    """
+    return (
+        f"CASE WHEN {stored} > 0 THEN CASE WHEN {added} > {INT64_MAX} - {stored} THEN {INT64_MAX} "
+        f"ELSE {stored} + {added} END "
+        f"WHEN {stored} < 0 THEN CASE WHEN {added} < -{INT64_MAX} - {stored} THEN -{INT64_MAX} "
+        f"ELSE {stored} + {added} END ELSE {added} END"
+    )

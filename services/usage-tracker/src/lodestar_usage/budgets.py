@@ -604,25 +604,44 @@ HELD_IN_WINDOW = (
     "WHERE rb.budget_id = $1 AND rb.scope_value = $2 AND rb.window_start = $3 "
     "AND r.state IN ('active', 'committed')"
 )
-#: Adds (spent, held) deltas to counters, locking them in key order (the order every writer uses).
-ADD_TO_COUNTERS = (
-    "UPDATE budget_counters c SET spent_micros = c.spent_micros + d.sm, "
-    "spent_tokens = c.spent_tokens + d.st, held_micros = c.held_micros + d.hm, "
-    "held_tokens = c.held_tokens + d.ht "
-    "FROM (SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::bigint[], "
-    "$5::bigint[], $6::bigint[], $7::bigint[]) AS u(b, v, w, sm, st, hm, ht) ORDER BY b, v, w) d "
-    "WHERE c.budget_id = d.b AND c.scope_value = d.v AND c.window_start = d.w"
-)
 
 
-async def add_to_counters(conn: asyncpg.Connection, deltas: dict[Key, list[int]]) -> None:
+def _add_to_counters(add: Callable[[str, str], str]) -> str:
+    """Adds (spent, held) deltas to counters, locking them in key order (every writer's)."""
+    sets = ", ".join(
+        f"{column} = {add(f'c.{column}', f'd.{delta}')}"
+        for column, delta in (
+            ("spent_micros", "sm"),
+            ("spent_tokens", "st"),
+            ("held_micros", "hm"),
+            ("held_tokens", "ht"),
+        )
+    )
+    return (
+        f"UPDATE budget_counters c SET {sets} "
+        "FROM (SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::bigint[], "
+        "$5::bigint[], $6::bigint[], $7::bigint[]) AS u(b, v, w, sm, st, hm, ht) "
+        "ORDER BY b, v, w) d "
+        "WHERE c.budget_id = d.b AND c.scope_value = d.v AND c.window_start = d.w"
+    )
+
+
+ADD_TO_COUNTERS = _add_to_counters(bounds.plain_add)
+#: The same with sums that stay at ±(2^63 - 1): for a batch ingest writes again after a stored
+#: counter (a bad row) would overflow.
+ADD_TO_COUNTERS_SATURATING = _add_to_counters(bounds.saturating_add)
+
+
+async def add_to_counters(
+    conn: asyncpg.Connection, deltas: dict[Key, list[int]], *, saturate: bool = False
+) -> None:
     """Add ``[spent_micros, spent_tokens, held_micros, held_tokens]`` per counter key."""
     deltas = {k: d for k, d in deltas.items() if any(d)}
     if not deltas:
         return
     keys = sorted(deltas, key=lambda k: (k[0].bytes, k[1], k[2]))
     await conn.execute(
-        ADD_TO_COUNTERS,
+        ADD_TO_COUNTERS_SATURATING if saturate else ADD_TO_COUNTERS,
         [k[0] for k in keys],
         [k[1] for k in keys],
         [k[2] for k in keys],

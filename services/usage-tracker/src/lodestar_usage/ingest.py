@@ -35,7 +35,13 @@ from lodestar.common.logging import get_logger
 from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2
 from lodestar_usage import budgets, metrics
-from lodestar_usage.bounds import EARLIEST_SECONDS, LATEST_SECONDS, WINDOW_TEXT
+from lodestar_usage.bounds import (
+    EARLIEST_SECONDS,
+    LATEST_SECONDS,
+    WINDOW_TEXT,
+    plain_add,
+    saturating_add,
+)
 from lodestar_usage.pricing import PriceTable, cost_request
 from lodestar_usage.settings import PricingSettings
 
@@ -145,27 +151,6 @@ SUMS = [
 
 
 DIMS = ["model", "provider", "project", "user_id"]
-_MAX = 2**63 - 1
-
-
-def plain_add(stored: str, added: str) -> str:
-    """SQL for ``stored + added`` (fails the statement beyond int64)."""
-    return f"{stored} + {added}"
-
-
-def saturating_add(stored: str, added: str) -> str:
-    """SQL for ``stored + added`` that stays at ±(2^63 - 1) instead of failing the statement.
-
-    Bounded events never get a sum there, but one bad stored row (a restore, a hand edit) must
-    not fail every later batch of its group, and the good events batched with them. The nested
-    CASE fixes the evaluation order, so no subtraction below can overflow either.
-    """
-    return (
-        f"CASE WHEN {stored} > 0 THEN CASE WHEN {added} > {_MAX} - {stored} THEN {_MAX} "
-        f"ELSE {stored} + {added} END "
-        f"WHEN {stored} < 0 THEN CASE WHEN {added} < -{_MAX} - {stored} THEN -{_MAX} "
-        f"ELSE {stored} + {added} END ELSE {added} END"
-    )
 
 
 def _rollup(
@@ -416,7 +401,7 @@ async def write_rows(
     counted = await budgets.ingest_budgets(conn)
     if counted:
         _spend_deltas(new, counted, deltas)
-    await budgets.add_to_counters(conn, deltas)
+    await budgets.add_to_counters(conn, deltas, saturate=sql is SATURATING_SQL)
     return new
 
 
