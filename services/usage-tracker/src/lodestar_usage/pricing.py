@@ -16,13 +16,15 @@ from typing import NamedTuple
 
 import asyncpg
 
+from lodestar.common.bounds import MAX_PRICE_MICROS_PER_MILLION_TOKENS
 from lodestar.common.errors import InvalidArgumentError
 from lodestar.usage.v1 import events_pb2, usage_pb2
 from lodestar_usage.settings import PricingSettings
 
 PATTERN = re.compile(r"^[A-Za-z0-9._:/@*?-]{1,200}$")
 MICROS_PER_MTOK = 1_000_000
-MAX_PRICE = 10**12  # $1,000,000 per token-million: anything above is a typo
+#: $1,000 per million tokens: a maximal event priced at it still fits (lodestar.common.bounds)
+MAX_PRICE = MAX_PRICE_MICROS_PER_MILLION_TOKENS
 
 
 @dataclass(frozen=True)

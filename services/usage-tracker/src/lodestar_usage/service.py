@@ -118,7 +118,7 @@ class UsageModule(Module):
             await pool.close()
             raise
         self.pool = pool
-        self._usage.target = UsageApi(pool, self.reload_prices)
+        self._usage.target = UsageApi(pool, self.reload_prices, self.settings.limits)
         self._budgets.target = BudgetApi(pool, self.settings)
         self._audit.target = audit.AuditService(pool)
         ingest = self.settings.ingest
