@@ -551,3 +551,23 @@ async def test_a_saturated_budget_counter_does_not_block_ingest(
     assert await tracker_db.fetchval("SELECT spent_micros FROM budget_counters") == I64
     denied = await stub.Reserve(u.ReserveRequest(estimated_cost_micros=1))
     assert not denied.granted  # a saturated counter refuses, it never wraps around
+
+
+async def test_an_admin_can_update_and_delete_a_budget_with_a_bad_stored_time(admin, tracker_db):
+    """The audit entry reads the old row too: a time Python cannot hold must not fail the change."""
+    budget_id = await plant_budget(tracker_db, "odd-date", created_at="20000-01-01")
+    stub = ug.BudgetServiceStub(admin)
+    listed = (await stub.ListBudgets(u.ListBudgetsRequest())).budgets
+    [budget] = [b.budget for b in listed if b.budget.id == str(budget_id)]
+    budget.name = "renamed"
+    updated = await stub.UpdateBudget(u.UpdateBudgetRequest(budget=budget))
+    assert updated.budget.name == "renamed"
+    await stub.DeleteBudget(u.DeleteBudgetRequest(id=str(budget_id)))
+    assert await tracker_db.fetchval("SELECT count(*) FROM budgets WHERE id = $1", budget_id) == 0
+    actions = await tracker_db.fetch(
+        "SELECT action FROM audit_log WHERE target = $1 ORDER BY id", f"budget/{budget_id}"
+    )
+    assert [r["action"] for r in actions] == [
+        "BudgetService/UpdateBudget",
+        "BudgetService/DeleteBudget",
+    ]

@@ -326,7 +326,8 @@ BUDGET_COLUMNS = (
 
 #: Budget rows for reading: a stored time Python cannot hold (infinity, the year 20000) reads as
 #: NULL instead of failing the read, admission or ingest.
-BUDGET_ROWS = f"SELECT {BUDGET_COLUMNS}, {sane_time('created_at')}, {sane_time('updated_at')}"
+BUDGET_RETURNED = f"{BUDGET_COLUMNS}, {sane_time('created_at')}, {sane_time('updated_at')}"
+BUDGET_ROWS = f"SELECT {BUDGET_RETURNED}"
 #: Longest rolling window or session duration a stored budget may have (the setting's ceiling).
 MAX_STORED_WINDOW_SECONDS = bounds.MAX_BUDGET_WINDOW_DAYS * 86_400
 
@@ -411,7 +412,7 @@ async def create_budget(pool: asyncpg.Pool, budget: BudgetDef) -> BudgetDef:
         rec = await conn.fetchrow(
             f"INSERT INTO budgets ({BUDGET_COLUMNS}) "
             f"VALUES ({', '.join(f'${i}' for i in range(1, 14))}) "
-            "RETURNING *",
+            f"RETURNING {BUDGET_RETURNED}",
             *_values(budget),
         )
         created = BudgetDef.from_record(rec)
@@ -430,11 +431,15 @@ async def update_budget(pool: asyncpg.Pool, budget: BudgetDef) -> BudgetDef:
         f"{c.strip()} = ${i}" for i, c in enumerate(BUDGET_COLUMNS.split(",")[1:], start=2)
     )
     async with pool.acquire() as conn, conn.transaction():
-        old = await conn.fetchrow("SELECT * FROM budgets WHERE id = $1 FOR UPDATE", budget.id)
+        old = await conn.fetchrow(
+            f"{BUDGET_ROWS} FROM budgets WHERE id = $1 FOR UPDATE",
+            budget.id,
+        )
         if old is None:
             raise NotFoundError(f"no budget {budget.id}", field="budget.id")
         rec = await conn.fetchrow(
-            f"UPDATE budgets SET {sets}, updated_at = now() WHERE id = $1 RETURNING *",
+            f"UPDATE budgets SET {sets}, updated_at = now() WHERE id = $1 "
+            f"RETURNING {BUDGET_RETURNED}",
             *_values(budget),
         )
         # Scope, period or timezone may have changed: counters are rebuilt on the next Reserve.
@@ -456,7 +461,10 @@ async def delete_budget(pool: asyncpg.Pool, budget_id: str) -> bool:
     except ValueError:
         raise InvalidArgumentError("not a budget id", field="id") from None
     async with pool.acquire() as conn, conn.transaction():
-        deleted = await conn.fetchrow("DELETE FROM budgets WHERE id = $1 RETURNING *", key)
+        deleted = await conn.fetchrow(
+            f"DELETE FROM budgets WHERE id = $1 RETURNING {BUDGET_RETURNED}",
+            key,
+        )
         if deleted is None:
             raise NotFoundError(f"no budget {budget_id}", field="id")
         await conn.execute("DELETE FROM budget_counters WHERE budget_id = $1", key)
