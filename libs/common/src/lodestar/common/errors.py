@@ -34,6 +34,7 @@ class FieldViolation:
     field: str
     description: str
 
+
 #: Exceptions that mean a text the caller sent cannot be stored (a NUL, say), not a server fault.
 UNSTORABLE_TEXT: tuple[type[BaseException], ...] = (
     asyncpg.CharacterNotInRepertoireError,
