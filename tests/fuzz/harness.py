@@ -324,6 +324,14 @@ class Suite:
         )
         return {row[0]: row[1] for row in await self._pool.fetch(query)}
 
+    def execute(self, statement: str) -> None:
+        """Run one SQL statement (test set-up only)."""
+        self.run(self._execute(statement))
+
+    async def _execute(self, statement: str) -> None:
+        assert self._pool is not None
+        await self._pool.execute(statement)
+
     def health(self) -> dict[str, dict[str, str]]:
         """Liveness and readiness of every module, as its health service reports them."""
         return self.run(self._health())

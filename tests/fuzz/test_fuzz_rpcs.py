@@ -183,6 +183,7 @@ def assert_still_answering(suite: Suite) -> None:
                 bad = True
             if bad:
                 problems.append(f"{rpc} with {request!r}: {outcome.describe()}")
+    restore_modules(suite)
     problems += refused_deliveries(suite)
     health = suite.health()
     for name, probes in health.items():
@@ -190,6 +191,40 @@ def assert_still_answering(suite: Suite) -> None:
             f"{name} {probe}: {status}" for probe, status in probes.items() if status != "SERVING"
         ]
     assert not problems, "\n".join(problems)
+
+
+def restore_modules(suite: Suite, timeout: float = 15.0) -> None:
+    """Enable every installed module again (a fuzzed admin call may have disabled it or removed
+    it from the registry; its agent registers it again within a heartbeat)."""
+    enable = next((r for r in RPCS if r.method == "SetModuleEnabled"), None)
+    if enable is None:
+        return
+    cls = message_factory.GetMessageClass(enable.descriptor.input_type)
+    deadline = time.monotonic() + timeout
+    for name in registered_modules(suite):
+        request = json_format.ParseDict({"name": name, "enabled": True}, cls()).SerializeToString()
+        while True:
+            outcome = suite.call(enable, [request], admin_token(suite))
+            if outcome.code != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        assert outcome.code == grpc.StatusCode.OK, f"cannot enable {name}: {outcome.describe()}"
+
+
+_registered: list[str] = []
+
+
+def registered_modules(suite: Suite) -> list[str]:
+    """The installed services that registered themselves in the registry (asked once)."""
+    listing = next((r for r in RPCS if r.method == "ListModules"), None)
+    if not _registered and listing is not None:
+        outcome = suite.call(listing, [b""], admin_token(suite))
+        reply = message_factory.GetMessageClass(listing.descriptor.output_type).FromString(
+            outcome.responses[0]
+        )
+        names = {m.name for m in reply.modules}  # type: ignore[attr-defined]
+        _registered.extend(n for n in suite.served if n in names)
+    return _registered
 
 
 def refused_deliveries(suite: Suite) -> list[str]:
@@ -297,6 +332,26 @@ def garbage_requests(rpc: Rpc) -> st.SearchStrategy[list[bytes]]:
 
 
 # --- the tests ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _modules_known_before_fuzzing(suite: Suite) -> None:
+    registered_modules(suite)
+
+
+def test_row_counts_see_every_table(suite: Suite) -> None:
+    """The "nothing stored" check counts rows of every table of each service's schema."""
+    for name, served in suite.served.items():
+        before = suite.fingerprint(name)
+        assert before, f"no tables in {served.schema}"
+        table = f'"{served.schema}".fuzz_probe'
+        suite.execute(f"CREATE TABLE {table} (x int)")
+        try:
+            suite.execute(f"INSERT INTO {table} VALUES (1), (2)")
+            assert suite.fingerprint(name) == {**before, "fuzz_probe": 2}
+        finally:
+            suite.execute(f"DROP TABLE {table}")
+        assert suite.fingerprint(name) == before
 
 
 def test_every_declared_service_is_served_and_fuzzed(suite: Suite) -> None:
