@@ -10,11 +10,18 @@ code behind them. Raw-byte strategies make truncated, corrupted and invalid-UTF-
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
 from typing import Any
 
-from google.protobuf import any_pb2, descriptor_pool, duration_pb2, message_factory, timestamp_pb2
+from google.protobuf import (
+    any_pb2,
+    descriptor_pool,
+    duration_pb2,
+    json_format,
+    message_factory,
+    timestamp_pb2,
+)
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from hypothesis import strategies as st
@@ -74,24 +81,32 @@ WORDS = [
 
 
 class Vocabulary:
-    """Text that names things: fixed words, and names the servers answered with (ids, ...)."""
+    """Text that names things: fixed words, and names the servers answered with (ids, ...).
+
+    Learned names wait until ``settle`` (called between hypothesis runs): within one run the
+    words must not change, or replaying an example would draw something else.
+    """
 
     def __init__(self, words: Sequence[str], *, keep: int = 300) -> None:
         self.words = list(words)
         self.clean = [w for w in self.words if w.isprintable() and w]
         self.learned: list[str] = []
         self.by_field: dict[str, list[str]] = {}
+        self._pending: list[tuple[str, str]] = []
         self._keep = keep
 
     def learn(self, named: Sequence[tuple[str, str]]) -> None:
-        """Remember ``(field name, text)`` pairs from responses, to aim requests at them."""
-        for name, word in named:
-            if not word.isprintable():
-                continue
+        """Remember ``(field name, text)`` pairs from responses, for the next run."""
+        self._pending += [(name, word) for name, word in named if word.isprintable()]
+
+    def settle(self) -> None:
+        """Make what was learned so far drawable (between hypothesis runs only)."""
+        for name, word in self._pending:
             for words in (self.learned, self.by_field.setdefault(name, [])):
                 if word not in words:
                     words.append(word)
                 del words[: -self._keep]
+        self._pending = []
 
     def any_word(self) -> st.SearchStrategy[str]:
         """A fixed word (some with NUL or odd characters)."""
@@ -135,11 +150,19 @@ class MessageBuilder:
     through it; the rest are wild, every field an edge value.
     """
 
-    def __init__(self, vocabulary: Vocabulary, *, max_depth: int = 4) -> None:
+    def __init__(
+        self,
+        vocabulary: Vocabulary,
+        *,
+        seeds: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+        max_depth: int = 4,
+    ) -> None:
         self.vocabulary = vocabulary
+        self.seeds = seeds or {}
         self.max_depth = max_depth
         self.event_types = event_types()
-        self.vocabulary.learn([(f, t) for t in self.event_types for f in ("type", "event_types")])
+        for field in ("type", "event_types"):
+            vocabulary.by_field.setdefault(field, []).extend(self.event_types)
 
     def message(self, descriptor: Descriptor) -> st.SearchStrategy[Message]:
         """A request of ``descriptor``'s type: mostly plausible with a few edges, some wild."""
@@ -154,6 +177,9 @@ class MessageBuilder:
         only some of its fields set."""
         paths = leaf_paths(descriptor, self.max_depth)
         plausible = self.plausible(descriptor, sparse=sparse)
+        seeds = self._seeds(descriptor)
+        if seeds is not None:
+            plausible = st.one_of(plausible, seeds)
         if not paths:
             return plausible
         edits = st.lists(
@@ -163,6 +189,15 @@ class MessageBuilder:
             max_size=3,
         )
         return st.tuples(plausible, edits).map(_edited)
+
+    def _seeds(self, descriptor: Descriptor) -> st.SearchStrategy[Message] | None:
+        """The known-good requests of this type, if there are any (a fresh copy each draw)."""
+        cls = message_factory.GetMessageClass(descriptor)
+        encoded = [
+            json_format.ParseDict(seed, cls()).SerializeToString()
+            for seed in self.seeds.get(descriptor.full_name, ())
+        ]
+        return st.sampled_from(encoded).map(cls.FromString) if encoded else None
 
     # --- plausible values -----------------------------------------------------------------------
 
