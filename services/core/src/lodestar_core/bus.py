@@ -113,15 +113,18 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
     async def _append(
         self, events: list[event_pb2.Event], principal: Principal
     ) -> AppendResult | _Refused:
-        refused = publish_refusals(principal, events)
-        if refused:
-            return _Refused(refused, permission=True)
-        stamp(events, principal)
         valid, rejections = validate_batch(
-            events, self._settings.max_batch_events, self._settings.max_event_bytes, self._window
+            events,
+            self._settings.max_batch_events,
+            self._settings.max_event_bytes,
+            self._window,
+            stamp(principal),
         )
         if rejections:
             return _Refused(rejections)
+        refused = publish_refusals(principal, valid)
+        if refused:
+            return _Refused(refused, permission=True)
         with tracer.start_as_current_span("lodestar.persist.batch") as span:
             span.set_attribute("messaging.batch.message_count", len(valid))
             with _event_spans("lodestar.persist", events):

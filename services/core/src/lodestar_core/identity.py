@@ -8,6 +8,7 @@ module. Every stored event carries the principal that published it (``authid``/`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from lodestar.common.auth import Principal, Role, current_principal
@@ -15,6 +16,7 @@ from lodestar.common.errors import AuthenticationError, PermissionDeniedError
 from lodestar.common.events import EVENT_OWNERS, MODULE_SOURCE_PREFIX
 from lodestar.core.v1 import bus_pb2
 from lodestar.events.v1 import event_pb2
+from lodestar_core.validation import ValidEvent
 
 #: CloudEvents authcontext ``authtype`` of each role.
 AUTHTYPE = {Role.ADMIN: "user", Role.MODULE: "service_account", Role.PUBLISHER: "api_key"}
@@ -39,50 +41,63 @@ def require_module_identity(principal: Principal, module: str, field: str) -> No
     )
 
 
-def publish_refusals(
-    principal: Principal, events: Sequence[event_pb2.Event]
-) -> list[bus_pb2.Rejection]:
+def publish_refusals(principal: Principal, events: Sequence[ValidEvent]) -> list[bus_pb2.Rejection]:
     """The events of a batch that ``principal`` may not publish, each with the reason."""
     if principal.role is Role.ADMIN:
         return []
+    denied = {t for t in {e.type for e in events} if _type_refusal(principal, t)}
+    suspects = [
+        index
+        for index, event in enumerate(events)
+        if event.type in denied or event.source.startswith(MODULE_SOURCE_PREFIX)
+    ]
     refusals = []
-    for index, event in enumerate(events):
-        reason = _refusal(principal, event)
+    for index in suspects:
+        event = events[index]
+        reason = _type_refusal(principal, event.type) or _source_refusal(principal, event.source)
         if reason:
             refusals.append(
                 bus_pb2.Rejection(
-                    index=index, event_id=event.id[:64], reason=f"events[{index}].{reason}"
+                    index=index, event_id=event.id, reason=f"events[{index}].{reason}"
                 )
             )
     return refusals
 
 
-def _refusal(principal: Principal, event: event_pb2.Event) -> str | None:
-    owner = EVENT_OWNERS.get(event.type)
+def _type_refusal(principal: Principal, event_type: str) -> str | None:
+    owner = EVENT_OWNERS.get(event_type)
     if owner is not None and not (principal.role is Role.MODULE and principal.name == owner):
         return (
-            f"type: {event.type} is emitted by module {owner!r} only; "
+            f"type: {event_type} is emitted by module {owner!r} only; "
             f"{principal.name} ({principal.role.value}) may not publish it"
         )
     if owner is None and principal.role is not Role.PUBLISHER:
         return (
-            f"type: {event.type} is a producer event, published with a publisher credential; "
+            f"type: {event_type} is a producer event, published with a publisher credential; "
             f"{principal.name} has role {principal.role.value}"
         )
-    if event.source.startswith(MODULE_SOURCE_PREFIX):
-        module = event.source[len(MODULE_SOURCE_PREFIX) :].partition("/")[0]
-        if module != principal.name:
-            return (
-                f"source: {MODULE_SOURCE_PREFIX}{module[:64]} names module {module[:64]!r}; "
-                f"{principal.name} may only use {MODULE_SOURCE_PREFIX}{principal.name} or a "
-                "source of its own scheme"
-            )
     return None
 
 
-def stamp(events: Sequence[event_pb2.Event], principal: Principal) -> None:
-    """Record ``principal`` on every event, replacing whatever the publisher claimed."""
-    authtype = AUTHTYPE[principal.role]
-    for event in events:
-        event.authid = principal.name
-        event.authtype = authtype
+def _source_refusal(principal: Principal, source: str) -> str | None:
+    if not source.startswith(MODULE_SOURCE_PREFIX):
+        return None
+    module = source[len(MODULE_SOURCE_PREFIX) :].partition("/")[0]
+    if module == principal.name:
+        return None
+    return (
+        f"source: {MODULE_SOURCE_PREFIX}{module[:64]} names module {module[:64]!r}; "
+        f"{principal.name} may only use {MODULE_SOURCE_PREFIX}{principal.name} or a "
+        "source of its own scheme"
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def stamp(principal: Principal) -> bytes:
+    """The serialized attributes that record ``principal`` on an event it published.
+
+    Appended to an event's serialized envelope they replace whatever the publisher put there.
+    """
+    return event_pb2.Event(
+        authid=principal.name, authtype=AUTHTYPE[principal.role]
+    ).SerializeToString()
