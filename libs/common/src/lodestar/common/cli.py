@@ -86,8 +86,13 @@ def free_port() -> int:
 
 
 def port_free(port: int) -> bool:
-    """Whether ``port`` can be bound on 127.0.0.1."""
+    """Whether a server could listen on ``port`` of 127.0.0.1.
+
+    Bound the way gRPC binds (SO_REUSEADDR), so connections of a server stopped a moment ago,
+    still in TIME_WAIT, do not count as taking the port.
+    """
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -112,19 +117,20 @@ def local_tokens(state_dir: Path, services: list[str]) -> dict[str, str]:
 
 
 def _assign_ports(names: list[str], port_base: int) -> dict[str, tuple[int, int]]:
+    """gRPC and metrics ports per service: the defaults, or free ones where a default is taken."""
     ports = {}
     for index, name in enumerate(names):
         if port_base == 0:
             ports[name] = (free_port(), free_port())
             continue
-        grpc_port, metrics_port = port_base + 10 * index, 9464 + index
-        for port in (grpc_port, metrics_port):
+        wanted = {"gRPC": port_base + 10 * index, "metrics": 9464 + index}
+        for kind, port in wanted.items():
             if not port_free(port):
-                raise typer.BadParameter(
-                    f"port {port} for {name} is taken; stop what uses it or pass --port-base 0",
-                    param_hint="--port-base",
+                wanted[kind] = free_port()
+                console.print(
+                    f"[yellow]port {port} ({name} {kind}) is taken; using {wanted[kind]}[/yellow]"
                 )
-        ports[name] = (grpc_port, metrics_port)
+        ports[name] = (wanted["gRPC"], wanted["metrics"])
     return ports
 
 
