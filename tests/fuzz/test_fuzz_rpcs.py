@@ -120,6 +120,8 @@ def check_call(suite: Suite, rpc: Rpc, requests: list[bytes], token: str) -> Out
     if refused(rpc, outcome):
         after = suite.fingerprint(rpc.module)
         if after != before:
+            tables = ",".join(sorted(t for t in after if before.get(t) != after[t]))
+            suite.calls[(str(rpc), f"rows of {tables} changed around a refusal; replayed")] += 1
             confirm_stored(suite, rpc, requests, token)
     return outcome
 
