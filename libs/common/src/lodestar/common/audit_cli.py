@@ -9,7 +9,6 @@ newest first. A service's address is ``--target``, else ``LODESTAR_CORE_ENDPOINT
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -17,17 +16,16 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import grpc
 import typer
-import yaml
-from google.protobuf import json_format, timestamp_pb2
 from rich.console import Console
 from rich.table import Table
 
-from lodestar.audit.v1 import audit_pb2, audit_pb2_grpc
-from lodestar.common.sdk import connect
+if TYPE_CHECKING:
+    from google.protobuf import timestamp_pb2
+
+    from lodestar.audit.v1 import audit_pb2
 
 #: Services that keep an audit log: (address variable, default address).
 SERVICES = {
@@ -98,6 +96,8 @@ def audit(
     ] = Path(".lodestar"),
 ) -> None:
     """Show who changed what and when (budgets, prices, modules, dead-letter replays)."""
+    from lodestar.audit.v1 import audit_pb2
+
     services = _services(service, target)
     now = datetime.now(UTC)
     request = audit_pb2.ListAuditEntriesRequest(
@@ -131,6 +131,8 @@ def _services(service: str, target: str | None) -> list[str]:
 
 def parse_time(text: str, now: datetime, option: str) -> timestamp_pb2.Timestamp:
     """An ISO time (UTC when it has no offset) or a span back from ``now`` (90m, 24h, 7d)."""
+    from google.protobuf import timestamp_pb2
+
     match = RELATIVE.fullmatch(text.strip().lower())
     try:
         if match:
@@ -149,6 +151,8 @@ def parse_time(text: str, now: datetime, option: str) -> timestamp_pb2.Timestamp
 
 
 def _token(token: str | None, state_dir: Path) -> str:
+    import yaml
+
     tokens_file = state_dir / "tokens.yaml"
     tokens = yaml.safe_load(tokens_file.read_text()) if tokens_file.exists() else {}
     secret = token or (tokens or {}).get("admin")
@@ -174,6 +178,8 @@ async def _fetch_all(
     request: audit_pb2.ListAuditEntriesRequest,
     limit: int,
 ) -> list[Sourced]:
+    import asyncio
+
     found = await asyncio.gather(
         *(_fetch(name, address, secret, request, limit) for name, address in addresses.items())
     )
@@ -189,6 +195,9 @@ async def _fetch(
     request: audit_pb2.ListAuditEntriesRequest,
     limit: int,
 ) -> list[Sourced]:
+    from lodestar.audit.v1 import audit_pb2, audit_pb2_grpc
+    from lodestar.common.sdk import connect
+
     entries: list[Sourced] = []
     page = audit_pb2.ListAuditEntriesRequest()
     page.CopyFrom(request)
@@ -206,6 +215,8 @@ async def _fetch(
 
 def entry_dict(item: Sourced) -> dict[str, Any]:
     """An entry as a JSON-able dict, with ``before`` and ``after`` parsed (None when absent)."""
+    from google.protobuf import json_format
+
     entry = item.entry
     return {
         "service": item.service,
@@ -262,6 +273,10 @@ def _table(entries: list[Sourced], *, show_service: bool) -> Table:
 
 
 def _run(coroutine: Any) -> Any:
+    import asyncio
+
+    import grpc
+
     try:
         return asyncio.run(coroutine)
     except grpc.aio.AioRpcError as exc:

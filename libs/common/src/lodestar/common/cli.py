@@ -2,11 +2,14 @@
 
 ``lodestar up`` starts core and every installed module as separate processes on an embedded
 Postgres (or the database you name), waits until each reports SERVING, and prints what is where.
+
+Start-up is kept short: importing this module and building the app loads only typer, rich and the
+standard library. Each command imports what it needs (gRPC, stubs, the SDK, YAML, the installed
+services) when it runs, so ``lodestar --help`` never pays for them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -15,28 +18,21 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import grpc
 import typer
-import yaml
-from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
 from lodestar.common.audit_cli import register as register_audit_commands
-from lodestar.common.auth import Role, new_token, write_credentials
-from lodestar.common.embedded import EmbeddedPostgres
-from lodestar.common.events import EVENT_TYPES, unpack
-from lodestar.common.sdk import Publisher, ReceivedEvent, Subscriber, connect
-from lodestar.common.service_cli import ServiceSpec
 from lodestar.common.spool_cli import register as register_spool_commands
 from lodestar.common.tokens_cli import register as register_token_commands
 from lodestar.common.usage_cli import register as register_usage_commands
-from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+if TYPE_CHECKING:
+    from lodestar.common.sdk import ReceivedEvent
+    from lodestar.common.service_cli import ServiceSpec
 
 app = typer.Typer(
     help="Lodestar: the control plane for people who run many LLMs.", no_args_is_help=True
@@ -72,7 +68,12 @@ class RunningService:
 
 
 def installed_services() -> dict[str, ServiceSpec[Any]]:
-    """Service specs registered under the ``lodestar.services`` entry point group, core first."""
+    """Service specs registered under the ``lodestar.services`` entry point group, core first.
+
+    Loading a spec imports its service package: only ``lodestar up`` (and tests) call this.
+    """
+    from importlib.metadata import entry_points
+
     specs = {ep.name: ep.load() for ep in entry_points(group="lodestar.services")}
     return dict(sorted(specs.items(), key=lambda item: (item[0] != CORE, item[0])))
 
@@ -102,6 +103,10 @@ def port_free(port: int) -> bool:
 
 def local_tokens(state_dir: Path, services: list[str]) -> dict[str, str]:
     """Development tokens: one per role and one per service; created once, kept in state_dir."""
+    import yaml
+
+    from lodestar.common.auth import Role, new_token, write_credentials
+
     path = state_dir / "tokens.yaml"
     tokens: dict[str, str] = yaml.safe_load(path.read_text()) if path.exists() else {}
     wanted = [r.value for r in Role] + services
@@ -152,6 +157,11 @@ def _start_service(
 
 async def wait_until_serving(port: int, process: subprocess.Popen[bytes], timeout: float) -> bool:
     """Poll readiness as a kubelet would; False if the process died or time ran out."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         deadline = asyncio.get_running_loop().time() + timeout
@@ -194,6 +204,10 @@ def up(
     ),
 ) -> None:
     """Start core and every installed module as processes and wait until all are SERVING."""
+    import asyncio
+
+    from lodestar.common.embedded import EmbeddedPostgres
+
     specs = installed_services()
     if CORE not in specs:
         raise typer.BadParameter("lodestar-core is not installed")
@@ -274,6 +288,8 @@ def _write_endpoints(state_dir: Path, running: list[RunningService]) -> None:
 def _print_ready(
     running: list[RunningService], tokens: dict[str, str], state_dir: Path, dsn: str
 ) -> None:
+    from lodestar.common.auth import Role
+
     table = Table(title="Lodestar services")
     for column in ("service", "gRPC", "metrics", "health", "log"):
         table.add_column(column)
@@ -303,6 +319,8 @@ def _print_ready(
 
 
 def _client_defaults(target: str | None, token: str | None, state_dir: Path) -> tuple[str, str]:
+    import yaml
+
     tokens_file = state_dir / "tokens.yaml"
     tokens = yaml.safe_load(tokens_file.read_text()) if tokens_file.exists() else {}
     token = token or tokens.get("admin")
@@ -324,6 +342,9 @@ def _local_core(state_dir: Path) -> str:
 @app.command()
 def modules(target: Target = None, token: Token = None, state_dir: StateDir = STATE_DIR) -> None:
     """List registered modules and their health."""
+    from lodestar.common.sdk import connect
+    from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
+
     address, secret = _client_defaults(target, token, state_dir)
 
     async def fetch() -> list[registry_pb2.Module]:
@@ -369,6 +390,9 @@ def subscriptions(
     target: Target = None, token: Token = None, state_dir: StateDir = STATE_DIR
 ) -> None:
     """List subscriptions with their position and lag."""
+    from lodestar.common.sdk import connect
+    from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
+
     address, secret = _client_defaults(target, token, state_dir)
 
     async def fetch() -> list[bus_pb2.Subscription]:
@@ -409,6 +433,12 @@ def tail(
     state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Print events as JSON lines as they arrive."""
+    from google.protobuf import json_format
+
+    from lodestar.common.events import unpack
+    from lodestar.common.sdk import Subscriber, connect
+    from lodestar.core.v1 import bus_pb2
+
     address, secret = _client_defaults(target, token, state_dir)
 
     async def follow() -> None:
@@ -453,6 +483,11 @@ def publish(
     state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Publish one event and print its id once core has committed it."""
+    from google.protobuf import json_format
+
+    from lodestar.common.events import EVENT_TYPES
+    from lodestar.common.sdk import Publisher, connect
+
     payload_cls = EVENT_TYPES.get(event_type)
     if payload_cls is None:
         raise typer.BadParameter(
@@ -475,6 +510,10 @@ def publish(
 
 
 def _run_rpc(coroutine: Any) -> Any:
+    import asyncio
+
+    import grpc
+
     try:
         return asyncio.run(coroutine)
     except grpc.aio.AioRpcError as exc:

@@ -11,23 +11,19 @@ folder (a service's own, so that event ownership holds), else the local publishe
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import grpc
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from lodestar.common.sdk import connect
-from lodestar.common.sdk.publisher import DrainResult, drain_spool, replay_quarantined
-from lodestar.common.sdk.spool import QUARANTINE, SUFFIX, Spool, SpooledBatch
-from lodestar.core.v1 import bus_pb2_grpc
+if TYPE_CHECKING:
+    from lodestar.common.sdk.publisher import DrainResult
+    from lodestar.common.sdk.spool import Spool, SpooledBatch
 
 STATE_DIR = Path(".lodestar")
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -62,6 +58,8 @@ def register(app: typer.Typer) -> None:
 
 def find_spools(root: Path) -> list[Path]:
     """Every spool folder at or under ``root``: folders with batch files or a rejected/ folder."""
+    from lodestar.common.sdk.spool import QUARANTINE, SUFFIX
+
     if not root.exists():
         return []
     folders = {path.parent for path in root.rglob(f"*{SUFFIX}")}
@@ -73,6 +71,8 @@ def find_spools(root: Path) -> list[Path]:
 @spool_app.command("list")
 def list_batches(spool_dir: SpoolDir = None, state_dir: StateDir = STATE_DIR) -> None:
     """Pending and quarantined batches: events, ids and, for quarantined ones, the reason."""
+    from lodestar.common.sdk.spool import Spool
+
     root = spool_dir or state_dir / "spool"
     spools = find_spools(root)
     if not spools:
@@ -116,6 +116,12 @@ def replay(
     state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Publish spooled batches now; events still refused stay quarantined with the new reason."""
+    import asyncio
+
+    import grpc
+
+    from lodestar.common.sdk.spool import Spool
+
     root = spool_dir or state_dir / "spool"
     spools = find_spools(root)
     if not spools:
@@ -136,6 +142,10 @@ def replay(
 
 
 async def _replay_one(address: str, token: str, spool: Spool, quarantined: bool) -> DrainResult:
+    from lodestar.common.sdk import connect
+    from lodestar.common.sdk.publisher import drain_spool, replay_quarantined
+    from lodestar.core.v1 import bus_pb2_grpc
+
     async with connect(address, token) as channel:
         stub = bus_pb2_grpc.EventBusServiceStub(channel)
         if quarantined:
@@ -192,6 +202,8 @@ def _token_for(folder: Path, token: str | None, state_dir: Path) -> str:
     """The token to replay ``folder`` with: explicit, the spool owner's, then the publisher's."""
     if token:
         return token
+    import yaml
+
     tokens_file = state_dir / "tokens.yaml"
     tokens = (yaml.safe_load(tokens_file.read_text()) if tokens_file.exists() else None) or {}
     secret = tokens.get(folder.name) or tokens.get("publisher")

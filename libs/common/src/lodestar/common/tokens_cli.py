@@ -12,25 +12,14 @@ import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from lodestar.common.auth import (
-    CredentialEntry,
-    entry_document,
-    format_time,
-    hash_token,
-    new_token,
-    parse_credentials,
-    read_credentials_document,
-    write_credentials_document,
-    write_private_file,
-)
-from lodestar.common.errors import ConfigurationError
+if TYPE_CHECKING:
+    from lodestar.common.auth import CredentialEntry
 
 STATE_DIR = Path(".lodestar")
 DEFAULT_GRACE = "1h"
@@ -85,6 +74,17 @@ def rotate_principal(
     ones already expired are dropped. Returns the new token, its entry and the old entries kept.
     ConfigurationError if the file is invalid or has no principal ``name``.
     """
+    from lodestar.common.auth import (
+        CredentialEntry,
+        entry_document,
+        hash_token,
+        new_token,
+        parse_credentials,
+        read_credentials_document,
+        write_credentials_document,
+    )
+    from lodestar.common.errors import ConfigurationError
+
     document = read_credentials_document(path)
     entries = parse_credentials(document, path)
     mine = [entry for entry in entries if entry.principal.name == name]
@@ -143,6 +143,10 @@ def _duration_option(text: str, option: str) -> timedelta:
 
 def _update_local_tokens(state_dir: Path, path: Path, name: str, token: str) -> bool:
     """Keep ``lodestar up``'s token list in step with its credentials file; whether it changed."""
+    import yaml
+
+    from lodestar.common.auth import write_private_file
+
     tokens_file = state_dir / "tokens.yaml"
     if path.resolve() != (state_dir / "credentials.yaml").resolve() or not tokens_file.is_file():
         return False
@@ -155,6 +159,8 @@ def _update_local_tokens(state_dir: Path, path: Path, name: str, token: str) -> 
 
 
 def _when(moment: datetime | None) -> str:
+    from lodestar.common.auth import format_time
+
     return format_time(moment) if moment is not None else "never"
 
 
@@ -180,6 +186,8 @@ def rotate(
 
     The new token is printed once, alone on standard output; the file keeps only its hash.
     """
+    from lodestar.common.errors import ConfigurationError
+
     path = _credentials_path(credentials_file, state_dir)
     grace = _duration_option(expire_old_in, "--expire-old-in")
     lifetime = _duration_option(expires_in, "--expires-in") if expires_in is not None else None
@@ -209,6 +217,9 @@ def list_tokens(
     credentials_file: CredentialsFileOpt = None, state_dir: StateDir = STATE_DIR
 ) -> None:
     """Show principals, roles, token fingerprints and expiry (never the tokens)."""
+    from lodestar.common.auth import parse_credentials, read_credentials_document
+    from lodestar.common.errors import ConfigurationError
+
     path = _credentials_path(credentials_file, state_dir)
     try:
         entries = parse_credentials(read_credentials_document(path), path)

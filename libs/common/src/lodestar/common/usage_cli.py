@@ -8,7 +8,6 @@ is ``--token`` / ``LODESTAR_TOKEN``, else the local admin token in ``<state-dir>
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -17,39 +16,24 @@ from collections import defaultdict
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import grpc
 import typer
-import yaml
-from google.protobuf import duration_pb2
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lodestar.common.sdk import connect
-from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+if TYPE_CHECKING:
+    from lodestar.usage.v1 import usage_pb2
 
 SERVICE = "usage-tracker"
 DEFAULT_TARGET = "127.0.0.1:50061"
 GROUPS = ("model", "provider", "project", "session", "user", "day", "week", "month")
-CALENDAR = {
-    "day": usage_pb2.CALENDAR_UNIT_DAY,
-    "week": usage_pb2.CALENDAR_UNIT_WEEK,
-    "month": usage_pb2.CALENDAR_UNIT_MONTH,
-}
-SCOPES = {
-    "global": usage_pb2.BUDGET_SCOPE_GLOBAL,
-    "project": usage_pb2.BUDGET_SCOPE_PROJECT,
-    "user": usage_pb2.BUDGET_SCOPE_USER,
-    "session": usage_pb2.BUDGET_SCOPE_SESSION,
-}
-PERIODS = {
-    "daily": usage_pb2.BUDGET_PERIOD_DAILY,
-    "weekly": usage_pb2.BUDGET_PERIOD_WEEKLY,
-    "monthly": usage_pb2.BUDGET_PERIOD_MONTHLY,
-    "rolling": usage_pb2.BUDGET_PERIOD_ROLLING,
-}
+# Names of the CalendarUnit, BudgetScope and BudgetPeriod values the CLI accepts (the stubs are
+# imported only when a command runs; the values are looked up by name then).
+CALENDAR = ("day", "week", "month")
+SCOPES = ("global", "project", "user", "session")
+PERIODS = ("daily", "weekly", "monthly", "rolling")
 BAR_COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
 usage_app = typer.Typer(help="Usage: summaries, exports, top spenders.", no_args_is_help=True)
@@ -93,6 +77,8 @@ def register(app: typer.Typer) -> None:
 
 def resolve(target: str | None, token: str | None, state_dir: Path) -> tuple[str, str]:
     """The tracker's address and a token, from flags, environment or ``lodestar up``'s state."""
+    import yaml
+
     tokens_file = state_dir / "tokens.yaml"
     tokens = yaml.safe_load(tokens_file.read_text()) if tokens_file.exists() else {}
     secret = token or (tokens or {}).get("admin")
@@ -109,6 +95,10 @@ def resolve(target: str | None, token: str | None, state_dir: Path) -> tuple[str
 
 
 def _run(coroutine: Any) -> Any:
+    import asyncio
+
+    import grpc
+
     try:
         return asyncio.run(coroutine)
     except grpc.aio.AioRpcError as exc:
@@ -120,6 +110,8 @@ def _run(coroutine: Any) -> Any:
 
 def parse_window(text: str, timezone: str = "") -> usage_pb2.Window:
     """``month``, ``last-week``, ``24h``, ``7d`` … as a Window."""
+    from lodestar.usage.v1 import usage_pb2
+
     value = text.strip().lower()
     ago = 0
     if value.startswith("last-"):
@@ -127,7 +119,9 @@ def parse_window(text: str, timezone: str = "") -> usage_pb2.Window:
     if value in CALENDAR:
         return usage_pb2.Window(
             calendar=usage_pb2.CalendarWindow(
-                unit=CALENDAR[value], timezone=timezone, periods_ago=ago
+                unit=usage_pb2.CalendarUnit.Value(f"CALENDAR_UNIT_{value.upper()}"),
+                timezone=timezone,
+                periods_ago=ago,
             )
         )
     match = re.fullmatch(r"(\d+)([hd])", value)
@@ -166,6 +160,8 @@ def _filters(
     user: list[str] | None,
     session: list[str] | None,
 ) -> usage_pb2.Filters:
+    from lodestar.usage.v1 import usage_pb2
+
     return usage_pb2.Filters(
         models=model or [],
         projects=project or [],
@@ -178,6 +174,9 @@ def _filters(
 async def _summary(
     address: str, secret: str, request: usage_pb2.SummaryRequest
 ) -> usage_pb2.SummaryResponse:
+    from lodestar.common.sdk import connect
+    from lodestar.usage.v1 import usage_pb2_grpc
+
     async with connect(address, secret) as channel:
         reply: usage_pb2.SummaryResponse = await usage_pb2_grpc.UsageServiceStub(channel).Summary(
             request
@@ -230,6 +229,8 @@ def summary(
     state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Tokens, cost, requests and savings over a window, grouped."""
+    from lodestar.usage.v1 import usage_pb2
+
     groups = parse_groups(by)
     address, secret = resolve(target, token, state_dir)
     request = usage_pb2.SummaryRequest(
@@ -336,6 +337,8 @@ def top(
     state_dir: StateDir = STATE_DIR,
 ) -> None:
     """The biggest spenders in a window."""
+    from lodestar.usage.v1 import usage_pb2
+
     groups = parse_groups(by)
     keys: dict[str, Callable[[usage_pb2.Totals], int]] = {
         "cost": lambda t: t.cost_micros,
@@ -387,6 +390,9 @@ def export(
     state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Stream ledger records as CSV or JSON lines, oldest first."""
+    from lodestar.common.sdk import connect
+    from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+
     formats = {"csv": usage_pb2.EXPORT_FORMAT_CSV, "jsonl": usage_pb2.EXPORT_FORMAT_JSONL}
     if fmt.lower() not in formats:
         raise typer.BadParameter("csv or jsonl", param_hint="--format")
@@ -415,6 +421,9 @@ def export(
 
 
 async def _budgets(address: str, secret: str) -> list[usage_pb2.BudgetStatus]:
+    from lodestar.common.sdk import connect
+    from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+
     async with connect(address, secret) as channel:
         reply = await usage_pb2_grpc.BudgetServiceStub(channel).ListBudgets(
             usage_pb2.ListBudgetsRequest()
@@ -430,6 +439,8 @@ def list_budgets(
     state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Budgets with what they have spent, hold and have left in their current window."""
+    from lodestar.usage.v1 import usage_pb2
+
     address, secret = resolve(target, token, state_dir)
     statuses: list[usage_pb2.BudgetStatus] = _run(_budgets(address, secret))
     if as_json:
@@ -516,15 +527,20 @@ def create_budget(
     state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Add a budget (admin) and print its id."""
+    from google.protobuf import duration_pb2
+
+    from lodestar.common.sdk import connect
+    from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+
     if scope not in SCOPES:
         raise typer.BadParameter(", ".join(SCOPES), param_hint="--scope")
     if period not in PERIODS:
         raise typer.BadParameter(", ".join(PERIODS), param_hint="--period")
     budget = usage_pb2.Budget(
         name=name,
-        scope=SCOPES[scope],
+        scope=usage_pb2.BudgetScope.Value(f"BUDGET_SCOPE_{scope.upper()}"),
         scope_value=value,
-        period=PERIODS[period],
+        period=usage_pb2.BudgetPeriod.Value(f"BUDGET_PERIOD_{period.upper()}"),
         timezone=timezone,
     )
     try:
@@ -564,6 +580,9 @@ def delete_budget(
     state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Remove a budget (admin)."""
+    from lodestar.common.sdk import connect
+    from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+
     address, secret = resolve(target, token, state_dir)
 
     async def send() -> bool:

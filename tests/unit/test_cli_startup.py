@@ -1,0 +1,96 @@
+"""The ``lodestar`` CLI starts without the heavy libraries: commands import them when they run.
+
+Not a timing test: it checks which modules a fresh interpreter has loaded after importing the CLI
+and rendering help, which is what start-up time follows from.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+#: Loaded only by the commands that need them (a call, ``up``), never to build the app or show help.
+HEAVY = (
+    "opentelemetry",
+    "grpc",
+    "grpc_health",
+    "asyncpg",
+    "structlog",
+    "yaml",
+    "google.protobuf",
+    "prometheus_client",
+    "lodestar.common.auth",
+    "lodestar.common.config",
+    "lodestar.common.telemetry",
+    "lodestar.common.sdk",
+    "lodestar.common.embedded",
+    "lodestar.core",
+    "lodestar.usage",
+    "lodestar.audit",
+    "lodestar_core",
+    "lodestar_usage",
+)
+
+PROBE = """
+import json, sys
+from typer.main import get_command
+import lodestar.common.cli as cli
+args = json.loads(sys.argv[1])
+if args:
+    try:
+        get_command(cli.app).main(args, prog_name="lodestar")
+    except SystemExit:
+        pass
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def loaded_modules(*args: str) -> list[str]:
+    """The modules a fresh interpreter holds after importing the CLI and running ``args``."""
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(list(args))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    names: list[str] = json.loads(result.stdout.strip().splitlines()[-1])
+    return names
+
+
+def heavy(names: list[str]) -> list[str]:
+    """The names among ``names`` that belong to a heavy package."""
+    return [n for n in names if any(n == h or n.startswith(h + ".") for h in HEAVY)]
+
+
+def test_importing_the_cli_loads_no_heavy_library():
+    names = loaded_modules()
+    assert "lodestar.common.cli" in names
+    assert heavy(names) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["up", "--help"],
+        ["tokens", "rotate", "--help"],
+        ["budgets", "create", "--help"],
+        ["audit", "--help"],
+        ["spool", "replay", "--help"],
+    ],
+    ids=" ".join,
+)
+def test_help_loads_no_heavy_library(args: list[str]):
+    names = loaded_modules(*args)
+    assert "typer.rich_utils" in names  # help was rendered
+    assert heavy(names) == []
+
+
+def test_a_command_still_imports_what_it_needs():
+    names = loaded_modules("modules", "--target", "127.0.0.1:1", "--token", "x")
+    assert "grpc" in names
+    assert "lodestar.core.v1.registry_pb2_grpc" in names
