@@ -268,7 +268,9 @@ async def test_errors_quoting_huge_input_fit_in_the_trailers(
     assert violations[-1].description == "… and 93 more violations"
 
 
-async def test_a_short_message_is_sent_whole_with_at_most_8_violations(channel: grpc.aio.Channel) -> None:
+async def test_a_short_message_is_sent_whole_with_at_most_8_violations(
+    channel: grpc.aio.Channel,
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call_unary(channel, b"echo-long:ab")
     assert info.value.details() == "name: 'ab' is not a known name"
@@ -592,3 +594,18 @@ async def test_undecodable_request_without_error_mapping_is_grpc_default() -> No
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await typed_call(ch, "Unary", [GARBAGE])
         assert info.value.code() == grpc.StatusCode.UNKNOWN
+
+
+async def test_decoding_comes_before_authorization_for_unary_requests() -> None:
+    """grpc.aio decodes a unary request before any interceptor's behaviour runs, so a malformed
+    one is INVALID_ARGUMENT with or without a credential; a decodable one needs the credential.
+    (A stream is refused before its first message is read, so there it is UNAUTHENTICATED.)"""
+    from lodestar.common.auth import AuthInterceptor, Credentials
+
+    auth = AuthInterceptor(Credentials({}), {})
+    async for ch in _serve([*default_server_interceptors(), auth]):
+        details = await expect_status(
+            typed_call(ch, "Unary", [GARBAGE]), grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert details == NOT_A_DURATION
+        await expect_status(typed_call(ch, "Unary", [duration(1)]), grpc.StatusCode.UNAUTHENTICATED)

@@ -7,7 +7,9 @@ and the log line see the status code the error mapping produced.
 The error mapping also refuses requests that do not decode as the method's request message with
 INVALID_ARGUMENT ("the request is not a valid <message>: ..."), for every RPC kind: grpc.aio on its
 own answers UNKNOWN for a unary request it cannot decode, and hands the handler of a streaming one
-a ``DecodeError`` to fail on.
+a ``DecodeError`` to fail on. Decoding comes before authorization, as in grpc itself (a unary
+request is decoded before any interceptor's behaviour runs): a malformed unary request without a
+valid credential is INVALID_ARGUMENT too, which tells the caller nothing about credentials.
 """
 
 from __future__ import annotations
