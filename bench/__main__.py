@@ -1,7 +1,8 @@
-"""``make bench``: durable publish, delivery, unary latency, and NATS JetStream on the same machine.
+"""``make bench``: CLI start-up, durable publish, delivery, unary latency, NATS JetStream.
 
 Absolute figures vary between runs and machines; compare the ratios printed in one run.
-Sizes can be changed with BENCH_EVENTS (default 200000) and BENCH_RATE (default 500 req/s).
+Sizes can be changed with BENCH_EVENTS (default 200000), BENCH_RATE (default 500 req/s) and
+BENCH_CLI_RUNS (default 10 processes per CLI command).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.cli_bench import run_cli_benchmarks
 from bench.core_bench import (
     CoreUnderTest,
     bench_delivery,
@@ -62,6 +64,7 @@ async def main(dsn: str, workdir: Path) -> None:
 
 def run() -> None:
     """Entry point: a scratch database on the test Postgres (or an embedded one)."""
+    run_cli_benchmarks(lambda text: print(text, flush=True))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         with postgres_server(workdir) as admin_dsn, scratch_database(admin_dsn) as dsn:
