@@ -73,7 +73,7 @@ class Suite:
         for process in [*self.consumers, self.core]:
             if process is not None and process.poll() is None:
                 kill9(process)
-        self.pg.stop("immediate")
+        self.pg.discard()  # stops it (immediate) and deletes the cluster
 
 
 @pytest.fixture

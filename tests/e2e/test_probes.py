@@ -102,4 +102,4 @@ async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drai
         if core.poll() is None:
             core.kill()
             core.wait()
-        pg.stop("immediate")
+        pg.discard()  # stops it (immediate) and deletes the cluster

@@ -82,7 +82,7 @@ class Suite:
         for process in (self.tracker, self.core):
             if process is not None and process.poll() is None:
                 kill9(process)
-        self.pg.stop("immediate")
+        self.pg.discard()  # stops it (immediate) and deletes the cluster
 
 
 @pytest.fixture

@@ -42,8 +42,12 @@ def postgres_server(workdir: Path) -> Iterator[str]:
         return
     from lodestar.common.embedded import EmbeddedPostgres
 
-    with EmbeddedPostgres(workdir / "pg") as server:
-        yield server.dsn("postgres")
+    server = EmbeddedPostgres(workdir / "pg")
+    try:
+        with server:
+            yield server.dsn("postgres")
+    finally:
+        server.discard()
 
 
 @contextmanager
