@@ -225,3 +225,96 @@ async def test_a_permanent_failure_is_dead_lettered_at_once(publisher_channel, m
     assert [(d.attempts, d.last_error) for d in dead.dead_letters] == [
         (1, "PermanentFailure: this consumer can never handle it")
     ]
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["LODESTAR://usage-tracker", "lodestar:usage-tracker", "Lodestar://usage-tracker/x"],
+)
+async def test_look_alike_module_sources_are_refused(publisher_channel, db, source):
+    stub = bus_pb2_grpc.EventBusServiceStub(publisher_channel)
+    event = new_event(usage.RequestCompleted(model="m"), source=source)
+    error = await refused(stub.Publish(bus_pb2.PublishRequest(events=[event])))
+    assert "events[0].source" in (error.details() or "")
+    assert await db.fetchval("SELECT count(*) FROM events") == 0
+
+
+async def test_a_source_with_spaces_is_not_a_uri(publisher_channel, db):
+    stub = bus_pb2_grpc.EventBusServiceStub(publisher_channel)
+    event = new_event(usage.RequestCompleted(model="m"), source=" lodestar://usage-tracker")
+    error = await refused(
+        stub.Publish(bus_pb2.PublishRequest(events=[event])), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert "events[0].source" in (error.details() or "")
+    assert await db.fetchval("SELECT count(*) FROM events") == 0
+
+
+async def test_repeated_event_types_cannot_bloat_a_module_or_subscription(module_as, db):
+    """A registration naming one type 100,000 times once broke ListModules for everyone."""
+    channel = await module_as("usage-tracker")
+    registry = registry_pb2_grpc.RegistryServiceStub(channel)
+    bloated = register("usage-tracker")
+    bloated.event_types.extend(["lodestar.learning.v1.ResponseCollected"] * 100_000)
+    error = await refused(registry.Register(bloated), grpc.StatusCode.INVALID_ARGUMENT)
+    assert (error.details() or "").startswith("event_types: each event type may be named once")
+    assert await db.fetchval("SELECT count(*) FROM modules") == 0
+
+    sub = raw(channel, "bloat", event_types=["lodestar.usage.v1.RequestCompleted"] * 2)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await sub.opened()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await sub.close()
+    assert await db.fetchval("SELECT count(*) FROM subscriptions") == 0
+
+
+@pytest.mark.parametrize("name", ["tracker\n", "a\x00", "x" * 70_000])
+async def test_a_name_no_module_can_have_is_refused_before_any_lookup(admin_channel, name):
+    registry = registry_pb2_grpc.RegistryServiceStub(admin_channel)
+    for call in (
+        registry.GetModule(registry_pb2.GetModuleRequest(name=name)),
+        registry.SetModuleEnabled(registry_pb2.SetModuleEnabledRequest(name=name)),
+        registry.Deregister(registry_pb2.DeregisterRequest(name=name)),
+        registry.Register(register(name)),
+    ):
+        error = await refused(call, grpc.StatusCode.INVALID_ARGUMENT)
+        status = rpc_status.from_call(error)
+        assert status is not None
+        assert [v.field for v in bad_request_violations(status)] == ["name"]
+
+
+async def test_dead_letters_are_read_by_their_subscription_owner_only(
+    module_as, admin_channel, publisher_channel
+):
+    owner = await module_as("usage-tracker")
+    await publish(publisher_channel, [usage_event(1)])
+    sub = raw(owner, "ledger")
+    await sub.opened()
+    delivery = await sub.next()
+    sub.permanent_nack(delivery.sequence, "never")
+    listed = bus_pb2_grpc.EventBusServiceStub(owner)
+
+    async def dead_lettered() -> bool:
+        reply = await listed.ListDeadLetters(bus_pb2.ListDeadLettersRequest(subscription="ledger"))
+        return len(reply.dead_letters) == 1
+
+    await eventually(dead_lettered)
+
+    # while the owner is connected, another module learns nothing about it, not even its address
+    other = bus_pb2_grpc.EventBusServiceStub(await module_as("tracker"))
+    intruder = raw(await module_as("tracker"), "ledger")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await intruder.opened()
+    assert caught.value.code() == DENIED
+    assert "127.0.0.1" not in (caught.value.details() or "")
+    await intruder.close()
+    await sub.close()
+
+    await refused(other.ListDeadLetters(bus_pb2.ListDeadLettersRequest(subscription="ledger")))
+    everything = await other.ListDeadLetters(bus_pb2.ListDeadLettersRequest())
+    assert list(everything.dead_letters) == []
+    await refused(
+        other.ListDeadLetters(bus_pb2.ListDeadLettersRequest(subscription="nope")),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    admin = bus_pb2_grpc.EventBusServiceStub(admin_channel)
+    assert len((await admin.ListDeadLetters(bus_pb2.ListDeadLettersRequest())).dead_letters) == 1

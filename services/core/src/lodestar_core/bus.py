@@ -20,9 +20,9 @@ from lodestar.common.errors import (
     InvalidArgumentError,
     LodestarError,
     ModuleError,
+    NotFoundError,
     PermissionDeniedError,
 )
-from lodestar.common.events import EVENT_TYPES
 from lodestar.common.logging import get_logger
 from lodestar.common.telemetry import context_from_event, telemetry_enabled
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
@@ -34,6 +34,7 @@ from lodestar_core.store import AppendResult, EventStore
 from lodestar_core.subscriptions import SubscriptionRow, SubscriptionStore
 from lodestar_core.validation import (
     TimeWindow,
+    check_event_types,
     describe_rejections,
     refusal,
     rejection_violations,
@@ -73,6 +74,11 @@ class _InFlight:
     attempt: int
     envelope: bytes
     replayed: bool = False
+
+
+def _owner(principal: Principal) -> str | None:
+    """The owner whose subscriptions ``principal`` may see: None (all) for an admin."""
+    return None if principal.role is Role.ADMIN else principal.name
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,10 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
     async def _open(self, request: bus_pb2.SubscribeOpen, peer: str) -> _Session:
         _validate_open(request, self._settings)
         name = request.subscription
+        principal = caller()
+        if request.module:
+            require_module_identity(principal, request.module, "open.module")
+        await self._require_owner(name, principal, "open.subscription", missing_ok=True)
         if name in self._sessions or name in self._opening:
             session = self._sessions.get(name)
             raise ModuleError(
@@ -203,9 +213,6 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
                 f"({session.peer if session else 'opening'}); one consumer at a time",
                 field="open.subscription",
             )
-        principal = caller()
-        if request.module:
-            require_module_identity(principal, request.module, "open.module")
         # Reserved before the first await, so that concurrent opens of one name admit one.
         self._opening.add(name)
         try:
@@ -220,7 +227,7 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
                 request.module,
                 list(request.event_types),
                 start,
-                owner=None if principal.role is Role.ADMIN else principal.name,
+                owner=_owner(principal),
             )
             window = request.max_in_flight or self._settings.default_in_flight
             session = _Session(self, row, window, peer)
@@ -230,6 +237,22 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
             self._opening.discard(name)
         log.info("subscription connected", subscription=row.name, acked=row.acked_seq, peer=peer)
         return session
+
+    async def _require_owner(
+        self, name: str, principal: Principal, field: str, *, missing_ok: bool = False
+    ) -> None:
+        """Refuse a subscription that is not the caller's (admins may use any)."""
+        holder = await self._subscriptions.owner_of(name)
+        if holder is None:
+            if missing_ok:
+                return
+            raise NotFoundError(f"no subscription named {name[:128]!r}", field=field)
+        if principal.role is not Role.ADMIN and holder != principal.name:
+            raise PermissionDeniedError(
+                f"subscription {name!r} belongs to {holder or 'the admins'!r}, not to "
+                f"{principal.name}",
+                field=field,
+            )
 
     def wake_module(self, module: str) -> None:
         """Tell the sessions of ``module`` that its enabled state changed."""
@@ -271,7 +294,12 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         """Dead letters of one subscription, or of all."""
         if request.limit < 0:
             raise InvalidArgumentError("must not be negative", field="limit")
-        rows = await self._subscriptions.dead_letters(request.subscription, request.limit or 100)
+        principal = caller()
+        if request.subscription:
+            await self._require_owner(request.subscription, principal, "subscription")
+        rows = await self._subscriptions.dead_letters(
+            request.subscription, request.limit or 100, _owner(principal)
+        )
         return bus_pb2.ListDeadLettersResponse(
             dead_letters=[
                 bus_pb2.DeadLetter(
@@ -321,17 +349,12 @@ def _event_spans(
 
 
 def _validate_open(request: bus_pb2.SubscribeOpen, settings: BusSettings) -> None:
-    if not SUBSCRIPTION_NAME.match(request.subscription):
+    if not SUBSCRIPTION_NAME.fullmatch(request.subscription):
         raise InvalidArgumentError(
             f"{request.subscription[:64]!r} must match {SUBSCRIPTION_NAME.pattern}",
             field="open.subscription",
         )
-    unknown = [t for t in request.event_types if t not in EVENT_TYPES]
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown event types {unknown[:5]}; known: {', '.join(sorted(EVENT_TYPES))}",
-            field="open.event_types",
-        )
+    check_event_types(request.event_types, "open.event_types")
     if request.start not in bus_pb2.StartPosition.values():
         raise InvalidArgumentError(
             f"unknown start position {request.start}; use START_POSITION_EARLIEST or "

@@ -18,6 +18,8 @@ from lodestar.core.v1 import bus_pb2
 from lodestar.events.v1 import event_pb2
 from lodestar_core.validation import ValidEvent
 
+#: The URI scheme of Lodestar's own sources.
+RESERVED_SCHEME = "lodestar:"
 #: CloudEvents authcontext ``authtype`` of each role.
 AUTHTYPE = {Role.ADMIN: "user", Role.MODULE: "service_account", Role.PUBLISHER: "api_key"}
 
@@ -49,7 +51,7 @@ def publish_refusals(principal: Principal, events: Sequence[ValidEvent]) -> list
     suspects = [
         index
         for index, event in enumerate(events)
-        if event.type in denied or event.source.startswith(MODULE_SOURCE_PREFIX)
+        if event.type in denied or event.source[:1] in "lL"  # cheap first look for lodestar:
     ]
     refusals = []
     for index in suspects:
@@ -80,15 +82,18 @@ def _type_refusal(principal: Principal, event_type: str) -> str | None:
 
 
 def _source_refusal(principal: Principal, source: str) -> str | None:
-    if not source.startswith(MODULE_SOURCE_PREFIX):
+    """Why ``principal`` may not use ``source``: the ``lodestar:`` scheme (in any case, as URI
+    schemes are case-insensitive) is reserved, ``lodestar://<module>`` for that module alone."""
+    if source[: len(RESERVED_SCHEME)].lower() != RESERVED_SCHEME:
         return None
     module = source[len(MODULE_SOURCE_PREFIX) :].partition("/")[0]
-    if module == principal.name:
+    if source[: len(MODULE_SOURCE_PREFIX)].lower() == MODULE_SOURCE_PREFIX and (
+        module == principal.name
+    ):
         return None
     return (
-        f"source: {MODULE_SOURCE_PREFIX}{module[:64]} names module {module[:64]!r}; "
-        f"{principal.name} may only use {MODULE_SOURCE_PREFIX}{principal.name} or a "
-        "source of its own scheme"
+        f"source: the {RESERVED_SCHEME} scheme names Lodestar's modules; {principal.name} may "
+        f"only use {MODULE_SOURCE_PREFIX}{principal.name} or a source of its own scheme"
     )
 
 

@@ -15,10 +15,10 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from lodestar.common import audit
 from lodestar.common.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
-from lodestar.common.events import EVENT_TYPES
 from lodestar.common.logging import get_logger
 from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
 from lodestar_core.identity import caller, require_module_identity
+from lodestar_core.validation import check_event_types
 
 MODULE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 ENDPOINT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
@@ -95,6 +95,7 @@ class Registry:
 
     async def heartbeat(self, request: registry_pb2.HeartbeatRequest) -> registry_pb2.Module:
         """Renew a lease and record the module's health."""
+        check_module_name(request.name)
         _validate_heartbeat(request)
         health = request.health
         row = await self._pool.fetchrow(
@@ -222,11 +223,14 @@ class Registry:
             queue.put_nowait(message)
 
 
+def check_module_name(name: str) -> None:
+    """Refuse a module name that no module can have (before any lookup)."""
+    if not MODULE_NAME.fullmatch(name):
+        raise InvalidArgumentError(f"{name[:64]!r} must match {MODULE_NAME.pattern}", field="name")
+
+
 def _validate_registration(request: registry_pb2.RegisterRequest) -> None:
-    if not MODULE_NAME.match(request.name):
-        raise InvalidArgumentError(
-            f"{request.name[:64]!r} must match {MODULE_NAME.pattern}", field="name"
-        )
+    check_module_name(request.name)
     if not request.version:
         raise InvalidArgumentError("required, the module's version", field="version")
     if not _valid_endpoint(request.endpoint):
@@ -234,12 +238,7 @@ def _validate_registration(request: registry_pb2.RegisterRequest) -> None:
             f"{request.endpoint[:64]!r} must be host:port with a port from 1 to 65535",
             field="endpoint",
         )
-    unknown = [t for t in request.event_types if t not in EVENT_TYPES]
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown event types {unknown[:5]}; known: {', '.join(sorted(EVENT_TYPES))}",
-            field="event_types",
-        )
+    check_event_types(request.event_types, "event_types")
     _check_text(request.version, "version", MAX_VERSION_CHARS)
     if request.HasField("lease"):
         _check_lease(request.lease)
@@ -279,7 +278,7 @@ def _check_text(value: str, field: str, limit: int) -> None:
 
 
 def _valid_endpoint(endpoint: str) -> bool:
-    if len(endpoint) > 255 or not ENDPOINT.match(endpoint):
+    if len(endpoint) > 255 or not ENDPOINT.fullmatch(endpoint):
         return False
     port = int(endpoint.rpartition(":")[2])
     return 1 <= port <= 65535
@@ -335,6 +334,7 @@ class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.DeregisterResponse:
         """Remove a module."""
+        check_module_name(request.name)
         await self._registry.deregister(request.name)
         return registry_pb2.DeregisterResponse()
 
@@ -348,6 +348,7 @@ class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.GetModuleRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.GetModuleResponse:
         """One module."""
+        check_module_name(request.name)
         return registry_pb2.GetModuleResponse(module=await self._registry.get(request.name))
 
     async def SetModuleEnabled(
@@ -356,6 +357,7 @@ class RegistryService(registry_pb2_grpc.RegistryServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> registry_pb2.SetModuleEnabledResponse:
         """Enable or disable a module."""
+        check_module_name(request.name)
         module = await self._registry.set_enabled(request.name, request.enabled)
         return registry_pb2.SetModuleEnabledResponse(module=module)
 

@@ -148,15 +148,30 @@ class SubscriptionStore:
                 envelope,
             )
 
-    async def dead_letters(self, name: str, limit: int) -> builtins.list[DeadLetterRow]:
-        """Dead letters of ``name`` (all subscriptions when empty), oldest first."""
+    async def dead_letters(
+        self, name: str, limit: int, owner: str | None = None
+    ) -> builtins.list[DeadLetterRow]:
+        """Dead letters of ``name`` (all subscriptions when empty), oldest first.
+
+        With ``owner``, only those of subscriptions it owns.
+        """
         rows = await self._pool.fetch(
-            """SELECT subscription, seq, attempts, last_error, envelope FROM dead_letters
-               WHERE $1 = '' OR subscription = $1 ORDER BY subscription, seq LIMIT $2""",
+            """SELECT d.subscription, d.seq, d.attempts, d.last_error, d.envelope
+               FROM dead_letters d JOIN subscriptions s ON s.name = d.subscription
+               WHERE ($1 = '' OR d.subscription = $1) AND ($3::text IS NULL OR s.owner = $3)
+               ORDER BY d.subscription, d.seq LIMIT $2""",
             name,
             limit,
+            owner,
         )
         return [DeadLetterRow(**dict(r)) for r in rows]
+
+    async def owner_of(self, name: str) -> str | None:
+        """The owner of subscription ``name`` ('' for the admins'), or None if there is none."""
+        owner: str | None = await self._pool.fetchval(
+            "SELECT owner FROM subscriptions WHERE name = $1", name
+        )
+        return owner
 
     async def dead_letter_counts(self) -> dict[str, int]:
         """Number of dead letters per subscription."""

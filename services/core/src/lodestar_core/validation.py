@@ -108,6 +108,10 @@ def validate_event(
         )
     if "\x00" in source:
         check_text(source, "source")
+    if " " in source or not source.isprintable():
+        raise BoundViolation(
+            "source", "a URI-reference: no spaces or control characters (percent-encode them)"
+        )
     subject = event.subject
     if subject and (len(subject) > MAX_SUBJECT_CHARS or "\x00" in subject):
         check_text(subject, "subject", MAX_SUBJECT_CHARS)
@@ -216,7 +220,7 @@ def _iso(millis: int) -> str:
 
 
 def _check_tracestate(value: str) -> None:
-    if len(value) > MAX_TRACESTATE_CHARS or not TRACESTATE.match(value):
+    if len(value) > MAX_TRACESTATE_CHARS or not TRACESTATE.fullmatch(value):
         raise BoundViolation(
             "tracestate",
             f"must be a W3C tracestate: printable ASCII, at most {MAX_TRACESTATE_CHARS} characters",
@@ -311,3 +315,16 @@ def describe_rejections(rejections: Sequence[bus_pb2.Rejection], total: int) -> 
     if len(rejections) == 1 and rejections[0].index < 0:
         return f"{shown}; nothing was stored"
     return f"{len(rejections)} of {total} events rejected, nothing was stored: {shown}{more}"
+
+
+def check_event_types(event_types: Sequence[str], field: str) -> None:
+    """Refuse unknown or repeated event types (so a list is never longer than the known types)."""
+    unknown = [t for t in event_types if t not in EVENT_TYPES]
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown event types {[t[:128] for t in unknown[:5]]}; "
+            f"known: {', '.join(sorted(EVENT_TYPES))}",
+            field=field,
+        )
+    if len(set(event_types)) != len(event_types):
+        raise InvalidArgumentError("each event type may be named once", field=field)
