@@ -27,11 +27,14 @@ from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import asyncpg
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from lodestar.common import bounds as event_bounds
 from lodestar.common.errors import DATABASE_UNREACHABLE, InvalidArgumentError, StorageError
 from lodestar.common.events import uuid7_millis
 from lodestar.common.logging import get_logger
+from lodestar.common.telemetry import telemetry_enabled, tracer
 from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2
 from lodestar_usage import budgets, metrics
@@ -52,6 +55,9 @@ ERROR = events_pb2.REQUEST_STATUS_ERROR
 MAX_TEXT = event_bounds.MAX_LABEL_CHARS
 MAX_NANOS = event_bounds.MAX_NANOS
 RETRYABLE: tuple[type[BaseException], ...] = (*DATABASE_UNREACHABLE, StorageError)
+#: The span a ledger transaction (and so its SQL statements) runs under.
+WRITE_SPAN = "lodestar.ingest.write"
+_TRACER = tracer("lodestar.usage")
 
 
 class LedgerRow(NamedTuple):
@@ -514,6 +520,31 @@ def record_metrics(rows: Sequence[LedgerRow]) -> None:
 class _Pending:
     rows: Sequence[LedgerRow]
     done: asyncio.Future[None]
+    submitter: trace.SpanContext = trace.INVALID_SPAN_CONTEXT
+
+
+def _write_span(
+    batch: Sequence[_Pending], events: int
+) -> contextlib.AbstractContextManager[object]:
+    """The span one ledger transaction runs under, tied to the handler spans that submitted it.
+
+    It links to every submitter's span; when they are all of one trace (one traced delivery,
+    the common case when the tracker is not busy) it is also a child of the first, so the
+    transaction's SQL statements are in that trace: publisher → core → handler → write → SQL.
+    """
+    if not telemetry_enabled():
+        return contextlib.nullcontext()
+    submitters = [p.submitter for p in batch if p.submitter.is_valid]
+    traces = {submitter.trace_id for submitter in submitters}
+    parent = otel_context.Context()
+    if len(traces) == 1:
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(submitters[0]), parent)
+    return _TRACER.start_as_current_span(
+        WRITE_SPAN,
+        context=parent,
+        links=[trace.Link(submitter) for submitter in submitters],
+        attributes={"lodestar.ingest.events": events},
+    )
 
 
 class LedgerWriter:
@@ -559,7 +590,8 @@ class LedgerWriter:
         if not rows:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(rows, done))
+        submitter = trace.get_current_span().get_span_context()
+        self._pending.append(_Pending(rows, done, submitter))
         self._pending_rows += len(rows)
         self._wake.set()
         await done
@@ -598,6 +630,10 @@ class LedgerWriter:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         rows = [row for pending in batch for row in pending.rows]
+        with _write_span(batch, len(rows)):
+            await self._write(batch, rows)
+
+    async def _write(self, batch: list[_Pending], rows: list[LedgerRow]) -> None:
         backoff = 0.05
         sql = PLAIN_SQL
         while True:

@@ -10,6 +10,10 @@ says which of them it refuses; the rest are acked. An event that can never be ha
 this consumer) is refused with ``PermanentFailure``: core dead-letters it at once instead of
 retrying it. It suits handlers whose work is itself batched
 (one database transaction per batch), saving the per-event scheduling of the single-event form.
+Each traced event of a batch gets its consumer span. While the batch handler runs, the current
+span (the parent of the spans the handler makes, such as its SQL statements) is that span when
+the batch holds one traced event; otherwise it is a ``lodestar.handle.batch`` span that links to
+every event's consumer span, since a span has only one parent.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import NamedTuple
 
 import grpc
 from google.protobuf import message
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from lodestar.common.events import unpack
@@ -38,6 +43,8 @@ FATAL = frozenset(
     }
 )
 MAX_BACKOFF_SECONDS = 5.0
+#: The span a batch handler runs under when its batch holds several traced events.
+BATCH_SPAN = "lodestar.handle.batch"
 
 log = get_logger(__name__)
 _TRACER = tracer("lodestar.sdk")
@@ -238,7 +245,9 @@ class Subscriber:
         spans = _consumer_spans(batch) if telemetry_enabled() else {}
         try:
             if batch:
-                refused |= _checked_refusals(await handler(batch), batch)
+                with _current_for_handler(spans, len(batch)):
+                    refusals = await handler(batch)
+                refused |= _checked_refusals(refusals, batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -302,6 +311,29 @@ def _consumer_spans(batch: Sequence[ReceivedEvent]) -> dict[int, trace.Span]:
         for r in batch
         if r.event.traceparent
     }
+
+
+def _current_for_handler(
+    spans: Mapping[int, trace.Span], events: int
+) -> contextlib.AbstractContextManager[object]:
+    """The span current while a batch handler runs, so that its own spans (SQL) join a trace.
+
+    A span has one parent, so: with one traced event, that event's consumer span, and the
+    handler's spans are in the event's trace; with several, a ``lodestar.handle.batch`` span
+    that links to every event's consumer span (a trace of its own, found from any of them).
+    """
+    if not spans:
+        return contextlib.nullcontext()
+    if len(spans) == 1:
+        (only,) = spans.values()
+        return trace.use_span(only, end_on_exit=False)
+    return _TRACER.start_as_current_span(
+        BATCH_SPAN,
+        context=otel_context.Context(),
+        kind=trace.SpanKind.CONSUMER,
+        links=[trace.Link(span.get_span_context()) for span in spans.values()],
+        attributes={"messaging.batch.message_count": events},
+    )
 
 
 async def _responses(
