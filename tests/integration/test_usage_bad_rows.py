@@ -337,7 +337,7 @@ async def test_list_sessions_answers_despite_bad_session_rows(
             break
         assert pages < 20
     assert seen_good == ["good"]
-    assert bad <= seen_bad
+    assert seen_bad == set(skipped)
 
 
 async def test_list_budgets_answers_despite_bad_budget_and_reservation_rows(
@@ -423,7 +423,10 @@ async def test_a_bad_stored_budget_breaks_neither_admission_nor_ingest_nor_alert
 
     await ingest_good(tracker)  # ingest adds to the counters of every counted budget
     assert await tracker_db.fetchval("SELECT count(*) FROM ledger") == 1
-    assert await tracker.module.check_alerts() >= 0
+    # 5 of good's 1000 micros: below its 50% threshold; the burn-rate check waits for 10% of the
+    # month, by when 5 micros project to at most 50. The bad budgets are left out.
+    assert await tracker.module.check_alerts() == 0
+    assert await tracker_db.fetchval("SELECT count(*) FROM budget_crossings") == 0
 
 
 def _archived(**changes: object) -> dict[str, object]:

@@ -195,5 +195,8 @@ def test_garbage_traceparent_gives_a_root_span(tracer_and_spans) -> None:
 
 
 def test_tracer_is_usable_when_off() -> None:
+    assert not telemetry.telemetry_enabled()
     with telemetry.tracer("lodestar.test").start_as_current_span("noop") as span:
-        assert span is not None
+        assert trace.get_current_span() is span
+        assert not span.is_recording()
+        assert not span.get_span_context().is_valid
