@@ -340,6 +340,7 @@ async def _admission_round(
                 pool,
                 u.ReserveRequest(session_id="s", estimated_cost_micros=estimate),
                 timedelta(seconds=30),
+                "gateway",
             )
             if admission.granted:
                 await budgets.commit(
@@ -348,6 +349,7 @@ async def _admission_round(
                         reservation_id=admission.reservation_id,
                         actual_cost_micros=min(actual, estimate),
                     ),
+                    "gateway",
                 )
 
         await asyncio.gather(*(one(e, c) for e, c in zip(estimates, commits, strict=True)))
@@ -388,3 +390,36 @@ def test_alert_event_ids_are_deterministic_uuid7():
 
 
 _ = asyncpg
+
+
+async def test_a_reservation_is_finished_only_by_the_principal_that_made_it(admin, tracker, tokens):
+    """Another principal's Commit once pushed a victim's budget 9,000 dollars under zero."""
+    stub = ug.BudgetServiceStub(admin)
+    await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=10_000)))
+    async with (
+        connect(tracker.target, tokens[Role.PUBLISHER]) as publisher,
+        connect(tracker.target, tokens[Role.MODULE]) as module,
+    ):
+        gate, other = ug.BudgetServiceStub(publisher), ug.BudgetServiceStub(module)
+        held = await gate.Reserve(u.ReserveRequest(project="victim", estimated_cost_micros=100))
+        rid = held.reservation_id
+        for call in (
+            other.Commit(u.CommitRequest(reservation_id=rid, actual_cost_micros=10**10)),
+            other.Release(u.ReleaseRequest(reservation_id=rid)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert (info.value.details() or "").startswith("reservation_id:")
+        row = await tracker.module.pool.fetchrow(
+            "SELECT state, amount_micros, owner FROM reservations WHERE id = $1", uuid.UUID(rid)
+        )
+        assert tuple(row) == ("active", 100, "test-publisher")
+
+        second = await gate.Reserve(u.ReserveRequest(project="victim", estimated_cost_micros=100))
+        await stub.Release(u.ReleaseRequest(reservation_id=second.reservation_id))  # an admin may
+        assert (
+            await gate.Commit(u.CommitRequest(reservation_id=rid, actual_cost_micros=70))
+        ).committed
+    status = (await stub.ListBudgets(u.ListBudgetsRequest())).budgets[0]
+    assert (status.reserved_micros, status.remaining_micros) == (70, 10_000 - 70)

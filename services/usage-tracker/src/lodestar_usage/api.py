@@ -9,7 +9,13 @@ from typing import Any
 import asyncpg
 
 from lodestar.common import audit
-from lodestar.common.errors import DATABASE_UNREACHABLE, InvalidArgumentError, StorageError
+from lodestar.common.auth import Principal, Role, current_principal
+from lodestar.common.errors import (
+    DATABASE_UNREACHABLE,
+    AuthenticationError,
+    InvalidArgumentError,
+    StorageError,
+)
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import usage_pb2
 from lodestar_usage import bounds, budgets, metrics, reports, stored
@@ -295,7 +301,7 @@ class BudgetApi:
             )
             lease = asked or lease
         try:
-            admission = await budgets.reserve(self._pool, request, lease)
+            admission = await budgets.reserve(self._pool, request, lease, _caller().name)
         except UNREACHABLE as exc:
             if not self._settings.fail_open:
                 metrics.RESERVATIONS.labels("unavailable").inc()
@@ -320,9 +326,25 @@ class BudgetApi:
     async def Commit(
         self, request: usage_pb2.CommitRequest, context: Context
     ) -> usage_pb2.CommitResponse:
-        return usage_pb2.CommitResponse(committed=await budgets.commit(self._pool, request))
+        committed = await budgets.commit(self._pool, request, _owner())
+        return usage_pb2.CommitResponse(committed=committed)
 
     async def Release(
         self, request: usage_pb2.ReleaseRequest, context: Context
     ) -> usage_pb2.ReleaseResponse:
-        return usage_pb2.ReleaseResponse(released=await budgets.release(self._pool, request))
+        released = await budgets.release(self._pool, request, _owner())
+        return usage_pb2.ReleaseResponse(released=released)
+
+
+def _caller() -> Principal:
+    """The authenticated principal of the current call."""
+    principal = current_principal.get()
+    if principal is None:  # only reachable without the auth interceptor
+        raise AuthenticationError("this call carries no authenticated principal")
+    return principal
+
+
+def _owner() -> str | None:
+    """Whose reservations the caller may finish: its own, or anyone's (None) for an admin."""
+    principal = _caller()
+    return None if principal.role is Role.ADMIN else principal.name

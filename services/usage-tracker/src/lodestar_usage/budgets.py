@@ -33,6 +33,7 @@ from lodestar.common.errors import (
     InvalidArgumentError,
     ModuleError,
     NotFoundError,
+    PermissionDeniedError,
     StorageError,
 )
 from lodestar.common.logging import get_logger
@@ -721,7 +722,7 @@ async def _counters(
 
 
 async def reserve(
-    pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta
+    pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta, owner: str
 ) -> Admission:
     """Hold the estimate against every applicable budget, or deny naming the first that refuses.
 
@@ -734,7 +735,7 @@ async def reserve(
     now: datetime = recs[0]["now_"] if recs else datetime.now(UTC)
     defs = usable_budgets(recs)
     if any(b.period == usage_pb2.BUDGET_PERIOD_ROLLING and b.has_limit for b in defs):
-        return await _retrying_reserve(pool, request, lease)
+        return await _retrying_reserve(pool, request, lease, owner)
     values = [request.session_id if b.per_session else b.scope_value for b in defs]
     session_budgets = [
         (b, v)
@@ -763,6 +764,7 @@ async def reserve(
             rec = await pool.fetchrow(
                 ADMIT,
                 reservation_id,
+                owner,
                 request.project,
                 request.user,
                 request.session_id,
@@ -815,17 +817,17 @@ async def reserve(
 
 
 ADMIT = (
-    "SELECT * FROM admit($1, $2, $3, $4, $5, $6, $7, $8, $9::uuid[], $10::text[], "
-    "$11::timestamptz[], $12::bigint[], $13::bigint[])"
+    "SELECT * FROM admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::uuid[], $11::text[], "
+    "$12::timestamptz[], $13::bigint[], $14::bigint[])"
 )
 
 
 async def _retrying_reserve(
-    pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta
+    pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta, owner: str
 ) -> Admission:
     for attempt in range(DEADLOCK_ATTEMPTS):
         try:
-            return await _reserve_locked(pool, request, lease)
+            return await _reserve_locked(pool, request, lease, owner)
         except DeadlockDetectedError:  # a rare lock-order clash with ingest; decided again
             if attempt == DEADLOCK_ATTEMPTS - 1:
                 raise
@@ -833,7 +835,7 @@ async def _retrying_reserve(
 
 
 async def _reserve_locked(
-    pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta
+    pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta, owner: str
 ) -> Admission:
     """The path for rolling budgets: lock the budget rows, then their counters, then decide."""
     async with pool.acquire() as conn, conn.transaction():
@@ -862,8 +864,8 @@ async def _reserve_locked(
         expires = now + lease
         await conn.execute(
             "WITH r AS (INSERT INTO reservations (id, project, user_id, session_id, model, state, "
-            "amount_micros, amount_tokens, created_at, lease_expires_at) "
-            "VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $9) RETURNING id) "
+            "amount_micros, amount_tokens, created_at, lease_expires_at, owner) "
+            "VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $9, $13) RETURNING id) "
             "INSERT INTO reservation_budgets "
             "(reservation_id, budget_id, scope_value, window_start) "
             "SELECT r.id, u.b, u.v, u.w FROM r, "
@@ -880,6 +882,7 @@ async def _reserve_locked(
             [b for b, _, _ in holds],
             [v for _, v, _ in holds],
             [w for _, _, w in holds],
+            owner,
         )
         await add_to_counters(
             conn,
@@ -1006,32 +1009,42 @@ async def _call(pool: asyncpg.Pool, query: str, *args: object) -> str:
     raise AssertionError("unreachable")
 
 
-async def commit(pool: asyncpg.Pool, request: usage_pb2.CommitRequest) -> bool:
-    """Replace a hold by the actual usage; idempotent."""
+async def commit(pool: asyncpg.Pool, request: usage_pb2.CommitRequest, owner: str | None) -> bool:
+    """Replace a hold by the actual usage; idempotent. ``owner`` None: an admin, for anyone's."""
     key = _reservation_id(request.reservation_id)
     bounds.integer(request.actual_cost_micros, "actual_cost_micros", 0, bounds.MAX_COST_MICROS)
     bounds.integer(request.actual_tokens, "actual_tokens", 0, bounds.MAX_TOKENS)
     state = await _call(
         pool,
-        "SELECT commit_hold($1, $2, $3)",
+        "SELECT commit_hold($1, $2, $3, $4)",
         key,
         request.actual_cost_micros,
         request.actual_tokens,
+        owner,
     )
-    if state == "missing":
-        raise NotFoundError(f"no reservation {key}", field="reservation_id")
+    _refuse_missing_or_foreign(state, key, owner)
     if state == "released":
         raise ModuleError("the reservation was released; reserve again", field="reservation_id")
     return True
 
 
-async def release(pool: asyncpg.Pool, request: usage_pb2.ReleaseRequest) -> bool:
-    """Give the hold back; True if it was still held."""
+async def release(pool: asyncpg.Pool, request: usage_pb2.ReleaseRequest, owner: str | None) -> bool:
+    """Give the hold back; True if it was still held. ``owner`` None: an admin, for anyone's."""
     key = _reservation_id(request.reservation_id)
-    state = await _call(pool, "SELECT release_hold($1)", key)
+    state = await _call(pool, "SELECT release_hold($1, $2)", key, owner)
+    _refuse_missing_or_foreign(state, key, owner)
+    return state in ("active", "expired")
+
+
+def _refuse_missing_or_foreign(state: str, key: uuid.UUID, owner: str | None) -> None:
     if state == "missing":
         raise NotFoundError(f"no reservation {key}", field="reservation_id")
-    return state in ("active", "expired")
+    if state == "foreign":
+        raise PermissionDeniedError(
+            f"reservation {key} was made by another principal; only it (or an admin) may commit "
+            f"or release it, not {owner}",
+            field="reservation_id",
+        )
 
 
 async def expire_reservations(pool: asyncpg.Pool) -> int:
