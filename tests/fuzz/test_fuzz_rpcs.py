@@ -360,10 +360,13 @@ def test_row_counts_see_every_table(suite: Suite) -> None:
         suite.execute(f"CREATE TABLE {table} (x int)")
         try:
             suite.execute(f"INSERT INTO {table} VALUES (1), (2)")
-            assert suite.fingerprint(name) == {**before, "fuzz_probe": 2}
+            during = suite.fingerprint(name)
         finally:
             suite.execute(f"DROP TABLE {table}")
-        assert suite.fingerprint(name) == before
+        # Other tables' counts may move meanwhile (the services' own background work).
+        assert during["fuzz_probe"] == 2
+        assert set(during) == {*before, "fuzz_probe"}
+        assert set(suite.fingerprint(name)) == set(before)
 
 
 def test_every_declared_service_is_served_and_fuzzed(suite: Suite) -> None:
