@@ -3,9 +3,10 @@
 Three commands: ``lodestar --help``; ``lodestar tokens list`` on a local credentials file (a
 command that reads a file and prints a table); ``lodestar modules`` against a port nothing listens
 on (a gRPC command: its imports, a channel, an UNAVAILABLE answer). Each runs BENCH_CLI_RUNS times
-(default 10); the median and 90th percentile are printed, never asserted, twice: with a warm
-bytecode cache (what a user sees from the second run on) and with none (the first run after an
-install, or a machine with PYTHONDONTWRITEBYTECODE set).
+(default 10); the median and 90th percentile of the wall-clock time are printed, never asserted,
+with the median CPU time (user + system) of the process, which other load on the machine
+disturbs less. Twice: with a warm bytecode cache (what a user sees from the second run on) and
+with none (the first run after an install, or a machine with PYTHONDONTWRITEBYTECODE set).
 
 Run on its own with ``python -m bench.cli_bench``.
 """
@@ -13,6 +14,7 @@ Run on its own with ``python -m bench.cli_bench``.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -57,21 +59,28 @@ def bytecode_env(pycache: Path, *, warm: bool) -> dict[str, str]:
     return env
 
 
-def time_runs(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
-    """Wall-clock seconds of ``runs`` fresh processes running ``argv`` (output discarded)."""
-    seconds = []
+def child_cpu_seconds() -> float:
+    """User + system CPU seconds of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_runs(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds of ``runs`` fresh processes running ``argv`` (output dropped)."""
+    wall, cpu = [], []
     for _ in range(runs):
-        started = time.perf_counter()
+        cpu_before, started = child_cpu_seconds(), time.perf_counter()
         subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        seconds.append(time.perf_counter() - started)
-    return seconds
+        wall.append(time.perf_counter() - started)
+        cpu.append(child_cpu_seconds() - cpu_before)
+    return wall, cpu
 
 
-def median_p90(seconds: list[float]) -> str:
-    """``median / p90`` in seconds."""
-    ordered = sorted(seconds)
+def summary(wall: list[float], cpu: list[float]) -> str:
+    """``median / p90`` wall-clock seconds and the median CPU seconds."""
+    ordered = sorted(wall)
     p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
-    return f"{statistics.median(ordered):.3f} / {p90:.3f}"
+    return f"{statistics.median(ordered):.3f} / {p90:.3f}   {statistics.median(cpu):.3f}"
 
 
 def run_cli_benchmarks(emit: Callable[[str], None], runs: int = RUNS) -> None:
@@ -99,7 +108,7 @@ def run_cli_benchmarks(emit: Callable[[str], None], runs: int = RUNS) -> None:
                 str(root),
             ],
         }
-        emit(f"CLI start-up, {runs} fresh processes each: median / p90 (s)")
+        emit(f"CLI start-up, {runs} fresh processes each: median / p90 wall (s), median CPU (s)")
         for warm in (True, False):
             env = bytecode_env(root / ("pyc-warm" if warm else "pyc-none"), warm=warm)
             cache = "warm bytecode cache" if warm else "no bytecode cache"
@@ -107,7 +116,7 @@ def run_cli_benchmarks(emit: Callable[[str], None], runs: int = RUNS) -> None:
                 argv = [*lodestar, *args]
                 if warm:
                     time_runs(argv, env, 1)  # fills the cache
-                emit(f"  {label + ', ' + cache:<58} {median_p90(time_runs(argv, env, runs))}")
+                emit(f"  {label + ', ' + cache:<58} {summary(*time_runs(argv, env, runs))}")
 
 
 if __name__ == "__main__":
