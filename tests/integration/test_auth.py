@@ -386,3 +386,29 @@ async def test_start_up_fails_when_the_role_table_names_an_unknown_method(core_s
         await asyncio.wait_for(runner.run(handle_signals=False), 10)
     assert "'/lodestar.core.v1.RegistryService/Regster'" in caught.value.message
     assert "Register, Heartbeat" in caught.value.message
+
+
+async def test_every_message_of_a_client_stream_counts_against_the_rate_limit(
+    core_starter, core_settings, tokens, database_url, schema
+):
+    """One PublishStream once carried 20,000 events under a limit of 5 calls a second."""
+    core = await core_starter(limited(core_settings, **{"test-publisher": (1.0, 3)}))
+    async with connect(core.target, tokens[Role.PUBLISHER]) as publisher:
+        bus = bus_pb2_grpc.EventBusServiceStub(publisher)
+        batches = [bus_pb2.PublishStreamRequest(batch_id=n, events=[an_event()]) for n in range(10)]
+        acked: list[int] = []
+
+        async def publish_all() -> None:
+            async for reply in bus.PublishStream(iter(batches)):
+                acked.append(reply.batch_id)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await publish_all()
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 0 < retry_delay(caught.value) <= 1.0
+    assert acked == [0, 1, 2], "the call and two more messages fit the burst of 3"
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": schema})
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM events") == 3
+    finally:
+        await conn.close()

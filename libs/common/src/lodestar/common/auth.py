@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
+import inspect
 import math
 import os
 import re
 import secrets
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -486,7 +487,54 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 ),
             )
         current_principal.set(principal)
+        if self._rate_limiter is not None and handler.request_streaming:
+            limiter = self._rate_limiter
+            return _metered(handler, lambda: limiter.refusal(principal))
         return handler
+
+
+def _metered(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    refusal: Callable[[], LodestarError | None],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with every client-stream message after the first charged like a call.
+
+    The first message was charged when the call was authenticated; an excess one ends the call
+    with the limiter's RESOURCE_EXHAUSTED (and its retry delay).
+    """
+    behavior: Callable[..., Any] | None = (
+        handler.stream_stream if handler.response_streaming else handler.stream_unary
+    )
+    assert behavior is not None
+
+    async def charged(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        first = True
+        async for request in requests:
+            if not first and (refused := refusal()) is not None:
+                raise refused
+            first = False
+            yield request
+
+    if handler.response_streaming and inspect.isasyncgenfunction(behavior):
+
+        async def stream(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for response in behavior(charged(requests), context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer
+        )
+
+    async def call(requests: AsyncIterator[Any], context: Any) -> Any:
+        result = behavior(charged(requests), context)
+        return await result if inspect.isawaitable(result) else result
+
+    factory = (
+        grpc.stream_stream_rpc_method_handler
+        if handler.response_streaming
+        else grpc.stream_unary_rpc_method_handler
+    )
+    return factory(call, handler.request_deserializer, handler.response_serializer)
 
 
 def _refusal(
