@@ -276,6 +276,8 @@ BUDGET_WINDOW_MAX = str(366 * 86400)  # limits.max_budget_window_days
         (rolling_budget(secs(I64)), "budget.rolling", "not a valid Duration"),
         (rolling_budget(secs(60, -5)), "budget.rolling", "not a valid Duration"),
         (rolling_budget(secs(60, 2 * 10**9)), "budget.rolling", "not a valid Duration"),
+        (rolling_budget(secs(0, 500_000_000)), "budget.rolling", "a whole number of seconds"),
+        (rolling_budget(secs(90, 1)), "budget.rolling", "a whole number of seconds"),
         (
             budget(
                 scope=u.BUDGET_SCOPE_SESSION,

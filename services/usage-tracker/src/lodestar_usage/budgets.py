@@ -222,6 +222,11 @@ def _rolling_seconds(budget: usage_pb2.Budget, max_seconds: int) -> int:
         raise InvalidArgumentError(
             "required for a rolling budget, a positive duration", field="budget.rolling"
         )
+    if budget.rolling.nanos:
+        raise InvalidArgumentError(
+            f"a whole number of seconds, at least 1 (got {span}); a window is never rounded",
+            field="budget.rolling",
+        )
     return _seconds(budget.rolling)
 
 
