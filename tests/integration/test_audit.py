@@ -19,6 +19,7 @@ import pytest
 from grpc_status import rpc_status
 
 from lodestar.audit.v1 import audit_pb2, audit_pb2_grpc
+from lodestar.common import audit
 from lodestar.common.auth import Role
 from lodestar.common.errors import bad_request_violations
 from lodestar.common.sdk import connect
@@ -144,10 +145,11 @@ async def test_replay_dead_letters_writes_one_entry(admin_channel, db):
     assert entry["action"] == "EventBusService/ReplayDeadLetters"
     assert entry["target"] == "subscription/billing.usage"
     assert parsed(entry["before"]) == {
+        "count": 2,
         "dead_letters": [
             {"sequence": 7, "attempts": 3, "last_error": "boom 7"},
             {"sequence": 9, "attempts": 3, "last_error": "boom 9"},
-        ]
+        ],
     }
     assert parsed(entry["after"]) == {"redeliveries": [7, 9]}
 
@@ -492,3 +494,31 @@ async def test_cli_prints_entries_of_both_services(
     code, output = await lodestar(*base, "--service", "core", env=env)
     assert code == 1
     assert "PERMISSION_DENIED" in output
+
+
+async def test_a_huge_change_cannot_break_reading_the_audit_log(admin_channel, db):
+    """A 4 MB entry once made every later page of the core audit log fail for everyone."""
+    huge = {"blob": "x" * (audit.MAX_SNAPSHOT_BYTES + 1)}
+    large = {"blob": "y" * (audit.MAX_SNAPSHOT_BYTES - 100)}
+    async with db.transaction():
+        await audit.record(db, action="Test/Huge", target="t/huge", before=None, after=huge)
+        for n in range(12):  # 3 MB of entries: more than one page may carry
+            await audit.record(db, action="Test/Large", target=f"t/{n}", before=None, after=large)
+    stored = parsed(await db.fetchval("SELECT after FROM audit_log WHERE target = 't/huge'"))
+    assert stored == {
+        "truncated": True,
+        "bytes": len(json.dumps(huge, separators=(",", ":"))),
+        "sha256": stored["sha256"],  # type: ignore[index]
+    }
+    stub = audit_pb2_grpc.AuditServiceStub(admin_channel)
+    pages: list[list[str]] = []
+    token = ""
+    while True:
+        reply = await stub.ListAuditEntries(
+            audit_pb2.ListAuditEntriesRequest(page_size=1000, page_token=token)
+        )
+        pages.append([e.target for e in reply.entries])
+        if not (token := reply.next_page_token):
+            break
+    assert len(pages) == 2, [len(p) for p in pages]
+    assert [t for page in pages for t in page] == [*(f"t/{n}" for n in range(11, -1, -1)), "t/huge"]

@@ -234,17 +234,21 @@ class SubscriptionStore:
         return int(count)
 
 
+#: Dead letters an audit entry of a replay describes one by one; the rest are counted.
+AUDITED_DEAD_LETTERS = 100
+
+
 async def _audit_replay(conn: asyncpg.Connection, name: str, moved: list[asyncpg.Record]) -> None:
     ordered = sorted(moved, key=lambda r: r["seq"])
     before = [
-        {"sequence": r["seq"], "attempts": r["attempts"], "last_error": r["last_error"]}
-        for r in ordered
+        {"sequence": r["seq"], "attempts": r["attempts"], "last_error": r["last_error"][:200]}
+        for r in ordered[:AUDITED_DEAD_LETTERS]
     ]
     await audit.record(
         conn,
         action="EventBusService/ReplayDeadLetters",
         target=f"subscription/{name}",
-        before={"dead_letters": before},
+        before={"count": len(ordered), "dead_letters": before},
         after={"redeliveries": [r["seq"] for r in ordered]},
     )
 

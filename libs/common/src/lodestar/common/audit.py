@@ -10,6 +10,7 @@ read-only through ``lodestar.audit.v1.AuditService/ListAuditEntries`` (admin onl
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
 #: Recorded as the principal of a change made by the service itself rather than through an RPC.
 INTERNAL_PRINCIPAL = "internal"
 DEFAULT_PAGE_SIZE = 100
+#: A before or after state larger than this is stored as its size and digest only.
+MAX_SNAPSHOT_BYTES = 256 * 1024
+#: A page stops before this many bytes of entries (well under gRPC's 4 MiB message limit).
+PAGE_BYTES = 2 * 1024 * 1024
 MAX_PAGE_SIZE = 1000
 MAX_FILTER_CHARS = 256
 MAX_PAGE_TOKEN_DIGITS = 19
@@ -68,7 +73,12 @@ def snapshot_json(value: Snapshot) -> str | None:
         value = json_format.MessageToDict(
             value, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    size = len(text.encode())
+    if size <= MAX_SNAPSHOT_BYTES:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return json.dumps({"truncated": True, "bytes": size, "sha256": digest}, sort_keys=True)
 
 
 def _trace_id() -> str:
@@ -193,8 +203,15 @@ async def list_entries(
         query.before_id,
         query.page_size + 1,
     )
-    page = [_entry(row) for row in rows[: query.page_size]]
-    next_token = str(page[-1].id) if len(rows) > query.page_size else ""
+    page: list[audit_pb2.AuditEntry] = []
+    size = 0
+    for row in rows[: query.page_size]:
+        entry = _entry(row)
+        size += entry.ByteSize()
+        if page and size > PAGE_BYTES:  # the rest comes with the next page
+            break
+        page.append(entry)
+    next_token = str(page[-1].id) if len(rows) > len(page) else ""
     return page, next_token
 
 
