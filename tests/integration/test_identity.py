@@ -13,9 +13,10 @@ import grpc
 import pytest
 from grpc_status import rpc_status
 
+from lodestar.common.auth import Role
 from lodestar.common.errors import bad_request_violations
 from lodestar.common.events import new_event
-from lodestar.common.sdk import PermanentFailure, ReceivedEvent, Subscriber
+from lodestar.common.sdk import PermanentFailure, ReceivedEvent, Subscriber, connect
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_grpc
 from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2 as usage
@@ -318,3 +319,28 @@ async def test_dead_letters_are_read_by_their_subscription_owner_only(
     )
     admin = bus_pb2_grpc.EventBusServiceStub(admin_channel)
     assert len((await admin.ListDeadLetters(bus_pb2.ListDeadLettersRequest())).dead_letters) == 1
+
+
+async def test_a_principal_owns_a_bounded_number_of_subscriptions(
+    core_starter,
+    core_settings,  # noqa: F811 - the fixture imported above
+    tokens,
+    db,
+):
+    bus = core_settings.bus.model_copy(update={"max_subscriptions_per_owner": 3})
+    core = await core_starter(core_settings.model_copy(update={"bus": bus}))
+    async with connect(core.target, tokens[Role.MODULE]) as module:
+        for n in range(3):
+            sub = raw(module, f"mine-{n}")
+            await sub.opened()
+            await sub.close()
+        again = raw(module, "mine-0")  # reopening one of its own is fine
+        await again.opened()
+        await again.close()
+        extra = raw(module, "one-too-many")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await extra.opened()
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "bus.max_subscriptions_per_owner" in (caught.value.details() or "")
+        await extra.close()
+    assert await db.fetchval("SELECT count(*) FROM subscriptions") == 3

@@ -22,6 +22,7 @@ from lodestar.common.errors import (
     ModuleError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
 )
 from lodestar.common.logging import get_logger
 from lodestar.common.telemetry import context_from_event, telemetry_enabled
@@ -205,7 +206,9 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         principal = caller()
         if request.module:
             require_module_identity(principal, request.module, "open.module")
-        await self._require_owner(name, principal, "open.subscription", missing_ok=True)
+        holder = await self._require_owner(name, principal, "open.subscription", missing_ok=True)
+        if holder is None and principal.role is not Role.ADMIN:
+            await self._require_room(principal.name)
         if name in self._sessions or name in self._opening:
             session = self._sessions.get(name)
             raise ModuleError(
@@ -240,18 +243,29 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
 
     async def _require_owner(
         self, name: str, principal: Principal, field: str, *, missing_ok: bool = False
-    ) -> None:
-        """Refuse a subscription that is not the caller's (admins may use any)."""
+    ) -> str | None:
+        """Refuse a subscription that is not the caller's (admins may use any); its owner."""
         holder = await self._subscriptions.owner_of(name)
         if holder is None:
             if missing_ok:
-                return
+                return None
             raise NotFoundError(f"no subscription named {name[:128]!r}", field=field)
         if principal.role is not Role.ADMIN and holder != principal.name:
             raise PermissionDeniedError(
                 f"subscription {name!r} belongs to {holder or 'the admins'!r}, not to "
                 f"{principal.name}",
                 field=field,
+            )
+        return holder
+
+    async def _require_room(self, owner: str) -> None:
+        """Refuse a new subscription to an owner that has as many as it may."""
+        limit = self._settings.max_subscriptions_per_owner
+        if await self._subscriptions.count_owned(owner) >= limit:
+            raise ResourceExhaustedError(
+                f"{owner} owns {limit} subscriptions already (bus.max_subscriptions_per_owner); "
+                "reuse one, or ask an admin to delete those no longer needed",
+                field="open.subscription",
             )
 
     def wake_module(self, module: str) -> None:

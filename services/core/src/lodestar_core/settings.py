@@ -22,6 +22,8 @@ class BusSettings(BaseModel):
     retention_days: int = Field(7, ge=1)
     partitions_ahead_days: int = Field(2, ge=1)
     group_commit_max_events: int = Field(20_000, ge=1)
+    #: Subscriptions one (non-admin) principal may own, so none can flood ListSubscriptions.
+    max_subscriptions_per_owner: int = Field(100, ge=1)
     #: Backfill allowance: how far in the past an event's `time` may lie (imports of old usage).
     max_event_age_days: int = Field(3650, ge=1, le=36_500)
     #: Clock-skew allowance: how far in the future an event's `time` and id may lie.

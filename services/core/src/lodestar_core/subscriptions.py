@@ -166,6 +166,13 @@ class SubscriptionStore:
         )
         return [DeadLetterRow(**dict(r)) for r in rows]
 
+    async def count_owned(self, owner: str) -> int:
+        """How many subscriptions ``owner`` owns."""
+        count: int = await self._pool.fetchval(
+            "SELECT count(*) FROM subscriptions WHERE owner = $1", owner
+        )
+        return count
+
     async def owner_of(self, name: str) -> str | None:
         """The owner of subscription ``name`` ('' for the admins'), or None if there is none."""
         owner: str | None = await self._pool.fetchval(
