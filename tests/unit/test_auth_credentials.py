@@ -112,7 +112,8 @@ def test_expired_token_is_refused_saying_it_expired(tmp_path: Path) -> None:
     write_entries(
         path,
         entry("gateway", "publisher", expired, stamp(NOW - timedelta(seconds=5))),
-        entry("gateway", "publisher", current, stamp(NOW + timedelta(minutes=5))),
+        # from the run's clock, not NOW (collection time): the suite may take over 5 minutes
+        entry("gateway", "publisher", current, stamp(datetime.now(UTC) + timedelta(minutes=5))),
     )
     credentials = Credentials.load(path)
     with pytest.raises(AuthenticationError) as caught:
