@@ -87,11 +87,15 @@ def declared_services() -> dict[str, list[str]]:
     return found
 
 
+#: Services the shared runtime adds to every server (health probes, reflection).
+RUNTIME_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
+
+
 def declared_rpcs() -> list[Rpc]:
-    """Every RPC of every service of every installed module."""
+    """Every RPC of every service of every installed module, the runtime's own included."""
     rpcs = []
     for module, services in declared_services().items():
-        for service in services:
+        for service in [*services, *RUNTIME_SERVICES]:
             descriptor = descriptor_pool.Default().FindServiceByName(service)
             rpcs += [Rpc(module, service, m.name) for m in descriptor.methods]
     return rpcs

@@ -44,6 +44,8 @@ async def _act(request: bytes, context: grpc.aio.ServicerContext) -> None:
         raise ValueError("kaput")
     if request == b"notfound":
         await context.abort(grpc.StatusCode.NOT_FOUND, "no such probe")
+    if request == b"unimplemented":
+        raise NotImplementedError("Method not implemented!")
     if request.startswith(b"echo-long:"):
         quoted = request.removeprefix(b"echo-long:").decode()
         raise InvalidArgumentError(
@@ -275,6 +277,21 @@ async def test_a_short_message_is_sent_whole_with_at_most_8_violations(
         await call_unary(channel, b"echo-long:ab")
     assert info.value.details() == "name: 'ab' is not a known name"
     assert len(bad_request_violations(rpc_status.from_call(info.value))) == 8  # 100 given
+
+
+async def test_not_implemented_is_unimplemented_and_not_logged_as_an_error(
+    channel: grpc.aio.Channel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Generated servicer bases raise NotImplementedError (the stock health servicer's List)."""
+    before = handled("Unary", "UNIMPLEMENTED"), handled("Unary", "INTERNAL")
+    details = await expect_status(
+        call_unary(channel, b"unimplemented"), grpc.StatusCode.UNIMPLEMENTED
+    )
+    assert details == f"/{SERVICE}/Unary is not implemented by this server"
+    await eventually(lambda: handled("Unary", "UNIMPLEMENTED") == before[0] + 1)
+    assert handled("Unary", "INTERNAL") == before[1]
+    events = [line["event"] for line in log_lines(capsys)]
+    assert "unhandled error in rpc handler" not in events
 
 
 async def test_abort_passes_through(

@@ -79,7 +79,9 @@ class _HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 class ErrorMappingInterceptor(_HandlerInterceptor):
     """Turns LodestarError into its gRPC status and anything unexpected into INTERNAL.
 
-    A request (or a message of a request stream) that does not decode is INVALID_ARGUMENT.
+    A request (or a message of a request stream) that does not decode is INVALID_ARGUMENT. A
+    method the servicer does not implement (generated base classes raise NotImplementedError,
+    e.g. the stock health servicer's ``List``) is UNIMPLEMENTED, not an internal error.
     """
 
     refuses_undecodable = True
@@ -92,6 +94,10 @@ class ErrorMappingInterceptor(_HandlerInterceptor):
             raise
         except LodestarError as exc:
             await _abort(context, exc)
+        except NotImplementedError:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server"
+            )
         except Exception as exc:
             _log.error(
                 "unhandled error in rpc handler",
