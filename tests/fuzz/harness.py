@@ -41,7 +41,7 @@ START_SECONDS = 60.0
 CALL_SECONDS = 10.0
 #: A server stream (unary request) still open this long after its last message is alive (a
 #: watch), not hung.
-STREAM_IDLE_SECONDS = 0.3
+STREAM_IDLE_SECONDS = 0.1
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
