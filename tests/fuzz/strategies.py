@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC
 from typing import Any
 
 from google.protobuf import (
@@ -593,25 +592,6 @@ def _pack(payload: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(payload)
     return packed
-
-
-def _datetime_or_none(stamp: Message) -> Any:
-    """The Timestamp as a datetime for ``new_event``; None (now) where Python has no datetime."""
-    try:
-        return stamp.ToDatetime(tzinfo=UTC)  # type: ignore[attr-defined]
-    except (ValueError, OverflowError, OSError):
-        return None
-
-
-def _overlay(pair: tuple[Message, Message]) -> Message:
-    """The well-formed event with the fields set in the generic one written over it."""
-    event, generic = pair
-    merged = type(event)()
-    merged.CopyFrom(event)
-    for field, _value in generic.ListFields():
-        merged.ClearField(field.name)
-    merged.MergeFrom(generic)
-    return merged
 
 
 def _flip(args: tuple[bytes, int, int]) -> bytes:
