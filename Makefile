@@ -29,8 +29,8 @@ bootstrap: $(VENV)/.synced ## create .venv from the lock file
 run: bootstrap ## start core and every installed module on an embedded Postgres
 	$(BIN)/lodestar up
 
-test: bootstrap proto-check ## the whole test suite, chart checks included
-	$(BIN)/pytest
+test: bootstrap proto-check ## the whole test suite with branch coverage (floor in pyproject.toml), chart checks
+	$(BIN)/pytest --cov --cov-report=term
 	$(MAKE) chart-check
 
 unit: bootstrap ## unit tests only
