@@ -214,7 +214,7 @@ async def test_tokens_never_logged(core, tokens, capfd, caplog):
                     await call
     out, err = capfd.readouterr()
     logged = out + err + caplog.text + "".join(str(r.__dict__) for r in caplog.records)
-    assert "rpc finished" in logged or caplog.records, "expected the calls to be logged at all"
+    assert "rpc finished" in logged, "expected the calls to be logged at all"
     for token in (*tokens.values(), bogus):
         assert token not in logged
 
@@ -280,7 +280,9 @@ async def test_rotation_needs_no_restart_and_old_tokens_expire_after_the_grace(
     assert expiry.strftime("%Y-%m-%dT%H:%M:%SZ") in details
     assert old not in details
     await publish_once(core.target, new)
-    assert await db.fetchval("SELECT count(*) FROM events") >= 2
+    # the new token's first accepted publish, the old one's in the grace, the new one's now;
+    # every refused attempt stored nothing
+    assert await db.fetchval("SELECT count(*) FROM events") == 3
 
 
 async def test_a_broken_credentials_file_keeps_the_previous_credentials(
