@@ -29,16 +29,16 @@ from asyncpg.exceptions import DeadlockDetectedError
 from google.protobuf import duration_pb2
 
 from lodestar.common import audit
-from lodestar.common.errors import (
-    InvalidArgumentError,
-    ModuleError,
-    NotFoundError,
-    PermissionDeniedError,
-    StorageError,
-)
+from lodestar.common.errors import InvalidArgumentError, StorageError
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import events_pb2, usage_pb2
 from lodestar_usage import bounds
+from lodestar_usage.errors import (
+    BudgetNotFoundError,
+    ReservationNotFoundError,
+    ReservationNotYoursError,
+    ReservationReleasedError,
+)
 from lodestar_usage.reports import (
     BAD_ROWS,
     Filters,
@@ -442,7 +442,7 @@ async def update_budget(pool: asyncpg.Pool, budget: BudgetDef) -> BudgetDef:
             budget.id,
         )
         if old is None:
-            raise NotFoundError(f"no budget {budget.id}", field="budget.id")
+            raise BudgetNotFoundError(f"no budget {budget.id}", field="budget.id")
         rec = await conn.fetchrow(
             f"UPDATE budgets SET {sets}, updated_at = now() WHERE id = $1 "
             f"RETURNING {BUDGET_RETURNED}",
@@ -472,7 +472,7 @@ async def delete_budget(pool: asyncpg.Pool, budget_id: str) -> bool:
             key,
         )
         if deleted is None:
-            raise NotFoundError(f"no budget {budget_id}", field="id")
+            raise BudgetNotFoundError(f"no budget {budget_id}", field="id")
         await conn.execute("DELETE FROM budget_counters WHERE budget_id = $1", key)
         await audit.record(
             conn,
@@ -1029,7 +1029,9 @@ async def commit(pool: asyncpg.Pool, request: usage_pb2.CommitRequest, owner: st
     )
     _refuse_missing_or_foreign(state, key, owner)
     if state == "released":
-        raise ModuleError("the reservation was released; reserve again", field="reservation_id")
+        raise ReservationReleasedError(
+            "the reservation was released; reserve again", field="reservation_id"
+        )
     return True
 
 
@@ -1043,9 +1045,9 @@ async def release(pool: asyncpg.Pool, request: usage_pb2.ReleaseRequest, owner: 
 
 def _refuse_missing_or_foreign(state: str, key: uuid.UUID, owner: str | None) -> None:
     if state == "missing":
-        raise NotFoundError(f"no reservation {key}", field="reservation_id")
+        raise ReservationNotFoundError(f"no reservation {key}", field="reservation_id")
     if state == "foreign":
-        raise PermissionDeniedError(
+        raise ReservationNotYoursError(
             f"reservation {key} was made by another principal; only it (or an admin) may commit "
             f"or release it, not {owner}",
             field="reservation_id",

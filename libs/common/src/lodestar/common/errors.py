@@ -109,9 +109,26 @@ class ResourceExhaustedError(LodestarError):
 
 
 class ModuleError(LodestarError):
-    """A module cannot do what was asked in its current state; per-module errors derive from it."""
+    """A module cannot do what was asked in its current state; per-module errors derive from it.
+
+    A module's own errors derive from its base below (ADR 0008). A state error keeps
+    FAILED_PRECONDITION; one that is also a category above (not found, permission denied …)
+    derives from that class as well and sets ``code`` itself.
+    """
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UsageTrackerError(ModuleError):
+    """An error of the usage-tracker's own logic (reservations, budgets, the ledger)."""
+
+
+class LearningError(ModuleError):
+    """An error of the learning module's own logic."""
+
+
+class HealthMonitorError(ModuleError):
+    """An error of the health-monitor module's own logic."""
 
 
 class StorageError(LodestarError):
