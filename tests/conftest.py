@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
 from lodestar.common.auth import Role
 from lodestar.common.config import DatabaseSettings
 from lodestar.common.sdk import connect
-from lodestar.common.server import READINESS, RunningServer, ServiceRunner
-from lodestar.common.testing import dev_credentials, postgres_server, scratch_database
+from lodestar.common.testing import (
+    RunningService,
+    dev_credentials,
+    postgres_server,
+    scratch_database,
+    start_in_process,
+)
+from lodestar.common.testing import (
+    wait_serving as wait_serving,
+)
 from lodestar_core.service import CoreModule
 from lodestar_core.settings import CoreSettings
 
@@ -80,57 +85,13 @@ def core_settings(
     )
 
 
-@dataclass
-class RunningCore:
-    """A core serving in this test's event loop."""
-
-    runner: ServiceRunner
-    server: RunningServer
-    task: asyncio.Task[None]
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-    async def stop(self) -> None:
-        self.runner.request_stop()
-        await self.task
+#: A core serving in this test's event loop.
+RunningCore = RunningService[CoreModule]
 
 
 async def start_core(settings: CoreSettings) -> RunningCore:
     """Start core and wait until its readiness probe says SERVING."""
-    runner = ServiceRunner(CoreModule(settings), settings)
-    started: asyncio.Future[RunningServer] = asyncio.get_running_loop().create_future()
-
-    async def on_started(server: RunningServer) -> None:
-        started.set_result(server)
-
-    task = asyncio.create_task(runner.run(on_started, handle_signals=False))
-    done, _ = await asyncio.wait({started, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    server = started.result()
-    # With TLS on the main port, probe the plaintext health port the way a kubelet would.
-    probe_port = server.health_port if server.health_port is not None else server.port
-    await wait_serving(f"127.0.0.1:{probe_port}", READINESS)
-    return RunningCore(runner, server, task)
-
-
-async def wait_serving(target: str, service: str, timeout: float = 30.0) -> None:
-    """Poll the health service the way a kubelet probe does until it says SERVING."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"{target} {service!r} not SERVING after {timeout}s")
-            await asyncio.sleep(0.05)
+    return await start_in_process(CoreModule(settings), settings)
 
 
 @pytest.fixture

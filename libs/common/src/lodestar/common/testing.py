@@ -1,18 +1,31 @@
-"""Helpers for tests of Lodestar services: a Postgres to test against and dev credentials."""
+"""Helpers for tests of Lodestar services: a Postgres to test against, dev credentials, and one
+harness that starts any service in the test's event loop or as a process of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar, overload
 
 import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lodestar.common.auth import Role, new_token, write_credentials
+from lodestar.common.cli import free_port
+from lodestar.common.config import ServiceSettings
+from lodestar.common.module import Module
+from lodestar.common.server import READINESS, RunningServer, ServiceRunner
+from lodestar.common.service_cli import ServiceSpec
 
 DEFAULT_TEST_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -88,3 +101,146 @@ def dev_credentials(path: Path, modules: Sequence[str] = ()) -> dict[Role | str,
         principals[name] = (Role.MODULE, tokens[name])
     write_credentials(path, principals)
     return tokens
+
+
+M = TypeVar("M", bound=Module)
+S = TypeVar("S", bound=ServiceSettings)
+
+#: How long a service may take to start and report SERVING unless told otherwise.
+START_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass
+class RunningService(Generic[M]):
+    """A service serving in the current event loop."""
+
+    runner: ServiceRunner
+    module: M
+    server: RunningServer
+    task: asyncio.Task[None]
+
+    @property
+    def target(self) -> str:
+        """Where clients reach its gRPC port."""
+        return f"127.0.0.1:{self.server.port}"
+
+    async def stop(self) -> None:
+        """Stop it the way SIGTERM would and wait until it has stopped."""
+        self.runner.request_stop()
+        await self.task
+
+
+@overload
+async def start_in_process(
+    service: ServiceSpec[S],
+    settings: S,
+    *,
+    ready: Callable[[Module], bool] | None = None,
+    timeout: float = START_TIMEOUT_SECONDS,
+) -> RunningService[Module]: ...
+
+
+@overload
+async def start_in_process(
+    service: M,
+    settings: ServiceSettings,
+    *,
+    ready: Callable[[M], bool] | None = None,
+    timeout: float = START_TIMEOUT_SECONDS,
+) -> RunningService[M]: ...
+
+
+async def start_in_process(
+    service: ServiceSpec[Any] | Module,
+    settings: ServiceSettings,
+    *,
+    ready: Callable[[Any], bool] | None = None,
+    timeout: float = START_TIMEOUT_SECONDS,
+) -> RunningService[Any]:
+    """Start a service (a module, or the one a spec builds from ``settings``) in this event
+    loop; returns once its readiness probe says SERVING and ``ready(module)`` holds."""
+    module = service.module_cls(settings) if isinstance(service, ServiceSpec) else service
+    runner = ServiceRunner(module, settings)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    started: asyncio.Future[RunningServer] = loop.create_future()
+
+    async def on_started(server: RunningServer) -> None:
+        started.set_result(server)
+
+    task = asyncio.create_task(runner.run(on_started, handle_signals=False))
+    waiting: set[asyncio.Future[Any]] = {started, task}
+    done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    if not started.done():
+        task.cancel()
+        raise TimeoutError(f"{type(module).__name__} did not start within {timeout}s")
+    server = started.result()
+    # With TLS on the main port, probe the plaintext health port the way a kubelet would.
+    probe_port = server.health_port if server.health_port is not None else server.port
+    await wait_serving(f"127.0.0.1:{probe_port}", READINESS, max(deadline - loop.time(), 0.1))
+    while ready is not None and not ready(module):
+        if loop.time() > deadline:
+            raise TimeoutError(f"{type(module).__name__} not ready after {timeout}s")
+        await asyncio.sleep(0.05)
+    return RunningService(runner, module, server, task)
+
+
+async def wait_serving(target: str, service: str, timeout: float = START_TIMEOUT_SECONDS) -> None:
+    """Poll the health service the way a kubelet probe does until it says SERVING."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{target} {service!r} not SERVING after {timeout}s")
+            await asyncio.sleep(0.05)
+
+
+def service_package(service: str | ServiceSpec[Any]) -> str:
+    """The importable package whose ``python -m <package> serve`` runs ``service``."""
+    if isinstance(service, str):
+        return service
+    return service.module_cls.__module__.partition(".")[0]
+
+
+def start_process(
+    service: str | ServiceSpec[Any], env: dict[str, str], log: Path, port: int
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m <package> serve`` on ``port`` (metrics off), its output going to ``log``;
+    ``env`` is added to this process's environment."""
+    full_env = os.environ | env | {"LODESTAR_PORT": str(port), "LODESTAR_METRICS_PORT": "-1"}
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", service_package(service), "serve"],
+            env=full_env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+
+
+@contextmanager
+def service_process(
+    service: str | ServiceSpec[Any], env: dict[str, str], log: Path, port: int | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A service process on ``port`` (a free one if None); SIGKILLed afterwards if still running."""
+    port = port or free_port()
+    process = start_process(service, env, log, port)
+    try:
+        yield process, port
+    finally:
+        if process.poll() is None:
+            kill9(process)
+
+
+def kill9(process: subprocess.Popen[bytes]) -> None:
+    """Kill a process without any chance to clean up, and reap it."""
+    process.send_signal(signal.SIGKILL)
+    process.wait()
