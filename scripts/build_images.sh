@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build one image per service that has a Dockerfile (services/*/Dockerfile), from the repository
-# root as build context. Needs a Docker engine with BuildKit.
+# Build one image per service (services/*/pyproject.toml) from the one parameterised Dockerfile,
+# deploy/docker/Dockerfile, with the repository root as build context. Needs a Docker engine with
+# BuildKit. The service's package name and console script are read from its pyproject.toml.
 #   REGISTRY=registry.example.com/lodestar TAG=0.1.0 PUSH=1 bash scripts/build_images.sh [service...]
 # Images are named <REGISTRY>/lodestar-<service>:<TAG> (no registry prefix when REGISTRY is empty),
 # matching the chart's global.image.registry / global.image.tag and <service>.image.repository.
@@ -11,8 +12,8 @@ cd "$ROOT"
 
 if ! command -v docker >/dev/null 2>&1; then
   echo "build_images: 'docker' was not found on PATH. Building images needs a Docker engine with" >&2
-  echo "BuildKit (Docker 23+ or docker buildx); install Docker, or build services/*/Dockerfile" >&2
-  echo "elsewhere with the repository root as build context." >&2
+  echo "BuildKit (Docker 23+ or docker buildx); install Docker, or build deploy/docker/Dockerfile" >&2
+  echo "elsewhere (--build-arg SERVICE=<service>) with the repository root as build context." >&2
   exit 1
 fi
 if ! docker info >/dev/null 2>&1; then
@@ -21,6 +22,7 @@ if ! docker info >/dev/null 2>&1; then
   exit 1
 fi
 
+DOCKERFILE=deploy/docker/Dockerfile
 REGISTRY="${REGISTRY:-}"
 VERSION="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' deploy/helm/lodestar/Chart.yaml)"
 TAG="${TAG:-$VERSION}"
@@ -32,22 +34,38 @@ if (($#)); then
   services=("$@")
 else
   services=()
-  for dockerfile in services/*/Dockerfile; do
-    [[ -f "$dockerfile" ]] || continue
-    services+=("$(basename "$(dirname "$dockerfile")")")
+  for pyproject in services/*/pyproject.toml; do
+    [[ -f "$pyproject" ]] || continue
+    services+=("$(basename "$(dirname "$pyproject")")")
   done
 fi
-((${#services[@]})) || { echo "build_images: no services/*/Dockerfile found" >&2; exit 1; }
+((${#services[@]})) || { echo "build_images: no services/*/pyproject.toml found" >&2; exit 1; }
+
+# service_identity PYPROJECT: prints "<package name> <first console script>" of a service.
+service_identity() {
+  awk '
+    /^\[/ { section = $0; next }
+    section == "[project]" && /^name *=/ && !name { gsub(/[" ]/, "", $3); name = $3 }
+    section == "[project.scripts]" && /=/ && !script { script = $1 }
+    END { print name, script }
+  ' "$1"
+}
 
 built=()
 for service in "${services[@]}"; do
-  dockerfile="services/$service/Dockerfile"
-  [[ -f "$dockerfile" ]] || { echo "build_images: $dockerfile does not exist" >&2; exit 1; }
+  pyproject="services/$service/pyproject.toml"
+  [[ -f "$pyproject" ]] || { echo "build_images: $pyproject does not exist" >&2; exit 1; }
+  read -r package script <<<"$(service_identity "$pyproject")"
+  [[ -n "$package" && -n "$script" ]] \
+    || { echo "build_images: $pyproject needs [project] name and a [project.scripts] entry" >&2; exit 1; }
   image="lodestar-$service:$TAG"
   [[ -n "$REGISTRY" ]] && image="${REGISTRY%/}/$image"
-  echo "==> building $image from $dockerfile"
+  echo "==> building $image from $DOCKERFILE (package $package, script $script)"
   docker build \
-    --file "$dockerfile" \
+    --file "$DOCKERFILE" \
+    --build-arg "SERVICE=$service" \
+    --build-arg "PACKAGE=$package" \
+    --build-arg "SCRIPT=$script" \
     --build-arg "VERSION=$VERSION" \
     --build-arg "REVISION=$REVISION" \
     --build-arg "CREATED=$CREATED" \

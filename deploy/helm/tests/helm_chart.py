@@ -23,11 +23,9 @@ CHART = REPO / "deploy" / "helm" / "lodestar"
 SCENARIOS = sorted(CHART.glob("ci/*-values.yaml"))
 RELEASE = "lodestar"
 NAMESPACE = "lodestar"
-SERVICES = {  # values key -> module name
-    "core": "core",
-    "usageTracker": "usage-tracker",
-    "learning": "learning",
-    "healthMonitor": "health-monitor",
+# values key -> module name, from the chart's list of services (the one the templates read).
+SERVICES: dict[str, str] = {
+    key: meta["name"] for key, meta in yaml.safe_load((CHART / "services.yaml").read_text()).items()
 }
 MODULES = [key for key in SERVICES if key != "core"]
 ALL_ON = {key: {"enabled": True} for key in SERVICES}

@@ -39,6 +39,12 @@ INVALID = [
     ),
     pytest.param({"global": {"image": {"pullPolicy": "Sometimes"}}}, "pullPolicy", id="bad-enum"),
     pytest.param({"core": {"env": [{"value": "x"}]}}, "name", id="env-without-name"),
+    pytest.param({"serviceDefaults": {"replica": 2}}, "replica", id="typo-service-defaults"),
+    pytest.param(
+        {"serviceDefaults": {"image": {"repository": "x"}}},
+        "repository",
+        id="defaults-name-no-image",
+    ),
     pytest.param(
         {"global": {"postgres": {"existingSecret": "Not_A_Name"}}},
         "existingSecret",
@@ -192,12 +198,7 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
 
 def test_environment_follows_the_service_contract() -> None:
     objects = render({**ALL_ON, "global": {"otel": {"endpoint": "http://collector:4317"}}})
-    schemas = {
-        "core": "core",
-        "usage-tracker": "usage_tracker",
-        "learning": "learning",
-        "health-monitor": "health_monitor",
-    }
+    schemas = {module: module.replace("-", "_") for module in SERVICES.values()}
     for module, schema in schemas.items():
         dep = _core(objects, "Deployment", f"lodestar-{module}")
         container = dep["spec"]["template"]["spec"]["containers"][0]
@@ -372,3 +373,55 @@ def test_no_pod_uses_the_default_service_account() -> None:
     for obj, spec, _ in pod_specs(render(ALL_ON)):
         if obj["kind"] != "Pod":
             assert spec.get("serviceAccountName"), name_of(obj)
+
+
+@pytest.mark.parametrize("major", [3, 4])
+def test_service_defaults_apply_to_every_service_and_each_block_overrides(major: int) -> None:
+    objects = render(
+        {
+            **ALL_ON,
+            "serviceDefaults": {
+                "resources": {"limits": {"memory": "1Gi"}},
+                "podAnnotations": {"team": "platform"},
+            },
+            "core": {
+                "replicas": 0,
+                "migrations": {"enabled": False},
+                "podAnnotations": {"tier": "core"},
+                "podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": None},
+            },
+            "learning": {"enabled": True, "resources": {"limits": {"memory": "2Gi"}}},
+            "usageTracker": {
+                "autoscaling": {
+                    "enabled": True,
+                    "targetCPUUtilizationPercentage": None,
+                    "targetMemoryUtilizationPercentage": 80,
+                },
+            },
+        },
+        major=major,
+    )
+    limits = {
+        o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0]["resources"]
+        for o in objects
+        if o["kind"] == "Deployment"
+    }
+    assert limits == {
+        f"lodestar-{m}": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "2Gi" if m == "learning" else "1Gi"},
+        }
+        for m in SERVICES.values()
+    }
+    core = _core(objects, "Deployment")
+    assert core["spec"]["replicas"] == 0  # a falsy override still replaces the default
+    annotations = core["spec"]["template"]["metadata"]["annotations"]
+    assert (annotations["team"], annotations["tier"]) == ("platform", "core")  # maps merge
+    pdb = _core(objects, "PodDisruptionBudget")["spec"]
+    assert pdb["minAvailable"] == 1
+    assert "maxUnavailable" not in pdb  # null removed the default
+    jobs = {o["metadata"]["name"] for o in objects if o["kind"] == "Job"}
+    assert "lodestar-core-migrate" not in jobs
+    assert "lodestar-learning-migrate" in jobs
+    hpa = _core(objects, "HorizontalPodAutoscaler", "lodestar-usage-tracker")
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["memory"]

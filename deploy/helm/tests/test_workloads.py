@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helm_chart import name_of, pod_specs, render, selects
+from helm_chart import MODULES, SERVICES, name_of, pod_specs, render, selects
 
 RESTRICTED_CONTAINER = {
     "runAsNonRoot": True,
@@ -16,9 +16,7 @@ RESTRICTED_CONTAINER = {
 DEV_POSTGRES = {
     "postgresql": {"enabled": True, "password": "dev-only"},
     "global": {"credentials": {"generate": True}},
-    "usageTracker": {"enabled": True},
-    "learning": {"enabled": True},
-    "healthMonitor": {"enabled": True},
+    **{key: {"enabled": True} for key in MODULES},
 }
 
 
@@ -111,9 +109,10 @@ def _peers_components(rule: dict[str, Any], direction: str) -> set[str]:
 
 
 def test_allow_list_follows_the_architecture() -> None:
-    values = {key: {"enabled": True} for key in ("usageTracker", "learning", "healthMonitor")}
+    values = {key: {"enabled": True} for key in MODULES}
     policies = {p["metadata"]["name"]: p["spec"] for p in _policies(render(values))}
-    modules = {"usage-tracker", "learning", "health-monitor"}
+    modules = {SERVICES[key] for key in MODULES}
+    assert "health-monitor" in modules
 
     core = policies["lodestar-core"]
     ingress_from = set().union(*(_peers_components(r, "from") for r in core["ingress"]))
@@ -121,7 +120,7 @@ def test_allow_list_follows_the_architecture() -> None:
     egress_to = set().union(*(_peers_components(r, "to") for r in core["egress"]))
     assert modules <= egress_to
 
-    for module in ("usage-tracker", "learning"):
+    for module in modules - {"health-monitor"}:
         spec = policies[f"lodestar-{module}"]
         ingress_from = set().union(*(_peers_components(r, "from") for r in spec["ingress"]))
         assert ingress_from == {"core", "health-monitor", "helm-test"}, module
@@ -130,7 +129,7 @@ def test_allow_list_follows_the_architecture() -> None:
 
     monitor = policies["lodestar-health-monitor"]
     egress_to = set().union(*(_peers_components(r, "to") for r in monitor["egress"]))
-    assert {"core", "usage-tracker", "learning"} <= egress_to
+    assert (modules - {"health-monitor"}) | {"core"} <= egress_to
     ports = [p["port"] for r in monitor["egress"] for p in r.get("ports", [])]
     assert 443 in ports, "providers egress missing"
     assert 11434 in ports, "providers egress missing"

@@ -3,7 +3,8 @@
     python3 deploy/helm/tools/gen_values_schema.py          # rewrite the schema
     python3 deploy/helm/tools/gen_values_schema.py --check  # exit 1 if the committed one is stale
 
-The four services share one definition, so a key added to one service is added to all of them.
+The services come from deploy/helm/lodestar/services.yaml (one values block each). They share one
+definition with serviceDefaults, so a key added to the defaults can be overridden by every service.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "lodestar" / "values.schema.json"
-SERVICES = {
-    "core": "core: the module registry and the durable event bus",
-    "usageTracker": "usage-tracker: tokens, cost, budgets, admission",
-    "learning": "learning: response collection, datasets, routing learner",
-    "healthMonitor": "health-monitor: probes of modules and LLM providers, circuit breakers",
-}
+import yaml
+
+CHART = Path(__file__).resolve().parents[1] / "lodestar"
+SCHEMA_PATH = CHART / "values.schema.json"
+SERVICES: dict[str, dict[str, str]] = yaml.safe_load((CHART / "services.yaml").read_text())
 
 Schema = dict[str, Any]
 
@@ -81,89 +80,99 @@ def probe(readiness: bool = False) -> Schema:
 
 
 def service(key: str) -> Schema:
+    """The values block of one service: its own keys plus any key of serviceDefaults."""
+    props = service_settings(key)
+    props["image"]["required"] = ["repository"]
+    return obj({"enabled": BOOL, **props}, SERVICES[key]["description"], required=["enabled"])
+
+
+def service_defaults() -> Schema:
+    """serviceDefaults: every setting a service may override, except what names the service."""
+    props = service_settings(None)
+    del props["image"]["properties"]["repository"]
+    del props["database"]["properties"]["schemaName"]
+    return obj(props, "defaults of every service; each service's block overrides them")
+
+
+def service_settings(key: str | None) -> dict[str, Schema]:
+    """The settings of a service (``key``) or of serviceDefaults (None)."""
     network = {"extraIngress": LIST_OF_OBJECTS, "extraEgress": LIST_OF_OBJECTS}
-    if key == "healthMonitor":
+    if key is not None and SERVICES[key]["name"] == "health-monitor":
         network["providers"] = {
             **LIST_OF_OBJECTS,
             "description": "NetworkPolicyEgressRule list: LLM providers the health monitor probes",
         }
-    return obj(
-        {
-            "enabled": BOOL,
-            "image": obj(
-                {
-                    "repository": string(minLength=1),
-                    "tag": string(),
-                    "digest": string(pattern=r"^$|^sha256:[0-9a-f]{64}$"),
-                },
-                required=["repository"],
-            ),
-            "replicas": nonneg(0),
-            "config": {**MAP, "description": "rendered as the module's YAML config file"},
-            "env": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name"],
-                    "properties": {"name": string(minLength=1)},
-                },
+    return {
+        "image": obj(
+            {
+                "repository": string(minLength=1),
+                "tag": string(),
+                "digest": string(pattern=r"^$|^sha256:[0-9a-f]{64}$"),
             },
-            "envFrom": LIST_OF_OBJECTS,
-            "resources": RESOURCES,
-            "probes": obj(
-                {"startup": probe(), "liveness": probe(), "readiness": probe(readiness=True)}
-            ),
-            "autoscaling": obj(
-                {
-                    "enabled": BOOL,
-                    "minReplicas": nonneg(1),
-                    "maxReplicas": nonneg(1),
-                    "targetCPUUtilizationPercentage": {"type": ["integer", "null"], "minimum": 1},
-                    "targetMemoryUtilizationPercentage": {
-                        "type": ["integer", "null"],
-                        "minimum": 1,
-                    },
-                    "behavior": MAP,
-                }
-            ),
-            "podDisruptionBudget": obj(
-                {
-                    "enabled": BOOL,
-                    "minAvailable": {"oneOf": [{"type": "null"}, *INT_OR_PERCENT["oneOf"]]},
-                    "maxUnavailable": {"oneOf": [{"type": "null"}, *INT_OR_PERCENT["oneOf"]]},
-                }
-            ),
-            "database": obj(
-                {
-                    "existingSecret": NAME,
-                    "urlKey": string(),
-                    "schemaName": string(pattern=r"^[a-z_][a-z0-9_]{0,62}$"),
-                }
-            ),
-            "migrations": obj({"enabled": BOOL}),
-            "terminationGracePeriodSeconds": nonneg(1),
-            "shutdownGraceSeconds": {"type": "number", "exclusiveMinimum": 0},
-            "tmpDir": obj({"sizeLimit": QUANTITY, "medium": {"enum": ["", "Memory"]}}),
-            "annotations": STR_MAP,
-            "podAnnotations": STR_MAP,
-            "podLabels": STR_MAP,
-            "service": obj(
-                {
-                    "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
-                    "annotations": STR_MAP,
-                }
-            ),
-            "serviceAccount": obj({"annotations": STR_MAP}),
-            "nodeSelector": STR_MAP,
-            "tolerations": LIST_OF_OBJECTS,
-            "affinity": MAP,
-            "topologySpreadConstraints": LIST_OF_OBJECTS,
-            "priorityClassName": string(),
-            "networkPolicy": obj(network),
+        ),
+        "replicas": nonneg(0),
+        "config": {**MAP, "description": "rendered as the module's YAML config file"},
+        "env": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": string(minLength=1)},
+            },
         },
-        SERVICES[key],
-        required=["enabled"],
-    )
+        "envFrom": LIST_OF_OBJECTS,
+        "resources": RESOURCES,
+        "probes": obj(
+            {"startup": probe(), "liveness": probe(), "readiness": probe(readiness=True)}
+        ),
+        "autoscaling": obj(
+            {
+                "enabled": BOOL,
+                "minReplicas": nonneg(1),
+                "maxReplicas": nonneg(1),
+                "targetCPUUtilizationPercentage": {"type": ["integer", "null"], "minimum": 1},
+                "targetMemoryUtilizationPercentage": {
+                    "type": ["integer", "null"],
+                    "minimum": 1,
+                },
+                "behavior": MAP,
+            }
+        ),
+        "podDisruptionBudget": obj(
+            {
+                "enabled": BOOL,
+                "minAvailable": {"oneOf": [{"type": "null"}, *INT_OR_PERCENT["oneOf"]]},
+                "maxUnavailable": {"oneOf": [{"type": "null"}, *INT_OR_PERCENT["oneOf"]]},
+            }
+        ),
+        "database": obj(
+            {
+                "existingSecret": NAME,
+                "urlKey": string(),
+                "schemaName": string(pattern=r"^[a-z_][a-z0-9_]{0,62}$"),
+            }
+        ),
+        "migrations": obj({"enabled": BOOL}),
+        "terminationGracePeriodSeconds": nonneg(1),
+        "shutdownGraceSeconds": {"type": "number", "exclusiveMinimum": 0},
+        "tmpDir": obj({"sizeLimit": QUANTITY, "medium": {"enum": ["", "Memory"]}}),
+        "annotations": STR_MAP,
+        "podAnnotations": STR_MAP,
+        "podLabels": STR_MAP,
+        "service": obj(
+            {
+                "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                "annotations": STR_MAP,
+            }
+        ),
+        "serviceAccount": obj({"annotations": STR_MAP}),
+        "nodeSelector": STR_MAP,
+        "tolerations": LIST_OF_OBJECTS,
+        "affinity": MAP,
+        "topologySpreadConstraints": LIST_OF_OBJECTS,
+        "priorityClassName": string(),
+        "networkPolicy": obj(network),
+    }
 
 
 def schema() -> Schema:
@@ -261,6 +270,7 @@ def schema() -> Schema:
             "development only: a single-instance PostgreSQL",
         ),
         "tests": obj({"enabled": BOOL, "resources": RESOURCES}),
+        "serviceDefaults": service_defaults(),
     }
     for key in SERVICES:
         top[key] = service(key)

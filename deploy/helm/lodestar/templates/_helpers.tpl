@@ -1,7 +1,8 @@
 {{/*
 Names, labels and the table of services. Every per-service object is rendered by one named
 template (lodestar.<kind>) called once per enabled service with a context made by
-"lodestar.serviceContexts": {root, key, name, script, svc}.
+"lodestar.forEachService": {root, key, name, script, svc}, where svc is the service's values
+merged over serviceDefaults ("lodestar.serviceValues").
 */}}
 
 {{- define "lodestar.name" -}}
@@ -25,20 +26,34 @@ template (lodestar.<kind>) called once per enabled service with a context made b
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* The services the chart knows: values key -> module name and console script. */}}
+{{/* The services the chart knows (services.yaml): values key -> name, script, description. */}}
 {{- define "lodestar.serviceTable" -}}
-core:
-  name: core
-  script: lodestar-core
-usageTracker:
-  name: usage-tracker
-  script: lodestar-usage-tracker
-learning:
-  name: learning
-  script: lodestar-learning
-healthMonitor:
-  name: health-monitor
-  script: lodestar-health-monitor
+{{- .Files.Get "services.yaml" }}
+{{- end }}
+
+{{/*
+The values of one service: a copy of serviceDefaults with the service's block merged over it
+(maps merge key by key, other values replace the default, null removes it).
+Pass (dict "root" $ "key" "core" "out" $out); the result is set as $out.svc.
+*/}}
+{{- define "lodestar.serviceValues" -}}
+{{- $svc := deepCopy .root.Values.serviceDefaults }}
+{{- $_ := include "lodestar.mergeValues" (dict "dst" $svc "src" (index .root.Values .key)) }}
+{{- $_ = set .out "svc" $svc }}
+{{- end }}
+
+{{/* Merges the map .src into the map .dst in place (the rules of "lodestar.serviceValues"). */}}
+{{- define "lodestar.mergeValues" -}}
+{{- $dst := .dst }}
+{{- range $k, $v := .src }}
+{{- if kindIs "invalid" $v }}
+{{- $_ := unset $dst $k }}
+{{- else if and (kindIs "map" $v) (kindIs "map" (get $dst $k)) }}
+{{- $_ := include "lodestar.mergeValues" (dict "dst" (get $dst $k) "src" $v) }}
+{{- else }}
+{{- $_ := set $dst $k (deepCopy $v) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Names (module names) of the enabled services, as a YAML list. */}}
@@ -318,8 +333,10 @@ securityContext:
 {{/* Checks that fail rendering with a message. */}}
 {{- define "lodestar.validate" -}}
 {{- range $key, $meta := include "lodestar.serviceTable" . | fromYaml }}
-{{- $svc := index $.Values $key }}
-{{- if $svc.enabled }}
+{{- if (index $.Values $key).enabled }}
+{{- $out := dict }}
+{{- $_ := include "lodestar.serviceValues" (dict "root" $ "key" $key "out" $out) }}
+{{- $svc := $out.svc }}
 {{- if le (float64 $svc.terminationGracePeriodSeconds) (float64 $svc.shutdownGraceSeconds) }}
 {{- fail (printf "%s.terminationGracePeriodSeconds (%v) must be larger than %s.shutdownGraceSeconds (%v)" $key $svc.terminationGracePeriodSeconds $key $svc.shutdownGraceSeconds) }}
 {{- end }}
@@ -336,8 +353,8 @@ securityContext:
 {{- end }}
 {{- end }}
 {{- if and (not .Values.core.enabled) (not .Values.global.coreEndpoint) }}
-{{- range $key := list "usageTracker" "learning" "healthMonitor" }}
-{{- if (index $.Values $key).enabled }}
+{{- range $key, $meta := include "lodestar.serviceTable" . | fromYaml }}
+{{- if and (ne $key "core") (index $.Values $key).enabled }}
 {{- fail (printf "%s is enabled but core is not: enable core or set global.coreEndpoint" $key) }}
 {{- end }}
 {{- end }}
@@ -352,9 +369,10 @@ Usage: {{ include "lodestar.forEachService" (dict "root" $ "template" "lodestar.
 {{- $root := .root }}
 {{- $template := .template }}
 {{- range $key, $meta := include "lodestar.serviceTable" $root | fromYaml }}
-{{- $svc := index $root.Values $key }}
-{{- if $svc.enabled }}
-{{- $ctx := dict "root" $root "key" $key "name" $meta.name "script" $meta.script "svc" $svc }}
+{{- if (index $root.Values $key).enabled }}
+{{- $out := dict }}
+{{- $_ := include "lodestar.serviceValues" (dict "root" $root "key" $key "out" $out) }}
+{{- $ctx := dict "root" $root "key" $key "name" $meta.name "script" $meta.script "svc" $out.svc }}
 {{- $doc := include $template $ctx }}
 {{- if trim $doc }}
 ---
