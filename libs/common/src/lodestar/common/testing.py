@@ -169,22 +169,42 @@ async def start_in_process(
         started.set_result(server)
 
     task = asyncio.create_task(runner.run(on_started, handle_signals=False))
+    running = RunningService(runner, module, await _started(started, task, timeout), task)
+    try:
+        await _until_ready(running, ready, deadline)
+    except BaseException:
+        await running.stop()
+        raise
+    return running
+
+
+async def _started(
+    started: asyncio.Future[RunningServer], task: asyncio.Task[None], timeout: float
+) -> RunningServer:
+    """The server ``task`` reports through ``started``; its error if it ends first."""
     waiting: set[asyncio.Future[Any]] = {started, task}
     done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()
     if not started.done():
         task.cancel()
-        raise TimeoutError(f"{type(module).__name__} did not start within {timeout}s")
-    server = started.result()
+        raise TimeoutError(f"the service did not start within {timeout}s")
+    return started.result()
+
+
+async def _until_ready(
+    running: RunningService[Any], ready: Callable[[Any], bool] | None, deadline: float
+) -> None:
+    """Wait for the readiness probe to say SERVING, then for ``ready(module)``."""
+    loop = asyncio.get_running_loop()
+    server = running.server
     # With TLS on the main port, probe the plaintext health port the way a kubelet would.
     probe_port = server.health_port if server.health_port is not None else server.port
     await wait_serving(f"127.0.0.1:{probe_port}", READINESS, max(deadline - loop.time(), 0.1))
-    while ready is not None and not ready(module):
+    while ready is not None and not ready(running.module):
         if loop.time() > deadline:
-            raise TimeoutError(f"{type(module).__name__} not ready after {timeout}s")
+            raise TimeoutError(f"{type(running.module).__name__} started but not ready in time")
         await asyncio.sleep(0.05)
-    return RunningService(runner, module, server, task)
 
 
 async def wait_serving(target: str, service: str, timeout: float = START_TIMEOUT_SECONDS) -> None:
