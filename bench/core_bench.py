@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from lodestar.common.auth import Role
 from lodestar.common.cli import free_port, wait_until_serving
 from lodestar.common.events import new_event
 from lodestar.common.sdk import ReceivedEvent, Subscriber, connect
-from lodestar.common.testing import dev_credentials
+from lodestar.common.testing import dev_credentials, start_process
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2 as usage
@@ -32,14 +30,12 @@ class CoreUnderTest:
     def __init__(self, dsn: str, workdir: Path) -> None:
         self.tokens = dev_credentials(workdir / "credentials.yaml", ["usage-tracker"])
         self.port = free_port()
-        self._env = os.environ | {
-            "LODESTAR_PORT": str(self.port),
-            "LODESTAR_METRICS_PORT": "-1",
+        self._env = {
             "LODESTAR_DATABASE__URL": dsn,
             "LODESTAR_CREDENTIALS_FILE": str(workdir / "credentials.yaml"),
             "LODESTAR_LOG_LEVEL": "WARNING",
         }
-        self._log = (workdir / "core.log").open("ab")
+        self._log = workdir / "core.log"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,12 +43,7 @@ class CoreUnderTest:
         return f"127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> CoreUnderTest:
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "lodestar_core", "serve"],
-            env=self._env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        self._process = start_process("lodestar_core", self._env, self._log, self.port)
         if await wait_until_serving(self.port, self._process, READY_TIMEOUT_SECONDS):
             return self
         raise RuntimeError("core did not become ready")

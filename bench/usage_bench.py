@@ -11,7 +11,6 @@ import asyncio
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -28,7 +27,7 @@ from lodestar.common.cli import free_port, wait_until_serving
 from lodestar.common.db import apply_migrations, create_pool
 from lodestar.common.events import new_event
 from lodestar.common.sdk import connect
-from lodestar.common.testing import postgres_server
+from lodestar.common.testing import postgres_server, start_process
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.usage.v1 import events_pb2 as ev
 from lodestar.usage.v1 import usage_pb2 as u
@@ -138,9 +137,7 @@ class TrackerUnderTest:
 
     def __init__(self, dsn: str, workdir: Path, core: CoreUnderTest) -> None:
         self.port = free_port()
-        self._env = os.environ | {
-            "LODESTAR_PORT": str(self.port),
-            "LODESTAR_METRICS_PORT": "-1",
+        self._env = {
             "LODESTAR_DATABASE__URL": dsn,
             "LODESTAR_CREDENTIALS_FILE": str(workdir / "credentials.yaml"),
             "LODESTAR_CORE_ENDPOINT": core.target,
@@ -148,7 +145,7 @@ class TrackerUnderTest:
             "LODESTAR_SPOOL_DIR": str(workdir / "spool"),
             "LODESTAR_LOG_LEVEL": "WARNING",
         }
-        self._log = (workdir / "usage.log").open("ab")
+        self._log = workdir / "usage.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -156,12 +153,7 @@ class TrackerUnderTest:
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lodestar_usage", "serve"],
-            env=self._env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        self.process = start_process("lodestar_usage", self._env, self._log, self.port)
         if await wait_until_serving(self.port, self.process, READY_TIMEOUT_SECONDS):
             await asyncio.sleep(1.0)  # let it subscribe
             return
