@@ -21,7 +21,7 @@ from lodestar.common.auth import Role
 from lodestar.common.cli import free_port
 from lodestar.common.embedded import EmbeddedPostgres
 from lodestar.common.sdk import Publisher, connect
-from lodestar.common.testing import dev_credentials
+from lodestar.common.testing import dev_credentials, service_env
 from lodestar.usage.v1 import events_pb2 as usage
 from tests.conftest import wait_serving
 from tests.e2e.processes import kill9, start_service
@@ -46,11 +46,7 @@ class Suite:
         return f"127.0.0.1:{self.port}"
 
     def start_core(self) -> None:
-        env = {
-            "LODESTAR_DATABASE__URL": self.pg.dsn(),
-            "LODESTAR_CREDENTIALS_FILE": str(self.root / "credentials.yaml"),
-            "LODESTAR_SHUTDOWN_GRACE_SECONDS": "2",
-        }
+        env = service_env(self.pg.dsn(), self.root / "credentials.yaml", shutdown_grace_seconds=2)
         self.core = start_service("lodestar_core", env, self.root / "core.log", self.port)
 
     def start_consumer(self, subscription: str, out: Path) -> subprocess.Popen[bytes]:

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lodestar.common.cli import free_port
 from lodestar.common.embedded import EmbeddedPostgres
-from lodestar.common.testing import dev_credentials
+from lodestar.common.testing import dev_credentials, service_env
 from tests.e2e.processes import start_service
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -57,14 +57,14 @@ async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drai
     pg.initialise()  # not started: the service comes up before its database
     tokens = dev_credentials(tmp_path / "credentials.yaml", ["usage-tracker"])
     port = free_port()
-    env = {
-        "LODESTAR_DATABASE__URL": pg.dsn(),
-        "LODESTAR_CREDENTIALS_FILE": str(tmp_path / "credentials.yaml"),
-        "LODESTAR_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
+    env = service_env(
+        pg.dsn(),
+        tmp_path / "credentials.yaml",
         # modules only: no core answers here, which makes a module degraded, not unready
-        "LODESTAR_CORE_ENDPOINT": f"127.0.0.1:{free_port()}",
-        "LODESTAR_TOKEN": tokens["usage-tracker"],
-    }
+        core=f"127.0.0.1:{free_port()}",
+        token=tokens["usage-tracker"],
+        shutdown_grace_seconds=GRACE_SECONDS,
+    )
     core = start_service(package, env, tmp_path / "service.log", port)
     target = f"127.0.0.1:{port}"
     try:

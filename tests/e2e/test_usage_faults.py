@@ -20,7 +20,7 @@ from lodestar.common.auth import Role
 from lodestar.common.cli import free_port
 from lodestar.common.embedded import EmbeddedPostgres
 from lodestar.common.sdk import Publisher, connect
-from lodestar.common.testing import dev_credentials
+from lodestar.common.testing import dev_credentials, service_env
 from lodestar.usage.v1 import events_pb2 as ev
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
@@ -53,14 +53,15 @@ class Suite:
     def tracker_target(self) -> str:
         return f"127.0.0.1:{self.tracker_port}"
 
-    def _env(self) -> dict[str, str]:
-        return {
-            "LODESTAR_DATABASE__URL": self.pg.dsn(),
-            "LODESTAR_CREDENTIALS_FILE": str(self.root / "credentials.yaml"),
-            "LODESTAR_SHUTDOWN_GRACE_SECONDS": "2",
-            "LODESTAR_SPOOL_DIR": str(self.root / "spool"),
-            "LODESTAR_LOG_LEVEL": "WARNING",
-        }
+    def _env(self, **extra: object) -> dict[str, str]:
+        return service_env(
+            self.pg.dsn(),
+            self.root / "credentials.yaml",
+            shutdown_grace_seconds=2,
+            spool_dir=self.root / "spool",
+            log_level="WARNING",
+            **extra,
+        )
 
     def start_core(self) -> None:
         self.core = start_service(
@@ -68,12 +69,12 @@ class Suite:
         )
 
     def start_tracker(self) -> None:
-        env = self._env() | {
-            "LODESTAR_CORE_ENDPOINT": self.core_target,
-            "LODESTAR_TOKEN": self.tokens["usage-tracker"],
+        env = self._env(
+            core=self.core_target,
+            token=self.tokens["usage-tracker"],
             # Small batches, so that a kill lands between many committed transactions.
-            "LODESTAR_INGEST__BATCH_MAX_EVENTS": "200",
-        }
+            ingest__batch_max_events=200,
+        )
         self.tracker = start_service(
             "lodestar_usage", env, self.root / "tracker.log", self.tracker_port
         )

@@ -13,6 +13,7 @@ from lodestar.common.cli import free_port
 from lodestar.common.server import READINESS
 from lodestar.common.testing import (
     reachable,
+    service_env,
     service_package,
     service_process,
     start_in_process,
@@ -69,11 +70,7 @@ def test_a_spec_names_the_package_python_runs():
 async def test_a_spec_runs_as_a_process_killed_afterwards(
     tmp_path: Path, database_url: str, schema: str, tokens: dict[Role | str, str]
 ):
-    env = {
-        "LODESTAR_DATABASE__URL": database_url,
-        "LODESTAR_DATABASE__SCHEMA_NAME": schema,
-        "LODESTAR_CREDENTIALS_FILE": str(tmp_path / "credentials.yaml"),
-    }
+    env = service_env(database_url, tmp_path / "credentials.yaml", schema=schema)
     log = tmp_path / "core.log"
     with service_process(CORE_SPEC, env, log) as (process, port):
         await wait_serving(f"127.0.0.1:{port}", READINESS, timeout=60)

@@ -224,6 +224,32 @@ async def wait_serving(target: str, service: str, timeout: float = START_TIMEOUT
             await asyncio.sleep(0.05)
 
 
+def service_env(
+    database_url: str,
+    credentials: Path,
+    *,
+    schema: str | None = None,
+    core: str | None = None,
+    token: str | None = None,
+    **settings: object,
+) -> dict[str, str]:
+    """The environment of a service process: its database (and schema), credentials file, the
+    core it talks to with its token, and any other setting as ``name=value`` (``__`` nests:
+    ``ingest__batch_max_events=200`` is ``LODESTAR_INGEST__BATCH_MAX_EVENTS``)."""
+    env = {
+        "LODESTAR_DATABASE__URL": database_url,
+        "LODESTAR_CREDENTIALS_FILE": str(credentials),
+    }
+    if schema is not None:
+        env["LODESTAR_DATABASE__SCHEMA_NAME"] = schema
+    if core is not None:
+        env["LODESTAR_CORE_ENDPOINT"] = core
+    if token is not None:
+        env["LODESTAR_TOKEN"] = token
+    env.update({f"LODESTAR_{name.upper()}": str(value) for name, value in settings.items()})
+    return env
+
+
 def service_package(service: str | ServiceSpec[Any]) -> str:
     """The importable package whose ``python -m <package> serve`` runs ``service``."""
     if isinstance(service, str):
