@@ -22,9 +22,6 @@ from lodestar.common.testing import (
     scratch_database,
     start_in_process,
 )
-from lodestar.common.testing import (
-    wait_serving as wait_serving,
-)
 from lodestar_core.service import CoreModule
 from lodestar_core.settings import CoreSettings
 

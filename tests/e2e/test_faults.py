@@ -21,10 +21,8 @@ from lodestar.common.auth import Role
 from lodestar.common.cli import free_port
 from lodestar.common.embedded import EmbeddedPostgres
 from lodestar.common.sdk import Publisher, connect
-from lodestar.common.testing import dev_credentials, service_env
+from lodestar.common.testing import dev_credentials, kill9, service_env, start_process, wait_serving
 from lodestar.usage.v1 import events_pb2 as usage
-from tests.conftest import wait_serving
-from tests.e2e.processes import kill9, start_service
 
 pytestmark = pytest.mark.faults
 CONSUMER = Path(__file__).with_name("consumer.py")
@@ -47,7 +45,7 @@ class Suite:
 
     def start_core(self) -> None:
         env = service_env(self.pg.dsn(), self.root / "credentials.yaml", shutdown_grace_seconds=2)
-        self.core = start_service("lodestar_core", env, self.root / "core.log", self.port)
+        self.core = start_process("lodestar_core", env, self.root / "core.log", self.port)
 
     def start_consumer(self, subscription: str, out: Path) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(

@@ -13,8 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lodestar.common.cli import free_port
 from lodestar.common.embedded import EmbeddedPostgres
-from lodestar.common.testing import dev_credentials, service_env
-from tests.e2e.processes import start_service
+from lodestar.common.testing import dev_credentials, service_env, start_process
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -65,7 +64,7 @@ async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drai
         token=tokens["usage-tracker"],
         shutdown_grace_seconds=GRACE_SECONDS,
     )
-    core = start_service(package, env, tmp_path / "service.log", port)
+    core = start_process(package, env, tmp_path / "service.log", port)
     target = f"127.0.0.1:{port}"
     try:
         await until(target, "liveness", SERVING)

@@ -19,9 +19,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from lodestar.common.auth import Role
 from lodestar.common.cli import free_port
-from lodestar.common.testing import dev_credentials
-from tests.conftest import wait_serving
-from tests.e2e.processes import start_service
+from lodestar.common.testing import dev_credentials, start_process, wait_serving
 
 HERE = Path(__file__).parent
 TRACKER = "lodestar-usage-tracker"
@@ -119,7 +117,7 @@ async def test_one_trace_spans_publisher_core_and_subscriber(
     port = free_port()
     consumer = None
     async with otlp_receiver() as (receiver, otel):
-        core = start_service(
+        core = start_process(
             "lodestar_core",
             otel
             | {
@@ -212,7 +210,7 @@ async def test_one_trace_reaches_the_usage_trackers_sql(
     async with otlp_receiver() as (receiver, otel):
         try:
             processes.append(
-                start_service(
+                start_process(
                     "lodestar_core",
                     otel | common | {"LODESTAR_DATABASE__SCHEMA_NAME": schema},
                     tmp_path / "core.log",
@@ -226,7 +224,7 @@ async def test_one_trace_reaches_the_usage_trackers_sql(
                 "LODESTAR_TOKEN": tokens["usage-tracker"],
             }
             processes.append(
-                start_service(
+                start_process(
                     "lodestar_usage",
                     otel | common | tracker_env,
                     tmp_path / "tracker.log",

@@ -20,12 +20,10 @@ from lodestar.common.auth import Role
 from lodestar.common.cli import free_port
 from lodestar.common.embedded import EmbeddedPostgres
 from lodestar.common.sdk import Publisher, connect
-from lodestar.common.testing import dev_credentials, service_env
+from lodestar.common.testing import dev_credentials, kill9, service_env, start_process, wait_serving
 from lodestar.usage.v1 import events_pb2 as ev
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
-from tests.conftest import wait_serving
-from tests.e2e.processes import kill9, start_service
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 EVENTS = 20_000
@@ -64,7 +62,7 @@ class Suite:
         )
 
     def start_core(self) -> None:
-        self.core = start_service(
+        self.core = start_process(
             "lodestar_core", self._env(), self.root / "core.log", self.core_port
         )
 
@@ -75,7 +73,7 @@ class Suite:
             # Small batches, so that a kill lands between many committed transactions.
             ingest__batch_max_events=200,
         )
-        self.tracker = start_service(
+        self.tracker = start_process(
             "lodestar_usage", env, self.root / "tracker.log", self.tracker_port
         )
 
