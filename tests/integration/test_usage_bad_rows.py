@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,15 +19,14 @@ import asyncpg
 import grpc
 import pytest
 
-from lodestar.common.auth import Role
 from lodestar.common.errors import InvalidArgumentError
 from lodestar.common.events import new_event
-from lodestar.common.sdk import ReceivedEvent, connect
+from lodestar.common.sdk import ReceivedEvent
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
 from lodestar_usage import retention
 from lodestar_usage.reports import EXPORT_FIELDS
-from lodestar_usage.testing import RunningTracker, start_tracker, tracker_settings
+from lodestar_usage.testing import RunningTracker
 
 from .test_usage_ledger import completed
 
@@ -39,42 +37,6 @@ SUMS = (
     "duration_ms"
 )
 EVIL = (1, 0, 1, 1, 0, 0, 0, I64, 0, 0, 0, 1)  # one request costing int64's maximum
-
-
-@pytest.fixture
-def tracker_schema(schema: str) -> str:
-    return f"{schema}_usage"
-
-
-@pytest.fixture
-async def tracker(tmp_path, database_url, tracker_schema, core, tokens) -> AsyncIterator:
-    running = await start_tracker(
-        tracker_settings(
-            database_url=database_url,
-            schema=tracker_schema,
-            core_target=core.target,
-            token=tokens[Role.ADMIN],  # acts as usage-tracker towards core
-            credentials=tmp_path / "credentials.yaml",
-            spool=tmp_path / "spool",
-        )
-    )
-    yield running
-    await running.stop()
-
-
-@pytest.fixture
-async def admin(tracker, tokens) -> AsyncIterator[grpc.aio.Channel]:
-    async with connect(tracker.target, tokens[Role.ADMIN]) as channel:
-        yield channel
-
-
-@pytest.fixture
-async def tracker_db(tracker, database_url, tracker_schema) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database_url, server_settings={"search_path": tracker_schema})
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def _hour(moment: datetime) -> datetime:

@@ -9,7 +9,6 @@ that one check makes its case fail.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -18,16 +17,15 @@ import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 from grpc_status import rpc_status
 
-from lodestar.common.auth import Role
 from lodestar.common.errors import bad_request_violations
 from lodestar.common.events import new_event
-from lodestar.common.sdk import ReceivedEvent, connect
+from lodestar.common.sdk import ReceivedEvent
 from lodestar.usage.v1 import events_pb2 as ev
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
 from lodestar_usage import bounds
 from lodestar_usage.reports import encode_token
-from lodestar_usage.testing import RunningTracker, start_tracker, tracker_settings
+from lodestar_usage.testing import RunningTracker
 
 from .test_usage_ledger import completed
 
@@ -37,42 +35,6 @@ YEAR_1 = -62_135_596_800  # 0001-01-01T00:00:00Z, Timestamp's minimum
 YEAR_9999 = 253_402_300_799  # 9999-12-31T23:59:59Z, Timestamp's maximum
 CALL_TIMEOUT = 20.0
 TABLES = ("ledger", "sessions", "budgets", "reservations", "prices", "budget_counters")
-
-
-@pytest.fixture
-def tracker_schema(schema: str) -> str:
-    return f"{schema}_usage"
-
-
-@pytest.fixture
-async def tracker(tmp_path, database_url, tracker_schema, core, tokens) -> AsyncIterator:
-    running = await start_tracker(
-        tracker_settings(
-            database_url=database_url,
-            schema=tracker_schema,
-            core_target=core.target,
-            token=tokens[Role.ADMIN],  # acts as usage-tracker towards core
-            credentials=tmp_path / "credentials.yaml",
-            spool=tmp_path / "spool",
-        )
-    )
-    yield running
-    await running.stop()
-
-
-@pytest.fixture
-async def admin(tracker, tokens) -> AsyncIterator[grpc.aio.Channel]:
-    async with connect(tracker.target, tokens[Role.ADMIN]) as channel:
-        yield channel
-
-
-@pytest.fixture
-async def tracker_db(tracker, database_url, tracker_schema) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database_url, server_settings={"search_path": tracker_schema})
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def ts(seconds: int, nanos: int = 0) -> timestamp_pb2.Timestamp:

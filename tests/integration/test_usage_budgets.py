@@ -21,36 +21,8 @@ from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
 from lodestar_usage import budgets
 from lodestar_usage.service import MIGRATIONS
-from lodestar_usage.testing import start_tracker, tracker_settings
 
 from .test_usage_ledger import completed, publish, wait_requests
-
-
-@pytest.fixture
-def tracker_schema(schema):
-    return f"{schema}_usage"
-
-
-@pytest.fixture
-async def tracker(tmp_path, database_url, tracker_schema, core, tokens):
-    running = await start_tracker(
-        tracker_settings(
-            database_url=database_url,
-            schema=tracker_schema,
-            core_target=core.target,
-            token=tokens["usage-tracker"],
-            credentials=tmp_path / "credentials.yaml",
-            spool=tmp_path / "spool",
-        )
-    )
-    yield running
-    await running.stop()
-
-
-@pytest.fixture
-async def admin(tracker, tokens):
-    async with connect(tracker.target, tokens[Role.ADMIN]) as channel:
-        yield channel
 
 
 def global_budget(**kw):

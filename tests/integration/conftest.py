@@ -1,0 +1,65 @@
+"""Fixtures of the usage-tracker integration tests: a real tracker beside the real core."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+
+from lodestar.common.auth import Role
+from lodestar.common.sdk import connect
+from lodestar_usage.testing import RunningTracker, start_tracker, tracker_settings
+
+
+@pytest.fixture
+def tracker_schema(schema: str) -> str:
+    """The tracker's own schema beside core's."""
+    return f"{schema}_usage"
+
+
+@pytest.fixture
+async def tracker(
+    tmp_path: Path,
+    database_url: str,
+    tracker_schema: str,
+    core: Any,
+    tokens: dict[Role | str, str],
+) -> AsyncIterator[RunningTracker]:
+    """A usage-tracker serving in this test's event loop, subscribed to core as itself."""
+    running = await start_tracker(
+        tracker_settings(
+            database_url=database_url,
+            schema=tracker_schema,
+            core_target=core.target,
+            token=tokens["usage-tracker"],
+            credentials=tmp_path / "credentials.yaml",
+            spool=tmp_path / "spool",
+        )
+    )
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def admin(
+    tracker: RunningTracker, tokens: dict[Role | str, str]
+) -> AsyncIterator[grpc.aio.Channel]:
+    """An admin's channel to the tracker."""
+    async with connect(tracker.target, tokens[Role.ADMIN]) as channel:
+        yield channel
+
+
+@pytest.fixture
+async def tracker_db(
+    tracker: RunningTracker, database_url: str, tracker_schema: str
+) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the tracker's schema, to plant rows and check what was stored."""
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": tracker_schema})
+    try:
+        yield conn
+    finally:
+        await conn.close()
