@@ -22,6 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lodestar.common.cli_support import run_rpc
+
 if TYPE_CHECKING:
     from google.protobuf import timestamp_pb2
 
@@ -273,14 +275,4 @@ def _table(entries: list[Sourced], *, show_service: bool) -> Table:
 
 
 def _run(coroutine: Any) -> Any:
-    import asyncio
-
-    import grpc
-
-    try:
-        return asyncio.run(coroutine)
-    except grpc.aio.AioRpcError as exc:
-        console.print(f"[red]{exc.code().name}: {exc.details()}[/red]")
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    return run_rpc(coroutine, console)

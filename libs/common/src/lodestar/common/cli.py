@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lodestar.common.audit_cli import register as register_audit_commands
+from lodestar.common.cli_support import run_rpc
 from lodestar.common.spool_cli import register as register_spool_commands
 from lodestar.common.tokens_cli import register as register_token_commands
 from lodestar.common.usage_cli import register as register_usage_commands
@@ -510,17 +511,7 @@ def publish(
 
 
 def _run_rpc(coroutine: Any) -> Any:
-    import asyncio
-
-    import grpc
-
-    try:
-        return asyncio.run(coroutine)
-    except grpc.aio.AioRpcError as exc:
-        console.print(f"[red]{exc.code().name}: {exc.details()}[/red]")
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    return run_rpc(coroutine, console)
 
 
 def main() -> None:

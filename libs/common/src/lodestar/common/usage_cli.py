@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from lodestar.common.cli_support import run_rpc
+
 if TYPE_CHECKING:
     from lodestar.usage.v1 import usage_pb2
 
@@ -95,17 +97,7 @@ def resolve(target: str | None, token: str | None, state_dir: Path) -> tuple[str
 
 
 def _run(coroutine: Any) -> Any:
-    import asyncio
-
-    import grpc
-
-    try:
-        return asyncio.run(coroutine)
-    except grpc.aio.AioRpcError as exc:
-        console.print(f"[red]{exc.code().name}: {exc.details()}[/red]")
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    return run_rpc(coroutine, console)
 
 
 def parse_window(text: str, timezone: str = "") -> usage_pb2.Window:
