@@ -234,18 +234,23 @@ class EventStore:
 
 async def _copy_new(conn: asyncpg.Connection, events: list[ValidEvent]) -> dict[str, int]:
     """COPY the events whose ids are not stored yet; returns their sequences by id."""
-    existing = {
-        str(row["id"]) for row in await conn.fetch(EXISTING_IDS, list({e.id for e in events}))
-    }
-    fresh = _first_occurrences(e for e in events if e.id not in existing)
+    ids = [e.id for e in events]
+    unique = set(ids)
+    existing = {str(row["id"]) for row in await conn.fetch(EXISTING_IDS, list(unique))}
+    if existing or len(unique) < len(ids):
+        fresh = _first_occurrences(e for e in events if e.id not in existing)
+    else:  # the usual batch: all new, no repeats
+        fresh = events
     if not fresh:
         return {}
     last = await conn.fetchval(RESERVE_SEQUENCES, len(fresh))
     first = last - len(fresh) + 1
-    stored = {e.id: first + offset for offset, e in enumerate(fresh)}
-    records = [(e.id, stored[e.id], e.type, e.source, e.envelope) for e in fresh]
+    records = [
+        (event_id, seq, event_type, source, envelope)
+        for seq, (event_id, event_type, source, envelope) in enumerate(fresh, start=first)
+    ]
     await conn.copy_records_to_table("events", records=records, columns=COLUMNS)
-    return stored
+    return {record[0]: record[1] for record in records}
 
 
 def _first_occurrences(events: Iterable[ValidEvent]) -> list[ValidEvent]:
