@@ -15,7 +15,7 @@ import grpc
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
-from lodestar.common.auth import Principal, Role
+from lodestar.common.auth import Principal, Role, caller
 from lodestar.common.errors import (
     InvalidArgumentError,
     LodestarError,
@@ -28,7 +28,7 @@ from lodestar.common.logging import get_logger
 from lodestar.common.telemetry import context_from_event, telemetry_enabled
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.events.v1 import event_pb2
-from lodestar_core.identity import caller, publish_refusals, require_module_identity, stamp
+from lodestar_core.identity import publish_refusals, require_module_identity, stamp
 from lodestar_core.registry import Registry
 from lodestar_core.settings import BusSettings
 from lodestar_core.store import AppendResult, EventStore
@@ -75,11 +75,6 @@ class _InFlight:
     attempt: int
     envelope: bytes
     replayed: bool = False
-
-
-def _owner(principal: Principal) -> str | None:
-    """The owner whose subscriptions ``principal`` may see: None (all) for an admin."""
-    return None if principal.role is Role.ADMIN else principal.name
 
 
 @dataclass(frozen=True)
@@ -230,7 +225,7 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
                 request.module,
                 list(request.event_types),
                 start,
-                owner=_owner(principal),
+                owner=principal.owner_scope,
             )
             window = request.max_in_flight or self._settings.default_in_flight
             session = _Session(self, row, window, peer)
@@ -312,7 +307,7 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         if request.subscription:
             await self._require_owner(request.subscription, principal, "subscription")
         rows = await self._subscriptions.dead_letters(
-            request.subscription, request.limit or 100, _owner(principal)
+            request.subscription, request.limit or 100, principal.owner_scope
         )
         return bus_pb2.ListDeadLettersResponse(
             dead_letters=[

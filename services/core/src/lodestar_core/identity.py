@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-from lodestar.common.auth import Principal, Role, current_principal
-from lodestar.common.errors import AuthenticationError, PermissionDeniedError
+from lodestar.common.auth import Principal, Role
+from lodestar.common.errors import PermissionDeniedError
 from lodestar.common.events import EVENT_OWNERS, MODULE_SOURCE_PREFIX
 from lodestar.core.v1 import bus_pb2
 from lodestar.events.v1 import event_pb2
@@ -22,14 +22,6 @@ from lodestar_core.validation import ValidEvent
 RESERVED_SCHEME = "lodestar:"
 #: CloudEvents authcontext ``authtype`` of each role.
 AUTHTYPE = {Role.ADMIN: "user", Role.MODULE: "service_account", Role.PUBLISHER: "api_key"}
-
-
-def caller() -> Principal:
-    """The authenticated principal of the current call."""
-    principal = current_principal.get()
-    if principal is None:  # only reachable if the auth interceptor is missing
-        raise AuthenticationError("this call carries no authenticated principal")
-    return principal
 
 
 def require_module_identity(principal: Principal, module: str, field: str) -> None:

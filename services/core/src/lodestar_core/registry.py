@@ -14,10 +14,11 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from lodestar.common import audit
+from lodestar.common.auth import caller
 from lodestar.common.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from lodestar.common.logging import get_logger
 from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
-from lodestar_core.identity import caller, require_module_identity
+from lodestar_core.identity import require_module_identity
 from lodestar_core.validation import check_event_types
 
 MODULE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")

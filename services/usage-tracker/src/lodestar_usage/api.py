@@ -9,10 +9,9 @@ from typing import Any
 import asyncpg
 
 from lodestar.common import audit
-from lodestar.common.auth import Principal, Role, current_principal
+from lodestar.common.auth import caller
 from lodestar.common.errors import (
     DATABASE_UNREACHABLE,
-    AuthenticationError,
     InvalidArgumentError,
     StorageError,
 )
@@ -301,7 +300,7 @@ class BudgetApi:
             )
             lease = asked or lease
         try:
-            admission = await budgets.reserve(self._pool, request, lease, _caller().name)
+            admission = await budgets.reserve(self._pool, request, lease, caller().name)
         except UNREACHABLE as exc:
             if not self._settings.fail_open:
                 metrics.RESERVATIONS.labels("unavailable").inc()
@@ -326,25 +325,11 @@ class BudgetApi:
     async def Commit(
         self, request: usage_pb2.CommitRequest, context: Context
     ) -> usage_pb2.CommitResponse:
-        committed = await budgets.commit(self._pool, request, _owner())
+        committed = await budgets.commit(self._pool, request, caller().owner_scope)
         return usage_pb2.CommitResponse(committed=committed)
 
     async def Release(
         self, request: usage_pb2.ReleaseRequest, context: Context
     ) -> usage_pb2.ReleaseResponse:
-        released = await budgets.release(self._pool, request, _owner())
+        released = await budgets.release(self._pool, request, caller().owner_scope)
         return usage_pb2.ReleaseResponse(released=released)
-
-
-def _caller() -> Principal:
-    """The authenticated principal of the current call."""
-    principal = current_principal.get()
-    if principal is None:  # only reachable without the auth interceptor
-        raise AuthenticationError("this call carries no authenticated principal")
-    return principal
-
-
-def _owner() -> str | None:
-    """Whose reservations the caller may finish: its own, or anyone's (None) for an admin."""
-    principal = _caller()
-    return None if principal.role is Role.ADMIN else principal.name

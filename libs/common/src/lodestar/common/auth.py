@@ -77,10 +77,23 @@ class Principal:
     name: str
     role: Role
 
+    @property
+    def owner_scope(self) -> str | None:
+        """Whose objects this principal may act on: its own (its name), or anyone's (None)."""
+        return None if self.role is Role.ADMIN else self.name
+
 
 current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "lodestar_principal", default=None
 )
+
+
+def caller() -> Principal:
+    """The authenticated principal of the current call (set by the AuthInterceptor)."""
+    principal = current_principal.get()
+    if principal is None:  # only reachable without the auth interceptor
+        raise AuthenticationError("this call carries no authenticated principal")
+    return principal
 
 
 def hash_token(token: str) -> str:
