@@ -3,11 +3,18 @@
 Sizes via environment: USAGE_BENCH_ROWS (ledger rows for the Summary benchmark, default 10M),
 USAGE_BENCH_EVENTS (events for end-to-end ingest, default 100k). USAGE_BENCH_ONLY picks one part:
 ``ingest`` (ingest rate and freshness), ``admission`` (Reserve+Commit) or ``summary``.
+
+Admission (issue #10): USAGE_BENCH_RATE (offered Reserve+Commit pairs/s, default 500) spread over
+USAGE_BENCH_BUDGETS project budgets (default 100), open loop; USAGE_BENCH_CALLERS callers
+(default 200) in a closed loop on one budget; each for USAGE_BENCH_SECONDS (default 10); then
+USAGE_BENCH_BURST (default 3,000) Reserves at once, counted by status. The load generator runs on
+the same machine as the tracker, core and Postgres and competes with them for CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -15,11 +22,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from bench.core_bench import READY_TIMEOUT_SECONDS, CoreUnderTest
 from lodestar.common.auth import Role
@@ -32,7 +42,7 @@ from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.usage.v1 import events_pb2 as ev
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
-from lodestar_usage import budgets, reports
+from lodestar_usage import reports
 from lodestar_usage.ingest import ensure_partitions
 from lodestar_usage.service import MIGRATIONS
 
@@ -40,6 +50,15 @@ ROWS = int(os.environ.get("USAGE_BENCH_ROWS", "10000000"))
 EVENTS = int(os.environ.get("USAGE_BENCH_EVENTS", "100000"))
 ONLY = os.environ.get("USAGE_BENCH_ONLY", "")
 GENERATE_TIMEOUT_SECONDS = 3600.0
+ADMISSION_RATE = float(os.environ.get("USAGE_BENCH_RATE", "500"))
+ADMISSION_BUDGETS = int(os.environ.get("USAGE_BENCH_BUDGETS", "100"))
+ADMISSION_CALLERS = int(os.environ.get("USAGE_BENCH_CALLERS", "200"))
+ADMISSION_SECONDS = float(os.environ.get("USAGE_BENCH_SECONDS", "10"))
+BURST_CALLS = int(os.environ.get("USAGE_BENCH_BURST", "3000"))
+#: Client channels the load generator spreads its calls over (as several gateway processes would).
+ADMISSION_CHANNELS = 4
+#: A gateway's deadline for one admission call.
+CALL_TIMEOUT = 5.0
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -197,7 +216,7 @@ async def bench_end_to_end(dsn: str, workdir: Path, out: Callable[[str], None]) 
                 bus = bus_pb2_grpc.EventBusServiceStub(pub)
                 usage = ug.UsageServiceStub(admin)
                 if ONLY == "admission":
-                    await _admission(tracker, core, admin, out)
+                    await _admission(tracker, core, out)
                     return
                 events = [new_event(_event(), source="bench://usage") for _ in range(EVENTS)]
                 began = time.perf_counter()
@@ -217,7 +236,7 @@ async def bench_end_to_end(dsn: str, workdir: Path, out: Callable[[str], None]) 
                 )
                 await _freshness(bus, usage, out)
                 if ONLY != "ingest":
-                    await _admission(tracker, core, admin, out)
+                    await _admission(tracker, core, out)
         finally:
             tracker.stop()
 
@@ -253,41 +272,181 @@ async def _freshness(
     )
 
 
-async def _admission(
-    tracker: TrackerUnderTest,
-    core: CoreUnderTest,
-    admin: grpc.aio.Channel,
-    out: Callable[[str], None],
-) -> None:
-    gate = ug.BudgetServiceStub(admin)
-    await gate.CreateBudget(
-        u.CreateBudgetRequest(
-            budget=u.Budget(
-                name="bench",
-                scope=u.BUDGET_SCOPE_PROJECT,
-                scope_value="bench",
-                period=u.BUDGET_PERIOD_MONTHLY,
-                limit_micros=10**12,
+@dataclass
+class Scenario:
+    """What one admission scenario measured."""
+
+    pairs: int = 0
+    denied: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    reserve_ms: list[float] = field(default_factory=list)
+    pair_ms: list[float] = field(default_factory=list)
+    lag_ms: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def failed(self, exc: grpc.aio.AioRpcError) -> None:
+        """Count a call that ended in an error status."""
+        name = exc.code().name
+        self.errors[name] = self.errors.get(name, 0) + 1
+
+    def summary(self) -> str:
+        """Achieved rate, Reserve and pair latency, and errors by status."""
+        rate = self.pairs / self.seconds if self.seconds else 0.0
+        text = f"{rate:,.0f} pairs/s"
+        if self.reserve_ms:
+            text += (
+                f"; Reserve p50 / p99 {statistics.median(self.reserve_ms):.1f} / "
+                f"{_pct(self.reserve_ms, 0.99):.1f} ms"
+            )
+        if self.pair_ms:
+            text += (
+                f"; pair p50 / p99 {statistics.median(self.pair_ms):.1f} / "
+                f"{_pct(self.pair_ms, 0.99):.1f} ms"
+            )
+        if self.lag_ms:
+            text += f"; send lag p99 {_pct(self.lag_ms, 0.99):.1f} ms"
+        if self.denied:
+            text += f"; {self.denied} denied"
+        if self.errors:
+            text += "; errors " + ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items()))
+        return text
+
+
+async def _create_budgets(gate: ug.BudgetServiceStub, projects: list[str]) -> None:
+    for project in projects:
+        await gate.CreateBudget(
+            u.CreateBudgetRequest(
+                budget=u.Budget(
+                    name=f"bench-{project}",
+                    scope=u.BUDGET_SCOPE_PROJECT,
+                    scope_value=project,
+                    period=u.BUDGET_PERIOD_MONTHLY,
+                    limit_micros=10**15,
+                )
             )
         )
-    )
-    latencies: list[float] = []
 
-    async def caller() -> None:
-        for _ in range(10):
-            t0 = time.perf_counter()
-            r = await gate.Reserve(u.ReserveRequest(project="bench", estimated_cost_micros=100))
-            await gate.Commit(
-                u.CommitRequest(reservation_id=r.reservation_id, actual_cost_micros=50)
+
+async def _pair(gate: ug.BudgetServiceStub, project: str, result: Scenario) -> None:
+    """One Reserve, then its Commit; latency and outcome recorded in ``result``."""
+    t0 = time.perf_counter()
+    try:
+        reply = await gate.Reserve(
+            u.ReserveRequest(project=project, estimated_cost_micros=100), timeout=CALL_TIMEOUT
+        )
+        t1 = time.perf_counter()
+        if not reply.granted:
+            result.denied += 1
+            return
+        await gate.Commit(
+            u.CommitRequest(reservation_id=reply.reservation_id, actual_cost_micros=50),
+            timeout=CALL_TIMEOUT,
+        )
+    except grpc.aio.AioRpcError as exc:
+        result.failed(exc)
+        return
+    t2 = time.perf_counter()
+    result.reserve_ms.append((t1 - t0) * 1000)
+    result.pair_ms.append((t2 - t0) * 1000)
+    result.pairs += 1
+
+
+async def open_loop(
+    gates: list[ug.BudgetServiceStub], projects: list[str], rate: float, seconds: float
+) -> Scenario:
+    """Reserve+Commit pairs started at ``rate`` per second whatever the answers (open loop),
+    spread round-robin over ``projects``; achieved rate counts completed pairs."""
+    result = Scenario()
+    tasks: list[asyncio.Task[None]] = []
+    total = int(rate * seconds)
+    began = time.perf_counter()
+    for i in range(total):
+        due = began + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        result.lag_ms.append(max(0.0, time.perf_counter() - due) * 1000)
+        gate = gates[i % len(gates)]
+        tasks.append(asyncio.create_task(_pair(gate, projects[i % len(projects)], result)))
+    await asyncio.gather(*tasks)
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+async def closed_loop(
+    gates: list[ug.BudgetServiceStub], project: str, callers: int, seconds: float
+) -> Scenario:
+    """``callers`` callers, each doing Reserve+Commit on one budget in a loop for ``seconds``."""
+    result = Scenario()
+    stop_at = time.perf_counter() + seconds
+
+    async def caller(gate: ug.BudgetServiceStub) -> None:
+        while time.perf_counter() < stop_at:
+            await _pair(gate, project, result)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(caller(gates[i % len(gates)]) for i in range(callers)))
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+async def burst(gates: list[ug.BudgetServiceStub], project: str, calls: int) -> dict[str, int]:
+    """``calls`` Reserves at once: how many came back with each status (and a retry delay)."""
+    outcomes: dict[str, int] = {}
+
+    async def one(gate: ug.BudgetServiceStub) -> None:
+        try:
+            await gate.Reserve(
+                u.ReserveRequest(project=project, estimated_cost_micros=1), timeout=CALL_TIMEOUT
             )
-            latencies.append((time.perf_counter() - t0) * 1000)
+            name = "OK"
+        except grpc.aio.AioRpcError as exc:
+            name = exc.code().name
+            status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+            if status is not None and any(
+                d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details
+            ):
+                name += " (with RetryInfo)"
+        outcomes[name] = outcomes.get(name, 0) + 1
 
-    await asyncio.gather(*(caller() for _ in range(200)))
+    await asyncio.gather(*(one(gates[i % len(gates)]) for i in range(calls)))
+    return outcomes
+
+
+async def _admission(
+    tracker: TrackerUnderTest, core: CoreUnderTest, out: Callable[[str], None]
+) -> None:
+    """Admission scenarios against ``tracker``, called as a gateway (publisher) would."""
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(connect(tracker.target, core.tokens[Role.PUBLISHER]))
+            for _ in range(ADMISSION_CHANNELS)
+        ]
+        admin = await stack.enter_async_context(connect(tracker.target, core.tokens[Role.ADMIN]))
+        await bench_admission(
+            ug.BudgetServiceStub(admin), [ug.BudgetServiceStub(c) for c in channels], out
+        )
+
+
+async def bench_admission(
+    admin: ug.BudgetServiceStub, gates: list[ug.BudgetServiceStub], out: Callable[[str], None]
+) -> None:
+    """The two admission scenarios of issue #10 and a burst beyond capacity."""
+    projects = [f"adm-{i}" for i in range(ADMISSION_BUDGETS)]
+    await _create_budgets(admin, [*projects, "hot", "burst"])
+    await open_loop(gates, projects, min(ADMISSION_RATE, 100), 1.0)  # warm-up: counters exist
+    spread = await open_loop(gates, projects, ADMISSION_RATE, ADMISSION_SECONDS)
     out(
-        f"  {'Reserve+Commit, 200 concurrent callers, one budget: p50 / p99 (ms)':<58} "
-        f"{statistics.median(latencies):.1f} / {_pct(latencies, 0.99):.1f}"
+        f"  {f'Reserve+Commit offered {ADMISSION_RATE:g}/s over {ADMISSION_BUDGETS} budgets':<58} "
+        f"{spread.summary()}"
     )
-    _ = budgets
+    hot = await closed_loop(gates, "hot", ADMISSION_CALLERS, ADMISSION_SECONDS)
+    out(f"  {f'{ADMISSION_CALLERS} callers in a loop on one budget':<58} {hot.summary()}")
+    shed = await burst(gates, "burst", BURST_CALLS)
+    out(
+        f"  {f'{BURST_CALLS} concurrent Reserves at once: outcomes':<58} "
+        + ", ".join(f"{k} {v}" for k, v in sorted(shed.items()))
+    )
 
 
 async def run_usage_benchmarks(print_fn: Callable[[str], None]) -> None:
