@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import cast
 
 import asyncpg
 import grpc
-from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from lodestar.common import audit
 from lodestar.common.auth import Role
-from lodestar.common.db import open_service_database
 from lodestar.common.deferred import DeferredServicer
-from lodestar.common.errors import InvalidArgumentError, StorageError
+from lodestar.common.errors import InvalidArgumentError
 from lodestar.common.events import event_type, new_event, uuid7_millis
+from lodestar.common.lifecycle import ServiceModule
 from lodestar.common.logging import get_logger
-from lodestar.common.module import HealthReport, HealthState, Module
-from lodestar.common.sdk import (
-    ModuleAgent,
-    PermanentFailure,
-    Publisher,
-    ReceivedEvent,
-    Subscriber,
-    connect,
-)
+from lodestar.common.module import ModuleInfo
+from lodestar.common.sdk import PermanentFailure, Publisher, ReceivedEvent, Subscriber
 from lodestar.common.service_cli import ServiceSpec
 from lodestar.usage.v1 import events_pb2, usage_pb2, usage_pb2_grpc
 from lodestar_usage import budgets, metrics, retention
@@ -39,9 +29,9 @@ from lodestar_usage.pricing import PriceTable
 from lodestar_usage.settings import UsageSettings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-NAME = "usage-tracker"
-SOURCE = "lodestar://usage-tracker"
-STOP_WAIT_SECONDS = 2.0
+INFO = ModuleInfo(name="usage-tracker", migrations=MIGRATIONS)
+NAME = INFO.name
+SOURCE = f"lodestar://{NAME}"
 USAGE = "/lodestar.usage.v1.UsageService/"
 BUDGET = "/lodestar.usage.v1.BudgetService/"
 MODULE = frozenset({Role.MODULE})
@@ -64,24 +54,17 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
 log = get_logger(__name__)
 
 
-class UsageModule(Module):
+class UsageModule(ServiceModule[UsageSettings]):
     """The ledger, budgets, admission, alerts and reports."""
 
-    name = NAME
-    migrations = MIGRATIONS
+    info = INFO
 
     def __init__(self, settings: UsageSettings) -> None:
-        super().__init__()
-        self.settings = settings
-        self.pool: asyncpg.Pool | None = None
+        super().__init__(settings)
         self.prices = PriceTable()
         self.writer: LedgerWriter | None = None
         self.subscriber: Subscriber | None = None
-        self.agent: ModuleAgent | None = None
         self.publisher: Publisher | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._last_error = ""
         self._usage = DeferredServicer(usage_pb2.DESCRIPTOR.services_by_name["UsageService"], NAME)
         self._budgets = DeferredServicer(
             usage_pb2.DESCRIPTOR.services_by_name["BudgetService"], NAME
@@ -102,21 +85,15 @@ class UsageModule(Module):
         """Who may call what."""
         return METHOD_ROLES
 
-    async def start(self) -> None:
-        """Connect, migrate, then start ingest, registration and upkeep."""
-        migrations = MIGRATIONS if self.settings.migrate_on_start else None
-        pool = await open_service_database(self.settings.database, migrations)
-        try:
-            now = datetime.now(UTC)
-            await ensure_partitions(
-                pool,
-                now - timedelta(days=1),
-                now + timedelta(days=self.settings.retention.partitions_ahead_days),
-            )
-            self.prices = await PriceTable.load(pool)
-        except BaseException:
-            await pool.close()
-            raise
+    async def wire(self, pool: asyncpg.Pool) -> None:
+        """Prepare the ledger, then start ingest, registration and upkeep."""
+        now = datetime.now(UTC)
+        await ensure_partitions(
+            pool,
+            now - timedelta(days=1),
+            now + timedelta(days=self.settings.retention.partitions_ahead_days),
+        )
+        self.prices = await PriceTable.load(pool)
         self.pool = pool
         self._usage.target = UsageApi(pool, self.reload_prices, self.settings.limits)
         self._budgets.target = BudgetApi(pool, self.settings)
@@ -127,20 +104,18 @@ class UsageModule(Module):
         )
         self.writer.start()
         self._start_core_clients()
-        self._tasks += [
-            self._every(1.0, self._expire_reservations),
-            self._every(self.settings.alerts.check_interval_seconds, self.check_alerts),
-            self._every(5.0, self.reload_prices),
-            self._every(60.0, self._close_idle_sessions),
-            self._every(self.settings.retention.check_interval_seconds, self.maintain_partitions),
-        ]
+        tasks = self.tasks
+        tasks.every(1.0, self._expire_reservations)
+        tasks.every(self.settings.alerts.check_interval_seconds, self.check_alerts)
+        tasks.every(5.0, self.reload_prices)
+        tasks.every(60.0, self._close_idle_sessions)
+        tasks.every(self.settings.retention.check_interval_seconds, self.maintain_partitions)
 
     def _start_core_clients(self) -> None:
-        token = self.settings.token.get_secret_value() if self.settings.token else None
-        self._channel = connect(self.settings.core_endpoint, token)
+        channel = self.link_to_core([event_type(events_pb2.RequestCompleted())]).channel
         ingest = self.settings.ingest
         self.subscriber = Subscriber(
-            self._channel,
+            channel,
             subscription=NAME,
             module=NAME,
             batch_handler=self.handle_batch,
@@ -148,33 +123,19 @@ class UsageModule(Module):
             concurrency=ingest.concurrency,
             max_in_flight=ingest.max_in_flight,
         )
-        self.agent = ModuleAgent(
-            self._channel,
-            name=NAME,
-            version="0.1.0",
-            endpoint=f"{self.settings.host}:{self.settings.port}",
-            event_types=[event_type(events_pb2.RequestCompleted())],
-            health=self.health_check,
-        )
-        self.publisher = Publisher(
-            self._channel, source=SOURCE, spool_dir=self.settings.spool_dir / NAME
-        )
+        self.publisher = Publisher(channel, source=SOURCE, spool_dir=self.settings.spool_dir / NAME)
         self.publisher.start()
-        self._tasks += [
-            asyncio.create_task(self._run_subscriber(), name="subscriber"),
-            asyncio.create_task(self.agent.run(), name="module-agent"),
-        ]
+        self.tasks.keep_running("subscriber", self._run_subscriber(), self.subscriber.stop)
 
     async def _run_subscriber(self) -> None:
         assert self.subscriber is not None
-        assert self.agent is not None
+        assert self.core is not None
         try:
-            await (
-                self.agent.registered.wait()
-            )  # core accepts a module's subscription once it knows it
+            # core accepts a module's subscription once it knows it
+            await self.core.agent.registered.wait()
             await self.subscriber.run()
         except grpc.aio.AioRpcError as exc:
-            self._last_error = f"subscription refused: {exc.code().name}: {exc.details()}"
+            self.tasks.last_error = f"subscription refused: {exc.code().name}: {exc.details()}"
             log.error("subscription refused", code=exc.code().name, details=exc.details())
 
     async def handle_batch(
@@ -292,81 +253,20 @@ class UsageModule(Module):
         await ensure_partitions(self.pool, now, now + timedelta(days=ret.partitions_ahead_days))
         await retention.expire(self.pool, ret.raw_days, ret.archive_dir, now.date())
 
-    def _every(self, seconds: float, job: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
-        async def loop() -> None:
-            while True:
-                try:
-                    with suppress_instrumentation():
-                        await job()
-                except (
-                    OSError,
-                    asyncpg.PostgresError,
-                    asyncpg.InterfaceError,
-                    StorageError,
-                ) as exc:
-                    self._last_error = str(exc)
-                    log.warning("background job failed", job=job.__name__, error=str(exc))
-                except Exception as exc:
-                    log.error(
-                        "background job crashed", job=job.__name__, error=str(exc), exc_info=exc
-                    )
-                await asyncio.sleep(seconds)
-
-        return asyncio.create_task(loop(), name=job.__name__)
-
-    async def stop(self) -> None:
-        """Stop consuming, then the writer, the clients and the pool."""
-        if self.subscriber is not None:
-            self.subscriber.stop()
-        if self.agent is not None:
-            self.agent.stop()
-        for task in self._tasks:
-            if task.get_name() not in ("subscriber", "module-agent"):
-                task.cancel()
-        # the subscriber and agent finish their current call; one still waiting for core to
-        # answer (never registered) is cancelled so that shutdown stays within the grace period
-        if self._tasks:
-            _, waiting = await asyncio.wait(self._tasks, timeout=STOP_WAIT_SECONDS)
-            for task in waiting:
-                task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def release(self) -> None:
+        """Stop the writer (committing what it holds) and the publisher."""
         if self.writer is not None:
             await self.writer.stop()
         if self.publisher is not None:
             await self.publisher.close()
-        if self._channel is not None:
-            await self._channel.close(None)
-        if self.pool is not None:
-            await self.pool.close()
 
-    async def health_check(self) -> HealthReport:
-        """DOWN when the database does not answer; DEGRADED while not subscribed to core."""
-        started = time.perf_counter()
-        status = HealthState.HEALTHY
-        error = ""
-        if self.pool is None:
-            status, error = HealthState.DOWN, "not started"
-        else:
-            try:
-                await self.pool.fetchval("SELECT 1", timeout=2.0)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                status, error = HealthState.DOWN, f"database: {exc}"
-        if status is HealthState.HEALTHY and (
-            self.subscriber is None or not self.subscriber.connected.is_set()
-        ):
-            status, error = HealthState.DEGRADED, self._last_error or "not connected to core"
-        if status is not HealthState.HEALTHY:
-            self._last_error = error or self._last_error
-        return HealthReport(
-            status=status,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            last_error=error,
-            uptime_seconds=self.uptime_seconds,
-        )
+    def core_problem(self) -> str | None:
+        """Why the tracker does not receive events: not subscribed to core (yet)."""
+        if self.subscriber is None or not self.subscriber.connected.is_set():
+            return self.tasks.last_error or "not connected to core"
+        return None
 
 
-SPEC = ServiceSpec(
-    name=NAME, settings_cls=UsageSettings, module_cls=UsageModule, migrations=MIGRATIONS
-)
+SPEC = ServiceSpec(UsageModule, UsageSettings)
 
 __all__ = ["SPEC", "UsageModule"]

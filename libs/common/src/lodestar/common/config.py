@@ -134,6 +134,9 @@ class ServiceSettings(BaseModel):
         default_factory=RateLimitSettings,
         description="Per-principal token buckets, by role and by principal name.",
     )
+    migrate_on_start: bool = Field(
+        default=True, description="Apply the service's pending migrations when it starts."
+    )
 
     #: Schema used when the configuration names none.
     default_schema: ClassVar[str] = ""

@@ -7,12 +7,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import ClassVar
 
 import grpc
 
 from lodestar.common.auth import Role
+from lodestar.common.errors import ConfigurationError
 
 
 class HealthState(StrEnum):
@@ -33,13 +35,51 @@ class HealthReport:
     uptime_seconds: float
 
 
-class Module(abc.ABC):
-    """A service the shared runtime can serve: start, stop, report health, register handlers."""
+@dataclass(frozen=True)
+class ModuleInfo:
+    """The one declaration of a service's identity: its name, where its version comes from and
+    its migrations. Everything else (config file, schema default, registration with core, the
+    ``migrate`` command, logs) reads these."""
 
-    #: Short name, used for config files (``config/modules/<name>.yaml``) and logs.
-    name: ClassVar[str]
+    #: Short name: config file ``config/modules/<name>.yaml``, logs, registration, token key.
+    name: str
     #: Folder of the module's SQL migrations, or None when it keeps no state.
+    migrations: Path | None = None
+    #: The installed distribution whose metadata gives the version; default ``lodestar-<name>``.
+    distribution: str = ""
+
+    @property
+    def version(self) -> str:
+        """The distribution's version, from the installed package metadata."""
+        distribution = self.distribution or f"lodestar-{self.name}"
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            raise ConfigurationError(
+                f"module {self.name!r}: distribution {distribution!r} is not installed, so its "
+                "version is unknown; install the package (make bootstrap) or set distribution"
+            ) from None
+
+
+class Module(abc.ABC):
+    """A service the shared runtime can serve: start, stop, report health, register handlers.
+
+    A service declares ``info`` (a ModuleInfo); ``name`` and ``migrations`` are taken from it.
+    """
+
+    #: Name, version and migrations, declared once.
+    info: ClassVar[ModuleInfo]
+    #: ``info.name`` (or set directly by a module without an ``info``).
+    name: ClassVar[str]
+    #: ``info.migrations``: folder of the module's SQL migrations, or None.
     migrations: ClassVar[Path | None] = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Take ``name`` and ``migrations`` from the class's ``info`` when it declares one."""
+        super().__init_subclass__(**kwargs)
+        info = cls.__dict__.get("info")
+        if isinstance(info, ModuleInfo):
+            cls.name, cls.migrations = info.name, info.migrations
 
     def __init__(self) -> None:
         self._started_at = time.monotonic()

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 import typer
 
@@ -20,20 +20,48 @@ from lodestar.common.config import ServiceSettings, load_settings
 from lodestar.common.db import apply_migrations, open_service_database
 from lodestar.common.errors import ConfigurationError, LodestarError
 from lodestar.common.logging import configure_logging, get_logger
-from lodestar.common.module import Module
+from lodestar.common.module import Module, ModuleInfo
 from lodestar.common.server import ServiceRunner
 
 S = TypeVar("S", bound=ServiceSettings)
+S_contra = TypeVar("S_contra", bound=ServiceSettings, contravariant=True)
+
+
+class ModuleClass(Protocol[S_contra]):
+    """A module class: it declares its ``info`` and is built from its settings."""
+
+    @property
+    def info(self) -> ModuleInfo:
+        """The module's declaration (a class attribute of the module class)."""
+        ...
+
+    def __call__(self, settings: S_contra, /) -> Module:
+        """A module serving with ``settings``."""
+        ...
 
 
 @dataclass(frozen=True)
 class ServiceSpec(Generic[S]):
-    """What the shared runtime needs to know to run a service."""
+    """What the shared runtime needs to know to run a service: its module class (whose ``info``
+    names it and holds its migrations) and its settings class."""
 
-    name: str
+    module_cls: ModuleClass[S]
     settings_cls: type[S]
-    module_cls: Callable[[S], Module]
-    migrations: Path | None
+
+    @property
+    def info(self) -> ModuleInfo:
+        """The module's one declaration of name, version and migrations."""
+        return self.module_cls.info
+
+    @property
+    def name(self) -> str:
+        """The module's name."""
+        return self.info.name
+
+    @property
+    def migrations(self) -> Path | None:
+        """The module's migrations folder, read by ``migrate`` and at start-up."""
+        return self.info.migrations
 
 
 ConfigDir = Annotated[
