@@ -43,28 +43,31 @@ async def until(target: str, service: str, status: int, timeout: float = 60) -> 
 
 
 @pytest.mark.parametrize(
-    ("package", "service_name"),
+    ("package", "module", "service_name"),
     [
-        ("lodestar_core", "lodestar.core.v1.EventBusService"),
-        ("lodestar_usage", "lodestar.usage.v1.UsageService"),
+        ("lodestar_core", "core", "lodestar.core.v1.EventBusService"),
+        ("lodestar_usage", "usage-tracker", "lodestar.usage.v1.UsageService"),
+        # the skeletons serve no gRPC service of their own yet: health and reflection only
+        ("lodestar_learning", "learning", None),
+        ("lodestar_health", "health-monitor", None),
     ],
 )
 async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drains(
-    tmp_path: Path, package: str, service_name: str
+    tmp_path: Path, package: str, module: str, service_name: str | None
 ):
     pg = EmbeddedPostgres(tmp_path / "pg")
     pg.initialise()  # not started: the service comes up before its database
-    tokens = dev_credentials(tmp_path / "credentials.yaml", ["usage-tracker"])
+    tokens = dev_credentials(tmp_path / "credentials.yaml", [module])
     port = free_port()
     env = service_env(
         pg.dsn(),
         tmp_path / "credentials.yaml",
         # modules only: no core answers here, which makes a module degraded, not unready
         core=f"127.0.0.1:{free_port()}",
-        token=tokens["usage-tracker"],
+        token=tokens[module],
         shutdown_grace_seconds=GRACE_SECONDS,
     )
-    core = start_process(package, env, tmp_path / "service.log", port)
+    service = start_process(package, env, tmp_path / "service.log", port)
     target = f"127.0.0.1:{port}"
     try:
         await until(target, "liveness", SERVING)
@@ -74,7 +77,8 @@ async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drai
         pg.start()
         await until(target, "readiness", SERVING)
         assert await probe(target, "") == SERVING
-        assert await probe(target, service_name) == SERVING
+        if service_name is not None:
+            assert await probe(target, service_name) == SERVING
 
         pg.stop("immediate")
         await until(target, "readiness", NOT_SERVING)
@@ -89,16 +93,16 @@ async def test_readiness_follows_the_database_liveness_does_not_and_sigterm_drai
                 health_pb2.HealthCheckRequest(service="readiness")
             )
             assert (await watch.read()).status == SERVING
-            core.send_signal(signal.SIGTERM)
+            service.send_signal(signal.SIGTERM)
             started = time.monotonic()
             assert (await asyncio.wait_for(watch.read(), 10)).status == NOT_SERVING
-        while core.poll() is None:
+        while service.poll() is None:
             waited = time.monotonic() - started
             assert waited < GRACE_SECONDS + 5, "the service did not exit within its grace period"
             await asyncio.sleep(0.05)
-        assert core.returncode == 0
+        assert service.returncode == 0
     finally:
-        if core.poll() is None:
-            core.kill()
-            core.wait()
+        if service.poll() is None:
+            service.kill()
+            service.wait()
         pg.discard()  # stops it (immediate) and deletes the cluster

@@ -1,0 +1,15 @@
+"""``lodestar-health-monitor serve`` and ``lodestar-health-monitor migrate``."""
+
+from lodestar.common.service_cli import service_app
+from lodestar_health.service import SPEC
+
+app = service_app(SPEC)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

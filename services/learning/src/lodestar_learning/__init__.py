@@ -1,0 +1,1 @@
+"""Lodestar learning: response collection, quality filter, datasets and the routing learner."""

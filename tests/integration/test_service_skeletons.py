@@ -1,0 +1,109 @@
+"""The learning and health-monitor skeletons, built on the shared lifecycle: each migrates its own
+schema, registers with core under its name and package version, reports HEALTHY in its heartbeat,
+and turns DEGRADED (still ready) while core is away."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib.metadata import version
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from pydantic import SecretStr
+
+from lodestar.common.auth import Role
+from lodestar.common.cli import free_port
+from lodestar.common.config import DatabaseSettings
+from lodestar.common.lifecycle import ServiceModule
+from lodestar.common.module import HealthState
+from lodestar.common.sdk import connect
+from lodestar.common.service_cli import ServiceSpec
+from lodestar.common.testing import RunningService, dev_credentials, start_in_process
+from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
+from lodestar_health.service import SPEC as HEALTH_MONITOR
+from lodestar_learning.service import SPEC as LEARNING
+from tests.conftest import TEST_MODULES, RunningCore
+
+WAIT = 30.0  # a deadline for the heartbeat to arrive, not a speed requirement
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> dict[Role | str, str]:
+    """The shared test principals plus the skeletons' own."""
+    return dev_credentials(
+        tmp_path / "credentials.yaml", (*TEST_MODULES, LEARNING.name, HEALTH_MONITOR.name)
+    )
+
+
+async def start_skeleton(
+    spec: ServiceSpec, core: RunningCore, tmp_path: Path, database_url: str, schema: str, token: str
+) -> RunningService[ServiceModule]:
+    settings = spec.settings_cls.model_validate(
+        {
+            "port": free_port(),
+            "metrics_port": -1,
+            "credentials_file": tmp_path / "credentials.yaml",
+            "shutdown_grace_seconds": 1.0,
+            "core_endpoint": core.target,
+            "token": SecretStr(token),
+            "database": DatabaseSettings(url=SecretStr(database_url), schema_name=schema),
+        }
+    )
+    return await start_in_process(
+        spec, settings, ready=lambda module: module.core_problem() is None
+    )
+
+
+async def registered_module(admin: grpc.aio.Channel, name: str) -> registry_pb2.Module:
+    """The module as core lists it, once its first heartbeat said HEALTHY."""
+    stub = registry_pb2_grpc.RegistryServiceStub(admin)
+    async with asyncio.timeout(WAIT):
+        while True:
+            reply = await stub.GetModule(registry_pb2.GetModuleRequest(name=name))
+            if reply.module.health.status == registry_pb2.HEALTH_STATUS_HEALTHY:
+                return reply.module
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("spec", [LEARNING, HEALTH_MONITOR], ids=lambda spec: spec.name)
+async def test_a_skeleton_migrates_registers_and_degrades_without_core(
+    spec: ServiceSpec,
+    core: RunningCore,
+    tokens: dict[Role | str, str],
+    tmp_path: Path,
+    database_url: str,
+    schema: str,
+) -> None:
+    own_schema = f"{schema}_{spec.name.replace('-', '_')}"
+    running = await start_skeleton(
+        spec, core, tmp_path, database_url, own_schema, tokens[spec.name]
+    )
+    try:
+        async with connect(core.target, tokens[Role.ADMIN]) as admin:
+            module = await registered_module(admin, spec.name)
+        assert module.version == version(f"lodestar-{spec.name}") == spec.info.version
+        assert module.enabled
+        assert module.alive
+
+        conn = await asyncpg.connect(database_url)
+        try:
+            applied = await conn.fetch(
+                f"SELECT name FROM {own_schema}.schema_migrations ORDER BY version"
+            )
+        finally:
+            await conn.close()
+        assert [row["name"] for row in applied] == ["0001_init.sql"]
+
+        report = await running.module.health_check()
+        assert (report.status, report.last_error) == (HealthState.HEALTHY, "")
+
+        await core.stop()
+        async with asyncio.timeout(WAIT):
+            while (report := await running.module.health_check()).status is HealthState.HEALTHY:
+                await asyncio.sleep(0.05)
+        assert report.status is HealthState.DEGRADED, "core away: degraded, not down"
+        assert "core unreachable" in report.last_error
+    finally:
+        await running.stop()
