@@ -1,7 +1,9 @@
 """The ``lodestar`` CLI starts without the heavy libraries: commands import them when they run.
 
 Not a timing test: it checks which modules a fresh interpreter has loaded after importing the CLI
-and rendering help, which is what start-up time follows from.
+and rendering help, which is what start-up time follows from. The service packages' commands come
+through the ``lodestar.cli`` entry points: listing them in ``--help`` may import each package's
+``cli`` module (typer, rich and ``cli_support`` only), never the service itself.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ HEAVY = (
     "lodestar.core",
     "lodestar.usage",
     "lodestar.audit",
-    "lodestar_core",
-    "lodestar_usage",
+    "lodestar.common.events",
 )
+#: Of a service package, only these modules may load to build the app or show help.
+SERVICE_PACKAGES = ("lodestar_core", "lodestar_usage")
+LIGHT_SERVICE_MODULES = {f"{p}{suffix}" for p in SERVICE_PACKAGES for suffix in ("", ".cli")}
 
 PROBE = """
 import json, sys
@@ -62,8 +66,13 @@ def loaded_modules(*args: str) -> list[str]:
 
 
 def heavy(names: list[str]) -> list[str]:
-    """The names among ``names`` that belong to a heavy package."""
-    return [n for n in names if any(n == h or n.startswith(h + ".") for h in HEAVY)]
+    """The names among ``names`` that belong to a heavy package or are a service's internals."""
+    return [
+        n
+        for n in names
+        if any(n == h or n.startswith(h + ".") for h in HEAVY)
+        or (n.split(".")[0] in SERVICE_PACKAGES and n not in LIGHT_SERVICE_MODULES)
+    ]
 
 
 def test_importing_the_cli_loads_no_heavy_library():
@@ -79,6 +88,9 @@ def test_importing_the_cli_loads_no_heavy_library():
         ["up", "--help"],
         ["tokens", "rotate", "--help"],
         ["budgets", "create", "--help"],
+        ["prices", "set", "--help"],
+        ["events", "tail", "--help"],
+        ["dead-letters", "list", "--help"],
         ["audit", "--help"],
         ["spool", "replay", "--help"],
     ],
@@ -90,7 +102,20 @@ def test_help_loads_no_heavy_library(args: list[str]):
     assert heavy(names) == []
 
 
+def test_help_lists_the_installed_packages_commands_and_imports_only_their_cli_modules():
+    names = loaded_modules("--help")
+    assert {"lodestar_core.cli", "lodestar_usage.cli"} <= set(names)
+
+
+def test_a_command_imports_only_its_own_package():
+    names = loaded_modules("budgets", "list", "--help")
+    assert "lodestar_usage.cli" in names
+    assert "lodestar_core.cli" not in names
+
+
 def test_a_command_still_imports_what_it_needs():
     names = loaded_modules("modules", "--target", "127.0.0.1:1", "--token", "x")
     assert "grpc" in names
     assert "lodestar.core.v1.registry_pb2_grpc" in names
+    # The CLI's channel needs gRPC alone: not the SDK with OpenTelemetry and structlog.
+    assert not [n for n in names if n.startswith(("opentelemetry", "structlog"))]

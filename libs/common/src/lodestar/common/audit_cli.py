@@ -1,38 +1,36 @@
 """``lodestar audit``: the audit log of administrative changes, from core and usage-tracker.
 
 Each service keeps its own log; ``--service`` picks one, or ``all`` (the default) merges them
-newest first. A service's address is ``--target``, else ``LODESTAR_CORE_ENDPOINT`` /
-``LODESTAR_USAGE_ENDPOINT``, else its entry in ``<state-dir>/endpoints.json`` written by
-``lodestar up``; the token is ``--token`` / ``LODESTAR_TOKEN``, else the local admin token in
-``<state-dir>/tokens.yaml``. Reading the log needs the admin role.
+newest first. A service's address is ``--target`` (with ``--service``), else
+``LODESTAR_CORE_ENDPOINT`` / ``LODESTAR_USAGE_ENDPOINT``, else its entry in
+``<state-dir>/endpoints.json`` written by ``lodestar up``; the token and the other connection
+options are those of every command (``cli_support``). Reading the log needs the admin role.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from lodestar.common.cli_support import run_rpc
+from lodestar.common.cli_support import CORE, Client, Endpoint, with_client
 
 if TYPE_CHECKING:
     from google.protobuf import timestamp_pb2
 
     from lodestar.audit.v1 import audit_pb2
 
-#: Services that keep an audit log: (address variable, default address).
+#: Services that keep an audit log, by name.
 SERVICES = {
-    "core": ("LODESTAR_CORE_ENDPOINT", "127.0.0.1:50051"),
-    "usage-tracker": ("LODESTAR_USAGE_ENDPOINT", "127.0.0.1:50061"),
+    endpoint.service: endpoint
+    for endpoint in (CORE, Endpoint("usage-tracker", "LODESTAR_USAGE_ENDPOINT", "127.0.0.1:50061"))
 }
 ALL = "all"
 MAX_LIMIT = 10_000
@@ -56,7 +54,9 @@ def register(app: typer.Typer) -> None:
     app.command("audit")(audit)
 
 
+@with_client(CORE)
 def audit(
+    client: Client,
     service: Annotated[
         str, typer.Option(help="whose log: core, usage-tracker, or all (merged)")
     ] = ALL,
@@ -86,21 +86,11 @@ def audit(
         int, typer.Option(min=1, max=MAX_LIMIT, help="at most this many entries")
     ] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
-    target: Annotated[
-        str | None, typer.Option(help="the service's address host:port (needs --service)")
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(envvar="LODESTAR_TOKEN", help="bearer token (default: local admin)"),
-    ] = None,
-    state_dir: Annotated[
-        Path, typer.Option("--state-dir", help="where `lodestar up` keeps endpoints and tokens")
-    ] = Path(".lodestar"),
 ) -> None:
     """Show who changed what and when (budgets, prices, modules, dead-letter replays)."""
     from lodestar.audit.v1 import audit_pb2
 
-    services = _services(service, target)
+    services = _services(service, client.target)
     now = datetime.now(UTC)
     request = audit_pb2.ListAuditEntriesRequest(
         principal=principal or "", action=action or "", target=on or ""
@@ -109,9 +99,7 @@ def audit(
         request.since.CopyFrom(parse_time(since, now, "--since"))
     if until:
         request.until.CopyFrom(parse_time(until, now, "--until"))
-    secret = _token(token, state_dir)
-    addresses = {name: target or _address(name, state_dir) for name in services}
-    entries = _run(_fetch_all(addresses, secret, request, limit))
+    entries = client.run(_fetch_all(client, services, request, limit), SERVICES[services[0]])
     if as_json:
         for item in entries:
             print(json.dumps(entry_dict(item), sort_keys=True))
@@ -152,58 +140,26 @@ def parse_time(text: str, now: datetime, option: str) -> timestamp_pb2.Timestamp
     return stamp
 
 
-def _token(token: str | None, state_dir: Path) -> str:
-    import yaml
-
-    tokens_file = state_dir / "tokens.yaml"
-    tokens = yaml.safe_load(tokens_file.read_text()) if tokens_file.exists() else {}
-    secret = token or (tokens or {}).get("admin")
-    if not secret:
-        raise typer.BadParameter(
-            "no token: pass --token, set LODESTAR_TOKEN, or run `lodestar up` first"
-        )
-    return str(secret)
-
-
-def _address(service: str, state_dir: Path) -> str:
-    variable, default = SERVICES[service]
-    address = os.environ.get(variable)
-    endpoints = state_dir / "endpoints.json"
-    if not address and endpoints.exists():
-        address = json.loads(endpoints.read_text()).get(service, {}).get("grpc")
-    return address or default
-
-
 async def _fetch_all(
-    addresses: dict[str, str],
-    secret: str,
-    request: audit_pb2.ListAuditEntriesRequest,
-    limit: int,
+    client: Client, services: list[str], request: audit_pb2.ListAuditEntriesRequest, limit: int
 ) -> list[Sourced]:
     import asyncio
 
-    found = await asyncio.gather(
-        *(_fetch(name, address, secret, request, limit) for name, address in addresses.items())
-    )
+    found = await asyncio.gather(*(_fetch(client, name, request, limit) for name in services))
     merged = [item for entries in found for item in entries]
     merged.sort(key=lambda item: item.entry.time.ToNanoseconds(), reverse=True)
     return merged[:limit]
 
 
 async def _fetch(
-    service: str,
-    address: str,
-    secret: str,
-    request: audit_pb2.ListAuditEntriesRequest,
-    limit: int,
+    client: Client, service: str, request: audit_pb2.ListAuditEntriesRequest, limit: int
 ) -> list[Sourced]:
     from lodestar.audit.v1 import audit_pb2, audit_pb2_grpc
-    from lodestar.common.sdk import connect
 
     entries: list[Sourced] = []
     page = audit_pb2.ListAuditEntriesRequest()
     page.CopyFrom(request)
-    async with connect(address, secret) as channel:
+    async with client.channel(SERVICES[service]) as channel:
         stub = audit_pb2_grpc.AuditServiceStub(channel)
         while len(entries) < limit:
             page.page_size = min(PAGE_SIZE, limit - len(entries))
@@ -272,7 +228,3 @@ def _table(entries: list[Sourced], *, show_service: bool) -> Table:
         ]
         table.add_row(*([item.service, *row] if show_service else row))
     return table
-
-
-def _run(coroutine: Any) -> Any:
-    return run_rpc(coroutine, console)

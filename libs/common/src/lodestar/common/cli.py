@@ -2,10 +2,17 @@
 
 ``lodestar up`` starts core and every installed module as separate processes on an embedded
 Postgres (or the database you name), waits until each reports SERVING, and prints what is where.
+``tokens``, ``spool`` and ``audit`` are suite-wide and live here too. Every other command comes
+from the installed service packages through the ``lodestar.cli`` entry-point group (as ``lodestar
+up`` finds services through ``lodestar.services``): an entry point's name is the command, its
+object a ``typer.Typer`` (a command group) or a function (a command). A package's commands come
+and go with it; one that fails to load is named on stderr and the rest still work.
 
 Start-up is kept short: importing this module and building the app loads only typer, rich and the
-standard library. Each command imports what it needs (gRPC, stubs, the SDK, YAML, the installed
-services) when it runs, so ``lodestar --help`` never pays for them.
+standard library; an entry point's module is imported only when its command runs or ``--help``
+lists it, and imports only typer, rich and ``cli_support``. Each command imports what it needs
+(gRPC, stubs, YAML, the installed services) when it runs, so ``lodestar --help`` never pays for
+them.
 """
 
 from __future__ import annotations
@@ -17,44 +24,140 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from lodestar.common.audit_cli import register as register_audit_commands
-from lodestar.common.cli_support import run_rpc
+from lodestar.common.cli_support import DEFAULT_STATE_DIR, StateDirOption, errors, fail
 from lodestar.common.spool_cli import register as register_spool_commands
 from lodestar.common.tokens_cli import register as register_token_commands
-from lodestar.common.usage_cli import register as register_usage_commands
 
 if TYPE_CHECKING:
-    from lodestar.common.sdk import ReceivedEvent
+    from importlib.metadata import EntryPoint
+
+    from typer._click import Command, Context
+
+    from lodestar.common.embedded import EmbeddedPostgres
     from lodestar.common.service_cli import ServiceSpec
 
+#: The entry-point group through which service packages contribute commands.
+COMMAND_GROUP = "lodestar.cli"
+
+
+class InstalledCommands(MutableMapping[str, "Command"]):
+    """The commands of ``lodestar``: its own, then those of the ``lodestar.cli`` entry points.
+
+    An entry point is loaded the first time its command is looked up; a name the CLI defines
+    itself is never taken by an entry point, and of two entry points with one name the first
+    found wins.
+    """
+
+    def __init__(self, own: MutableMapping[str, Command]) -> None:
+        self._own = own
+        self._failed: set[str] = set()
+
+    @cached_property
+    def _entries(self) -> dict[str, EntryPoint]:
+        from importlib.metadata import entry_points
+
+        found: dict[str, EntryPoint] = {}
+        ordered = sorted(
+            entry_points(group=COMMAND_GROUP), key=lambda e: (_distribution(e), e.name)
+        )
+        for entry in ordered:
+            if entry.name not in self._own:
+                found.setdefault(entry.name, entry)
+        return found
+
+    def __getitem__(self, name: str) -> Command:
+        if name in self._own:
+            return self._own[name]
+        entry = self._entries.get(name)
+        if entry is None or name in self._failed:
+            raise KeyError(name)
+        try:
+            command = command_from_entry_point(entry)
+        except Exception as exc:  # a broken package must not take the whole CLI down
+            self._failed.add(name)
+            errors.print(
+                f"[yellow]lodestar: the {name!r} command of {_distribution(entry)} could not be "
+                f"loaded ({type(exc).__name__}: {exc}); skipped[/yellow]"
+            )
+            raise KeyError(name) from None
+        self._own[name] = command
+        return command
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._own
+        yield from (name for name in self._entries if name not in self._own)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __setitem__(self, name: str, command: Command) -> None:
+        self._own[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._own[name]
+
+
+def command_from_entry_point(entry: EntryPoint) -> Command:
+    """The click command of a ``lodestar.cli`` entry point, named after it and shown in its
+    package's help panel."""
+    target = entry.load()
+    command: Command
+    if isinstance(target, typer.Typer):
+        command = typer.main.get_group(target)
+    elif callable(target):
+        single = typer.Typer()
+        single.command(name=entry.name)(target)
+        command = typer.main.get_command(single)
+    else:
+        raise TypeError(f"{entry.value} is neither a typer.Typer nor a function")
+    command.name = entry.name
+    command.rich_help_panel = f"Commands of {_distribution(entry)}"  # type: ignore[attr-defined]
+    return command
+
+
+def _distribution(entry: EntryPoint) -> str:
+    return entry.dist.name if entry.dist is not None else entry.value.split(":")[0]
+
+
+class LodestarGroup(TyperGroup):
+    """The ``lodestar`` command group: its own commands plus the installed packages' ones."""
+
+    def __init__(self, *, commands: Any = None, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        own = commands if isinstance(commands, MutableMapping) else {}
+        self.commands = InstalledCommands(own)
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        """The command ``cmd_name``, loading its entry point if it comes from one."""
+        return self.commands.get(cmd_name)
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        """Every command name, without loading anything."""
+        return list(self.commands)
+
+
 app = typer.Typer(
-    help="Lodestar: the control plane for people who run many LLMs.", no_args_is_help=True
+    cls=LodestarGroup,
+    help="Lodestar: the control plane for people who run many LLMs.",
+    no_args_is_help=True,
 )
-events_app = typer.Typer(help="Look at and publish events.", no_args_is_help=True)
-app.add_typer(events_app, name="events")
 console = Console(width=None if sys.stdout.isatty() else 160)
 
-STATE_DIR = Path(".lodestar")
+STATE_DIR = DEFAULT_STATE_DIR
 CORE = "core"
 READY_TIMEOUT_SECONDS = 60.0
-
-StateDir = Annotated[
-    Path, typer.Option("--state-dir", help="where local state, logs and credentials live")
-]
-Target = Annotated[
-    str | None, typer.Option(help="core address host:port (default: from `lodestar up`)")
-]
-Token = Annotated[
-    str | None, typer.Option(envvar="LODESTAR_TOKEN", help="bearer token (default: local admin)")
-]
 
 
 @dataclass
@@ -69,14 +172,20 @@ class RunningService:
 
 
 def installed_services() -> dict[str, ServiceSpec[Any]]:
-    """Service specs registered under the ``lodestar.services`` entry point group, core first.
+    """Service specs registered under the ``lodestar.services`` entry point group, core first,
+    then by default port (so that ``lodestar up``'s ports are each service's defaults).
 
     Loading a spec imports its service package: only ``lodestar up`` (and tests) call this.
     """
     from importlib.metadata import entry_points
 
     specs = {ep.name: ep.load() for ep in entry_points(group="lodestar.services")}
-    return dict(sorted(specs.items(), key=lambda item: (item[0] != CORE, item[0])))
+    return dict(sorted(specs.items(), key=lambda item: (item[0] != CORE, _default_port(item[1]))))
+
+
+def _default_port(spec: ServiceSpec[Any]) -> int:
+    port: int = spec.settings_cls.model_fields["port"].default
+    return port
 
 
 def free_port() -> int:
@@ -194,9 +303,14 @@ def _stop_all(services: list[RunningService]) -> None:
 def up(
     database_url: Annotated[
         str | None,
-        typer.Option(envvar="LODESTAR_DATABASE_URL", help="Postgres DSN; default: embedded"),
+        typer.Option(
+            envvar=[DATABASE_URL_ENV, OLD_DATABASE_URL_ENV],
+            help=f"Postgres DSN, as the services read it ({OLD_DATABASE_URL_ENV}, the old name, "
+            "still works); default: an embedded Postgres in the state dir",
+            show_default=False,
+        ),
     ] = None,
-    state_dir: StateDir = STATE_DIR,
+    state_dir: StateDirOption = STATE_DIR,
     port_base: Annotated[
         int, typer.Option(help="core's gRPC port; modules follow in steps of 10; 0 = free ports")
     ] = 50051,
@@ -212,16 +326,18 @@ def up(
     specs = installed_services()
     if CORE not in specs:
         raise typer.BadParameter("lodestar-core is not installed")
+    _warn_old_database_variable(database_url)
     state_dir = state_dir.resolve()
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    lock = _lock_state_dir(state_dir)
     tokens = local_tokens(state_dir, list(specs))
     ports = _assign_ports(list(specs), port_base)
     database: EmbeddedPostgres | None = None
     if database_url is None:
         database = EmbeddedPostgres(state_dir / "pg", port=free_port())
         console.print(f"starting embedded Postgres in {database.data_dir} …")
-        database.start()
+        _start_database(database)
         database_url = database.dsn()
     base_env = os.environ | {
         "LODESTAR_DATABASE__URL": database_url,
@@ -251,7 +367,55 @@ def up(
         _stop_all(running)
         if database is not None:
             database.stop()
+        lock.close()
         console.print("stopped")
+
+
+DATABASE_URL_ENV = "LODESTAR_DATABASE__URL"
+OLD_DATABASE_URL_ENV = "LODESTAR_DATABASE_URL"
+
+
+def _warn_old_database_variable(database_url: str | None) -> None:
+    old = os.environ.get(OLD_DATABASE_URL_ENV)
+    if old and database_url == old and DATABASE_URL_ENV not in os.environ:
+        errors.print(
+            f"[yellow]{OLD_DATABASE_URL_ENV} is deprecated: set {DATABASE_URL_ENV}, as the "
+            "services read it[/yellow]"
+        )
+
+
+def _lock_state_dir(state_dir: Path) -> Any:
+    """Hold ``<state-dir>/up.lock`` while ``lodestar up`` runs; one line and exit 1 if another
+    ``lodestar up`` holds it. The lock goes with the process, however it ends."""
+    import fcntl
+
+    lock = (state_dir / "up.lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        fail(
+            f"another `lodestar up` (pid {holder}) runs with the state dir {state_dir}; stop it, "
+            "or give this one another --state-dir"
+        )
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def _start_database(database: EmbeddedPostgres) -> None:
+    """Start the embedded Postgres; a failure is one line naming its log, exit status 1."""
+    from lodestar.common.errors import ConfigurationError
+
+    try:
+        database.start()
+    except (ConfigurationError, subprocess.CalledProcessError, OSError) as exc:
+        log = database.data_dir / "cluster" / "server.log"
+        fail(f"the embedded Postgres in {database.data_dir} did not start ({exc}); see {log}")
 
 
 def _stop_requested() -> list[bool]:
@@ -319,207 +483,11 @@ def _print_ready(
     sys.stdout.flush()
 
 
-def _client_defaults(target: str | None, token: str | None, state_dir: Path) -> tuple[str, str]:
-    import yaml
-
-    tokens_file = state_dir / "tokens.yaml"
-    tokens = yaml.safe_load(tokens_file.read_text()) if tokens_file.exists() else {}
-    token = token or tokens.get("admin")
-    if not token:
-        raise typer.BadParameter(
-            "no token: pass --token, set LODESTAR_TOKEN, or run `lodestar up` first"
-        )
-    return target or os.environ.get("LODESTAR_CORE_ENDPOINT") or _local_core(state_dir), token
-
-
-def _local_core(state_dir: Path) -> str:
-    endpoints = state_dir / "endpoints.json"
-    if endpoints.exists():
-        address: str = json.loads(endpoints.read_text())[CORE]["grpc"]
-        return address
-    return "127.0.0.1:50051"
-
-
-@app.command()
-def modules(target: Target = None, token: Token = None, state_dir: StateDir = STATE_DIR) -> None:
-    """List registered modules and their health."""
-    from lodestar.common.sdk import connect
-    from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
-
-    address, secret = _client_defaults(target, token, state_dir)
-
-    async def fetch() -> list[registry_pb2.Module]:
-        async with connect(address, secret) as channel:
-            reply = await registry_pb2_grpc.RegistryServiceStub(channel).ListModules(
-                registry_pb2.ListModulesRequest()
-            )
-            return list(reply.modules)
-
-    table = Table(title="modules")
-    for column in (
-        "name",
-        "version",
-        "endpoint",
-        "enabled",
-        "alive",
-        "status",
-        "latency ms",
-        "last error",
-    ):
-        table.add_column(column)
-    for module in _run_rpc(fetch()):
-        status = (
-            registry_pb2.HealthStatus.Name(module.health.status)
-            .removeprefix("HEALTH_STATUS_")
-            .lower()
-        )
-        table.add_row(
-            module.name,
-            module.version,
-            module.endpoint,
-            str(module.enabled),
-            str(module.alive),
-            status,
-            f"{module.health.latency_ms:.1f}",
-            module.health.last_error,
-        )
-    console.print(table)
-
-
-@app.command()
-def subscriptions(
-    target: Target = None, token: Token = None, state_dir: StateDir = STATE_DIR
-) -> None:
-    """List subscriptions with their position and lag."""
-    from lodestar.common.sdk import connect
-    from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
-
-    address, secret = _client_defaults(target, token, state_dir)
-
-    async def fetch() -> list[bus_pb2.Subscription]:
-        async with connect(address, secret) as channel:
-            reply = await bus_pb2_grpc.EventBusServiceStub(channel).ListSubscriptions(
-                bus_pb2.ListSubscriptionsRequest()
-            )
-            return list(reply.subscriptions)
-
-    table = Table(title="subscriptions")
-    for column in ("name", "module", "acked", "head", "lag", "connected", "dead letters"):
-        table.add_column(column)
-    for sub in _run_rpc(fetch()):
-        table.add_row(
-            sub.name,
-            sub.module,
-            str(sub.acked_sequence),
-            str(sub.head_sequence),
-            str(sub.lag),
-            str(sub.connected),
-            str(sub.dead_letters),
-        )
-    console.print(table)
-
-
-@events_app.command("tail")
-def tail(
-    event_type: Annotated[
-        list[str] | None, typer.Option("--type", help="only these event types")
-    ] = None,
-    subscription: Annotated[str, typer.Option(help="durable subscription name")] = "cli-tail",
-    from_start: Annotated[
-        bool, typer.Option(help="start at the oldest event of a new subscription")
-    ] = False,
-    limit: Annotated[int, typer.Option(help="stop after N events (0: run until Ctrl-C)")] = 0,
-    target: Target = None,
-    token: Token = None,
-    state_dir: StateDir = STATE_DIR,
-) -> None:
-    """Print events as JSON lines as they arrive."""
-    from google.protobuf import json_format
-
-    from lodestar.common.events import unpack
-    from lodestar.common.sdk import Subscriber, connect
-    from lodestar.core.v1 import bus_pb2
-
-    address, secret = _client_defaults(target, token, state_dir)
-
-    async def follow() -> None:
-        async with connect(address, secret) as channel:
-            seen = 0
-
-            async def show(received: ReceivedEvent) -> None:
-                nonlocal seen
-                payload = json_format.MessageToDict(unpack(received.event))
-                line = {
-                    "sequence": received.sequence,
-                    "id": received.event.id,
-                    "type": received.event.type,
-                    "source": received.event.source,
-                    "data": payload,
-                }
-                print(json.dumps(line), flush=True)
-                seen += 1
-                if limit and seen >= limit:
-                    subscriber.stop()
-
-            start = bus_pb2.START_POSITION_EARLIEST if from_start else bus_pb2.START_POSITION_LATEST
-            subscriber = Subscriber(
-                channel,
-                subscription=subscription,
-                handler=show,
-                event_types=event_type or [],
-                start=start,
-            )
-            await subscriber.run()
-
-    _run_rpc(follow())
-
-
-@app.command()
-def publish(
-    event_type: Annotated[str, typer.Argument(help="e.g. lodestar.usage.v1.RequestCompleted")],
-    data: Annotated[str, typer.Argument(help="the payload as JSON")],
-    source: Annotated[str, typer.Option(help="CloudEvents source")] = "lodestar://cli",
-    target: Target = None,
-    token: Token = None,
-    state_dir: StateDir = STATE_DIR,
-) -> None:
-    """Publish one event and print its id once core has committed it."""
-    from google.protobuf import json_format
-
-    from lodestar.common.events import EVENT_TYPES
-    from lodestar.common.sdk import Publisher, connect
-
-    payload_cls = EVENT_TYPES.get(event_type)
-    if payload_cls is None:
-        raise typer.BadParameter(
-            f"unknown type; known: {', '.join(sorted(EVENT_TYPES))}", param_hint="EVENT_TYPE"
-        )
-    try:
-        payload = json_format.Parse(data, payload_cls())
-    except json_format.ParseError as exc:
-        raise typer.BadParameter(str(exc), param_hint="DATA") from None
-    address, secret = _client_defaults(target, token, state_dir)
-
-    async def send() -> str:
-        async with (
-            connect(address, secret) as channel,
-            Publisher(channel, source=source) as publisher,
-        ):
-            return (await publisher.publish(payload)).event_id
-
-    console.print(_run_rpc(send()))
-
-
-def _run_rpc(coroutine: Any) -> Any:
-    return run_rpc(coroutine, console)
-
-
 def main() -> None:
     """Console entry point."""
     app()
 
 
-register_usage_commands(app)  # lodestar usage …, lodestar budgets …
 register_spool_commands(app)  # lodestar spool list, lodestar spool replay
 register_audit_commands(app)  # lodestar audit
 register_token_commands(app)  # lodestar tokens rotate, lodestar tokens list

@@ -11,8 +11,6 @@ folder (a service's own, so that event ownership holds), else the local publishe
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -21,20 +19,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lodestar.common.cli_support import (
+    CORE,
+    DEFAULT_STATE_DIR,
+    Client,
+    StateDirOption,
+    fail,
+    local_tokens,
+    with_client,
+)
+
 if TYPE_CHECKING:
     from lodestar.common.sdk.publisher import DrainResult
     from lodestar.common.sdk.spool import Spool, SpooledBatch
 
-STATE_DIR = Path(".lodestar")
-DEFAULT_TARGET = "127.0.0.1:50051"
+STATE_DIR = DEFAULT_STATE_DIR
 IDS_SHOWN = 3
 
 spool_app = typer.Typer(help="The SDK's publish spools: pending and quarantined batches.")
 console = Console(width=None if sys.stdout.isatty() else 200)
 
-StateDir = Annotated[
-    Path, typer.Option("--state-dir", help="where `lodestar up` keeps endpoints and tokens")
-]
 SpoolDir = Annotated[
     Path | None,
     typer.Option(
@@ -42,12 +46,6 @@ SpoolDir = Annotated[
         envvar="LODESTAR_SPOOL_DIR",
         help="a spool folder, or a folder of spools (default: <state-dir>/spool)",
     ),
-]
-Target = Annotated[
-    str | None, typer.Option(help="core address host:port (default: from `lodestar up`)")
-]
-Token = Annotated[
-    str | None, typer.Option(envvar="LODESTAR_TOKEN", help="bearer token to publish with")
 ]
 
 
@@ -69,7 +67,7 @@ def find_spools(root: Path) -> list[Path]:
 
 
 @spool_app.command("list")
-def list_batches(spool_dir: SpoolDir = None, state_dir: StateDir = STATE_DIR) -> None:
+def list_batches(spool_dir: SpoolDir = None, state_dir: StateDirOption = STATE_DIR) -> None:
     """Pending and quarantined batches: events, ids and, for quarantined ones, the reason."""
     from lodestar.common.sdk.spool import Spool
 
@@ -103,7 +101,9 @@ def list_batches(spool_dir: SpoolDir = None, state_dir: StateDir = STATE_DIR) ->
 
 
 @spool_app.command("replay")
+@with_client(CORE)
 def replay(
+    client: Client,
     quarantined: Annotated[
         bool,
         typer.Option(
@@ -111,42 +111,33 @@ def replay(
         ),
     ] = False,
     spool_dir: SpoolDir = None,
-    target: Target = None,
-    token: Token = None,
-    state_dir: StateDir = STATE_DIR,
 ) -> None:
-    """Publish spooled batches now; events still refused stay quarantined with the new reason."""
-    import asyncio
+    """Publish spooled batches now; events still refused stay quarantined with the new reason.
 
-    import grpc
-
+    Each spool is replayed with --token / LODESTAR_TOKEN, else the local token named like the
+    spool's folder (a service's own), else the local publisher token.
+    """
     from lodestar.common.sdk.spool import Spool
 
-    root = spool_dir or state_dir / "spool"
+    root = spool_dir or client.state_dir / "spool"
     spools = find_spools(root)
     if not spools:
         console.print(f"no spool under {root}")
         return
-    address = _core_address(target, state_dir)
     failed = False
     for folder in spools:
-        secret = _token_for(folder, token, state_dir)
-        try:
-            result = asyncio.run(_replay_one(address, secret, Spool(folder), quarantined))
-        except grpc.aio.AioRpcError as exc:
-            console.print(f"[red]{folder}: {exc.code().name}: {exc.details()}[/red]")
-            raise typer.Exit(1) from None
+        secret = _token_for(folder, client)
+        result = client.run(_replay_one(client, secret, Spool(folder), quarantined))
         failed |= _report(_spool_name(folder, root), result)
     if failed:
         raise typer.Exit(1)
 
 
-async def _replay_one(address: str, token: str, spool: Spool, quarantined: bool) -> DrainResult:
-    from lodestar.common.sdk import connect
+async def _replay_one(client: Client, token: str, spool: Spool, quarantined: bool) -> DrainResult:
     from lodestar.common.sdk.publisher import drain_spool, replay_quarantined
     from lodestar.core.v1 import bus_pb2_grpc
 
-    async with connect(address, token) as channel:
+    async with client.channel(token=token) as channel:
         stub = bus_pb2_grpc.EventBusServiceStub(channel)
         if quarantined:
             return await replay_quarantined(stub, spool)
@@ -186,30 +177,15 @@ def _reason(batch: SpooledBatch) -> str:
     return f"{batch.reason.get('code', '?')}: {batch.reason.get('details', '')}{where}"
 
 
-def _core_address(target: str | None, state_dir: Path) -> str:
-    if target:
-        return target
-    if endpoint := os.environ.get("LODESTAR_CORE_ENDPOINT"):
-        return endpoint
-    endpoints = state_dir / "endpoints.json"
-    if endpoints.exists():
-        address: str = json.loads(endpoints.read_text())["core"]["grpc"]
-        return address
-    return DEFAULT_TARGET
-
-
-def _token_for(folder: Path, token: str | None, state_dir: Path) -> str:
+def _token_for(folder: Path, client: Client) -> str:
     """The token to replay ``folder`` with: explicit, the spool owner's, then the publisher's."""
-    if token:
-        return token
-    import yaml
-
-    tokens_file = state_dir / "tokens.yaml"
-    tokens = (yaml.safe_load(tokens_file.read_text()) if tokens_file.exists() else None) or {}
+    if client.token:
+        return client.token
+    tokens = local_tokens(client.state_dir)
     secret = tokens.get(folder.name) or tokens.get("publisher")
     if not secret:
-        raise typer.BadParameter(
-            "no token: pass --token, set LODESTAR_TOKEN, or run `lodestar up` first",
-            param_hint="--token",
+        fail(
+            f"no token to replay {folder}: pass --token or set LODESTAR_TOKEN, or point "
+            "--state-dir at `lodestar up`'s folder"
         )
-    return str(secret)
+    return secret

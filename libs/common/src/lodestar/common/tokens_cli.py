@@ -18,10 +18,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lodestar.common.cli_support import DEFAULT_STATE_DIR, StateDirOption
+
 if TYPE_CHECKING:
     from lodestar.common.auth import CredentialEntry
 
-STATE_DIR = Path(".lodestar")
+STATE_DIR = DEFAULT_STATE_DIR
 DEFAULT_GRACE = "1h"
 MAX_DURATION = timedelta(days=3650)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -31,9 +33,6 @@ tokens_app = typer.Typer(help="Credentials: rotate and list tokens.", no_args_is
 console = Console(width=None if sys.stdout.isatty() else 160)
 notes = Console(stderr=True, soft_wrap=True)
 
-StateDir = Annotated[
-    Path, typer.Option("--state-dir", help="where `lodestar up` keeps credentials.yaml")
-]
 CredentialsFileOpt = Annotated[
     Path | None,
     typer.Option(
@@ -180,7 +179,7 @@ def rotate(
         typer.Option("--expires-in", help="lifetime of the new token (default: no expiry)"),
     ] = None,
     credentials_file: CredentialsFileOpt = None,
-    state_dir: StateDir = STATE_DIR,
+    state_dir: StateDirOption = STATE_DIR,
 ) -> None:
     """Issue a new token for PRINCIPAL and let its current tokens expire after a grace period.
 
@@ -214,7 +213,7 @@ def rotate(
 
 @tokens_app.command("list")
 def list_tokens(
-    credentials_file: CredentialsFileOpt = None, state_dir: StateDir = STATE_DIR
+    credentials_file: CredentialsFileOpt = None, state_dir: StateDirOption = STATE_DIR
 ) -> None:
     """Show principals, roles, token fingerprints and expiry (never the tokens)."""
     from lodestar.common.auth import parse_credentials, read_credentials_document

@@ -1,35 +1,34 @@
-"""``lodestar usage …`` and ``lodestar budgets …``: usage-tracker from the terminal.
+"""The usage-tracker's ``lodestar`` commands: ``usage …``, ``budgets …``, ``prices …``.
 
-Talks to usage-tracker over gRPC with the generated ``lodestar.usage.v1`` stubs only (common never
-imports a service package). The address is ``--target``, else ``LODESTAR_USAGE_ENDPOINT``, else
-the ``usage-tracker`` entry of ``<state-dir>/endpoints.json`` written by ``lodestar up``; the token
-is ``--token`` / ``LODESTAR_TOKEN``, else the local admin token in ``<state-dir>/tokens.yaml``.
+Registered under the ``lodestar.cli`` entry-point group in this package's pyproject.toml, so they
+come and go with lodestar-usage-tracker. They talk to the tracker over gRPC with the generated
+``lodestar.usage.v1`` stubs, which load when a command runs (importing this module loads only
+typer, rich and ``lodestar.common.cli_support``). The address is ``--target``, else
+``LODESTAR_USAGE_ENDPOINT``, else the ``usage-tracker`` entry of ``lodestar up``'s endpoints.json;
+the token and the other connection options are those of every command (``cli_support``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lodestar.common.cli_support import run_rpc
+from lodestar.common.cli_support import Client, Endpoint, fail, stdout_console, with_client
 
 if TYPE_CHECKING:
     from lodestar.usage.v1 import usage_pb2
 
-SERVICE = "usage-tracker"
-DEFAULT_TARGET = "127.0.0.1:50061"
+USAGE = Endpoint("usage-tracker", "LODESTAR_USAGE_ENDPOINT", "127.0.0.1:50061")
 GROUPS = ("model", "provider", "project", "session", "user", "day", "week", "month")
 # Names of the CalendarUnit, BudgetScope and BudgetPeriod values the CLI accepts (the stubs are
 # imported only when a command runs; the values are looked up by name then).
@@ -37,24 +36,53 @@ CALENDAR = ("day", "week", "month")
 SCOPES = ("global", "project", "user", "session")
 PERIODS = ("daily", "weekly", "monthly", "rolling")
 BAR_COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
+#: Request fields of the window and filters, as the flags that set them.
+WINDOW_FLAGS = {
+    "window.calendar.timezone": "--timezone",
+    "window.calendar": "--window",
+    "window.rolling": "--window",
+    "window": "--window",
+    "timezone": "--timezone",
+    "filters.models": "--model",
+    "filters.projects": "--project",
+    "filters.providers": "--provider",
+    "filters.users": "--user",
+    "filters.sessions": "--session",
+    "group_by": "--by",
+}
+#: Budget fields, as the flags of ``budgets create`` that set them.
+BUDGET_FLAGS = {
+    "budget.name": "--name",
+    "budget.scope_value": "--value",
+    "budget.scope": "--scope",
+    "budget.period": "--period",
+    "budget.limit_micros": "--limit-usd",
+    "budget.limit_tokens": "--limit-tokens",
+    "budget.rolling": "--rolling-hours",
+    "budget.timezone": "--timezone",
+    "budget.thresholds_pct": "--thresholds",
+}
+#: Price fields, as the flags of ``prices set`` and ``prices delete``.
+PRICE_FLAGS = {
+    "price.model_pattern": "MODEL_PATTERN",
+    "price.valid_from": "--valid-from",
+    "price.input_micros_per_mtok": "--input",
+    "price.output_micros_per_mtok": "--output",
+    "price.cached_read_micros_per_mtok": "--cached-read",
+    "price.cache_write_micros_per_mtok": "--cache-write",
+    "price.reasoning_micros_per_mtok": "--reasoning",
+    "model_pattern": "MODEL_PATTERN",
+    "valid_from": "--valid-from",
+}
 
 usage_app = typer.Typer(help="Usage: summaries, exports, top spenders.", no_args_is_help=True)
 budgets_app = typer.Typer(help="Budgets: list, create, delete.", no_args_is_help=True)
-console = Console(width=None if sys.stdout.isatty() else 160)
+prices_app = typer.Typer(
+    help="Prices per million tokens, by model pattern and start day: list, set, delete.",
+    no_args_is_help=True,
+)
+console = stdout_console()
 
-StateDir = Annotated[
-    Path, typer.Option("--state-dir", help="where `lodestar up` keeps endpoints and tokens")
-]
-Target = Annotated[
-    str | None,
-    typer.Option(
-        help="usage-tracker address host:port (default: LODESTAR_USAGE_ENDPOINT, "
-        "then `lodestar up`'s endpoints.json)"
-    ),
-]
-Token = Annotated[
-    str | None, typer.Option(envvar="LODESTAR_TOKEN", help="bearer token (default: local admin)")
-]
 WindowOpt = Annotated[
     str,
     typer.Option(
@@ -65,39 +93,9 @@ WindowOpt = Annotated[
 ]
 TimezoneOpt = Annotated[str, typer.Option("--timezone", help="IANA timezone of days and windows")]
 FilterOpt = Annotated[list[str] | None, typer.Option(help="repeatable filter")]
-STATE_DIR = Path(".lodestar")
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``usage`` and ``budgets`` to the ``lodestar`` command."""
-    app.add_typer(usage_app, name="usage")
-    app.add_typer(budgets_app, name="budgets")
 
 
 # --- plumbing ------------------------------------------------------------------------------------
-
-
-def resolve(target: str | None, token: str | None, state_dir: Path) -> tuple[str, str]:
-    """The tracker's address and a token, from flags, environment or ``lodestar up``'s state."""
-    import yaml
-
-    tokens_file = state_dir / "tokens.yaml"
-    tokens = yaml.safe_load(tokens_file.read_text()) if tokens_file.exists() else {}
-    secret = token or (tokens or {}).get("admin")
-    if not secret:
-        raise typer.BadParameter(
-            "no token: pass --token, set LODESTAR_TOKEN, or run `lodestar up` first"
-        )
-    address = target or os.environ.get("LODESTAR_USAGE_ENDPOINT")
-    if not address:
-        endpoints = state_dir / "endpoints.json"
-        if endpoints.exists():
-            address = json.loads(endpoints.read_text()).get(SERVICE, {}).get("grpc")
-    return address or DEFAULT_TARGET, secret
-
-
-def _run(coroutine: Any) -> Any:
-    return run_rpc(coroutine, console)
 
 
 def parse_window(text: str, timezone: str = "") -> usage_pb2.Window:
@@ -163,13 +161,10 @@ def _filters(
     )
 
 
-async def _summary(
-    address: str, secret: str, request: usage_pb2.SummaryRequest
-) -> usage_pb2.SummaryResponse:
-    from lodestar.common.sdk import connect
+async def _summary(client: Client, request: usage_pb2.SummaryRequest) -> usage_pb2.SummaryResponse:
     from lodestar.usage.v1 import usage_pb2_grpc
 
-    async with connect(address, secret) as channel:
+    async with client.channel() as channel:
         reply: usage_pb2.SummaryResponse = await usage_pb2_grpc.UsageServiceStub(channel).Summary(
             request
         )
@@ -200,7 +195,9 @@ def _tokens(totals: usage_pb2.Totals) -> int:
 
 
 @usage_app.command("summary")
+@with_client(USAGE, flags=WINDOW_FLAGS)
 def summary(
+    client: Client,
     by: Annotated[
         str, typer.Option("--by", help="comma-separated: " + ", ".join(GROUPS))
     ] = "model",
@@ -216,22 +213,18 @@ def summary(
         typer.Option(help="bar chart of daily cost per model (default: when grouping by both)"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
-    target: Target = None,
-    token: Token = None,
-    state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Tokens, cost, requests and savings over a window, grouped."""
     from lodestar.usage.v1 import usage_pb2
 
     groups = parse_groups(by)
-    address, secret = resolve(target, token, state_dir)
     request = usage_pb2.SummaryRequest(
         window=parse_window(window, timezone),
         group_by=groups,
         filters=_filters(model, project, provider, user, session),
         timezone=timezone,
     )
-    reply: usage_pb2.SummaryResponse = _run(_summary(address, secret, request))
+    reply: usage_pb2.SummaryResponse = client.run(_summary(client, request))
     if as_json:
         print(
             json.dumps(
@@ -282,7 +275,7 @@ def summary(
         if not {"day", "model"} <= set(groups):
             request.ClearField("group_by")
             request.group_by.extend(["day", "model"])
-            reply = _run(_summary(address, secret, request))
+            reply = client.run(_summary(client, request))
         console.print(cost_chart(reply))
 
 
@@ -317,16 +310,15 @@ def cost_chart(reply: usage_pb2.SummaryResponse, width: int = 50) -> Table:
 
 
 @usage_app.command("top")
+@with_client(USAGE, flags=WINDOW_FLAGS)
 def top(
+    client: Client,
     by: Annotated[
         str, typer.Option("--by", help="what to rank: model, project, user, …")
     ] = "model",
     window: WindowOpt = "month",
     limit: Annotated[int, typer.Option(help="how many rows")] = 10,
     rank: Annotated[str, typer.Option(help="cost | tokens | requests")] = "cost",
-    target: Target = None,
-    token: Token = None,
-    state_dir: StateDir = STATE_DIR,
 ) -> None:
     """The biggest spenders in a window."""
     from lodestar.usage.v1 import usage_pb2
@@ -339,13 +331,8 @@ def top(
     }
     if rank not in keys:
         raise typer.BadParameter("cost, tokens or requests", param_hint="--rank")
-    address, secret = resolve(target, token, state_dir)
-    reply: usage_pb2.SummaryResponse = _run(
-        _summary(
-            address,
-            secret,
-            usage_pb2.SummaryRequest(window=parse_window(window), group_by=groups),
-        )
+    reply: usage_pb2.SummaryResponse = client.run(
+        _summary(client, usage_pb2.SummaryRequest(window=parse_window(window), group_by=groups))
     )
     rows = sorted(reply.rows, key=lambda r: keys[rank](r.totals), reverse=True)[:limit]
     total_cost = reply.totals.cost_micros or 1
@@ -368,7 +355,9 @@ def top(
 
 
 @usage_app.command("export")
+@with_client(USAGE, flags={**WINDOW_FLAGS, "format": "--format"})
 def export(
+    client: Client,
     fmt: Annotated[str, typer.Option("--format", help="csv | jsonl")] = "csv",
     window: WindowOpt = "month",
     output: Annotated[Path | None, typer.Option(help="file to write (default: stdout)")] = None,
@@ -377,18 +366,13 @@ def export(
     provider: FilterOpt = None,
     user: FilterOpt = None,
     session: FilterOpt = None,
-    target: Target = None,
-    token: Token = None,
-    state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Stream ledger records as CSV or JSON lines, oldest first."""
-    from lodestar.common.sdk import connect
     from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
 
     formats = {"csv": usage_pb2.EXPORT_FORMAT_CSV, "jsonl": usage_pb2.EXPORT_FORMAT_JSONL}
     if fmt.lower() not in formats:
         raise typer.BadParameter("csv or jsonl", param_hint="--format")
-    address, secret = resolve(target, token, state_dir)
     request = usage_pb2.ExportRecordsRequest(
         window=parse_window(window),
         filters=_filters(model, project, provider, user, session),
@@ -398,7 +382,7 @@ def export(
     async def stream() -> None:
         sink = output.open("wb") if output else sys.stdout.buffer
         try:
-            async with connect(address, secret) as channel:
+            async with client.channel() as channel:
                 async for piece in usage_pb2_grpc.UsageServiceStub(channel).ExportRecords(request):
                     sink.write(piece.chunk)
             sink.flush()
@@ -406,17 +390,16 @@ def export(
             if output:
                 sink.close()
 
-    _run(stream())
+    client.run(stream())
 
 
 # --- budgets -------------------------------------------------------------------------------------
 
 
-async def _budgets(address: str, secret: str) -> list[usage_pb2.BudgetStatus]:
-    from lodestar.common.sdk import connect
+async def _budgets(client: Client) -> list[usage_pb2.BudgetStatus]:
     from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
 
-    async with connect(address, secret) as channel:
+    async with client.channel() as channel:
         reply = await usage_pb2_grpc.BudgetServiceStub(channel).ListBudgets(
             usage_pb2.ListBudgetsRequest()
         )
@@ -424,17 +407,15 @@ async def _budgets(address: str, secret: str) -> list[usage_pb2.BudgetStatus]:
 
 
 @budgets_app.command("list")
+@with_client(USAGE)
 def list_budgets(
+    client: Client,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
-    target: Target = None,
-    token: Token = None,
-    state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Budgets with what they have spent, hold and have left in their current window."""
     from lodestar.usage.v1 import usage_pb2
 
-    address, secret = resolve(target, token, state_dir)
-    statuses: list[usage_pb2.BudgetStatus] = _run(_budgets(address, secret))
+    statuses: list[usage_pb2.BudgetStatus] = client.run(_budgets(client))
     if as_json:
         print(
             json.dumps(
@@ -502,7 +483,9 @@ def list_budgets(
 
 
 @budgets_app.command("create")
+@with_client(USAGE, flags=BUDGET_FLAGS)
 def create_budget(
+    client: Client,
     name: Annotated[str, typer.Option(help="a name for alerts and denials")],
     scope: Annotated[str, typer.Option(help="global | project | user | session")] = "global",
     value: Annotated[str, typer.Option(help="the project, user or session it limits")] = "",
@@ -514,14 +497,10 @@ def create_budget(
     rolling_hours: Annotated[int, typer.Option(help="window of a rolling budget")] = 0,
     timezone: Annotated[str, typer.Option(help="IANA timezone of calendar periods")] = "",
     thresholds: Annotated[str, typer.Option(help="alert thresholds in percent")] = "50,80,100",
-    target: Target = None,
-    token: Token = None,
-    state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Add a budget (admin) and print its id."""
     from google.protobuf import duration_pb2
 
-    from lodestar.common.sdk import connect
     from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
 
     if scope not in SCOPES:
@@ -540,49 +519,186 @@ def create_budget(
     except ValueError:
         raise typer.BadParameter("comma-separated integers", param_hint="--thresholds") from None
     if limit_usd is not None:
-        try:
-            micros = Decimal(limit_usd) * 1_000_000
-        except ArithmeticError:
-            raise typer.BadParameter("a dollar amount", param_hint="--limit-usd") from None
-        if micros != micros.to_integral_value():
-            raise typer.BadParameter("at most 6 decimal places", param_hint="--limit-usd")
-        budget.limit_micros = int(micros)
+        budget.limit_micros = micros(limit_usd, "--limit-usd")
     if limit_tokens is not None:
         budget.limit_tokens = limit_tokens
     if rolling_hours:
         budget.rolling.CopyFrom(duration_pb2.Duration(seconds=rolling_hours * 3600))
-    address, secret = resolve(target, token, state_dir)
 
     async def send() -> usage_pb2.Budget:
-        async with connect(address, secret) as channel:
+        async with client.channel() as channel:
             reply = await usage_pb2_grpc.BudgetServiceStub(channel).CreateBudget(
                 usage_pb2.CreateBudgetRequest(budget=budget)
             )
             return reply.budget
 
-    created: usage_pb2.Budget = _run(send())
+    created: usage_pb2.Budget = client.run(send())
     print(created.id)
 
 
 @budgets_app.command("delete")
+@with_client(USAGE, flags={"id": "BUDGET_ID"})
 def delete_budget(
+    client: Client,
     budget_id: Annotated[str, typer.Argument(help="the id `budgets list` shows")],
-    target: Target = None,
-    token: Token = None,
-    state_dir: StateDir = STATE_DIR,
 ) -> None:
     """Remove a budget (admin)."""
-    from lodestar.common.sdk import connect
     from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
 
-    address, secret = resolve(target, token, state_dir)
-
     async def send() -> bool:
-        async with connect(address, secret) as channel:
+        async with client.channel() as channel:
             reply = await usage_pb2_grpc.BudgetServiceStub(channel).DeleteBudget(
                 usage_pb2.DeleteBudgetRequest(id=budget_id)
             )
             return reply.deleted
 
-    _run(send())
+    client.run(send())
     console.print(f"deleted {budget_id}")
+
+
+# --- prices --------------------------------------------------------------------------------------
+
+PRICE_KINDS = ("input", "output", "cached_read", "cache_write", "reasoning")
+
+
+def micros(text: str, flag: str) -> int:
+    """Exact dollars (``3``, ``0.15``) as micro-dollars; at most 6 decimal places."""
+    try:
+        amount = Decimal(text) * 1_000_000
+    except InvalidOperation:
+        raise typer.BadParameter(f"{text!r} is not a dollar amount", param_hint=flag) from None
+    if not amount.is_finite() or amount != amount.to_integral_value():
+        raise typer.BadParameter("a dollar amount with at most 6 decimal places", param_hint=flag)
+    return int(amount)
+
+
+@prices_app.command("list")
+@with_client(USAGE, flags={"model": "--model"})
+def list_prices(
+    client: Client,
+    model: Annotated[str, typer.Option(help="only the prices that apply to this model")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Prices in dollars per million tokens, by model pattern and first day."""
+    from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+
+    async def fetch() -> list[usage_pb2.Price]:
+        async with client.channel() as channel:
+            reply = await usage_pb2_grpc.UsageServiceStub(channel).ListPrices(
+                usage_pb2.ListPricesRequest(model=model)
+            )
+            return list(reply.prices)
+
+    prices = client.run(fetch())
+    if as_json:
+        print(json.dumps([price_dict(p) for p in prices]))
+        return
+    table = Table(title="prices, $ per million tokens")
+    table.add_column("model pattern")
+    table.add_column("from (UTC day)")
+    for kind in PRICE_KINDS:
+        table.add_column(kind.replace("_", " "), justify="right")
+    for price in prices:
+        row = price_dict(price)
+        table.add_row(
+            price.model_pattern,
+            price.valid_from,
+            *(dollars(int(row[f"{kind}_micros_per_mtok"])) for kind in PRICE_KINDS),
+        )
+    console.print(table)
+
+
+def price_dict(price: usage_pb2.Price) -> dict[str, str | int]:
+    """A price as JSON: every kind's effective micro-dollars per million tokens."""
+    return {
+        "model_pattern": price.model_pattern,
+        "valid_from": price.valid_from,
+        "input_micros_per_mtok": price.input_micros_per_mtok,
+        "output_micros_per_mtok": price.output_micros_per_mtok,
+        "cached_read_micros_per_mtok": price.cached_read_micros_per_mtok
+        if price.HasField("cached_read_micros_per_mtok")
+        else price.input_micros_per_mtok,
+        "cache_write_micros_per_mtok": price.cache_write_micros_per_mtok
+        if price.HasField("cache_write_micros_per_mtok")
+        else price.input_micros_per_mtok,
+        "reasoning_micros_per_mtok": price.reasoning_micros_per_mtok
+        if price.HasField("reasoning_micros_per_mtok")
+        else price.output_micros_per_mtok,
+    }
+
+
+DollarsOpt = Annotated[str | None, typer.Option(help="$ per million tokens")]
+
+
+@prices_app.command("set")
+@with_client(USAGE, flags=PRICE_FLAGS)
+def set_price(
+    client: Client,
+    model_pattern: Annotated[
+        str, typer.Argument(help="glob over the model or provider/model, e.g. 'claude-sonnet-4*'")
+    ],
+    input_usd: Annotated[str, typer.Option("--input", help="$ per million input tokens")],
+    output_usd: Annotated[str, typer.Option("--output", help="$ per million output tokens")],
+    valid_from: Annotated[
+        str, typer.Option(help="first UTC day it applies to, YYYY-MM-DD (default: today)")
+    ] = "",
+    cached_read: Annotated[
+        str | None, typer.Option(help="$ per million cached-read tokens (default: input)")
+    ] = None,
+    cache_write: Annotated[
+        str | None, typer.Option(help="$ per million cache-write tokens (default: input)")
+    ] = None,
+    reasoning: Annotated[
+        str | None, typer.Option(help="$ per million reasoning tokens (default: output)")
+    ] = None,
+) -> None:
+    """Set the price of a model pattern from a day on (admin)."""
+    from datetime import UTC, datetime
+
+    from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+
+    price = usage_pb2.Price(
+        model_pattern=model_pattern,
+        valid_from=valid_from or datetime.now(UTC).date().isoformat(),
+        input_micros_per_mtok=micros(input_usd, "--input"),
+        output_micros_per_mtok=micros(output_usd, "--output"),
+    )
+    for value, name, flag in (
+        (cached_read, "cached_read_micros_per_mtok", "--cached-read"),
+        (cache_write, "cache_write_micros_per_mtok", "--cache-write"),
+        (reasoning, "reasoning_micros_per_mtok", "--reasoning"),
+    ):
+        if value is not None:
+            setattr(price, name, micros(value, flag))
+
+    async def send() -> usage_pb2.Price:
+        async with client.channel() as channel:
+            reply = await usage_pb2_grpc.UsageServiceStub(channel).SetPrice(
+                usage_pb2.SetPriceRequest(price=price)
+            )
+            return reply.price
+
+    stored = client.run(send())
+    console.print(f"{stored.model_pattern} from {stored.valid_from} set", highlight=False)
+
+
+@prices_app.command("delete")
+@with_client(USAGE, flags=PRICE_FLAGS)
+def delete_price(
+    client: Client,
+    model_pattern: Annotated[str, typer.Argument(help="the pattern `prices list` shows")],
+    valid_from: Annotated[str, typer.Option(help="its first day, YYYY-MM-DD")],
+) -> None:
+    """Remove one price (admin)."""
+    from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+
+    async def send() -> bool:
+        async with client.channel() as channel:
+            reply = await usage_pb2_grpc.UsageServiceStub(channel).DeletePrice(
+                usage_pb2.DeletePriceRequest(model_pattern=model_pattern, valid_from=valid_from)
+            )
+            return reply.deleted
+
+    if not client.run(send()):
+        fail(f"no price for {model_pattern} from {valid_from}")
+    console.print(f"deleted {model_pattern} from {valid_from}", highlight=False)
