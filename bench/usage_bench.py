@@ -402,6 +402,8 @@ async def burst(gates: list[ug.BudgetServiceStub], project: str, calls: int) -> 
             name = "OK"
         except grpc.aio.AioRpcError as exc:
             name = exc.code().name
+            if name not in outcomes and os.environ.get("USAGE_BENCH_VERBOSE"):
+                print(f"    first {name}: {exc.details()}")
             status = rpc_status.from_call(exc)  # type: ignore[arg-type]
             if status is not None and any(
                 d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -18,6 +20,7 @@ from lodestar.common.errors import (
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import usage_pb2
 from lodestar_usage import bounds, budgets, metrics, reports, stored
+from lodestar_usage.admission import Admitter, SlowPath
 from lodestar_usage.pricing import (
     PriceRow,
     PriceTable,
@@ -242,6 +245,17 @@ class BudgetApi:
         self._pool = pool
         self._settings = settings.admission
         self._max_window = settings.limits.max_budget_window_seconds
+        admission = settings.admission
+        self._admitter = (
+            Admitter(
+                pool,
+                max_batch=admission.max_batch,
+                max_queued=admission.max_queued,
+                rounds_in_flight=admission.rounds_in_flight,
+            )
+            if admission.batching
+            else None
+        )
 
     async def CreateBudget(
         self, request: usage_pb2.CreateBudgetRequest, context: Context
@@ -300,7 +314,7 @@ class BudgetApi:
             )
             lease = asked or lease
         try:
-            admission = await budgets.reserve(self._pool, request, lease, caller().name)
+            admission = await self._reserve(request, lease, caller().name, _deadline(context))
         except UNREACHABLE as exc:
             if not self._settings.fail_open:
                 metrics.RESERVATIONS.labels("unavailable").inc()
@@ -322,14 +336,54 @@ class BudgetApi:
             response.denial.CopyFrom(admission.denial)
         return response
 
+    async def _reserve(
+        self,
+        request: usage_pb2.ReserveRequest,
+        lease: timedelta,
+        owner: str,
+        deadline: float | None,
+    ) -> budgets.Admission:
+        if self._admitter is not None:
+            try:
+                return await self._admitter.reserve(request, lease, owner, deadline)
+            except SlowPath:
+                pass  # a rolling budget or session limits: decided by the single-call path
+        return await budgets.reserve(self._pool, request, lease, owner)
+
     async def Commit(
         self, request: usage_pb2.CommitRequest, context: Context
     ) -> usage_pb2.CommitResponse:
-        committed = await budgets.commit(self._pool, request, caller().owner_scope)
-        return usage_pb2.CommitResponse(committed=committed)
+        owner = caller().owner_scope
+        if self._admitter is None:
+            return usage_pb2.CommitResponse(
+                committed=await budgets.commit(self._pool, request, owner)
+            )
+        key = budgets.validate_commit(request)
+        state = await self._admitter.finish(
+            key,
+            owner,
+            _deadline(context),
+            commit=True,
+            micros=request.actual_cost_micros,
+            tokens=request.actual_tokens,
+        )
+        budgets.check_commit_state(state, key, owner)
+        return usage_pb2.CommitResponse(committed=True)
 
     async def Release(
         self, request: usage_pb2.ReleaseRequest, context: Context
     ) -> usage_pb2.ReleaseResponse:
-        released = await budgets.release(self._pool, request, caller().owner_scope)
-        return usage_pb2.ReleaseResponse(released=released)
+        owner = caller().owner_scope
+        if self._admitter is None:
+            return usage_pb2.ReleaseResponse(
+                released=await budgets.release(self._pool, request, owner)
+            )
+        key: uuid.UUID = budgets.reservation_key(request.reservation_id)
+        state = await self._admitter.finish(key, owner, _deadline(context), commit=False)
+        return usage_pb2.ReleaseResponse(released=budgets.check_release_state(state, key, owner))
+
+
+def _deadline(context: Context) -> float | None:
+    """The call's deadline on the ``time.monotonic`` clock, or None when it has none."""
+    remaining = context.time_remaining() if context is not None else None
+    return None if remaining is None else time.monotonic() + remaining

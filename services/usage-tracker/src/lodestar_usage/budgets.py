@@ -663,7 +663,7 @@ async def add_to_counters(
     )
 
 
-async def _init_counters(
+async def init_counters(
     conn: asyncpg.Connection, missing: list[tuple[BudgetDef, str, datetime, datetime]]
 ) -> None:
     """Create counters from the ledger and the holds, with ingest held off meanwhile."""
@@ -713,7 +713,7 @@ async def _counters(
 
     missing = [item for item in wanted if (item[0].id, item[1], item[2]) not in await read()]
     if missing:
-        await _init_counters(conn, missing)
+        await init_counters(conn, missing)
     # Lock in key order (the order every writer uses), then read what the locks now protect.
     await conn.execute(
         "SELECT 1 FROM budget_counters c JOIN unnest($1::uuid[], $2::text[], $3::timestamptz[]) "
@@ -792,7 +792,7 @@ async def reserve(
                 if w is not None
             ]
             async with pool.acquire() as conn, conn.transaction():
-                await _init_counters(conn, missing)
+                await init_counters(conn, missing)
             continue
         if outcome == "granted":
             return Admission(
@@ -817,7 +817,7 @@ async def reserve(
             if outcome == "denied_micros"
             else "the estimated tokens exceed what the budget has left"
         )
-        return Admission(False, denial=_denial(budget, reason, usage))
+        return Admission(False, denial=denial_for(budget, reason, usage))
     raise StorageError("admission could not settle its counters; retry")
 
 
@@ -905,7 +905,7 @@ async def _reserve_locked(
     return Admission(True, str(reservation_id), expires, budget_ids=[str(b) for b, _, _ in holds])
 
 
-def _denial(budget: BudgetDef, reason: str, usage: Usage | None) -> usage_pb2.Denial:
+def denial_for(budget: BudgetDef, reason: str, usage: Usage | None) -> usage_pb2.Denial:
     return usage_pb2.Denial(
         budget_id=str(budget.id),
         budget_name=budget.name,
@@ -928,7 +928,7 @@ async def _check(
     limits: bool = True,
 ) -> usage_pb2.Denial | None:
     def deny(reason: str, usage: Usage | None) -> usage_pb2.Denial:
-        return _denial(budget, reason, usage)
+        return denial_for(budget, reason, usage)
 
     if budget.scope == usage_pb2.BUDGET_SCOPE_SESSION and request.session_id:
         session = await conn.fetchrow(
@@ -981,7 +981,7 @@ async def _check(
     return None
 
 
-def _reservation_id(value: str) -> uuid.UUID:
+def reservation_key(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
@@ -1014,11 +1014,34 @@ async def _call(pool: asyncpg.Pool, query: str, *args: object) -> str:
     raise AssertionError("unreachable")
 
 
-async def commit(pool: asyncpg.Pool, request: usage_pb2.CommitRequest, owner: str | None) -> bool:
-    """Replace a hold by the actual usage; idempotent. ``owner`` None: an admin, for anyone's."""
-    key = _reservation_id(request.reservation_id)
+def validate_commit(request: usage_pb2.CommitRequest) -> uuid.UUID:
+    """The reservation id of ``request``; INVALID_ARGUMENT names a field out of bounds."""
+    key = reservation_key(request.reservation_id)
     bounds.integer(request.actual_cost_micros, "actual_cost_micros", 0, bounds.MAX_COST_MICROS)
     bounds.integer(request.actual_tokens, "actual_tokens", 0, bounds.MAX_TOKENS)
+    return key
+
+
+def check_commit_state(state: str, key: uuid.UUID, owner: str | None) -> None:
+    """Refuse a Commit of a reservation in ``state`` (its state before the call) when it was
+    missing, another principal's or released."""
+    _refuse_missing_or_foreign(state, key, owner)
+    if state == "released":
+        raise ReservationReleasedError(
+            "the reservation was released; reserve again", field="reservation_id"
+        )
+
+
+def check_release_state(state: str, key: uuid.UUID, owner: str | None) -> bool:
+    """Whether a Release of a reservation in ``state`` gave a hold back; refuses a missing one
+    or another principal's."""
+    _refuse_missing_or_foreign(state, key, owner)
+    return state in ("active", "expired")
+
+
+async def commit(pool: asyncpg.Pool, request: usage_pb2.CommitRequest, owner: str | None) -> bool:
+    """Replace a hold by the actual usage; idempotent. ``owner`` None: an admin, for anyone's."""
+    key = validate_commit(request)
     state = await _call(
         pool,
         "SELECT commit_hold($1, $2, $3, $4)",
@@ -1027,20 +1050,15 @@ async def commit(pool: asyncpg.Pool, request: usage_pb2.CommitRequest, owner: st
         request.actual_tokens,
         owner,
     )
-    _refuse_missing_or_foreign(state, key, owner)
-    if state == "released":
-        raise ReservationReleasedError(
-            "the reservation was released; reserve again", field="reservation_id"
-        )
+    check_commit_state(state, key, owner)
     return True
 
 
 async def release(pool: asyncpg.Pool, request: usage_pb2.ReleaseRequest, owner: str | None) -> bool:
     """Give the hold back; True if it was still held. ``owner`` None: an admin, for anyone's."""
-    key = _reservation_id(request.reservation_id)
+    key = reservation_key(request.reservation_id)
     state = await _call(pool, "SELECT release_hold($1, $2)", key, owner)
-    _refuse_missing_or_foreign(state, key, owner)
-    return state in ("active", "expired")
+    return check_release_state(state, key, owner)
 
 
 def _refuse_missing_or_foreign(state: str, key: uuid.UUID, owner: str | None) -> None:

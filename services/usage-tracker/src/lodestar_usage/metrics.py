@@ -45,6 +45,26 @@ BATCH_SECONDS = Histogram(
 )
 ALERTS = Counter("lodestar_usage_alerts_total", "Budget alerts raised.", ["kind"])
 RESERVATIONS = Counter("lodestar_usage_reservations_total", "Reserve outcomes.", ["outcome"])
+ADMISSION_SHED = Counter(
+    "lodestar_usage_admission_shed_total",
+    "Admission calls (Reserve, Commit, Release) refused with RESOURCE_EXHAUSTED because the "
+    "tracker was overloaded: queue_full, deadline (shorter than the expected wait), "
+    "expired_in_queue.",
+    ["reason"],
+)
+ADMISSION_QUEUED = Gauge(
+    "lodestar_usage_admission_queued", "Admission calls waiting for a round in this process."
+)
+ADMISSION_ROUND_SIZE = Histogram(
+    "lodestar_usage_admission_round_calls",
+    "Admission calls decided in one round (one transaction).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+ADMISSION_ROUND_SECONDS = Histogram(
+    "lodestar_usage_admission_round_seconds",
+    "Time of one admission round, from taking the calls to answering them.",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
 
 _models: set[str] = set()
 

@@ -85,6 +85,28 @@ class AdmissionSettings(BaseModel):
         description="Longest lease a Reserve may ask for; a longer one is refused.",
     )
 
+    batching: bool = Field(
+        default=True,
+        description="Decide concurrent Reserve/Commit/Release calls in group-committed rounds "
+        "(one transaction each, ADR 0009); False: one transaction per call.",
+    )
+    max_batch: int = Field(
+        default=512, ge=1, le=10_000, description="Most calls decided in one round."
+    )
+    max_queued: int = Field(
+        default=4096,
+        ge=1,
+        le=1_000_000,
+        description="Calls that may wait for a round; beyond it a call is refused at once with "
+        "RESOURCE_EXHAUSTED and a retry delay.",
+    )
+    rounds_in_flight: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Rounds one process runs at once (each holds a database connection).",
+    )
+
     @model_validator(mode="after")
     def _default_within_max(self) -> AdmissionSettings:
         if self.default_lease_seconds > self.max_lease_seconds:

@@ -35,6 +35,8 @@ READINESS = "readiness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_INTERVAL_SECONDS = 1.0
+#: Calls grpc-core holds before the application takes them (its default cancels beyond 1,000).
+MAX_PENDING_CALLS = 100_000
 
 log = get_logger(__name__)
 
@@ -60,6 +62,11 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_seconds * 1000)),
+        # grpc-core cancels calls at random (CANCELLED, unseen by any handler) once more than
+        # 1,000 wait for the application; they wait instead, and handlers shed load themselves
+        # with RESOURCE_EXHAUSTED and a retry delay (ADR 0009).
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ]
 
 
