@@ -1,10 +1,15 @@
-"""`lodestar usage …` and `lodestar budgets …` against `lodestar up`: real processes, Postgres."""
+"""`lodestar usage …`, `budgets …` and `prices …` against `lodestar up`: real processes, Postgres.
+
+Also what a user meets around them: the state dir from LODESTAR_STATE_DIR instead of a repeated
+--state-dir, and a second `lodestar up` on a state dir in use refused in one line.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import time
@@ -125,3 +130,51 @@ def test_usage_summary_export_top_and_budgets(suite: Path):
     bad = lodestar(state, "usage", "summary", "--by", "colour")
     assert bad.returncode != 0
     assert "colour" in bad.stdout + bad.stderr
+
+
+def test_state_dir_from_the_environment(suite: Path, tmp_path: Path):
+    """No --state-dir: LODESTAR_STATE_DIR names `lodestar up`'s folder, from any working dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LODESTAR_")}
+    result = subprocess.run(
+        [*LODESTAR, "budgets", "list", "--json"],
+        env={**env, "LODESTAR_STATE_DIR": str(suite)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+def test_a_second_up_on_the_same_state_dir_is_one_line(suite: Path, tmp_path: Path):
+    result = subprocess.run(
+        [*LODESTAR, "up", "--port-base", "0", "--state-dir", str(suite)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "another `lodestar up`" in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    # The running suite is untouched.
+    assert json.loads(ok(lodestar(suite, "budgets", "list", "--json"))) == []
+
+
+def test_prices_through_the_cli(suite: Path):
+    ok(
+        lodestar(
+            suite, "prices", "set", "e2e-model", "--input", "2", "--output", "8",
+            "--valid-from", "2026-01-01",
+        )
+    )  # fmt: skip
+    listed = json.loads(ok(lodestar(suite, "prices", "list", "--model", "e2e-model", "--json")))
+    [mine] = [p for p in listed if p["model_pattern"] == "e2e-model"]
+    assert (mine["valid_from"], mine["input_micros_per_mtok"]) == ("2026-01-01", 2_000_000)
+    assert "e2e-model" in ok(lodestar(suite, "prices", "list"))
+    ok(lodestar(suite, "prices", "delete", "e2e-model", "--valid-from", "2026-01-01"))
