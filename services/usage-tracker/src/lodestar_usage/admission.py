@@ -50,6 +50,11 @@ ROUND_ATTEMPTS = 5
 #: The smallest retry delay a shed call is told.
 MIN_RETRY_SECONDS = 0.05
 
+#: The round's time and budget generation; synchronous_commit for this transaction only.
+HEAD = (
+    "SELECT now() AS now, generation, set_config('synchronous_commit', $1, true) "
+    "FROM budget_generation"
+)
 LOCK_RESERVATIONS = (
     "WITH l AS (SELECT id, state, amount_micros, amount_tokens, owner, "
     "state = 'active' AND lease_expires_at <= now() AS lapsed FROM reservations "
@@ -219,11 +224,13 @@ class Admitter:
         max_batch: int = 512,
         max_queued: int = 4096,
         rounds_in_flight: int = 2,
+        durable: bool = False,
     ) -> None:
         self._pool = pool
         self._max_batch = max_batch
         self._max_queued = max_queued
         self._rounds = rounds_in_flight
+        self._durable = durable
         self._queue: collections.deque[_Call] = collections.deque()
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -311,13 +318,22 @@ class Admitter:
             task.add_done_callback(self._tasks.discard)
 
     async def _drain(self) -> None:
+        """Run rounds while calls wait, on one connection held meanwhile."""
         try:
             while self._queue:
-                calls = self._take()
-                if calls:
-                    await self._decide(calls)
+                try:
+                    async with self._pool.acquire() as conn:
+                        await self._drain_on(conn)
+                except Exception as exc:  # no connection: the next calls get the error
+                    self._fail(self._take(), exc)
         finally:
             self._running -= 1
+
+    async def _drain_on(self, conn: asyncpg.Connection) -> None:
+        while self._queue and not conn.is_closed():
+            calls = self._take()
+            if calls:
+                await self._decide(conn, calls)
 
     def _take(self) -> list[_Call]:
         """Up to max_batch queued calls; those whose deadline has passed are dropped."""
@@ -340,10 +356,10 @@ class Admitter:
         metrics.ADMISSION_QUEUED.set(len(self._queue))
         return calls
 
-    async def _decide(self, calls: list[_Call]) -> None:
+    async def _decide(self, conn: asyncpg.Connection, calls: list[_Call]) -> None:
         began = time.perf_counter()
         try:
-            answers = await self._round_with_retries(calls)
+            answers = await self._round_with_retries(conn, calls)
         except (DeadlockDetectedError, _MissingCounters) as exc:
             failure = StorageError("admission could not settle its counters; retry")
             failure.__cause__ = exc
@@ -370,7 +386,9 @@ class Admitter:
             if not call.future.done():
                 call.future.set_exception(exc)
 
-    async def _round_with_retries(self, calls: list[_Call]) -> list[tuple[_Call, object]]:
+    async def _round_with_retries(
+        self, conn: asyncpg.Connection, calls: list[_Call]
+    ) -> list[tuple[_Call, object]]:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type((DeadlockDetectedError, _MissingCounters)),
             stop=stop_after_attempt(ROUND_ATTEMPTS),
@@ -378,10 +396,9 @@ class Admitter:
         ):
             with attempt:
                 try:
-                    async with self._pool.acquire() as conn:
-                        return await self._round(conn, calls)
+                    return await self._round(conn, calls)
                 except _MissingCounters as missing:
-                    async with self._pool.acquire() as conn, conn.transaction():
+                    async with conn.transaction():
                         await budgets.init_counters(conn, missing.missing)
                     raise
         raise AssertionError("unreachable")
@@ -392,7 +409,7 @@ class Admitter:
         reserves = [c for c in calls if isinstance(c, _Reserve)]
         finishes = [c for c in calls if isinstance(c, _Finish)]
         async with conn.transaction():
-            head = await conn.fetchrow("SELECT now() AS now, generation FROM budget_generation")
+            head = await conn.fetchrow(HEAD, "on" if self._durable else "off")
             assert head is not None
             if head["generation"] != self._cache.generation:
                 await self._cache.load(conn, head["generation"])

@@ -252,6 +252,7 @@ class BudgetApi:
                 max_batch=admission.max_batch,
                 max_queued=admission.max_queued,
                 rounds_in_flight=admission.rounds_in_flight,
+                durable=admission.durable_commit,
             )
             if admission.batching
             else None

@@ -107,6 +107,13 @@ class AdmissionSettings(BaseModel):
         description="Rounds one process runs at once (each holds a database connection).",
     )
 
+    durable_commit: bool = Field(
+        default=False,
+        description="Wait for each admission round's WAL flush before answering. False (the "
+        "default) commits rounds with synchronous_commit off: a Postgres crash (not a tracker "
+        "crash) may lose the holds of its last ~0.6 s (ADR 0009).",
+    )
+
     @model_validator(mode="after")
     def _default_within_max(self) -> AdmissionSettings:
         if self.default_lease_seconds > self.max_lease_seconds:
