@@ -1,0 +1,296 @@
+"""Group-committed admission (ADR 0009): several trackers on one database never grant more than
+a limit, neither does a restart, and overload is answered with RESOURCE_EXHAUSTED and a retry
+delay, never CANCELLED."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lodestar.common.auth import Role
+from lodestar.common.db import apply_migrations, create_pool
+from lodestar.common.sdk import connect
+from lodestar.common.testing import start_in_process
+from lodestar.usage.v1 import usage_pb2 as u
+from lodestar.usage.v1 import usage_pb2_grpc as ug
+from lodestar_usage import budgets, metrics
+from lodestar_usage.admission import Admitter
+from lodestar_usage.service import MIGRATIONS, UsageModule
+from lodestar_usage.settings import AdmissionSettings
+from lodestar_usage.testing import RunningTracker, start_tracker, tracker_settings
+
+HUNDRED = u.ReserveRequest(project="p", estimated_cost_micros=100)
+StartTracker = Callable[..., Awaitable[RunningTracker]]
+
+
+@pytest.fixture
+async def start_trackers(
+    tmp_path: Path,
+    database_url: str,
+    tracker_schema: str,
+    core: Any,
+    tokens: dict[Role | str, str],
+) -> AsyncIterator[StartTracker]:
+    """Starts trackers on one schema (replicas), with settings overrides; stops them after."""
+    running: list[RunningTracker] = []
+
+    async def start(**overrides: object) -> RunningTracker:
+        settings = tracker_settings(
+            database_url=database_url,
+            schema=tracker_schema,
+            core_target=core.target,
+            token=tokens["usage-tracker"],
+            credentials=tmp_path / "credentials.yaml",
+            spool=tmp_path / f"spool-{len(running)}",
+            **overrides,
+        )
+        # Core lets one consumer at a time hold the tracker's subscription: only the first
+        # replica running ingests; the others serve admission (DEGRADED, yet ready).
+        if any(not r.task.done() for r in running):
+            tracker = await start_in_process(UsageModule(settings), settings)
+        else:
+            tracker = await start_tracker(settings)
+        running.append(tracker)
+        return tracker
+
+    yield start
+    for tracker in running:
+        if not tracker.task.done():
+            await tracker.stop()
+
+
+def project_budget(limit: int, project: str = "p") -> u.Budget:
+    return u.Budget(
+        name=f"budget-{project}",
+        scope=u.BUDGET_SCOPE_PROJECT,
+        scope_value=project,
+        period=u.BUDGET_PERIOD_MONTHLY,
+        limit_micros=limit,
+    )
+
+
+async def held_and_counted(tracker: RunningTracker) -> tuple[int, int]:
+    """What the reservations table holds against budgets, and what the counters say."""
+    pool = tracker.module.pool
+    assert pool is not None
+    used = await pool.fetchval(
+        "SELECT coalesce(sum(amount_micros), 0) FROM reservations "
+        "WHERE state IN ('active', 'committed')"
+    )
+    counted = await pool.fetchval("SELECT coalesce(sum(held_micros), 0) FROM budget_counters")
+    return int(used), int(counted)
+
+
+async def test_three_replicas_on_one_database_never_grant_more_than_the_limit(
+    start_trackers: StartTracker, tokens: dict[Role | str, str]
+) -> None:
+    """Two batching replicas and one on the single-call path share the counters."""
+    replicas = [
+        await start_trackers(),
+        await start_trackers(),
+        await start_trackers(admission=AdmissionSettings(batching=False)),
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        admin = ug.BudgetServiceStub(
+            await stack.enter_async_context(connect(replicas[0].target, tokens[Role.ADMIN]))
+        )
+        await admin.CreateBudget(u.CreateBudgetRequest(budget=project_budget(10_000)))
+        gates = [
+            ug.BudgetServiceStub(
+                await stack.enter_async_context(connect(r.target, tokens[Role.PUBLISHER]))
+            )
+            for r in replicas
+        ]
+
+        async def reserve(i: int) -> u.ReserveResponse:
+            return await gates[i % 3].Reserve(
+                u.ReserveRequest(project="p", estimated_cost_micros=100)
+            )
+
+        first = await asyncio.gather(*(reserve(i) for i in range(300)))
+        granted = [r for r in first if r.granted]
+        assert len(granted) == 100
+        assert {r.denial.budget_name for r in first if not r.granted} == {"budget-p"}
+
+        # Commits (for less), releases and new reserves race on all three replicas.
+        async def finish(i: int, reply: u.ReserveResponse) -> None:
+            if i % 4 == 0:
+                await gates[i % 3].Release(u.ReleaseRequest(reservation_id=reply.reservation_id))
+            else:
+                await gates[(i + 1) % 3].Commit(
+                    u.CommitRequest(reservation_id=reply.reservation_id, actual_cost_micros=40)
+                )
+
+        second = await asyncio.gather(
+            *(finish(i, r) for i, r in enumerate(granted[:60])),
+            *(reserve(i) for i in range(200)),
+        )
+    new_grants = sum(1 for r in second if isinstance(r, u.ReserveResponse) and r.granted)
+    used, counted = await held_and_counted(replicas[0])
+    assert used <= 10_000
+    assert counted == used
+    # 40 untouched holds of 100, 45 commits of 40, 15 releases: what is left was granted again,
+    # as far as the races allowed, and never more.
+    assert used == 40 * 100 + 45 * 40 + new_grants * 100
+
+
+async def test_a_restarted_tracker_sees_the_holds_of_the_one_before(
+    start_trackers: StartTracker, tokens: dict[Role | str, str]
+) -> None:
+    first = await start_trackers()
+    async with connect(first.target, tokens[Role.ADMIN]) as channel:
+        stub = ug.BudgetServiceStub(channel)
+        await stub.CreateBudget(u.CreateBudgetRequest(budget=project_budget(1_000)))
+        replies = await asyncio.gather(
+            *(
+                stub.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=100))
+                for _ in range(6)
+            )
+        )
+        assert all(r.granted for r in replies)
+    await first.stop()
+    second = await start_trackers()
+    async with connect(second.target, tokens[Role.ADMIN]) as channel:
+        stub = ug.BudgetServiceStub(channel)
+        replies = await asyncio.gather(
+            *(
+                stub.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=100))
+                for _ in range(6)
+            )
+        )
+    assert sum(r.granted for r in replies) == 4
+    assert await held_and_counted(second) == (1_000, 1_000)
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
+    """The RetryInfo delay in seconds an error carries, or None."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None
+
+
+async def test_overload_is_refused_with_resource_exhausted_and_a_retry_delay(
+    start_trackers: StartTracker, tokens: dict[Role | str, str]
+) -> None:
+    tracker = await start_trackers(
+        admission=AdmissionSettings(max_queued=1, rounds_in_flight=1, max_batch=1)
+    )
+    shed_before = metrics.ADMISSION_SHED.labels("queue_full")._value.get()
+    async with connect(tracker.target, tokens[Role.PUBLISHER]) as channel:
+        gate = ug.BudgetServiceStub(channel)
+
+        async def reserve() -> u.ReserveResponse | grpc.aio.AioRpcError:
+            try:
+                return await gate.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=1))
+            except grpc.aio.AioRpcError as exc:
+                return exc
+
+        outcomes = await asyncio.gather(*(reserve() for _ in range(300)))
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert refused, "300 calls at once against a queue of one: some must be refused"
+    assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert all((retry_delay(e) or 0) > 0 for e in refused)
+    assert all("admission is overloaded" in (e.details() or "") for e in refused)
+    granted = [o for o in outcomes if isinstance(o, u.ReserveResponse)]
+    assert all(r.granted for r in granted)
+    shed = metrics.ADMISSION_SHED.labels("queue_full")._value.get() - shed_before
+    assert shed == len(refused)
+
+
+async def test_a_burst_beyond_the_transport_backlog_is_never_cancelled(
+    start_trackers: StartTracker, tokens: dict[Role | str, str]
+) -> None:
+    """grpc-core's default cancelled calls beyond 1,000 waiting for the application."""
+    tracker = await start_trackers()
+    async with connect(tracker.target, tokens[Role.PUBLISHER]) as channel:
+        gate = ug.BudgetServiceStub(channel)
+
+        async def reserve() -> grpc.StatusCode:
+            try:
+                await gate.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=1))
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        codes = await asyncio.gather(*(reserve() for _ in range(2_000)))
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert grpc.StatusCode.OK in codes
+
+
+# --- property: rounds of several admitters (as several replicas) straight against Postgres ------
+
+
+async def _replicated_round(
+    dsn: str, schema: str, limit: int, calls: list[tuple[int, int, bool]]
+) -> None:
+    pools = [await create_pool(dsn, schema, max_size=4) for _ in range(3)]
+    try:
+        async with pools[0].acquire() as conn:
+            await apply_migrations(conn, schema, MIGRATIONS)
+            await conn.execute(
+                "TRUNCATE budgets, reservations, reservation_budgets, budget_counters"
+            )
+        budget = budgets.budget_from_proto(project_budget(limit), require_id=False)
+        await budgets.create_budget(pools[0], budget)
+        admitters = [Admitter(pool, max_batch=16) for pool in pools]
+
+        async def one(i: int, estimate: int, actual: int, release: bool) -> None:
+            admitter = admitters[i % 3]
+            admission = await admitter.reserve(
+                u.ReserveRequest(project="p", estimated_cost_micros=estimate),
+                timedelta(seconds=30),
+                "gateway",
+                None,
+            )
+            if admission.granted:
+                await admitters[(i + 1) % 3].finish(
+                    uuid.UUID(admission.reservation_id),
+                    "gateway",
+                    None,
+                    commit=not release,
+                    micros=min(actual, estimate),
+                )
+
+        await asyncio.gather(*(one(i, *call) for i, call in enumerate(calls)))
+        used = await pools[0].fetchval(
+            "SELECT coalesce(sum(amount_micros), 0) FROM reservations "
+            "WHERE state IN ('active', 'committed')"
+        )
+        assert used <= limit
+        assert await pools[0].fetchval("SELECT held_micros FROM budget_counters") == used
+    finally:
+        for pool in pools:
+            await pool.close()
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    limit=st.integers(min_value=1, max_value=5_000),
+    calls=st.lists(
+        st.tuples(st.integers(0, 200), st.integers(0, 200), st.booleans()),
+        min_size=200,
+        max_size=200,
+    ),
+)
+def test_property_replicas_never_grant_more_than_the_limit(
+    database_url: str, schema: str, limit: int, calls: list[tuple[int, int, bool]]
+) -> None:
+    asyncio.run(_replicated_round(database_url, f"{schema}_rep", limit, calls))
