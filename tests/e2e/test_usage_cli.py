@@ -100,6 +100,9 @@ def test_usage_summary_export_top_and_budgets(suite: Path):
     assert sum(int(r["cost_micros"]) for r in rows) == sum(e[4] for e in EVENTS)
     assert sum(int(r["input_tokens"]) for r in rows) == sum(e[2] for e in EVENTS)
     assert {r["project"] for r in rows} == {"alpha", "beta"}
+    # Enums by name, not number: every event reported its cost.
+    assert {r["cost_source"] for r in rows} == {"reported"}
+    assert {r["status"] for r in rows} <= {"unspecified", "ok", "error"}
 
     top = ok(lodestar(state, "usage", "top", "--by", "project", "--window", "24h"))
     assert top.index("alpha") < top.index("beta")  # alpha spent more

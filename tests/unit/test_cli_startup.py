@@ -35,7 +35,7 @@ HEAVY = (
     "lodestar.common.events",
 )
 #: Of a service package, only these modules may load to build the app or show help.
-SERVICE_PACKAGES = ("lodestar_core", "lodestar_usage")
+SERVICE_PACKAGES = ("lodestar_core", "lodestar_usage", "lodestar_learning", "lodestar_health")
 LIGHT_SERVICE_MODULES = {f"{p}{suffix}" for p in SERVICE_PACKAGES for suffix in ("", ".cli")}
 
 PROBE = """

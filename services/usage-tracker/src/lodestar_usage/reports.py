@@ -724,6 +724,12 @@ async def export_records(
                 bad.append(skipped("ledger", str(rec["event_id"]), problem, "export_records"))
             else:
                 values = {k: _plain(rec[k]) for k in EXPORT_FIELDS}
+                values["status"] = enum_label(
+                    events_pb2.RequestStatus.Name(rec["status"]), "REQUEST_STATUS_"
+                )
+                values["cost_source"] = enum_label(
+                    usage_pb2.CostSource.Name(rec["cost_source"]), "COST_SOURCE_"
+                )
                 if jsonl:
                     buffer.write(json.dumps(values, separators=(",", ":")) + "\n")
                 else:
@@ -735,6 +741,11 @@ async def export_records(
                 bad = []
         if buffer.getvalue() or bad:
             yield buffer.getvalue().encode(), bad
+
+
+def enum_label(name: str, prefix: str) -> str:
+    """An enum value's name as exports write it: ``COST_SOURCE_PRICE_TABLE`` → ``price_table``."""
+    return name.removeprefix(prefix).lower()
 
 
 def _plain(value: object) -> object:
