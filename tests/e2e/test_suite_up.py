@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lodestar.common.cli import installed_services
+
 LODESTAR = [sys.executable, "-m", "lodestar.common.cli"]
 
 
@@ -40,6 +42,17 @@ def lodestar(state: Path, *args: str, timeout: float = 30) -> subprocess.Complet
     )
 
 
+def wait_registered(state: Path, names: set[str], timeout: float = 30) -> set[str]:
+    """The names `lodestar modules` lists once it lists all of ``names`` (or when time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = lodestar(state, "modules").stdout
+        found = {name for name in names if f" {name} " in listed}
+        if found == names or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def suite(tmp_path: Path):
     state = tmp_path / "state"
@@ -65,7 +78,11 @@ def suite(tmp_path: Path):
 def test_up_publish_tail_and_clean_stop(suite):
     process, state = suite
     endpoints = json.loads((state / "endpoints.json").read_text())
-    assert "core" in endpoints
+    installed = set(installed_services())
+    assert {"core", "usage-tracker", "learning", "health-monitor"} <= installed
+    assert set(endpoints) == installed, "every installed service is up"
+    registered = wait_registered(state, installed - {"core"})
+    assert registered >= installed - {"core"}
 
     published = lodestar(
         state,
