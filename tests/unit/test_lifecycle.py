@@ -4,7 +4,7 @@ one declaration of a module's name, version and migrations."""
 from __future__ import annotations
 
 import asyncio
-from importlib.metadata import version
+from importlib.metadata import entry_points, version
 from pathlib import Path
 
 import asyncpg
@@ -158,3 +158,11 @@ def test_a_version_of_a_distribution_not_installed_names_it() -> None:
     with pytest.raises(ConfigurationError, match="'lodestar-nowhere' is not installed"):
         _ = info.version
     assert ModuleInfo(name="x", distribution="lodestar-core").version == version("lodestar-core")
+
+
+def test_every_entry_point_is_named_after_its_module() -> None:
+    """`lodestar up` keys tokens, logs and ports by the entry point's name: it must be the
+    module's declared name, or the module would register under a name it has no token for."""
+    found = {ep.name: ep.load() for ep in entry_points(group="lodestar.services")}
+    assert {"core", "usage-tracker", "learning", "health-monitor"} <= set(found)
+    assert {name: spec.name for name, spec in found.items()} == {name: name for name in found}
