@@ -9,6 +9,7 @@ import re
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import grpc
@@ -131,7 +132,7 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
             span.set_attribute("messaging.batch.message_count", len(valid))
             with _event_spans("lodestar.persist", events):
                 result = await self._store.append(valid)
-        for event_type, count in collections.Counter(e.type for e in valid).items():
+        for event_type, count in collections.Counter(map(itemgetter(1), valid)).items():
             EVENTS_PUBLISHED.labels(event_type).inc(count)
         EVENTS_DUPLICATE.inc(result.duplicates)
         HEAD_SEQUENCE.set(self._store.head)

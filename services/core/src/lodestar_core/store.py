@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from itertools import chain
+from operator import itemgetter
 
 import asyncpg
 
@@ -20,7 +22,8 @@ log = get_logger(__name__)
 APPEND_LOCK = "lodestar:core:append"
 PARTITION_PREFIX = "events_p"
 
-COLUMNS = ["id", "seq", "type", "source", "envelope"]
+#: A validated event's fields, then its sequence: the order of a COPY record.
+COLUMNS = ["id", "type", "source", "envelope", "seq"]
 # From this many rows on, COPY beats one INSERT despite its extra round trips.
 COPY_THRESHOLD = 64
 INSERT_NEW = """
@@ -156,11 +159,12 @@ class EventStore:
         Appends are serialised by an advisory lock, so sequence numbers commit in order and,
         for large groups, checking which ids exist before a COPY is race-free.
         """
-        events = [event for pending in group for event in pending.events]
+        events = list(chain.from_iterable(pending.events for pending in group))
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", APPEND_LOCK)
             if len(events) >= COPY_THRESHOLD:
-                stored = await _copy_new(conn, events)
+                fresh, first = await _copy_new(conn, events)
+                stored = None if fresh is events else _sequences(fresh, first)
             else:
                 rows = await conn.fetch(
                     INSERT_NEW,
@@ -170,6 +174,9 @@ class EventStore:
                     [e.envelope for e in events],
                 )
                 stored = {str(row["id"]): row["seq"] for row in rows}
+        if stored is None:  # every event was new and stored in order from ``first``
+            self.head = max(self.head, first + len(events) - 1)
+            return _results_in_order(group, first)
         if stored:
             self.head = max(self.head, max(stored.values()))
         return [_result_of(pending.events, stored) for pending in group]
@@ -232,25 +239,42 @@ class EventStore:
         return dropped
 
 
-async def _copy_new(conn: asyncpg.Connection, events: list[ValidEvent]) -> dict[str, int]:
-    """COPY the events whose ids are not stored yet; returns their sequences by id."""
-    ids = [e.id for e in events]
+async def _copy_new(
+    conn: asyncpg.Connection, events: list[ValidEvent]
+) -> tuple[list[ValidEvent], int]:
+    """COPY the events whose ids are not stored yet; returns them and the first one's sequence.
+
+    The usual batch, all new and without repeats, is returned as the very list it came in.
+    """
+    ids = list(map(itemgetter(0), events))
     unique = set(ids)
     existing = {str(row["id"]) for row in await conn.fetch(EXISTING_IDS, list(unique))}
     if existing or len(unique) < len(ids):
         fresh = _first_occurrences(e for e in events if e.id not in existing)
-    else:  # the usual batch: all new, no repeats
+    else:
         fresh = events
     if not fresh:
-        return {}
+        return fresh, 0
     last = await conn.fetchval(RESERVE_SEQUENCES, len(fresh))
     first = last - len(fresh) + 1
-    records = [
-        (event_id, seq, event_type, source, envelope)
-        for seq, (event_id, event_type, source, envelope) in enumerate(fresh, start=first)
-    ]
+    records = list(map(tuple.__add__, fresh, zip(range(first, last + 1))))
     await conn.copy_records_to_table("events", records=records, columns=COLUMNS)
-    return {record[0]: record[1] for record in records}
+    return fresh, first
+
+
+def _sequences(events: Sequence[ValidEvent], first: int) -> dict[str, int]:
+    """The sequence of each event by id, numbered from ``first`` in order."""
+    return dict(zip(map(itemgetter(0), events), range(first, first + len(events)), strict=True))
+
+
+def _results_in_order(group: Sequence[_PendingBatch], first: int) -> list[AppendResult]:
+    """Each batch's outcome when the whole group was stored, in order, from ``first``."""
+    results = []
+    last = first - 1
+    for pending in group:
+        last += len(pending.events)
+        results.append(AppendResult(len(pending.events), 0, last))
+    return results
 
 
 def _first_occurrences(events: Iterable[ValidEvent]) -> list[ValidEvent]:

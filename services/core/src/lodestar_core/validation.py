@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import NamedTuple
 
 from google.protobuf import message, timestamp_pb2
@@ -31,6 +32,7 @@ from lodestar.common.bounds import (
     check_request_completed,
     check_text,
     check_timestamp,
+    request_completed_all_ok,
 )
 from lodestar.common.errors import FieldViolation, InvalidArgumentError
 from lodestar.common.events import EVENT_TYPES, TYPE_URL_PREFIX
@@ -54,6 +56,10 @@ MAX_SUBJECT_CHARS = MAX_LABEL_CHARS
 DAY_MILLIS = 86_400_000
 #: The ``data.type_url`` each known event type must carry.
 TYPE_URLS = {name: TYPE_URL_PREFIX + name for name in EVENT_TYPES}
+TYPE_URL_PAIRS = frozenset(TYPE_URLS.items())
+REQUEST_COMPLETED = RequestCompleted.DESCRIPTOR.full_name
+#: Canonical UUIDv7s joined by commas.
+UUID7_LIST = re.compile(f"{UUID7_PATTERN}(?:,{UUID7_PATTERN})*")
 
 
 @dataclass(frozen=True)
@@ -277,6 +283,9 @@ def validate_batch(
         reason = f"events: {len(events)} in one batch, the limit is {max_events}; split it"
         return [], [bus_pb2.Rejection(index=-1, reason=reason)]
     now_ms = time.time_ns() // 1_000_000
+    at_once = _validate_at_once(events, max_bytes, window, now_ms, stamp)
+    if at_once is not None:
+        return at_once, []
     valid: list[ValidEvent] = []
     rejections: list[bus_pb2.Rejection] = []
     for index, event in enumerate(events):
@@ -290,6 +299,103 @@ def validate_batch(
                 )
             )
     return valid, rejections
+
+
+def _validate_at_once(
+    events: Sequence[event_pb2.Event],
+    max_bytes: int,
+    window: TimeWindow,
+    now_ms: int,
+    stamp: bytes,
+) -> list[ValidEvent] | None:
+    """The batch validated with whole-batch checks, or None to look at each event in turn.
+
+    The publish hot path: the same bounds as ``validate_event``, but tested over lists in a few
+    C-level operations instead of field by field. It answers only "all valid" and gives up
+    (None) on anything unusual, such as text longer than MAX_LABEL_CHARS or a zero byte anywhere
+    in an event; the event-by-event check then decides, and names the culprit.
+    """
+    ids = [e.id for e in events]
+    earliest_id, latest_id = _id_range(now_ms, window)
+    if not (
+        UUID7_LIST.fullmatch(",".join(ids)) and earliest_id <= min(ids) and max(ids) <= latest_id
+    ):
+        return None
+    envelopes = [e.SerializeToString() + stamp for e in events]
+    # No zero byte in an event: none of its texts holds NUL. At most MAX_LABEL_CHARS bytes: none
+    # of its texts is longer (the payload's texts are inside it, as bytes).
+    if max(map(len, envelopes)) > min(max_bytes, MAX_LABEL_CHARS) or b"\x00" in b"".join(envelopes):
+        return None
+    sources = [e.source for e in events]
+    types = [e.type for e in events]
+    if not (
+        all(map(_plain_source, set(sources)))
+        and _times_ok(events, min(ids), now_ms, window)
+        and _traces_ok(events)
+        and _payloads_ok(events, types)
+    ):
+        return None
+    # tuple.__new__ builds the named tuples in C, at half the cost of calling ValidEvent
+    return list(
+        map(tuple.__new__, repeat(ValidEvent), zip(ids, types, sources, envelopes, strict=True))
+    )
+
+
+def _id_range(now_ms: int, window: TimeWindow) -> tuple[str, str]:
+    """The smallest and largest canonical UUIDv7 the id window admits (they compare as text)."""
+    earliest = f"{now_ms - window.max_id_age_ms:012x}"
+    latest = f"{now_ms + window.max_skew_ms:012x}"
+    return (
+        f"{earliest[:8]}-{earliest[8:]}-0000-0000-000000000000",
+        f"{latest[:8]}-{latest[8:]}-ffff-ffff-ffffffffffff",
+    )
+
+
+def _plain_source(source: str) -> bool:
+    return bool(source) and " " not in source and source.isprintable()
+
+
+def _times_ok(
+    events: Sequence[event_pb2.Event], earliest_id: str, now_ms: int, window: TimeWindow
+) -> bool:
+    """Every ``time`` set, inside the window, and no later than the earliest id plus the skew.
+
+    Checked to the second, with a second's margin: an event this refuses is looked at exactly.
+    """
+    stamps = [e.time for e in events]
+    seconds = [t.seconds for t in stamps]
+    nanos = [t.nanos for t in stamps]
+    earliest_id_ms = int(earliest_id[:8] + earliest_id[9:13], 16)
+    first, last = min(seconds), max(seconds)
+    return (
+        min(nanos) >= 0
+        and max(nanos) <= MAX_NANOS
+        and (now_ms - window.max_event_age_ms) // 1000 < first
+        and (last + 1) * 1000 <= now_ms + window.max_skew_ms
+        and (last + 1) * 1000 <= earliest_id_ms + window.max_skew_ms
+    )
+
+
+def _traces_ok(events: Sequence[event_pb2.Event]) -> bool:
+    parents = {e.traceparent for e in events}
+    parents.discard("")
+    return not any(e.tracestate for e in events) and all(map(_valid_traceparent, parents))
+
+
+def _payloads_ok(events: Sequence[event_pb2.Event], types: list[str]) -> bool:
+    """Every payload packed under its type's URL, decodable, and within its bounds."""
+    datas = [e.data for e in events]
+    if not set(zip(types, [d.type_url for d in datas], strict=True)) <= TYPE_URL_PAIRS:
+        return False
+    values = [d.value for d in datas]
+    try:
+        if set(types) == {REQUEST_COMPLETED}:
+            return request_completed_all_ok(list(map(RequestCompleted.FromString, values)))
+        for event_type, value in zip(types, values, strict=True):
+            check_payload(EVENT_TYPES[event_type].FromString(value), "data.")
+    except (message.DecodeError, BoundViolation):
+        return False
+    return True
 
 
 def rejection_violations(rejections: Sequence[bus_pb2.Rejection]) -> list[FieldViolation]:

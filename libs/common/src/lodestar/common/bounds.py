@@ -239,6 +239,42 @@ _REQUEST_STATUSES: Final = frozenset(usage_events.RequestStatus.values())
 _COMMON_CURRENCIES: Final = frozenset({"", "USD"})
 
 
+def request_completed_all_ok(payloads: list[usage_events.RequestCompleted]) -> bool:
+    """True when every payload's numbers, enums, currency and model are within bounds.
+
+    The whole-batch form of ``check_request_completed`` for a publisher's batch, leaving the texts
+    to the caller (core checks them once over the serialized events). False means: look at each
+    payload with ``check_request_completed`` to name the culprit.
+    """
+    tokens = [p.tokens for p in payloads]
+    counts = [
+        count
+        for t in tokens
+        for count in (t.input, t.output, t.cached_read, t.cache_write, t.reasoning)
+    ]
+    durations = [p.duration for p in payloads]
+    seconds = [d.seconds for d in durations]
+    nanos = [d.nanos for d in durations]
+    costs = [p.reported_cost for p in payloads]
+    micros = [c.micros for c in costs]
+    attempts = [p.attempt for p in payloads]
+    return bool(
+        all([p.model for p in payloads])
+        and min(counts) >= 0
+        and max(counts) <= MAX_TOKENS_PER_EVENT
+        and min(attempts) >= 0
+        and max(attempts) <= MAX_ATTEMPT
+        and {p.status for p in payloads} <= _REQUEST_STATUSES
+        and min(seconds) >= 0
+        and max(seconds) < MAX_REQUEST_DURATION_SECONDS
+        and min(nanos) >= 0
+        and max(nanos) <= MAX_NANOS
+        and min(micros) >= 0
+        and max(micros) <= MAX_COST_MICROS_PER_EVENT
+        and {c.currency for c in costs} <= _COMMON_CURRENCIES
+    )
+
+
 def check_payload(payload: message.Message, prefix: str = "") -> None:
     """Every bound of a payload message; field names are prefixed with ``prefix``."""
     if isinstance(payload, usage_events.RequestCompleted):
