@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lodestar.common.auth import Role
+from lodestar.common.cli import free_port
 from lodestar.common.db import apply_migrations, create_pool
 from lodestar.common.sdk import connect
 from lodestar.common.testing import start_in_process
@@ -27,6 +28,7 @@ from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
 from lodestar_usage import budgets, metrics
 from lodestar_usage.admission import Admitter
+from lodestar_usage.client import AdmissionUnavailableError, BudgetGate, GatePolicy
 from lodestar_usage.service import MIGRATIONS, UsageModule
 from lodestar_usage.settings import AdmissionSettings
 from lodestar_usage.testing import RunningTracker, start_tracker, tracker_settings
@@ -294,3 +296,60 @@ def test_property_replicas_never_grant_more_than_the_limit(
     database_url: str, schema: str, limit: int, calls: list[tuple[int, int, bool]]
 ) -> None:
     asyncio.run(_replicated_round(database_url, f"{schema}_rep", limit, calls))
+
+
+# --- the gateway's client: fail open or closed, by policy ----------------------------------------
+
+
+async def test_the_gate_fails_open_or_closed_when_admission_is_overloaded(
+    start_trackers: StartTracker, tokens: dict[Role | str, str]
+) -> None:
+    tracker = await start_trackers(
+        admission=AdmissionSettings(max_queued=1, rounds_in_flight=1, max_batch=1)
+    )
+    async with connect(tracker.target, tokens[Role.PUBLISHER]) as channel:
+        request = u.ReserveRequest(project="p", estimated_cost_micros=1)
+        closed = BudgetGate(
+            channel, GatePolicy(fail_open=False, timeout_seconds=30, max_wait_seconds=0)
+        )
+
+        async def closed_reserve() -> u.ReserveResponse | AdmissionUnavailableError:
+            try:
+                return await closed.reserve(request)
+            except AdmissionUnavailableError as exc:
+                return exc
+
+        outcomes = await asyncio.gather(*(closed_reserve() for _ in range(300)))
+        refused = [o for o in outcomes if isinstance(o, AdmissionUnavailableError)]
+        assert refused
+        assert {e.code for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert all((e.retry_after or 0) > 0 for e in refused)
+
+        opened = BudgetGate(
+            channel, GatePolicy(fail_open=True, timeout_seconds=30, max_wait_seconds=0)
+        )
+        replies = await asyncio.gather(*(opened.reserve(request) for _ in range(300)))
+        assert all(r.granted for r in replies)
+        fail_open = [r for r in replies if r.fail_open]
+        assert fail_open
+        assert all(not r.reservation_id for r in fail_open)
+        assert not await opened.commit(u.CommitRequest(reservation_id=""))
+        held = next(r for r in replies if not r.fail_open)
+        assert await opened.commit(
+            u.CommitRequest(reservation_id=held.reservation_id, actual_cost_micros=1)
+        )
+
+
+async def test_the_gate_answers_by_policy_when_admission_is_unreachable(
+    tokens: dict[Role | str, str],
+) -> None:
+    async with connect(f"127.0.0.1:{free_port()}", tokens[Role.PUBLISHER]) as channel:
+        request = u.ReserveRequest(project="p", estimated_cost_micros=1)
+        policy = GatePolicy(timeout_seconds=0.5)
+        with pytest.raises(AdmissionUnavailableError) as info:
+            await BudgetGate(channel, policy).reserve(request)
+        assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        reply = await BudgetGate(channel, GatePolicy(fail_open=True, timeout_seconds=0.5)).reserve(
+            request
+        )
+        assert (reply.granted, reply.fail_open, reply.reservation_id) == (True, True, "")
