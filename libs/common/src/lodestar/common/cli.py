@@ -2,17 +2,18 @@
 
 ``lodestar up`` starts core and every installed module as separate processes on an embedded
 Postgres (or the database you name), waits until each reports SERVING, and prints what is where.
-``tokens``, ``spool`` and ``audit`` are suite-wide and live here too. Every other command comes
-from the installed service packages through the ``lodestar.cli`` entry-point group (as ``lodestar
-up`` finds services through ``lodestar.services``): an entry point's name is the command, its
-object a ``typer.Typer`` (a command group) or a function (a command). A package's commands come
-and go with it; one that fails to load is named on stderr and the rest still work.
+``tokens``, ``spool`` and ``audit`` are suite-wide and live in libs/common too
+(``OWN_COMMANDS``). Every other command comes from the installed service packages through the
+``lodestar.cli`` entry-point group (as ``lodestar up`` finds services through
+``lodestar.services``): an entry point's name is the command, its object a ``typer.Typer`` (a
+command group) or a function (a command). A package's commands come and go with it; one that
+fails to load is named on stderr and the rest still work.
 
 Start-up is kept short: importing this module and building the app loads only typer, rich and the
-standard library; an entry point's module is imported only when its command runs or ``--help``
-lists it, and imports only typer, rich and ``cli_support``. Each command imports what it needs
-(gRPC, stubs, YAML, the installed services) when it runs, so ``lodestar --help`` never pays for
-them.
+standard library. A command's module is imported only when it runs or ``--help`` lists it (then
+only for its help text: no command's options are built), and imports only typer, rich and
+``cli_support``. Each command imports what it needs (gRPC, stubs, YAML, the installed services)
+when it runs, so ``lodestar --help`` never pays for them.
 """
 
 from __future__ import annotations
@@ -35,14 +36,9 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from lodestar.common.audit_cli import register as register_audit_commands
 from lodestar.common.cli_support import DEFAULT_STATE_DIR, StateDirOption, errors, fail
-from lodestar.common.spool_cli import register as register_spool_commands
-from lodestar.common.tokens_cli import register as register_token_commands
 
 if TYPE_CHECKING:
-    from importlib.metadata import EntryPoint
-
     from typer._click import Command, Context
 
     from lodestar.common.embedded import EmbeddedPostgres
@@ -52,83 +48,134 @@ if TYPE_CHECKING:
 COMMAND_GROUP = "lodestar.cli"
 
 
+@dataclass(frozen=True)
+class CommandSource:
+    """Where a command comes from: ``module:attribute`` of a ``typer.Typer`` or a function, and
+    the distribution that brings it (None: the CLI's own)."""
+
+    name: str
+    value: str
+    distribution: str | None = None
+
+    def load(self) -> Any:
+        """The object it names (importing its module)."""
+        import importlib
+
+        module, _, attribute = self.value.partition(":")
+        target: Any = importlib.import_module(module)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+        return target
+
+    @property
+    def panel(self) -> str | None:
+        """The help panel it is listed in: its package's, or the default one."""
+        return f"Commands of {self.distribution}" if self.distribution else None
+
+
+#: The CLI's own commands besides ``up``, loaded like the entry points' when they are needed.
+OWN_COMMANDS = (
+    CommandSource("audit", "lodestar.common.audit_cli:audit"),
+    CommandSource("spool", "lodestar.common.spool_cli:spool_app"),
+    CommandSource("tokens", "lodestar.common.tokens_cli:tokens_app"),
+)
+
+
 class InstalledCommands(MutableMapping[str, "Command"]):
     """The commands of ``lodestar``: its own, then those of the ``lodestar.cli`` entry points.
 
-    An entry point is loaded the first time its command is looked up; a name the CLI defines
-    itself is never taken by an entry point, and of two entry points with one name the first
-    found wins.
+    A command's module is imported the first time its name is looked up. While help lists the
+    commands (``listing``), a command not loaded yet is represented by its name and help only,
+    so that ``lodestar --help`` builds no command's options. A name the CLI defines itself is
+    never taken by an entry point; of two entry points with one name the first found wins.
     """
 
-    def __init__(self, own: MutableMapping[str, Command]) -> None:
-        self._own = own
+    def __init__(self, built: MutableMapping[str, Command]) -> None:
+        self._built = built
         self._failed: set[str] = set()
+        self.listing = False
 
     @cached_property
-    def _entries(self) -> dict[str, EntryPoint]:
+    def _sources(self) -> dict[str, CommandSource]:
         from importlib.metadata import entry_points
 
-        found: dict[str, EntryPoint] = {}
-        ordered = sorted(
-            entry_points(group=COMMAND_GROUP), key=lambda e: (_distribution(e), e.name)
-        )
-        for entry in ordered:
-            if entry.name not in self._own:
-                found.setdefault(entry.name, entry)
-        return found
+        sources = {source.name: source for source in OWN_COMMANDS}
+        found = [
+            CommandSource(e.name, e.value, e.dist.name if e.dist else e.value.split(".")[0])
+            for e in entry_points(group=COMMAND_GROUP)
+        ]
+        for source in sorted(found, key=lambda s: (s.distribution or "", s.name)):
+            if source.name not in self._built:
+                sources.setdefault(source.name, source)
+        return sources
 
     def __getitem__(self, name: str) -> Command:
-        if name in self._own:
-            return self._own[name]
-        entry = self._entries.get(name)
-        if entry is None or name in self._failed:
+        if name in self._built:
+            return self._built[name]
+        source = self._sources.get(name)
+        if source is None or name in self._failed:
             raise KeyError(name)
         try:
-            command = command_from_entry_point(entry)
+            if self.listing:
+                return command_summary(source)
+            command = command_from_source(source)
         except Exception as exc:  # a broken package must not take the whole CLI down
             self._failed.add(name)
             errors.print(
-                f"[yellow]lodestar: the {name!r} command of {_distribution(entry)} could not be "
+                f"[yellow]lodestar: the {name!r} command of {source.distribution} could not be "
                 f"loaded ({type(exc).__name__}: {exc}); skipped[/yellow]"
             )
             raise KeyError(name) from None
-        self._own[name] = command
+        self._built[name] = command
         return command
 
     def __iter__(self) -> Iterator[str]:
-        yield from self._own
-        yield from (name for name in self._entries if name not in self._own)
+        yield from self._built
+        yield from (name for name in self._sources if name not in self._built)
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
     def __setitem__(self, name: str, command: Command) -> None:
-        self._own[name] = command
+        self._built[name] = command
 
     def __delitem__(self, name: str) -> None:
-        del self._own[name]
+        del self._built[name]
 
 
-def command_from_entry_point(entry: EntryPoint) -> Command:
-    """The click command of a ``lodestar.cli`` entry point, named after it and shown in its
-    package's help panel."""
-    target = entry.load()
+def command_from_source(source: CommandSource) -> Command:
+    """The click command of a source, named after it and shown in its package's help panel."""
+    target = source.load()
     command: Command
     if isinstance(target, typer.Typer):
         command = typer.main.get_group(target)
     elif callable(target):
         single = typer.Typer()
-        single.command(name=entry.name)(target)
+        single.command(name=source.name)(target)
         command = typer.main.get_command(single)
     else:
-        raise TypeError(f"{entry.value} is neither a typer.Typer nor a function")
-    command.name = entry.name
-    command.rich_help_panel = f"Commands of {_distribution(entry)}"  # type: ignore[attr-defined]
+        raise TypeError(f"{source.value} is neither a typer.Typer nor a function")
+    command.name = source.name
+    command.rich_help_panel = source.panel  # type: ignore[attr-defined]
     return command
 
 
-def _distribution(entry: EntryPoint) -> str:
-    return entry.dist.name if entry.dist is not None else entry.value.split(":")[0]
+def command_summary(source: CommandSource) -> Command:
+    """A stand-in with the command's name and help only, for listing it (no options built)."""
+    import inspect
+
+    from typer.core import TyperCommand
+
+    target = source.load()
+    if isinstance(target, typer.Typer):
+        text = target.info.help
+    elif callable(target):
+        text = inspect.getdoc(target)
+    else:
+        raise TypeError(f"{source.value} is neither a typer.Typer nor a function")
+    return TyperCommand(
+        name=source.name, help=text if isinstance(text, str) else "", rich_help_panel=source.panel
+    )
 
 
 class LodestarGroup(TyperGroup):
@@ -136,16 +183,24 @@ class LodestarGroup(TyperGroup):
 
     def __init__(self, *, commands: Any = None, **attrs: Any) -> None:
         super().__init__(**attrs)
-        own = commands if isinstance(commands, MutableMapping) else {}
-        self.commands = InstalledCommands(own)
+        built = commands if isinstance(commands, MutableMapping) else {}
+        self.commands = InstalledCommands(built)
 
     def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
-        """The command ``cmd_name``, loading its entry point if it comes from one."""
+        """The command ``cmd_name``, loading its module if it is not loaded yet."""
         return self.commands.get(cmd_name)
 
     def list_commands(self, ctx: Context) -> list[str]:
         """Every command name, without loading anything."""
         return list(self.commands)
+
+    def format_help(self, ctx: Context, formatter: Any) -> None:
+        """The help screen, listing the commands by name and help without building them."""
+        self.commands.listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.commands.listing = False
 
 
 app = typer.Typer(
@@ -154,6 +209,12 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+@app.callback()
+def lodestar() -> None:
+    """Lodestar: the control plane for people who run many LLMs."""
+
 
 STATE_DIR = DEFAULT_STATE_DIR
 CORE = "core"
@@ -487,10 +548,6 @@ def main() -> None:
     """Console entry point."""
     app()
 
-
-register_spool_commands(app)  # lodestar spool list, lodestar spool replay
-register_audit_commands(app)  # lodestar audit
-register_token_commands(app)  # lodestar tokens rotate, lodestar tokens list
 
 if __name__ == "__main__":
     main()
