@@ -184,7 +184,8 @@ class LodestarGroup(TyperGroup):
     def __init__(self, *, commands: Any = None, **attrs: Any) -> None:
         super().__init__(**attrs)
         built = commands if isinstance(commands, MutableMapping) else {}
-        self.commands = InstalledCommands(built)
+        self.installed = InstalledCommands(built)
+        self.commands = self.installed
 
     def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
         """The command ``cmd_name``, loading its module if it is not loaded yet."""
@@ -196,11 +197,11 @@ class LodestarGroup(TyperGroup):
 
     def format_help(self, ctx: Context, formatter: Any) -> None:
         """The help screen, listing the commands by name and help without building them."""
-        self.commands.listing = True
+        self.installed.listing = True
         try:
             super().format_help(ctx, formatter)
         finally:
-            self.commands.listing = False
+            self.installed.listing = False
 
 
 app = typer.Typer(
