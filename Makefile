@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help bootstrap run test unit integration e2e proto proto-check lint bench chart-check images clean
+.PHONY: help bootstrap run test unit integration e2e proto proto-check lint bench bench-compare chart-check images clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,10 @@ lint: bootstrap ## ruff, mypy, import-linter
 
 bench: bootstrap ## benchmarks: durable publish, delivery, latency, NATS JetStream comparison
 	$(BIN)/python -m bench
+
+bench-compare: bootstrap ## durable publish of this checkout against REF (a git commit), in one run
+	@test -n "$(REF)" || { echo "usage: make bench-compare REF=<git commit>"; exit 2; }
+	$(BIN)/python -m bench.compare $(REF)
 
 chart-check: bootstrap ## helm lint, render every scenario, validate against Kubernetes schemas
 	bash scripts/chart_check.sh

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 
+from google.protobuf import duration_pb2
+
 from lodestar.common.auth import Role
 from lodestar.common.cli import free_port, wait_until_serving
 from lodestar.common.events import new_event
@@ -57,7 +59,7 @@ class CoreUnderTest:
 
 
 def sample_events(count: int) -> list[event_pb2.Event]:
-    """Realistic RequestCompleted envelopes (about 200 bytes each)."""
+    """RequestCompleted envelopes as a LiteLLM gateway publishes them (about 250 bytes each)."""
     return [
         new_event(
             usage.RequestCompleted(
@@ -69,9 +71,11 @@ def sample_events(count: int) -> list[event_pb2.Event]:
                 task_id=f"task-{i}",
                 attempt=1,
                 status=usage.REQUEST_STATUS_OK,
-                tokens=usage.TokenUsage(input=1200, output=300, cached_read=800),
+                duration=duration_pb2.Duration(seconds=1, nanos=(i % 1000) * 1_000_000),
+                tokens=usage.TokenUsage(input=1200 + i % 100, output=300, cached_read=800),
+                reported_cost=usage.Money(currency="USD", micros=2_100 + i % 100),
             ),
-            source="bench://publisher",
+            source="litellm://gateway",
         )
         for i in range(count)
     ]
@@ -79,6 +83,11 @@ def sample_events(count: int) -> list[event_pb2.Event]:
 
 async def bench_stream_publish(core: CoreUnderTest, events: list[event_pb2.Event]) -> float:
     """Events per second acked by PublishStream, STREAM_WINDOW batches in flight."""
+    return await publish_rate(core.target, core.tokens[Role.PUBLISHER], events)
+
+
+async def publish_rate(target: str, token: str, events: list[event_pb2.Event]) -> float:
+    """Events per second acked by ``target``'s PublishStream, STREAM_WINDOW batches in flight."""
     batches = [events[i : i + STREAM_BATCH] for i in range(0, len(events), STREAM_BATCH)]
     window = asyncio.Semaphore(STREAM_WINDOW)
     acked = 0
@@ -88,7 +97,7 @@ async def bench_stream_publish(core: CoreUnderTest, events: list[event_pb2.Event
             await window.acquire()
             yield bus_pb2.PublishStreamRequest(batch_id=number, events=batch)
 
-    async with connect(core.target, core.tokens[Role.PUBLISHER]) as channel:
+    async with connect(target, token) as channel:
         stub = bus_pb2_grpc.EventBusServiceStub(channel)
         started = time.perf_counter()
         async for response in stub.PublishStream(requests()):

@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 from google.protobuf import duration_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -228,15 +229,22 @@ def test_a_realistic_batch_takes_the_fast_path() -> None:
     assert at_once == one_by_one(events, now_ms)
 
 
-def test_a_batch_of_mixed_types_is_stored_as_the_exact_check_says() -> None:
-    alert = new_event(
+def test_events_with_zero_bytes_or_long_texts_get_the_exact_check_alone() -> None:
+    alert = new_event(  # a double's bytes hold zeros
         health.TargetHealthChanged(target="openai/gpt-4o", latency_ms=12.5, error_rate=0.01),
         source="lodestar://health-monitor",
     )
-    events = [realistic(), alert]
-    valid, rejections = validate_batch(events, 10, MAX_BYTES, DEFAULT_WINDOW, STAMP)
-    assert not rejections
-    assert valid == one_by_one(events, time.time_ns() // 1_000_000)
+    failed = realistic(1)
+    mutate_payload(failed, [("error_message", "upstream timed out " * 40)])
+    events = [realistic(0), alert, failed]
+    now_ms = time.time_ns() // 1_000_000
+    at_once = _validate_at_once(events, MAX_BYTES, DEFAULT_WINDOW, now_ms, STAMP)
+    assert at_once is not None
+    assert at_once == one_by_one(events, now_ms)
+    mutate_payload(failed, [("error_message", "x" * 5000)])  # over MAX_MESSAGE_CHARS
+    assert _validate_at_once(events, MAX_BYTES, DEFAULT_WINDOW, now_ms, STAMP) is None
+    _, rejections = validate_batch(events, 10, MAX_BYTES, DEFAULT_WINDOW, STAMP)
+    assert [r.reason.split(":")[0] for r in rejections] == ["events[2].data.error_message"]
 
 
 def test_an_event_without_a_time_is_left_to_the_exact_check() -> None:
@@ -245,3 +253,12 @@ def test_an_event_without_a_time_is_left_to_the_exact_check() -> None:
     now_ms = time.time_ns() // 1_000_000
     assert _validate_at_once([event], MAX_BYTES, DEFAULT_WINDOW, now_ms, STAMP) is None
     assert one_by_one([event], now_ms) is not None
+
+
+@pytest.mark.parametrize("field", ["model", "project", "user", "error_message"])
+def test_a_nul_in_any_payload_text_is_refused_by_the_fast_path(field: str) -> None:
+    events = [realistic(0), realistic(1)]
+    mutate_payload(events[1], [(field, "a\x00b")])
+    now_ms = time.time_ns() // 1_000_000
+    assert _validate_at_once(events, MAX_BYTES, DEFAULT_WINDOW, now_ms, STAMP) is None
+    assert one_by_one(events, now_ms) is None

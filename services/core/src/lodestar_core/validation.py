@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
@@ -322,9 +322,9 @@ def _validate_at_once(
     ):
         return None
     envelopes = [e.SerializeToString() + stamp for e in events]
-    # No zero byte in an event: none of its texts holds NUL. At most MAX_LABEL_CHARS bytes: none
-    # of its texts is longer (the payload's texts are inside it, as bytes).
-    if max(map(len, envelopes)) > min(max_bytes, MAX_LABEL_CHARS) or b"\x00" in b"".join(envelopes):
+    if max(map(len, envelopes)) > max_bytes or not _texts_ok(
+        events, envelopes, lambda event: validate_event(event, max_bytes, window, now_ms, stamp)
+    ):
         return None
     sources = [e.source for e in events]
     types = [e.type for e in events]
@@ -339,6 +339,27 @@ def _validate_at_once(
     return list(
         map(tuple.__new__, repeat(ValidEvent), zip(ids, types, sources, envelopes, strict=True))
     )
+
+
+def _texts_ok(
+    events: Sequence[event_pb2.Event],
+    envelopes: list[bytes],
+    exact_check: Callable[[event_pb2.Event], object],
+) -> bool:
+    """No text of any event holds NUL or exceeds its limit.
+
+    Certain at once for an event without a zero byte and of at most MAX_LABEL_CHARS bytes, since
+    its texts are inside it as bytes; any other event gets ``exact_check``.
+    """
+    if max(map(len, envelopes)) <= MAX_LABEL_CHARS and b"\x00" not in b"".join(envelopes):
+        return True
+    try:
+        for event, envelope in zip(events, envelopes, strict=True):
+            if len(envelope) > MAX_LABEL_CHARS or b"\x00" in envelope:
+                exact_check(event)
+    except BoundViolation:
+        return False
+    return True
 
 
 def _id_range(now_ms: int, window: TimeWindow) -> tuple[str, str]:
