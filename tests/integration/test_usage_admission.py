@@ -353,3 +353,28 @@ async def test_the_gate_answers_by_policy_when_admission_is_unreachable(
             request
         )
         assert (reply.granted, reply.fail_open, reply.reservation_id) == (True, True, "")
+
+
+async def test_a_budget_changed_through_one_replica_applies_at_once_on_another(
+    start_trackers: StartTracker, tokens: dict[Role | str, str]
+) -> None:
+    """Replicas cache budget definitions; a round checks the generation before it decides."""
+    first, second = await start_trackers(), await start_trackers()
+    async with (
+        connect(first.target, tokens[Role.ADMIN]) as one,
+        connect(second.target, tokens[Role.ADMIN]) as other,
+    ):
+        stub, gate = ug.BudgetServiceStub(one), ug.BudgetServiceStub(other)
+        created = await stub.CreateBudget(u.CreateBudgetRequest(budget=project_budget(1_000)))
+        assert (await gate.Reserve(HUNDRED)).granted  # the second replica has cached it now
+        lowered = u.Budget()
+        lowered.CopyFrom(created.budget)
+        lowered.limit_micros = 150
+        await stub.UpdateBudget(u.UpdateBudgetRequest(budget=lowered))
+        refused = await gate.Reserve(HUNDRED)
+        assert not refused.granted
+        assert refused.denial.limit_micros == 150
+        await stub.DeleteBudget(u.DeleteBudgetRequest(id=created.budget.id))
+        freed = await gate.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=10**6))
+        assert freed.granted
+        assert list(freed.budget_ids) == []
