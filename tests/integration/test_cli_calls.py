@@ -22,6 +22,7 @@ from lodestar.common.cli import free_port
 from lodestar.common.events import new_event
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.usage.v1 import events_pb2 as usage
+from tests.integration.test_tls import SERVER_NAME, _tls_settings, pki  # noqa: F401 (a fixture)
 
 TYPE = "lodestar.usage.v1.RequestCompleted"
 
@@ -268,3 +269,37 @@ async def test_prices_set_list_and_delete(cli_env, tracker):
     )
     assert code == 1
     assert "no price for cli-model-*" in one_line(err)
+
+
+async def test_publish_refuses_what_core_would_refuse_naming_the_field(cli_env):
+    """Negative tokens: refused before sending (exit 2, the field named), nothing stored."""
+    code, _, err = await lodestar(
+        "publish", TYPE, '{"model": "m", "provider": "p", "tokens": {"input": -5}}', env=cli_env
+    )
+    assert code == 2
+    assert "tokens.input: -5 outside" in err
+    code, out, err = await lodestar("events", "tail", "--from-start", "--limit", "1", env=cli_env)
+    assert (code, out) == (0, ""), err
+
+
+async def test_mutual_tls_through_the_connection_options(
+    core_starter,
+    core_settings,
+    pki,  # noqa: F811 (the fixture imported from test_tls)
+    tokens,
+    tmp_path,
+):
+    core = await core_starter(_tls_settings(core_settings, pki, mutual=True))
+    env = {"LODESTAR_TOKEN": tokens[Role.ADMIN], "LODESTAR_STATE_DIR": str(tmp_path / "none")}
+    tls = ["--target", core.target, "--tls-ca", str(pki["ca"]), "--tls-server-name", SERVER_NAME]
+    client = ["--tls-cert", str(pki["client_cert"]), "--tls-key", str(pki["client_key"])]
+    code, out, err = await lodestar("modules", *tls, *client, env=env)
+    assert code == 0, err
+    assert "modules" in out
+
+    code, _, err = await lodestar("modules", *tls, env=env)  # no client certificate
+    assert code == 1
+    assert "Traceback" not in err
+    code, _, err = await lodestar("modules", "--target", core.target, env=env)  # plaintext
+    assert code == 1
+    assert one_line(err).startswith(f"cannot reach core at {core.target}")

@@ -289,6 +289,7 @@ def publish(
         payload = json_format.Parse(data, payload_cls())
     except json_format.ParseError as exc:
         raise typer.BadParameter(str(exc), param_hint="DATA") from None
+    check_bounds(payload)
     event = new_event(payload, source=source)
 
     async def send() -> str:
@@ -301,6 +302,16 @@ def publish(
         return event.id
 
     console.print(client.run(send()), highlight=False)
+
+
+def check_bounds(payload: Any) -> None:
+    """Refuse, naming the field, a payload core would refuse (negative tokens, a huge cost …)."""
+    from lodestar.common.bounds import BoundViolation, check_payload
+
+    try:
+        check_payload(payload)
+    except BoundViolation as exc:
+        raise typer.BadParameter(str(exc), param_hint="DATA") from None
 
 
 # --- dead letters --------------------------------------------------------------------------------
