@@ -14,6 +14,7 @@ from google.protobuf import duration_pb2
 from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
+from lodestar.common import interceptors
 from lodestar.common.errors import (
     FieldViolation,
     InvalidArgumentError,
@@ -626,3 +627,18 @@ async def test_decoding_comes_before_authorization_for_unary_requests() -> None:
         )
         assert details == NOT_A_DURATION
         await expect_status(typed_call(ch, "Unary", [duration(1)]), grpc.StatusCode.UNAUTHENTICATED)
+
+
+@pytest.mark.parametrize(
+    ("method", "code", "level"),
+    [
+        ("/lodestar.core.v1.RegistryService/Heartbeat", grpc.StatusCode.OK, logging.DEBUG),
+        ("/lodestar.core.v1.RegistryService/Heartbeat", grpc.StatusCode.NOT_FOUND, logging.INFO),
+        ("/grpc.health.v1.Health/Check", grpc.StatusCode.OK, logging.DEBUG),
+        ("/lodestar.core.v1.RegistryService/Register", grpc.StatusCode.OK, logging.INFO),
+    ],
+)
+def test_routine_calls_that_succeed_are_logged_at_debug(
+    method: str, code: grpc.StatusCode, level: int
+) -> None:
+    assert interceptors._level_for(method, code) == level

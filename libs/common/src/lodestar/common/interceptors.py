@@ -240,7 +240,7 @@ class LoggingInterceptor(_HandlerInterceptor):
 
         def record(outcome: _Outcome) -> None:
             _log.log(
-                _level_for(method),
+                _level_for(method, outcome.code),
                 "rpc finished",
                 grpc_method=method,
                 grpc_code=outcome.code.name,
@@ -252,8 +252,15 @@ class LoggingInterceptor(_HandlerInterceptor):
             yield
 
 
-def _level_for(method: str) -> int:
-    return logging.DEBUG if method.startswith(HEALTH_PREFIX) else logging.INFO
+#: Calls made every few seconds by every client: logged at DEBUG when they succeed.
+ROUTINE_METHOD_SUFFIXES = ("/Heartbeat",)
+
+
+def _level_for(method: str, code: grpc.StatusCode) -> int:
+    routine = method.startswith(HEALTH_PREFIX) or (
+        method.endswith(ROUTINE_METHOD_SUFFIXES) and code == grpc.StatusCode.OK
+    )
+    return logging.DEBUG if routine else logging.INFO
 
 
 def _peer(context: Context) -> str:

@@ -132,7 +132,10 @@ class Subscriber:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL:
                     raise
-                log.warning(
+                # A stream that was open and ends UNAVAILABLE is routine: the server closes
+                # connections at their maximum age, or is rolling over.
+                routine = self.connected.is_set() and exc.code() == grpc.StatusCode.UNAVAILABLE
+                (log.info if routine else log.warning)(
                     "subscription interrupted; reconnecting",
                     code=exc.code().name,
                     details=exc.details(),
