@@ -36,6 +36,9 @@ test: bootstrap proto-check ## the whole test suite with branch coverage (floor 
 unit: bootstrap ## unit tests only
 	$(BIN)/pytest tests/unit services/*/tests
 
+integration: bootstrap ## integration tests (real Postgres, servers in the test process)
+	$(BIN)/pytest tests/integration
+
 e2e: bootstrap ## end-to-end tests (real processes)
 	$(BIN)/pytest tests/e2e
 
