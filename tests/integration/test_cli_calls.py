@@ -20,6 +20,7 @@ import pytest
 from lodestar.common.auth import Role
 from lodestar.common.cli import free_port
 from lodestar.common.events import new_event
+from lodestar.common.sdk import connect
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.usage.v1 import events_pb2 as usage
 from tests.integration.test_tls import SERVER_NAME, _tls_settings, pki  # noqa: F401 (a fixture)
@@ -303,3 +304,33 @@ async def test_mutual_tls_through_the_connection_options(
     code, _, err = await lodestar("modules", "--target", core.target, env=env)  # plaintext
     assert code == 1
     assert one_line(err).startswith(f"cannot reach core at {core.target}")
+
+
+async def test_tail_reconnects_when_core_restarts_and_prints_what_came_after(
+    core_starter, core_settings, tokens, tmp_path
+):
+    port = free_port()
+    settings = core_settings.model_copy(update={"port": port})
+    core = await core_starter(settings)
+    env = {
+        "LODESTAR_CORE_ENDPOINT": core.target,
+        "LODESTAR_TOKEN": tokens[Role.ADMIN],
+        "LODESTAR_STATE_DIR": str(tmp_path / "none"),
+    }
+    tail = await start("events", "tail", "--limit", "1", "--subscription", "cli-restart", env=env)
+    try:
+        async with connect(core.target, tokens[Role.ADMIN]) as admin:
+            await until_connected(admin, "cli-restart")
+        await core.stop()
+        core = await core_starter(settings)
+        async with connect(core.target, tokens[Role.ADMIN]) as admin:
+            await until_connected(admin, "cli-restart")
+            [event_id] = await publish(admin, "after-restart")
+        out, err = await asyncio.wait_for(tail.communicate(), 60)
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+            await tail.wait()
+    assert tail.returncode == 0, err.decode()
+    assert [line["id"] for line in printed(out.decode())] == [event_id]
+    assert "Traceback" not in err.decode()
