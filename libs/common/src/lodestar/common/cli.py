@@ -36,7 +36,13 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from lodestar.common.cli_support import DEFAULT_STATE_DIR, StateDirOption, errors, fail
+from lodestar.common.cli_support import (
+    DEFAULT_STATE_DIR,
+    STATE_DIR_ENV,
+    StateDirOption,
+    errors,
+    fail,
+)
 
 if TYPE_CHECKING:
     from typer._click import Command, Context
@@ -536,6 +542,8 @@ def _print_ready(
         creds.add_row(role.value, tokens[role.value])
     console.print(creds)
     console.print(f"database: {dsn}")
+    if state_dir != (Path.cwd() / DEFAULT_STATE_DIR).resolve():
+        console.print(f"other shells: export {STATE_DIR_ENV}={state_dir}", highlight=False)
     core_port = running[0].port
     console.print(
         f"try: grpcurl -plaintext -H 'authorization: Bearer {tokens['admin']}' "
