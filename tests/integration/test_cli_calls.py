@@ -334,3 +334,10 @@ async def test_tail_reconnects_when_core_restarts_and_prints_what_came_after(
     assert tail.returncode == 0, err.decode()
     assert [line["id"] for line in printed(out.decode())] == [event_id]
     assert "Traceback" not in err.decode()
+
+
+async def test_audit_names_the_service_it_could_not_reach(cli_env):
+    address = f"127.0.0.1:{free_port()}"
+    code, _, err = await lodestar("audit", env={**cli_env, "LODESTAR_USAGE_ENDPOINT": address})
+    assert code == 1
+    assert one_line(err).startswith(f"cannot reach usage-tracker at {address}")

@@ -20,7 +20,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lodestar.common.cli_support import CORE, Client, Endpoint, with_client
+from lodestar.common.cli_support import (
+    CORE,
+    Client,
+    Endpoint,
+    describe_rpc_error,
+    fail,
+    with_client,
+)
 
 if TYPE_CHECKING:
     from google.protobuf import timestamp_pb2
@@ -154,6 +161,8 @@ async def _fetch_all(
 async def _fetch(
     client: Client, service: str, request: audit_pb2.ListAuditEntriesRequest, limit: int
 ) -> list[Sourced]:
+    import grpc
+
     from lodestar.audit.v1 import audit_pb2, audit_pb2_grpc
 
     entries: list[Sourced] = []
@@ -163,7 +172,11 @@ async def _fetch(
         stub = audit_pb2_grpc.AuditServiceStub(channel)
         while len(entries) < limit:
             page.page_size = min(PAGE_SIZE, limit - len(entries))
-            reply = await stub.ListAuditEntries(page)
+            try:
+                reply = await stub.ListAuditEntries(page)
+            except grpc.aio.AioRpcError as exc:  # say which of the services failed
+                where = client.address(SERVICES[service])
+                fail(describe_rpc_error(exc.code().name, exc.details() or "", service, where))
             entries += [Sourced(service, entry) for entry in reply.entries]
             if not reply.next_page_token:
                 break
