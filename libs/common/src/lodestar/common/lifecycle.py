@@ -74,7 +74,8 @@ class BackgroundTasks:
     def keep_running(
         self, name: str, run: Awaitable[None], stop: Callable[[], None] | None = None
     ) -> None:
-        """Run ``run`` until it ends; on ``stop``, ask it to end through ``stop`` first."""
+        """Run ``run`` (traced as usual) until it ends. On ``stop`` it is asked to end through
+        ``stop`` and cancelled if still running after the wait; without ``stop``, cancelled."""
         task = asyncio.create_task(self._supervise(name, run), name=name)
         self._long_running.append(_LongRunning(task, stop))
 
