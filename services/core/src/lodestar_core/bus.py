@@ -335,6 +335,25 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
             session.replays_queued()
         return bus_pb2.ReplayDeadLettersResponse(replayed=replayed)
 
+    async def DeleteSubscription(
+        self,
+        request: bus_pb2.DeleteSubscriptionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> bus_pb2.DeleteSubscriptionResponse:
+        """Forget a subscription no stream has open (its owner's or, for admins, any)."""
+        name = request.subscription
+        if not name:
+            raise InvalidArgumentError("required, the subscription to delete", field="subscription")
+        await self._require_owner(name, caller(), "subscription")
+        if name in self._sessions or name in self._opening:
+            raise ModuleError(
+                f"subscription {name!r} has a stream open; stop its consumer, then delete it",
+                field="subscription",
+            )
+        dead_letters = await self._subscriptions.delete(name)
+        log.info("subscription deleted", subscription=name, dead_letters=dead_letters)
+        return bus_pb2.DeleteSubscriptionResponse(dead_letters=dead_letters)
+
 
 @contextlib.contextmanager
 def _event_spans(

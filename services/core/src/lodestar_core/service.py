@@ -34,6 +34,7 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     BUS + "Subscribe": MODULE,
     BUS + "ListSubscriptions": MODULE,
     BUS + "ListDeadLetters": MODULE,
+    BUS + "DeleteSubscription": MODULE,
     REGISTRY + "Register": MODULE,
     REGISTRY + "Heartbeat": MODULE,
     REGISTRY + "ListModules": MODULE,

@@ -210,6 +210,31 @@ class SubscriptionStore:
             await _audit_replay(conn, name, moved)
         return len(moved)
 
+    async def delete(self, name: str) -> int:
+        """Delete ``name`` with its failures, dead letters and redeliveries; returns how many
+        dead letters went with it. Audited: the entry holds the subscription as it was."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            dead = await conn.fetchval(
+                "SELECT count(*) FROM dead_letters WHERE subscription = $1", name
+            )
+            row = await conn.fetchrow("DELETE FROM subscriptions WHERE name = $1 RETURNING *", name)
+            if row is None:
+                raise NotFoundError(f"no subscription named {name[:128]!r}", field="subscription")
+            await audit.record(
+                conn,
+                action="EventBusService/DeleteSubscription",
+                target=f"subscription/{name}",
+                before={
+                    "module": row["module"],
+                    "owner": row["owner"],
+                    "event_types": list(row["event_types"]),
+                    "acked_sequence": row["acked_seq"],
+                    "dead_letters": dead,
+                },
+                after=None,
+            )
+        return int(dead)
+
     async def redeliveries(self, name: str, limit: int) -> builtins.list[tuple[int, bytes]]:
         """Replayed dead letters waiting for ``name``."""
         rows = await self._pool.fetch(

@@ -65,6 +65,11 @@ class EventBusServiceStub:
                 request_serializer=lodestar_dot_core_dot_v1_dot_bus__pb2.ReplayDeadLettersRequest.SerializeToString,
                 response_deserializer=lodestar_dot_core_dot_v1_dot_bus__pb2.ReplayDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.DeleteSubscription = channel.unary_unary(
+                '/lodestar.core.v1.EventBusService/DeleteSubscription',
+                request_serializer=lodestar_dot_core_dot_v1_dot_bus__pb2.DeleteSubscriptionRequest.SerializeToString,
+                response_deserializer=lodestar_dot_core_dot_v1_dot_bus__pb2.DeleteSubscriptionResponse.FromString,
+                _registered_method=True)
 
 
 class EventBusServiceServicer:
@@ -113,6 +118,14 @@ class EventBusServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteSubscription(self, request, context):
+        """DeleteSubscription forgets a subscription that no stream has open: its cursor, failures and
+        dead letters. The events stay in the log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventBusServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +158,11 @@ def add_EventBusServiceServicer_to_server(servicer, server):
                     servicer.ReplayDeadLetters,
                     request_deserializer=lodestar_dot_core_dot_v1_dot_bus__pb2.ReplayDeadLettersRequest.FromString,
                     response_serializer=lodestar_dot_core_dot_v1_dot_bus__pb2.ReplayDeadLettersResponse.SerializeToString,
+            ),
+            'DeleteSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSubscription,
+                    request_deserializer=lodestar_dot_core_dot_v1_dot_bus__pb2.DeleteSubscriptionRequest.FromString,
+                    response_serializer=lodestar_dot_core_dot_v1_dot_bus__pb2.DeleteSubscriptionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class EventBusService:
             '/lodestar.core.v1.EventBusService/ReplayDeadLetters',
             lodestar_dot_core_dot_v1_dot_bus__pb2.ReplayDeadLettersRequest.SerializeToString,
             lodestar_dot_core_dot_v1_dot_bus__pb2.ReplayDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lodestar.core.v1.EventBusService/DeleteSubscription',
+            lodestar_dot_core_dot_v1_dot_bus__pb2.DeleteSubscriptionRequest.SerializeToString,
+            lodestar_dot_core_dot_v1_dot_bus__pb2.DeleteSubscriptionResponse.FromString,
             options,
             channel_credentials,
             insecure,

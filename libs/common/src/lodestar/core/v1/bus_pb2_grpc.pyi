@@ -45,6 +45,10 @@ class EventBusServiceStub:
     """ListDeadLetters lists events a subscription gave up on."""
     ReplayDeadLetters: _grpc.UnaryUnaryMultiCallable[_bus_pb2.ReplayDeadLettersRequest, _bus_pb2.ReplayDeadLettersResponse]
     """ReplayDeadLetters queues dead letters for redelivery to their subscription."""
+    DeleteSubscription: _grpc.UnaryUnaryMultiCallable[_bus_pb2.DeleteSubscriptionRequest, _bus_pb2.DeleteSubscriptionResponse]
+    """DeleteSubscription forgets a subscription that no stream has open: its cursor, failures and
+    dead letters. The events stay in the log.
+    """
 
 @_typing.type_check_only
 class EventBusServiceAsyncStub(EventBusServiceStub):
@@ -63,6 +67,10 @@ class EventBusServiceAsyncStub(EventBusServiceStub):
     """ListDeadLetters lists events a subscription gave up on."""
     ReplayDeadLetters: _aio.UnaryUnaryMultiCallable[_bus_pb2.ReplayDeadLettersRequest, _bus_pb2.ReplayDeadLettersResponse]  # type: ignore[assignment]
     """ReplayDeadLetters queues dead letters for redelivery to their subscription."""
+    DeleteSubscription: _aio.UnaryUnaryMultiCallable[_bus_pb2.DeleteSubscriptionRequest, _bus_pb2.DeleteSubscriptionResponse]  # type: ignore[assignment]
+    """DeleteSubscription forgets a subscription that no stream has open: its cursor, failures and
+    dead letters. The events stay in the log.
+    """
 
 class EventBusServiceServicer(metaclass=_abc_1.ABCMeta):
     """EventBusService stores events durably and streams them to named subscriptions."""
@@ -114,5 +122,15 @@ class EventBusServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_bus_pb2.ReplayDeadLettersResponse, _abc.Awaitable[_bus_pb2.ReplayDeadLettersResponse]]:
         """ReplayDeadLetters queues dead letters for redelivery to their subscription."""
+
+    @_abc_1.abstractmethod
+    def DeleteSubscription(
+        self,
+        request: _bus_pb2.DeleteSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bus_pb2.DeleteSubscriptionResponse, _abc.Awaitable[_bus_pb2.DeleteSubscriptionResponse]]:
+        """DeleteSubscription forgets a subscription that no stream has open: its cursor, failures and
+        dead letters. The events stay in the log.
+        """
 
 def add_EventBusServiceServicer_to_server(servicer: EventBusServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
