@@ -7,8 +7,10 @@ USAGE_BENCH_EVENTS (events for end-to-end ingest, default 100k). USAGE_BENCH_ONL
 Admission (issue #10): USAGE_BENCH_RATE (offered Reserve+Commit pairs/s, default 500) spread over
 USAGE_BENCH_BUDGETS project budgets (default 100), open loop; USAGE_BENCH_CALLERS callers
 (default 200) in a closed loop on one budget; each for USAGE_BENCH_SECONDS (default 10); then
-USAGE_BENCH_BURST (default 3,000) Reserves at once, counted by status. The load generator runs on
-the same machine as the tracker, core and Postgres and competes with them for CPU.
+USAGE_BENCH_BURST (default 3,000) Reserves at once, counted by status. USAGE_BENCH_REPLICAS
+(default 1) tracker processes serve admission on the one database, the load spread over them.
+The load generator runs on the same machine as the tracker, core and Postgres and competes with
+them for CPU.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ ADMISSION_SECONDS = float(os.environ.get("USAGE_BENCH_SECONDS", "10"))
 BURST_CALLS = int(os.environ.get("USAGE_BENCH_BURST", "3000"))
 #: Client channels the load generator spreads its calls over (as several gateway processes would).
 ADMISSION_CHANNELS = 4
+#: Tracker processes serving admission on one database (only the first one ingests).
+ADMISSION_REPLICAS = int(os.environ.get("USAGE_BENCH_REPLICAS", "1"))
 #: A gateway's deadline for one admission call.
 CALL_TIMEOUT = 5.0
 
@@ -154,8 +158,9 @@ async def bench_summary(dsn: str, out: Callable[[str], None]) -> None:
 class TrackerUnderTest:
     """``python -m lodestar_usage serve`` subscribed to ``core``."""
 
-    def __init__(self, dsn: str, workdir: Path, core: CoreUnderTest) -> None:
+    def __init__(self, dsn: str, workdir: Path, core: CoreUnderTest, name: str = "usage") -> None:
         self.port = free_port()
+        self.dsn, self.workdir = dsn, workdir
         self._env = {
             "LODESTAR_DATABASE__URL": dsn,
             "LODESTAR_CREDENTIALS_FILE": str(workdir / "credentials.yaml"),
@@ -164,7 +169,7 @@ class TrackerUnderTest:
             "LODESTAR_SPOOL_DIR": str(workdir / "spool"),
             "LODESTAR_LOG_LEVEL": "WARNING",
         }
-        self._log = workdir / "usage.log"
+        self._log = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -418,11 +423,22 @@ async def burst(gates: list[ug.BudgetServiceStub], project: str, calls: int) -> 
 async def _admission(
     tracker: TrackerUnderTest, core: CoreUnderTest, out: Callable[[str], None]
 ) -> None:
-    """Admission scenarios against ``tracker``, called as a gateway (publisher) would."""
+    """Admission scenarios against ``tracker`` and USAGE_BENCH_REPLICAS - 1 more replicas on the
+    same database, called as gateways (publishers) would, their channels spread over them."""
+    replicas = [tracker]
     async with contextlib.AsyncExitStack() as stack:
+        for i in range(1, ADMISSION_REPLICAS):
+            replica = TrackerUnderTest(tracker.dsn, tracker.workdir, core, f"usage-{i}")
+            stack.callback(replica.stop)
+            await replica.start()
+            replicas.append(replica)
+        if ADMISSION_REPLICAS > 1:
+            out(f"  ({ADMISSION_REPLICAS} tracker replicas on one database)")
         channels = [
-            await stack.enter_async_context(connect(tracker.target, core.tokens[Role.PUBLISHER]))
-            for _ in range(ADMISSION_CHANNELS)
+            await stack.enter_async_context(
+                connect(replicas[i % len(replicas)].target, core.tokens[Role.PUBLISHER])
+            )
+            for i in range(max(ADMISSION_CHANNELS, len(replicas)))
         ]
         admin = await stack.enter_async_context(connect(tracker.target, core.tokens[Role.ADMIN]))
         await bench_admission(

@@ -34,12 +34,14 @@ import asyncpg
 from asyncpg.exceptions import DeadlockDetectedError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from lodestar.common.errors import ResourceExhaustedError, StorageError
+from lodestar.common.errors import DATABASE_UNREACHABLE, ResourceExhaustedError, StorageError
+from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import usage_pb2
 from lodestar_usage import budgets, metrics
 from lodestar_usage.budgets import Admission, BudgetDef, Key, Usage
 
 #: A hold's counter key, or None for a budget without a counter (no limit, or rolling).
+log = get_logger(__name__)
 #: A counted budget of a Reserve: the budget, its scope value and its window [start, end).
 Counted = tuple[BudgetDef, str, datetime, datetime]
 #: Every applicable budget of a Reserve, with its window when it has a counter.
@@ -370,7 +372,16 @@ class Admitter:
             failure.__cause__ = exc
             self._fail(calls, failure)
             return
-        except Exception as exc:  # the database failed: every call of the round gets it
+        except asyncpg.PostgresError as exc:
+            if len(calls) == 1 or isinstance(exc, DATABASE_UNREACHABLE):
+                self._fail(calls, exc)
+                return
+            # One call's values refused by the database must not fail the others: alone each.
+            log.warning("admission round failed; deciding its calls one by one", error=str(exc))
+            for call in calls:
+                await self._decide(conn, [call])
+            return
+        except Exception as exc:  # the database went away: every call of the round gets it
             self._fail(calls, exc)
             return
         for call, answer in answers:
