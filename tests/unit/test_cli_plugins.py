@@ -2,8 +2,9 @@
 
 A package's commands appear in ``--help`` and run; without the package (its entry points gone, as
 after ``pip uninstall``) they are gone and the rest of the CLI works; a broken entry point is named
-on stderr and skipped. Also the connection plumbing every command shares (``cli_support``): where
-the address, token and state dir come from, and how refusals read.
+on stderr and skipped. The CLI reads the entry points itself (start-up); a test holds it to what
+``importlib.metadata`` reads. Also the connection plumbing every command shares
+(``cli_support``): where the address, token and state dir come from, and how refusals read.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lodestar.common import cli_support
-from lodestar.common.cli import app
+from lodestar.common import cli, cli_support
+from lodestar.common.cli import CommandSource, app
 from lodestar.common.cli_support import (
     CORE,
     Client,
@@ -48,32 +49,34 @@ def listed(help_text: str) -> set[str]:
     return names
 
 
-def without_distribution(name: str) -> Callable[..., importlib.metadata.EntryPoints]:
-    """``entry_points`` as if the distribution ``name`` were uninstalled."""
-    real = importlib.metadata.entry_points
+def without_distribution(name: str) -> Callable[[], list[CommandSource]]:
+    """The installed command sources as if the distribution ``name`` were uninstalled."""
+    real = cli.installed_command_sources
 
-    def entry_points(**selection: str) -> importlib.metadata.EntryPoints:
-        found = real(**selection)
-        return importlib.metadata.EntryPoints(
-            e for e in found if e.dist is None or e.dist.name != name
-        )
+    def sources() -> list[CommandSource]:
+        return [source for source in real() if source.distribution != name]
 
-    return entry_points
+    return sources
 
 
-def with_extra(
-    *extra: importlib.metadata.EntryPoint,
-) -> Callable[..., importlib.metadata.EntryPoints]:
-    """``entry_points`` with ``extra`` entry points added to the ``lodestar.cli`` group."""
-    real = importlib.metadata.entry_points
+def with_extra(*extra: CommandSource) -> Callable[[], list[CommandSource]]:
+    """The installed command sources and ``extra``."""
+    real = cli.installed_command_sources
 
-    def entry_points(**selection: str) -> importlib.metadata.EntryPoints:
-        found = list(real(**selection))
-        if selection.get("group") == "lodestar.cli":
-            found += extra
-        return importlib.metadata.EntryPoints(found)
+    def sources() -> list[CommandSource]:
+        return [*real(), *extra]
 
-    return entry_points
+    return sources
+
+
+def test_the_entry_points_read_are_those_importlib_metadata_sees():
+    expected = {
+        (e.name, e.value, e.dist.name if e.dist else None)
+        for e in importlib.metadata.entry_points(group="lodestar.cli")
+    }
+    found = {(s.name, s.value, s.distribution) for s in cli.installed_command_sources()}
+    assert found == expected
+    assert {name for name, _, _ in found} >= CORE_COMMANDS | USAGE_COMMANDS
 
 
 def test_help_lists_every_installed_command_by_package():
@@ -88,7 +91,7 @@ def test_without_the_usage_tracker_package_its_commands_are_gone_and_the_rest_wo
     monkeypatch: pytest.MonkeyPatch,
 ):
     monkeypatch.setattr(
-        importlib.metadata, "entry_points", without_distribution("lodestar-usage-tracker")
+        cli, "installed_command_sources", without_distribution("lodestar-usage-tracker")
     )
     shown = invoke("--help")
     assert shown.exit_code == 0, shown.output
@@ -104,7 +107,7 @@ def test_without_the_usage_tracker_package_its_commands_are_gone_and_the_rest_wo
 
 
 def test_without_core_only_the_suite_wide_commands_remain(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(importlib.metadata, "entry_points", without_distribution("lodestar-core"))
+    monkeypatch.setattr(cli, "installed_command_sources", without_distribution("lodestar-core"))
     shown = invoke("--help")
     assert shown.exit_code == 0, shown.output
     assert listed(shown.output) & CORE_COMMANDS == set()
@@ -114,10 +117,8 @@ def test_without_core_only_the_suite_wide_commands_remain(monkeypatch: pytest.Mo
 def test_a_broken_entry_point_is_named_on_stderr_and_the_others_still_work(
     monkeypatch: pytest.MonkeyPatch,
 ):
-    broken = importlib.metadata.EntryPoint(
-        name="broken", value="lodestar_no_such_package.cli:app", group="lodestar.cli"
-    )
-    monkeypatch.setattr(importlib.metadata, "entry_points", with_extra(broken))
+    broken = CommandSource("broken", "lodestar_no_such_package.cli:app", "lodestar-broken")
+    monkeypatch.setattr(cli, "installed_command_sources", with_extra(broken))
     shown = invoke("--help")
     assert shown.exit_code == 0, shown.output
     assert "'broken' command" in shown.stderr
@@ -131,10 +132,8 @@ def test_a_broken_entry_point_is_named_on_stderr_and_the_others_still_work(
 
 
 def test_an_entry_point_never_replaces_a_command_of_the_cli_itself(monkeypatch: pytest.MonkeyPatch):
-    impostor = importlib.metadata.EntryPoint(
-        name="up", value="lodestar_core.cli:modules", group="lodestar.cli"
-    )
-    monkeypatch.setattr(importlib.metadata, "entry_points", with_extra(impostor))
+    impostor = CommandSource("up", "lodestar_core.cli:modules", "lodestar-impostor")
+    monkeypatch.setattr(cli, "installed_command_sources", with_extra(impostor))
     shown = invoke("up", "--help")
     assert shown.exit_code == 0, shown.output
     assert "Start core and every installed module" in shown.output
