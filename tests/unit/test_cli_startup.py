@@ -107,6 +107,13 @@ def test_help_lists_the_installed_packages_commands_and_imports_only_their_cli_m
     assert {"lodestar_core.cli", "lodestar_usage.cli"} <= set(names)
 
 
+def test_help_builds_no_commands_options_and_reads_entry_points_without_importlib_metadata():
+    """Listing commands needs their help only: typer's option coercion (pydantic) never loads."""
+    names = set(loaded_modules("--help"))
+    assert "pydantic" not in names
+    assert "importlib.metadata" not in names
+
+
 def test_a_command_imports_only_its_own_package():
     names = loaded_modules("budgets", "list", "--help")
     assert "lodestar_usage.cli" in names
