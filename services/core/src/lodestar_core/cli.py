@@ -145,6 +145,8 @@ class TailPlan:
     backlog: int = 0
     printed: int = 0
     acked: list[int] = field(default_factory=list)
+    #: Whether the current stream was opened (a failure after that starts the retry count anew).
+    opened: bool = False
 
     def wants(self, sequence: int) -> bool:
         """Whether the delivery at ``sequence`` is printed (else it is only acknowledged)."""
@@ -166,14 +168,14 @@ async def follow(client: Client, subscription: str, event_types: list[str], plan
 
     failures = 0
     while True:
+        plan.opened = False
         try:
             async with client.channel() as channel:
                 if await _tail_once(channel, subscription, event_types, plan):
                     return
             failures = 0
         except grpc.aio.AioRpcError as exc:
-            opened = plan.head is not None
-            failures = 1 if opened and failures == 0 else failures + 1
+            failures = 1 if plan.opened else failures + 1
             if exc.code().name not in RETRIED or failures >= TAIL_ATTEMPTS:
                 raise
         await asyncio.sleep(FIRST_BACKOFF_SECONDS * 2 ** max(failures - 1, 0))
@@ -200,6 +202,7 @@ async def _tail_once(
     call = stub.Subscribe(_requests(outbox))
     async for response in call:
         if response.WhichOneof("message") == "opened":
+            plan.opened = True
             if plan.head is None:
                 await _note_start(stub, subscription, plan)
             if plan.done():
