@@ -34,6 +34,8 @@ FIRST_BACKOFF_SECONDS = 0.2
 #: Status codes a tail retries (the server went away or restarted); others end it at once.
 RETRIED = frozenset({"UNAVAILABLE"})
 DEFAULT_TAIL_SUBSCRIPTION = "cli-tail"
+#: How long a finished tail waits for core to end the stream after its last acks.
+CLOSE_GRACE_SECONDS = 5.0
 
 
 @with_client(CORE)
@@ -186,6 +188,7 @@ async def _tail_once(
 ) -> bool:
     """One Subscribe stream: True when the plan is done, False when the server ended it."""
     import asyncio
+    import contextlib
 
     from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 
@@ -220,12 +223,19 @@ async def _tail_once(
             break
     else:
         return False
-    # Done: the last acks go out, then the stream is closed from this side and core ends it.
+    # Done: the last acks go out, then the stream is closed from this side and core ends it
+    # once it has applied them (or, should it not, the call is cancelled after a grace).
     _send_acks(outbox, plan)
     outbox.put_nowait(None)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_drain(call), CLOSE_GRACE_SECONDS)
+    call.cancel()
+    return True
+
+
+async def _drain(call: Any) -> None:
     async for _ in call:
         pass
-    return True
 
 
 async def _note_start(stub: Any, subscription: str, plan: TailPlan) -> None:
