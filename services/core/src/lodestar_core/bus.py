@@ -18,6 +18,7 @@ from prometheus_client import Counter, Gauge
 
 from lodestar.common.auth import Principal, Role, caller
 from lodestar.common.errors import (
+    DATABASE_UNREACHABLE,
     InvalidArgumentError,
     LodestarError,
     ModuleError,
@@ -31,9 +32,10 @@ from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.events.v1 import event_pb2
 from lodestar_core.identity import publish_refusals, require_module_identity, stamp
 from lodestar_core.registry import Registry
+from lodestar_core.replicas import ReplicaPresence
 from lodestar_core.settings import BusSettings
 from lodestar_core.store import AppendResult, EventStore
-from lodestar_core.subscriptions import SubscriptionRow, SubscriptionStore
+from lodestar_core.subscriptions import HoldLost, SubscriptionRow, SubscriptionStore
 from lodestar_core.validation import (
     TimeWindow,
     check_event_types,
@@ -104,11 +106,13 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         subscriptions: SubscriptionStore,
         registry: Registry,
         settings: BusSettings,
+        presence: ReplicaPresence,
     ) -> None:
         self._store = store
         self._subscriptions = subscriptions
         self._registry = registry
         self._settings = settings
+        self.presence = presence
         self._window = TimeWindow.from_settings(settings)
         self._sessions: dict[str, _Session] = {}
         self._opening: set[str] = set()
@@ -194,7 +198,20 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
                 yield response
         finally:
             self._sessions.pop(session.name, None)
+            await self._release(session)
             log.info("subscription disconnected", subscription=session.name)
+
+    async def _release(self, session: _Session) -> None:
+        """Give up the hold, so another replica may take the subscription over at once."""
+        try:
+            await self._subscriptions.release(session.name, session.epoch)
+        except DATABASE_UNREACHABLE as exc:  # the hold then lapses with this replica's heartbeat
+            log.warning("cannot release subscription", subscription=session.name, error=str(exc))
+
+    async def follow_other_replicas(self) -> None:
+        """While streams are open, pick up events other replicas appended."""
+        if self._sessions:
+            await self._store.refresh_head()
 
     async def _open(self, request: bus_pb2.SubscribeOpen, peer: str) -> _Session:
         _validate_open(request, self._settings)
@@ -220,13 +237,16 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
                     f"module {request.module!r} is not registered; register it before subscribing",
                     field="open.module",
                 )
-            start = self._store.head if request.start == bus_pb2.START_POSITION_LATEST else 0
+            latest = request.start == bus_pb2.START_POSITION_LATEST
+            start = await self._store.refresh_head() if latest else 0
             row = await self._subscriptions.open(
                 name,
                 request.module,
                 list(request.event_types),
                 start,
                 owner=principal.owner_scope,
+                replica=self.presence.id,
+                takeover_after=self.presence.takeover_after,
             )
             window = request.max_in_flight or self._settings.default_in_flight
             session = _Session(self, row, window, peer)
@@ -278,10 +298,10 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
 
     async def describe_subscriptions(self) -> list[bus_pb2.Subscription]:
         """Subscriptions as API messages; also refreshes the lag gauge."""
-        head = self._store.head
+        head = await self._store.refresh_head()  # other replicas may have appended
         dead = await self._subscriptions.dead_letter_counts()
         described = []
-        for row in await self._subscriptions.list():
+        for row in await self._subscriptions.list(self.presence.takeover_after):
             lag = await self._subscriptions.lag(row, head)
             SUBSCRIPTION_LAG.labels(row.name).set(lag)
             described.append(
@@ -292,7 +312,7 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
                     acked_sequence=row.acked_seq,
                     head_sequence=head,
                     lag=lag,
-                    connected=row.name in self._sessions,
+                    connected=row.connected,
                     dead_letters=dead.get(row.name, 0),
                 )
             )
@@ -406,6 +426,8 @@ class _Session:
         self.module = row.module
         self.event_types = row.event_types
         self.cursor = row.acked_seq
+        self.epoch = row.epoch
+        self.generation = bus.presence.generation
         self.peer = peer
         self._delivered = EVENTS_DELIVERED.labels(row.name)
         self._scan = row.acked_seq
@@ -436,7 +458,15 @@ class _Session:
         reader = asyncio.create_task(self._read(requests), name=f"acks-{self.name}")
         try:
             while not reader.done():
+                presence = self.bus.presence
+                if presence.generation != self.generation:  # we may have been taken for dead
+                    raise HoldLost(f"core replica {presence.id} lost its holds; reconnect")
                 deliveries = await self._next_deliveries()
+                if deliveries and not presence.may_deliver(self.generation):
+                    raise HoldLost(
+                        f"core replica {presence.id} cannot prove it is alive (the database is "
+                        "slow or away); reconnect"
+                    )
                 for chunk in _message_chunks(deliveries):
                     yield bus_pb2.SubscribeResponse(batch=bus_pb2.DeliveryBatch(deliveries=chunk))
                 self._delivered.inc(len(deliveries))
@@ -554,7 +584,7 @@ class _Session:
     async def _advance(self, position: int) -> None:
         if position > self.cursor:
             self.cursor = position
-            await self.bus._subscriptions.advance(self.name, position)
+            await self.bus._subscriptions.advance(self.name, position, self.epoch)
 
     async def _nack(self, seq: int, error: str, permanent: bool = False) -> None:
         item = self._in_flight.get(seq)

@@ -52,13 +52,41 @@ class Registry:
         self._pool = pool
         self._lease = lease
         self._enabled: dict[str, bool] = {}
+        self._seen: dict[str, registry_pb2.Module] = {}
         self._watchers: set[asyncio.Queue[registry_pb2.WatchModulesResponse | None]] = set()
         self.on_enabled_changed: Callable[[str], None] = lambda _name: None
 
     async def load(self) -> None:
         """Fill the cache from the database."""
-        rows = await self._pool.fetch("SELECT name, enabled FROM modules")
-        self._enabled = {r["name"]: r["enabled"] for r in rows}
+        self._seen = await self._current()
+        self._enabled = {name: m.enabled for name, m in self._seen.items()}
+
+    async def refresh(self) -> None:
+        """Catch up with what other core replicas changed: the enabled flags deliveries obey,
+        and the changes WatchModules streams (each announced once per replica)."""
+        current = await self._current()
+        for name, module in current.items():
+            before = self._seen.get(name)
+            if before is None:
+                self._announce(Change.MODULE_CHANGE_REGISTERED, module, if_new=True)
+            elif before.alive and not module.alive:
+                self._announce(Change.MODULE_CHANGE_LEASE_EXPIRED, module, if_new=True)
+            else:
+                self._announce(Change.MODULE_CHANGE_UPDATED, module, if_new=True)
+        for name in set(self._seen) - set(current):
+            self._announce(Change.MODULE_CHANGE_DEREGISTERED, self._seen[name], if_new=True)
+        changed = {
+            name
+            for name in set(self._enabled) | set(current)
+            if self._enabled.get(name) != (current[name].enabled if name in current else None)
+        }
+        self._enabled = {name: m.enabled for name, m in current.items()}
+        for name in changed:
+            self.on_enabled_changed(name)
+
+    async def _current(self) -> dict[str, registry_pb2.Module]:
+        rows = await self._pool.fetch(f"SELECT {MODULE_COLUMNS} FROM modules")  # noqa: S608
+        return {r["name"]: _module(r) for r in rows}
 
     async def exists(self, name: str) -> bool:
         """Whether ``name`` is registered."""
@@ -189,7 +217,7 @@ class Registry:
         for row in rows:
             module = _module(row)
             log.warning("module lease expired", module=module.name)
-            self._announce(Change.MODULE_CHANGE_LEASE_EXPIRED, module)
+            self._announce(Change.MODULE_CHANGE_LEASE_EXPIRED, module, if_new=True)
         return [r["name"] for r in rows]
 
     async def watch(self) -> AsyncIterator[registry_pb2.WatchModulesResponse]:
@@ -212,7 +240,18 @@ class Registry:
         finally:
             self._watchers.discard(queue)
 
-    def _announce(self, change: int, module: registry_pb2.Module) -> None:
+    def _announce(self, change: int, module: registry_pb2.Module, *, if_new: bool = False) -> None:
+        """Tell the watchers; with ``if_new``, only when they have not seen the module in this
+        state (a replica announces what it changed at once, what others changed on refresh)."""
+        before = self._seen.get(module.name)
+        if change == Change.MODULE_CHANGE_DEREGISTERED:
+            self._seen.pop(module.name, None)
+            if if_new and before is None:
+                return
+        else:
+            self._seen[module.name] = module
+            if if_new and _unchanged(before, module):
+                return
         message = registry_pb2.WatchModulesResponse(change=change, module=module)  # type: ignore[arg-type]
         for queue in list(self._watchers):
             if (
@@ -222,6 +261,17 @@ class Registry:
                 queue.put_nowait(None)  # the one slot kept free: ends its stream with an error
                 continue
             queue.put_nowait(message)
+
+
+def _unchanged(before: registry_pb2.Module | None, after: registry_pb2.Module) -> bool:
+    """Whether a watcher would see nothing new: health and lease renewals are not changes."""
+    return before is not None and (
+        before.version,
+        before.endpoint,
+        list(before.event_types),
+        before.enabled,
+        before.alive,
+    ) == (after.version, after.endpoint, list(after.event_types), after.enabled, after.alive)
 
 
 def check_module_name(name: str) -> None:

@@ -12,6 +12,7 @@ import grpc
 from lodestar.common import audit
 from lodestar.common.auth import Role
 from lodestar.common.deferred import DeferredServicer
+from lodestar.common.errors import DATABASE_UNREACHABLE
 from lodestar.common.lifecycle import ServiceModule
 from lodestar.common.logging import get_logger
 from lodestar.common.module import ModuleInfo
@@ -19,6 +20,7 @@ from lodestar.common.service_cli import ServiceSpec
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_grpc
 from lodestar_core.bus import EventBus
 from lodestar_core.registry import Registry, RegistryService
+from lodestar_core.replicas import ReplicaPresence
 from lodestar_core.settings import CoreSettings
 from lodestar_core.store import EventStore
 from lodestar_core.subscriptions import SubscriptionStore
@@ -55,6 +57,7 @@ class CoreModule(ServiceModule[CoreSettings]):
     def __init__(self, settings: CoreSettings) -> None:
         super().__init__(settings)
         self.store: EventStore | None = None
+        self.presence: ReplicaPresence | None = None
         self._bus_servicer = DeferredServicer(
             bus_pb2.DESCRIPTOR.services_by_name["EventBusService"], self.name
         )
@@ -90,7 +93,12 @@ class CoreModule(ServiceModule[CoreSettings]):
         self.store = store
         registry = Registry(pool, timedelta(seconds=self.settings.registry.lease_seconds))
         await registry.load()
-        bus = EventBus(store, SubscriptionStore(pool), registry, bus_settings)
+        presence = ReplicaPresence(
+            pool, bus_settings.replica_heartbeat_seconds, bus_settings.takeover_after_seconds
+        )
+        await presence.heartbeat()
+        self.presence = presence
+        bus = EventBus(store, SubscriptionStore(pool), registry, bus_settings, presence)
         registry.on_enabled_changed = bus.wake_module
         self._bus_servicer.target = bus
         self._registry_servicer.target = RegistryService(registry)
@@ -98,6 +106,9 @@ class CoreModule(ServiceModule[CoreSettings]):
         self.tasks.every(1.0, registry.expire_leases)
         self.tasks.every(3600.0, self._maintain_partitions)
         self.tasks.every(5.0, bus.describe_subscriptions)
+        self.tasks.every(bus_settings.replica_heartbeat_seconds, presence.heartbeat)
+        self.tasks.every(bus_settings.head_poll_seconds, bus.follow_other_replicas)
+        self.tasks.every(1.0, registry.refresh)
 
     async def _maintain_partitions(self) -> None:
         assert self.store is not None
@@ -111,9 +122,14 @@ class CoreModule(ServiceModule[CoreSettings]):
             log.info("partitions maintained", created=created, dropped=dropped)
 
     async def release(self) -> None:
-        """Stop the log writer (flushing what it holds)."""
+        """Stop the log writer (flushing what it holds) and leave the replicas."""
         if self.store is not None:
             await self.store.stop()
+        if self.presence is not None:
+            try:
+                await self.presence.leave()
+            except DATABASE_UNREACHABLE as exc:  # its holds then lapse after the takeover time
+                log.warning("cannot leave the replicas", error=str(exc))
 
 
 SPEC = ServiceSpec(CoreModule, CoreSettings)

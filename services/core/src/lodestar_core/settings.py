@@ -28,9 +28,20 @@ class BusSettings(BaseModel):
     max_event_age_days: int = Field(3650, ge=1, le=36_500)
     #: Clock-skew allowance: how far in the future an event's `time` and id may lie.
     max_clock_skew_seconds: float = Field(300.0, ge=0)
+    #: How often a replica records that it is alive (several replicas share one database).
+    replica_heartbeat_seconds: float = Field(1.0, gt=0, le=60)
+    #: A replica unseen this long is dead: its subscriptions may be claimed by another.
+    takeover_after_seconds: float = Field(5.0, gt=0, le=600)
+    #: While streams are open, how often a replica looks for events other replicas appended.
+    head_poll_seconds: float = Field(0.05, gt=0, le=10)
 
     @model_validator(mode="after")
     def _window_fits(self) -> BusSettings:
+        if self.takeover_after_seconds < 2 * self.replica_heartbeat_seconds:
+            raise ValueError(
+                "takeover_after_seconds must be at least twice replica_heartbeat_seconds, or a "
+                "live replica could be taken for dead between two heartbeats"
+            )
         if self.default_in_flight > self.max_in_flight:
             raise ValueError("default_in_flight must not exceed max_in_flight")
         if self.max_clock_skew_seconds > self.partitions_ahead_days * 86_400:

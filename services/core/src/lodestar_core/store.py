@@ -127,6 +127,15 @@ class EventStore:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(appended.wait(), timeout)
 
+    async def refresh_head(self) -> int:
+        """The head of the log as stored, which other replicas' appends also move; wakes the
+        waiters when it moved. Safe to read: appends commit in sequence order (APPEND_LOCK)."""
+        stored = await self._pool.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+        if stored > self.head:
+            self.head = stored
+            self._signal_append()
+        return self.head
+
     def _signal_append(self) -> None:
         self._appended.set()
         self._appended = asyncio.Event()

@@ -5,11 +5,17 @@ from __future__ import annotations
 import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 
 from lodestar.common import audit
-from lodestar.common.errors import NotFoundError, PermissionDeniedError
+from lodestar.common.errors import (
+    ModuleError,
+    NetworkError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,21 @@ class SubscriptionRow:
     module: str
     event_types: list[str]
     acked_seq: int
+    #: Whether a live core replica holds it (a stream is open).
+    connected: bool = False
+    #: Grows on every claim; a replica may move the cursor only with the epoch it claimed.
+    epoch: int = 0
+
+
+class SubscriptionHeld(ModuleError):
+    """A live replica streams the subscription already: one consumer at a time."""
+
+    reason = "SUBSCRIPTION_HELD"
+
+
+class HoldLost(NetworkError):
+    """This replica may no longer stream the subscription (claimed elsewhere, or this replica
+    could not prove it is alive): the stream ends UNAVAILABLE and the client reconnects."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +52,17 @@ class DeadLetterRow:
     attempts: int
     last_error: str
     envelope: bytes
+
+
+_COLUMNS = "name, module, event_types, acked_seq, epoch"
+
+
+def _live_holder(takeover_parameter: str) -> str:
+    """SQL true when row ``s``'s holder is a replica seen within the takeover time."""
+    return (
+        "EXISTS (SELECT 1 FROM core_replicas r WHERE r.id = s.holder "  # noqa: S608
+        f"AND r.seen_at > now() - {takeover_parameter}::interval)"
+    )
 
 
 class SubscriptionStore:
@@ -47,52 +79,88 @@ class SubscriptionStore:
         start_after: int,
         *,
         owner: str | None,
+        replica: str,
+        takeover_after: timedelta,
     ) -> SubscriptionRow:
-        """The subscription ``name``, created at ``start_after`` if new; filters are updated.
+        """Claim the subscription ``name`` for ``replica``, creating it at ``start_after`` if new.
 
         A subscription belongs to the principal that created it (``owner``); ``owner=None`` is an
         admin, who may open any subscription and creates subscriptions only admins may open.
+        The claim succeeds when no live replica holds it (one unseen for ``takeover_after`` is
+        dead) and grows its epoch; otherwise SubscriptionHeld, and nothing changes.
         """
-        row = await self._pool.fetchrow(
-            """INSERT INTO subscriptions (name, module, event_types, acked_seq, owner)
-               VALUES ($1, $2, $3, $4, coalesce($5, ''))
-               ON CONFLICT (name) DO UPDATE
-                 SET module = EXCLUDED.module, event_types = EXCLUDED.event_types,
-                     updated_at = now()
-                 WHERE $5::text IS NULL OR subscriptions.owner = $5
-               RETURNING name, module, event_types, acked_seq""",
-            name,
-            module,
-            list(event_types),
-            start_after,
-            owner,
-        )
-        if row is None:
-            holder = await self._pool.fetchval(
-                "SELECT owner FROM subscriptions WHERE name = $1", name
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """INSERT INTO subscriptions (name, module, event_types, acked_seq, owner)
+                   VALUES ($1, $2, $3, $4, coalesce($5, ''))
+                   ON CONFLICT (name) DO UPDATE
+                     SET module = EXCLUDED.module, event_types = EXCLUDED.event_types,
+                         updated_at = now()
+                     WHERE $5::text IS NULL OR subscriptions.owner = $5
+                   RETURNING name""",
+                name,
+                module,
+                list(event_types),
+                start_after,
+                owner,
             )
-            raise PermissionDeniedError(
-                f"subscription {name!r} belongs to {holder or 'the admins'!r}; {owner} may not "
-                "open it (choose another subscription name)",
-                field="open.subscription",
+            if row is None:
+                holder = await conn.fetchval(
+                    "SELECT owner FROM subscriptions WHERE name = $1", name
+                )
+                raise PermissionDeniedError(
+                    f"subscription {name!r} belongs to {holder or 'the admins'!r}; {owner} may "
+                    "not open it (choose another subscription name)",
+                    field="open.subscription",
+                )
+            claimed = await conn.fetchrow(
+                f"""UPDATE subscriptions s SET holder = $2, epoch = epoch + 1
+                    WHERE name = $1 AND (holder IS NULL OR holder = $2 OR NOT {_live_holder("$3")})
+                    RETURNING {_COLUMNS}, true AS connected""",  # noqa: S608
+                name,
+                replica,
+                takeover_after,
             )
-        return _subscription(row)
+            if claimed is None:
+                holder = await conn.fetchval(
+                    "SELECT holder FROM subscriptions WHERE name = $1", name
+                )
+                raise SubscriptionHeld(
+                    f"subscription {name!r} is connected on core replica {holder}; one consumer "
+                    "at a time",
+                    field="open.subscription",
+                )
+        return _subscription(claimed)
 
-    async def list(self) -> list[SubscriptionRow]:
-        """Every subscription, by name."""
+    async def release(self, name: str, epoch: int) -> None:
+        """Give up this replica's hold, if it still has it."""
+        await self._pool.execute(
+            "UPDATE subscriptions SET holder = NULL WHERE name = $1 AND epoch = $2", name, epoch
+        )
+
+    async def list(self, takeover_after: timedelta) -> list[SubscriptionRow]:
+        """Every subscription, by name; ``connected`` when a live replica holds it."""
         rows = await self._pool.fetch(
-            "SELECT name, module, event_types, acked_seq FROM subscriptions ORDER BY name"
+            f"SELECT {_COLUMNS}, holder IS NOT NULL AND {_live_holder('$1')} AS connected "  # noqa: S608
+            "FROM subscriptions s ORDER BY name",
+            takeover_after,
         )
         return [_subscription(r) for r in rows]
 
-    async def advance(self, name: str, acked_seq: int) -> None:
-        """Move the cursor forward to ``acked_seq`` (never backwards)."""
-        await self._pool.execute(
-            "UPDATE subscriptions SET acked_seq = $2, updated_at = now() "
-            "WHERE name = $1 AND acked_seq < $2",
+    async def advance(self, name: str, acked_seq: int, epoch: int) -> None:
+        """Move the cursor forward to ``acked_seq`` (never backwards) under the claim ``epoch``.
+
+        Raises HoldLost when another replica has claimed the subscription since.
+        """
+        status = await self._pool.execute(
+            "UPDATE subscriptions SET acked_seq = greatest(acked_seq, $2), updated_at = now() "
+            "WHERE name = $1 AND epoch = $3",
             name,
             acked_seq,
+            epoch,
         )
+        if status == "UPDATE 0":
+            raise HoldLost(f"subscription {name!r} was claimed by another core replica; reconnect")
 
     async def failure_counts(self, name: str, after: int) -> dict[int, int]:
         """Recorded failed attempts of events after the cursor, by sequence."""
@@ -291,4 +359,6 @@ def _subscription(row: asyncpg.Record) -> SubscriptionRow:
         module=row["module"],
         event_types=list(row["event_types"]),
         acked_seq=row["acked_seq"],
+        connected=row["connected"],
+        epoch=row["epoch"],
     )

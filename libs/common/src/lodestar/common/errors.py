@@ -17,6 +17,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+#: The ``google.rpc.ErrorInfo`` domain of Lodestar's errors.
+DOMAIN = "lodestar"
 #: Exceptions that mean the database went away, not that the request was wrong.
 DATABASE_UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -46,6 +48,9 @@ class LodestarError(Exception):
     """Base of every error Lodestar raises on purpose."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: A machine-readable cause (``google.rpc.ErrorInfo.reason``, UPPER_SNAKE_CASE) for clients
+    #: that act on it, e.g. a standby consumer waiting for a held subscription.
+    reason: str | None = None
 
     def __init__(
         self,
@@ -170,8 +175,20 @@ def rich_status(error: BaseException) -> grpc.Status:
             details.append(_packed(_bad_request(violations)))
         if error.retry_after is not None:
             details.append(_packed(_retry_info(error.retry_after)))
+        if error.reason is not None:
+            details.append(_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)))
     status = status_pb2.Status(code=_code_number(code), message=message, details=details)
     return rpc_status.to_status(status)
+
+
+def error_reason(status: status_pb2.Status) -> str | None:
+    """The ``google.rpc.ErrorInfo`` reason a ``google.rpc.Status`` carries, if any."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return None
 
 
 def bad_request_violations(status: status_pb2.Status) -> list[FieldViolation]:
@@ -200,7 +217,11 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     return error_details_pb2.RetryInfo(retry_delay=delay)
 
 
-def _packed(message: error_details_pb2.BadRequest | error_details_pb2.RetryInfo) -> any_pb2.Any:
+def _packed(
+    message: error_details_pb2.BadRequest
+    | error_details_pb2.RetryInfo
+    | error_details_pb2.ErrorInfo,
+) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed

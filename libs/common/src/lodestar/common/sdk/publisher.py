@@ -52,6 +52,7 @@ from lodestar.common.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
     bad_request_violations,
+    error_reason,
 )
 from lodestar.common.events import new_event
 from lodestar.common.logging import get_logger
@@ -107,6 +108,12 @@ def retry_delay(exc: grpc.aio.AioRpcError) -> float | None:
             detail.Unpack(info)
             return float(info.retry_delay.ToTimedelta().total_seconds())
     return None
+
+
+def reason_of(exc: grpc.aio.AioRpcError) -> str | None:
+    """The ``google.rpc.ErrorInfo`` reason of a refusal (``SUBSCRIPTION_HELD`` …), if any."""
+    status = _rich_status(exc)
+    return error_reason(status) if status is not None else None
 
 
 def refusal_of(exc: grpc.aio.AioRpcError) -> Refusal:

@@ -30,6 +30,7 @@ from opentelemetry import trace
 
 from lodestar.common.events import unpack
 from lodestar.common.logging import get_logger
+from lodestar.common.sdk.publisher import reason_of
 from lodestar.common.telemetry import context_from_event, telemetry_enabled, tracer
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.events.v1 import event_pb2
@@ -43,6 +44,8 @@ FATAL = frozenset(
     }
 )
 MAX_BACKOFF_SECONDS = 5.0
+#: The refusal of a subscription another consumer holds: wait as a standby, then take over.
+SUBSCRIPTION_HELD = "SUBSCRIPTION_HELD"
 #: The span a batch handler runs under when its batch holds several traced events.
 BATCH_SPAN = "lodestar.handle.batch"
 
@@ -125,27 +128,36 @@ class Subscriber:
     async def run(self) -> None:
         """Consume, reconnecting with backoff; raises on errors a retry cannot fix."""
         backoff = 0.1
+        standing_by = False
         while not self._stopping.is_set():
             try:
                 await self._consume_once()
-                backoff = 0.1
+                backoff, standing_by = 0.1, False
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL:
                     raise
-                # A stream that was open and ends UNAVAILABLE is routine: the server closes
-                # connections at their maximum age, or is rolling over.
-                routine = self.connected.is_set() and exc.code() == grpc.StatusCode.UNAVAILABLE
-                (log.info if routine else log.warning)(
-                    "subscription interrupted; reconnecting",
-                    code=exc.code().name,
-                    details=exc.details(),
-                    subscription=self._open.subscription,
-                )
+                if reason_of(exc) == SUBSCRIPTION_HELD:  # another replica of us consumes
+                    if not standing_by:
+                        log.info("standing by: the subscription is held", details=exc.details())
+                    standing_by = True
+                else:
+                    self._log_interruption(exc)
             finally:
                 self.connected.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    def _log_interruption(self, exc: grpc.aio.AioRpcError) -> None:
+        # A stream that was open and ends UNAVAILABLE is routine: the server closes connections
+        # at their maximum age, or is rolling over.
+        routine = self.connected.is_set() and exc.code() == grpc.StatusCode.UNAVAILABLE
+        (log.info if routine else log.warning)(
+            "subscription interrupted; reconnecting",
+            code=exc.code().name,
+            details=exc.details(),
+            subscription=self._open.subscription,
+        )
 
     async def _consume_once(self) -> None:
         outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None] = asyncio.Queue()
