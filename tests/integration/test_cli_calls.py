@@ -341,3 +341,34 @@ async def test_audit_names_the_service_it_could_not_reach(cli_env):
     code, _, err = await lodestar("audit", env={**cli_env, "LODESTAR_USAGE_ENDPOINT": address})
     assert code == 1
     assert one_line(err).startswith(f"cannot reach usage-tracker at {address}")
+
+
+async def test_tail_into_a_reader_that_goes_away_ends_quietly(cli_env, publisher_channel):
+    """`lodestar events tail | head -n 1`: once head has gone the tail ends, status 0, no trace."""
+    await publish(publisher_channel, *(f"m{i}" for i in range(3)))
+    command = (
+        f"{sys.executable} -m lodestar.common.cli events tail --from-start --subscription cli-pipe"
+        ' | head -n 1; echo "tail-status=${PIPESTATUS[0]}" >&2'
+    )
+    shell = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        command,
+        env={**os.environ, **cli_env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert shell.stdout is not None
+        first = await asyncio.wait_for(shell.stdout.readline(), 30)
+        assert json.loads(first)["data"]["model"] == "m0"
+        await publish(publisher_channel, "after-head-left")
+        _, err = await asyncio.wait_for(shell.communicate(), 30)
+    finally:
+        if shell.returncode is None:
+            shell.kill()
+            await shell.wait()
+    errors = err.decode()
+    assert "tail-status=0" in errors, errors
+    assert "Traceback" not in errors
+    assert "BrokenPipe" not in errors

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from lodestar.common.cli_support import CORE, Client, fail, stdout_console, with_client
+from lodestar.common.cli_support import (
+    CORE,
+    Client,
+    fail,
+    print_line,
+    stdout_console,
+    with_client,
+)
 
 if TYPE_CHECKING:
     import grpc
@@ -278,7 +285,7 @@ def print_event(delivery: bus_pb2.Delivery) -> None:
         "time": event.time.ToJsonString() if event.HasField("time") else None,
         "data": json_format.MessageToDict(unpack(event), preserving_proto_field_name=True),
     }
-    print(json.dumps(line), flush=True)
+    print_line(json.dumps(line))
 
 
 @with_client(CORE)

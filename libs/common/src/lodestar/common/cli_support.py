@@ -430,6 +430,16 @@ _SHARED: list[tuple[str, Any, Any]] = [
 ]
 
 
+def print_line(text: str) -> None:
+    """Print ``text`` to stdout now; when the reader has gone (``| head``), exit quietly with 0."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Nothing more can be written; stdout points at /dev/null so the exit flush is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+
+
 def stdout_console() -> Console:
     """The console commands print tables to (wide when not a terminal, so lines do not wrap)."""
     return Console(width=None if sys.stdout.isatty() else 160)
