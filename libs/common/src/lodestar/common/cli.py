@@ -597,8 +597,13 @@ def _print_ready(
 
 
 def main() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point. Output piped into a reader that stops early (``| head``) ends the
+    command quietly with status 0."""
+    try:
+        app()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":
