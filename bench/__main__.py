@@ -22,6 +22,7 @@ from bench.core_bench import (
     sample_events,
 )
 from bench.nats_bench import bench_jetstream, jetstream_available
+from bench.replica_bench import run_replica_benchmarks
 from bench.usage_bench import run_usage_benchmarks
 from lodestar.common.testing import postgres_server, scratch_database
 
@@ -67,8 +68,10 @@ def run() -> None:
     run_cli_benchmarks(lambda text: print(text, flush=True))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        with postgres_server(workdir) as admin_dsn, scratch_database(admin_dsn) as dsn:
-            asyncio.run(main(dsn, workdir))
+        with postgres_server(workdir) as admin_dsn:
+            with scratch_database(admin_dsn) as dsn:
+                asyncio.run(main(dsn, workdir))
+            run_replica_benchmarks(admin_dsn, workdir, EVENTS // 2, line)
     asyncio.run(run_usage_benchmarks(print))
 
 
