@@ -35,7 +35,12 @@ from lodestar_core.registry import Registry
 from lodestar_core.replicas import ReplicaPresence
 from lodestar_core.settings import BusSettings
 from lodestar_core.store import AppendResult, EventStore
-from lodestar_core.subscriptions import HoldLost, SubscriptionRow, SubscriptionStore
+from lodestar_core.subscriptions import (
+    HoldLost,
+    SubscriptionHeld,
+    SubscriptionRow,
+    SubscriptionStore,
+)
 from lodestar_core.validation import (
     TimeWindow,
     check_event_types,
@@ -224,7 +229,7 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
             await self._require_room(principal.name)
         if name in self._sessions or name in self._opening:
             session = self._sessions.get(name)
-            raise ModuleError(
+            raise SubscriptionHeld(
                 f"subscription {name!r} is already connected "
                 f"({session.peer if session else 'opening'}); one consumer at a time",
                 field="open.subscription",
