@@ -3,13 +3,15 @@
 Each process queues the admission calls it receives; a round takes what is queued (up to
 ``max_batch``) and decides all of it in one Postgres transaction:
 
-1. the budget generation and ``now()`` (budget definitions are cached per process and reloaded
-   when the generation a trigger bumps has changed);
-2. the reservations being committed or released, locked in id order;
-3. the counters every call of the round touches, locked once in key order (the order every
-   writer uses), then read with the expired holds subtracted;
-4. every decision made in memory, in arrival order, against those locked counters;
-5. one statement writing the new holds, the finished reservations and the counter deltas.
+1. one call of ``admission_lock`` (migration 0007): the reservations being committed or released
+   locked in id order, then every counter the round touches locked once in key order (the order
+   every writer uses); then the round's ``now()``, the budget generation, those reservations and
+   the counters with the expired holds subtracted, read after the locks;
+2. budget definitions are cached per process and reloaded when the generation (bumped by a
+   trigger on every change of ``budgets``) has moved; a round whose calls then need other
+   counters than it locked is run again;
+3. every decision made in memory, in arrival order, against those locked counters;
+4. one statement writing the new holds, the finished reservations and the counter deltas.
 
 Postgres stays the arbiter: the counters are locked for the whole round, so rounds of several
 replicas (and the older single-call paths) touching one budget are decided one after the other,
@@ -28,7 +30,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from asyncpg.exceptions import DeadlockDetectedError
@@ -48,29 +50,17 @@ Counted = tuple[BudgetDef, str, datetime, datetime]
 Plan = list[tuple[BudgetDef, str, datetime | None, datetime | None]]
 #: A round retried after a deadlock (a lock-order clash with ingest's settlement) or after
 #: creating missing counters.
-ROUND_ATTEMPTS = 5
+ROUND_ATTEMPTS = 8
 #: A call is refused at once when its deadline leaves less than this many times the expected wait
 #: (the answer still has to be sent, by a process that is busy).
 DEADLINE_MARGIN = 2.0
 #: The smallest retry delay a shed call is told.
 MIN_RETRY_SECONDS = 0.05
 
-#: The round's time and budget generation; synchronous_commit for this transaction only.
-HEAD = (
-    "SELECT now() AS now, generation, set_config('synchronous_commit', $1, true) "
-    "FROM budget_generation"
-)
-LOCK_RESERVATIONS = (
-    "WITH l AS (SELECT id, state, amount_micros, amount_tokens, owner, "
-    "state = 'active' AND lease_expires_at <= now() AS lapsed FROM reservations "
-    "WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE) "
-    "SELECT l.*, rb.budget_id, rb.scope_value, rb.window_start FROM l "
-    "LEFT JOIN reservation_budgets rb ON rb.reservation_id = l.id AND rb.window_start IS NOT NULL"
-)
-LOCK_COUNTERS = (
-    "SELECT 1 FROM budget_counters c JOIN unnest($1::uuid[], $2::text[], $3::timestamptz[]) "
-    "AS k(b, v, w) ON c.budget_id = k.b AND c.scope_value = k.v AND c.window_start = k.w "
-    "ORDER BY c.budget_id, c.scope_value, c.window_start FOR UPDATE OF c"
+#: Starts a round (migration 0007): locks, then the round's time, generation, reservations and
+#: counters as rows of kind 'head', 'reservation' and 'counter'.
+ADMISSION_LOCK = (
+    "SELECT * FROM admission_lock($1, $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[])"
 )
 WRITE = (
     "WITH new AS (INSERT INTO reservations (id, owner, project, user_id, session_id, model, "
@@ -178,6 +168,10 @@ class _Locked:
     keys: list[Key] = field(default_factory=list)
 
 
+class _Replan(Exception):
+    """The round locked other counters than its calls need (budgets or the window changed)."""
+
+
 class _MissingCounters(Exception):
     def __init__(self, missing: list[Counted]) -> None:
         super().__init__("counters missing")
@@ -201,17 +195,13 @@ def _zero() -> list[int]:
     return [0, 0, 0, 0]
 
 
-def _wanted(plans: list[Plan | None], locked: list[_Locked]) -> dict[Key, Counted | None]:
-    """Every counter the round touches: the reserves' (with what initialises a missing one) and
-    the finished reservations' (None: a missing one is left alone, as its budget changed)."""
-    wanted: dict[Key, Counted | None] = {}
+def _wanted(plans: list[Plan | None]) -> dict[Key, Counted]:
+    """The counters the reserves of a round touch, with what initialises a missing one."""
+    wanted: dict[Key, Counted] = {}
     for plan in plans:
         for budget, value, start, end in plan or ():
             if start is not None and end is not None:
                 wanted[(budget.id, value, start)] = (budget, value, start, end)
-    for reservation in locked:
-        for key in reservation.keys:
-            wanted.setdefault(key, None)
     return wanted
 
 
@@ -244,6 +234,8 @@ class Admitter:
         #: takes to drain (it includes the gRPC work between rounds, which competes for the CPU).
         self._rate = 1000.0
         self._last_done = 0.0
+        #: The database's time of the last round that had to plan again (clocks may differ).
+        self._now_hint: datetime | None = None
 
     @property
     def queued(self) -> int:
@@ -367,7 +359,7 @@ class Admitter:
         began = time.perf_counter()
         try:
             answers = await self._round_with_retries(conn, calls)
-        except (DeadlockDetectedError, _MissingCounters) as exc:
+        except (DeadlockDetectedError, _MissingCounters, _Replan) as exc:
             failure = StorageError("admission could not settle its counters; retry")
             failure.__cause__ = exc
             self._fail(calls, failure)
@@ -409,7 +401,7 @@ class Admitter:
         self, conn: asyncpg.Connection, calls: list[_Call]
     ) -> list[tuple[_Call, object]]:
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type((DeadlockDetectedError, _MissingCounters)),
+            retry=retry_if_exception_type((DeadlockDetectedError, _MissingCounters, _Replan)),
             stop=stop_after_attempt(ROUND_ATTEMPTS),
             reraise=True,
         ):
@@ -428,22 +420,71 @@ class Admitter:
         reserves = [c for c in calls if isinstance(c, _Reserve)]
         finishes = [c for c in calls if isinstance(c, _Finish)]
         async with conn.transaction():
-            head = await conn.fetchrow(HEAD, "on" if self._durable else "off")
-            assert head is not None
-            if head["generation"] != self._cache.generation:
-                await self._cache.load(conn, head["generation"])
-            now: datetime = head["now"]
-            locked = await self._lock_reservations(conn, finishes)
+            guess = {id(c): self._plan(c, self._now_hint or datetime.now(UTC)) for c in reserves}
+            locked_keys = set(_wanted(list(guess.values())))
+            now, generation, locked, counters = await self._lock(conn, finishes, locked_keys)
+            if generation != self._cache.generation:
+                await self._cache.load(conn, generation)
             plans = {id(c): self._plan(c, now) for c in reserves}
-            wanted = _wanted(list(plans.values()), list(locked.values()))
-            counters = await self._lock_counters(conn, wanted)
+            wanted = _wanted(list(plans.values()))
+            if not wanted.keys() <= locked_keys:  # budgets or the window changed meanwhile
+                self._now_hint = now
+                raise _Replan()
+            missing = [item for key, item in wanted.items() if key not in counters]
+            if missing:
+                raise _MissingCounters(missing)
             state = _Round(now, counters)
             for finish in finishes:
                 self._finish(finish, locked, state)
             for reserve in reserves:
                 self._admit(reserve, plans[id(reserve)], state)
             await self._write(conn, state)
+        self._now_hint = None
         return state.answers
+
+    async def _lock(
+        self, conn: asyncpg.Connection, finishes: list[_Finish], keys: set[Key]
+    ) -> tuple[datetime, int, dict[uuid.UUID, _Locked], dict[Key, list[int]]]:
+        """Lock what the round touches (one call); the round's time and budget generation, the
+        finished reservations, and every counter ``[spent_micros, spent_tokens, held_micros,
+        held_tokens]`` with lapsed holds subtracted."""
+        ordered = sorted(keys, key=lambda k: (k[0].bytes, k[1], k[2]))
+        rows = await conn.fetch(
+            ADMISSION_LOCK,
+            "on" if self._durable else "off",
+            sorted({f.key for f in finishes}),
+            [k[0] for k in ordered],
+            [k[1] for k in ordered],
+            [k[2] for k in ordered],
+        )
+        now, generation = datetime.now(UTC), -1
+        locked: dict[uuid.UUID, _Locked] = {}
+        counters: dict[Key, list[int]] = {}
+        for row in rows:
+            if row["kind"] == "head":
+                now, generation = row["now_"], row["generation_"]
+            elif row["kind"] == "counter":
+                key = (row["budget_id"], row["scope_value"], row["window_start"])
+                counters[key] = [
+                    row["spent_micros"],
+                    row["spent_tokens"],
+                    row["held_micros"],
+                    row["held_tokens"],
+                ]
+            else:
+                held = locked.setdefault(
+                    row["id"],
+                    _Locked(
+                        row["state"],
+                        row["amount_micros"],
+                        row["amount_tokens"],
+                        row["owner"],
+                        row["lapsed"],
+                    ),
+                )
+                if row["budget_id"] is not None:
+                    held.keys.append((row["budget_id"], row["scope_value"], row["window_start"]))
+        return now, generation, locked, counters
 
     def _plan(self, call: _Reserve, now: datetime) -> Plan | None:
         """The applicable budgets with their windows, or None for the slow path."""
@@ -458,48 +499,6 @@ class Admitter:
             else:
                 plan.append((budget, value, None, None))
         return plan
-
-    async def _lock_reservations(
-        self, conn: asyncpg.Connection, finishes: list[_Finish]
-    ) -> dict[uuid.UUID, _Locked]:
-        if not finishes:
-            return {}
-        locked: dict[uuid.UUID, _Locked] = {}
-        for rec in await conn.fetch(LOCK_RESERVATIONS, sorted({f.key for f in finishes})):
-            held = locked.setdefault(
-                rec["id"],
-                _Locked(
-                    rec["state"],
-                    rec["amount_micros"],
-                    rec["amount_tokens"],
-                    rec["owner"],
-                    rec["lapsed"],
-                ),
-            )
-            if rec["budget_id"] is not None:
-                held.keys.append((rec["budget_id"], rec["scope_value"], rec["window_start"]))
-        return locked
-
-    async def _lock_counters(
-        self,
-        conn: asyncpg.Connection,
-        wanted: dict[Key, Counted | None],
-    ) -> dict[Key, list[int]]:
-        """Lock the counters in key order, then read them with expired holds subtracted:
-        ``[spent_micros, spent_tokens, held_micros, held_tokens]`` per key."""
-        if not wanted:
-            return {}
-        keys = sorted(wanted, key=lambda k: (k[0].bytes, k[1], k[2]))
-        columns = ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
-        await conn.execute(LOCK_COUNTERS, *columns)
-        counters = {
-            (r[0], r[1], r[2]): [r[3], r[4], int(r[5]), int(r[6])]
-            for r in await conn.fetch(budgets.READ_COUNTERS, *columns)
-        }
-        missing = [item for key, item in wanted.items() if item is not None and key not in counters]
-        if missing:
-            raise _MissingCounters(missing)
-        return counters
 
     def _finish(self, call: _Finish, locked: dict[uuid.UUID, _Locked], state: _Round) -> None:
         held = locked.get(call.key)
