@@ -21,7 +21,7 @@ def test_the_version_comes_from_the_package_metadata():
 
 def test_its_migrations_are_read_from_the_declaration():
     assert SPEC.migrations == HealthMonitorModule.migrations == MIGRATIONS
-    assert [m.name for m in load_migrations(MIGRATIONS)] == ["0001_init.sql"]
+    assert [m.name for m in load_migrations(MIGRATIONS)] == ["0001_init.sql", "0002_leases.sql"]
 
 
 def test_its_defaults_give_it_a_schema_and_ports_of_its_own():
