@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from lodestar.common.auth import Role
 from lodestar.common.cli import free_port
 from lodestar.common.db import apply_migrations, create_pool
+from lodestar.common.errors import ResourceExhaustedError
 from lodestar.common.sdk import connect
 from lodestar.common.testing import start_in_process
 from lodestar.usage.v1 import usage_pb2 as u
@@ -378,3 +380,31 @@ async def test_a_budget_changed_through_one_replica_applies_at_once_on_another(
         freed = await gate.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=10**6))
         assert freed.granted
         assert list(freed.budget_ids) == []
+
+
+async def test_a_call_whose_deadline_is_shorter_than_the_wait_is_refused_at_once(
+    database_url: str, schema: str
+) -> None:
+    pool = await create_pool(database_url, f"{schema}_dl", max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await apply_migrations(conn, f"{schema}_dl", MIGRATIONS)
+        admitter = Admitter(pool, max_batch=1, rounds_in_flight=1)
+        lease = timedelta(seconds=30)
+        backlog = [
+            asyncio.create_task(admitter.reserve(HUNDRED, lease, "gateway", None))
+            for _ in range(50)
+        ]
+        await asyncio.sleep(0)  # they are queued
+        assert admitter.queued >= 40
+        shed_before = metrics.ADMISSION_SHED.labels("deadline")._value.get()
+        with pytest.raises(ResourceExhaustedError) as info:
+            await admitter.reserve(HUNDRED, lease, "gateway", time.monotonic() + 0.001)
+        assert "deadline is shorter than the expected wait" in info.value.message
+        assert (info.value.retry_after or 0) > 0
+        assert metrics.ADMISSION_SHED.labels("deadline")._value.get() == shed_before + 1
+        patient = await admitter.reserve(HUNDRED, lease, "gateway", time.monotonic() + 60)
+        assert patient.granted
+        assert all(a.granted for a in await asyncio.gather(*backlog))
+    finally:
+        await pool.close()
