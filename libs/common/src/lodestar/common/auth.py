@@ -353,8 +353,10 @@ def write_credentials_document(path: Path, document: Mapping[str, Any]) -> None:
 
 
 def write_private_file(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically: readers see the old or the new file, never a
-    part; the file is readable by its owner only."""
+    """Replace ``path`` by ``text`` atomically: readers see the old or the new file, never a part.
+
+    The file is readable by its owner only.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
@@ -447,8 +449,7 @@ def bearer_token(metadata: Any) -> str | None:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Rejects calls without a valid token, over their principal's rate, or whose role the method
-    does not allow.
+    """Rejects calls without a valid token, over their principal's rate, or barred to their role.
 
     ``method_roles`` maps full method names (``/pkg.Service/Method``) to the roles allowed; a
     method missing from it is open to admin only. Admin is allowed everywhere. Every
@@ -470,6 +471,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        """The method's handler, or one that refuses the call with the reason."""
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(UNAUTHENTICATED_PREFIXES):
@@ -553,8 +555,10 @@ def _metered(
 def _refusal(
     handler: grpc.RpcMethodHandler[Any, Any], error: LodestarError
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same RPC kind as ``handler`` that fails with ``error``'s status and
-    ``google.rpc`` details."""
+    """A handler of the same RPC kind as ``handler`` that fails with ``error``'s status.
+
+    The status carries ``error``'s ``google.rpc`` details.
+    """
     status = rich_status(error)
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -584,10 +588,13 @@ class BearerToken(grpc.AuthMetadataPlugin):
     def __call__(
         self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback
     ) -> None:
+        """Hand the ``authorization`` metadata of every call to ``callback``."""
         callback((("authorization", f"Bearer {self._token}"),), None)
 
 
 def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """Per-call metadata carrying ``token`` (for plaintext channels, where call credentials
-    cannot be used)."""
+    """Per-call metadata carrying ``token``; none without a token.
+
+    It is for plaintext channels, where call credentials cannot be used.
+    """
     return (("authorization", f"Bearer {token}"),) if token else ()

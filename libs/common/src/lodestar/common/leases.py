@@ -128,8 +128,11 @@ class Lease:
     async def run_while_held(
         self, work: Callable[[Held], Coroutine[Any, Any, None]], stop: asyncio.Event
     ) -> None:
-        """Until ``stop``: stand by for the lease, run ``work`` while holding it, cancel ``work``
-        as soon as the lease is lost, and stand by again. Releases the lease on stop."""
+        """Until ``stop``, run ``work`` whenever this replica holds the lease.
+
+        It stands by for the lease, runs ``work`` while holding it, cancels ``work`` as soon as
+        the lease is lost, and stands by again. Releases the lease on stop.
+        """
         try:
             while not stop.is_set():
                 held = await self._stand_by(stop)

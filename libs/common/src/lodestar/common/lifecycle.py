@@ -1,5 +1,7 @@
-"""The lifecycle every service shares, written once: background tasks that survive their
-failures, the database and core links, and readiness derived from them.
+"""The lifecycle every service shares, written once.
+
+It covers background tasks that survive their failures, the database and core links, and
+readiness derived from them.
 
 A service subclasses ``ServiceModule``, declares its ``info`` (name, migrations; the version comes
 from package metadata) and implements ``wire`` (build its parts on the open database, schedule its
@@ -74,14 +76,20 @@ class BackgroundTasks:
     def keep_running(
         self, name: str, run: Awaitable[None], stop: Callable[[], None] | None = None
     ) -> None:
-        """Run ``run`` (traced as usual) until it ends. On ``stop`` it is asked to end through
-        ``stop`` and cancelled if still running after the wait; without ``stop``, cancelled."""
+        """Run ``run`` (traced as usual) until it ends.
+
+        On ``stop`` it is asked to end through ``stop`` and cancelled if still running after the
+        wait; without ``stop``, cancelled.
+        """
         task = asyncio.create_task(self._supervise(name, run), name=name)
         self._long_running.append(_LongRunning(task, stop))
 
     async def stop(self, wait_seconds: float = STOP_WAIT_SECONDS) -> None:
-        """Cancel the periodic jobs; ask long-running tasks to end, cancel those still running
-        after ``wait_seconds``; returns once all have ended."""
+        """Cancel the periodic jobs and end the long-running tasks; returns once all have ended.
+
+        Long-running tasks are asked to end; those still running after ``wait_seconds`` are
+        cancelled.
+        """
         for job in self._periodic:
             job.cancel()
         for entry in self._long_running:
@@ -134,8 +142,10 @@ async def database_error(pool: asyncpg.Pool | None) -> str | None:
 
 
 class CoreLink:
-    """A module's channel to core and its registration there (name and version from its info),
-    renewed by a ModuleAgent for as long as the module runs."""
+    """A module's channel to core and its registration there (name and version from its info).
+
+    The registration is renewed by a ModuleAgent for as long as the module runs.
+    """
 
     def __init__(
         self,
@@ -156,8 +166,10 @@ class CoreLink:
         )
 
     def problem(self) -> str | None:
-        """Why core is not reached right now (not registered, or the channel is not connected),
-        or None."""
+        """Why core is not reached right now, or None.
+
+        The reason is that the module is not registered, or that the channel is not connected.
+        """
         if not self.agent.registered.is_set():
             return "not registered with core"
         state = self.channel.get_state()
@@ -192,9 +204,11 @@ class ServiceModule(Module, Generic[S]):
         """
 
     async def release(self) -> None:
-        """Release the module's own parts; called on stop after the background tasks ended and
-        before the core link and the pool close, and when ``wire`` failed (so it must cope with
-        parts never built)."""
+        """Release the module's own parts.
+
+        Called on stop after the background tasks ended and before the core link and the pool
+        close, and when ``wire`` failed (so it must cope with parts never built).
+        """
 
     async def start(self) -> None:
         """Open the service's schema (migrating it first when configured), then ``wire``."""

@@ -37,9 +37,11 @@ class HealthReport:
 
 @dataclass(frozen=True)
 class ModuleInfo:
-    """The one declaration of a service's identity: its name, where its version comes from and
-    its migrations. Everything else (config file, schema default, registration with core, the
-    ``migrate`` command, logs) reads these."""
+    """The one declaration of a service's identity: its name, version source and migrations.
+
+    Everything else (config file, schema default, registration with core, the ``migrate``
+    command, logs) reads these.
+    """
 
     #: Short name: config file ``config/modules/<name>.yaml``, logs, registration, token key.
     name: str

@@ -42,8 +42,10 @@ class ModuleClass(Protocol[S_contra]):
 
 @dataclass(frozen=True)
 class ServiceSpec(Generic[S]):
-    """What the shared runtime needs to know to run a service: its module class (whose ``info``
-    names it and holds its migrations) and its settings class."""
+    """What the shared runtime needs to know to run a service: its module and settings classes.
+
+    The module class's ``info`` names the service and holds its migrations.
+    """
 
     module_cls: ModuleClass[S]
     settings_cls: type[S]
@@ -131,9 +133,12 @@ YOUNG_COLLECTION_THRESHOLD = 50_000
 
 
 def tune_garbage_collector() -> None:
-    """Collect less often: a service allocates many short-lived objects per event (messages,
-    rows) and almost none of them form cycles, so the default young-generation threshold spends
-    CPU rescanning live objects. Objects alive at startup are frozen out of every scan."""
+    """Collect less often, and freeze the objects alive at startup out of every scan.
+
+    A service allocates many short-lived objects per event (messages, rows) and almost none of
+    them form cycles, so the default young-generation threshold spends CPU rescanning live
+    objects.
+    """
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)

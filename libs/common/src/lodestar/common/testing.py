@@ -1,5 +1,8 @@
-"""Helpers for tests of Lodestar services: a Postgres to test against, dev credentials, and one
-harness that starts any service in the test's event loop or as a process of its own."""
+"""Helpers for tests of Lodestar services.
+
+They give a Postgres to test against, dev credentials, and one harness that starts any service in
+the test's event loop or as a process of its own.
+"""
 
 from __future__ import annotations
 
@@ -157,8 +160,11 @@ async def start_in_process(
     ready: Callable[[Any], bool] | None = None,
     timeout: float = START_TIMEOUT_SECONDS,
 ) -> RunningService[Any]:
-    """Start a service (a module, or the one a spec builds from ``settings``) in this event
-    loop; returns once its readiness probe says SERVING and ``ready(module)`` holds."""
+    """Start a service in this event loop; returns once it is ready.
+
+    The service is a module, or the one a spec builds from ``settings``. It is ready when its
+    readiness probe says SERVING and ``ready(module)`` holds.
+    """
     module = service.module_cls(settings) if isinstance(service, ServiceSpec) else service
     runner = ServiceRunner(module, settings)
     loop = asyncio.get_running_loop()
@@ -233,9 +239,12 @@ def service_env(
     token: str | None = None,
     **settings: object,
 ) -> dict[str, str]:
-    """The environment of a service process: its database (and schema), credentials file, the
-    core it talks to with its token, and any other setting as ``name=value`` (``__`` nests:
-    ``ingest__batch_max_events=200`` is ``LODESTAR_INGEST__BATCH_MAX_EVENTS``)."""
+    """The environment of a service process.
+
+    It names the database (and schema), the credentials file, the core the service talks to with
+    its token, and any other setting as ``name=value`` (``__`` nests:
+    ``ingest__batch_max_events=200`` is ``LODESTAR_INGEST__BATCH_MAX_EVENTS``).
+    """
     env = {
         "LODESTAR_DATABASE__URL": database_url,
         "LODESTAR_CREDENTIALS_FILE": str(credentials),
@@ -260,8 +269,10 @@ def service_package(service: str | ServiceSpec[Any]) -> str:
 def start_process(
     service: str | ServiceSpec[Any], env: dict[str, str], log: Path, port: int
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m <package> serve`` on ``port`` (metrics off), its output going to ``log``;
-    ``env`` is added to this process's environment."""
+    """Start ``python -m <package> serve`` on ``port`` (metrics off), its output going to ``log``.
+
+    ``env`` is added to this process's environment.
+    """
     full_env = os.environ | env | {"LODESTAR_PORT": str(port), "LODESTAR_METRICS_PORT": "-1"}
     with log.open("ab") as output:
         return subprocess.Popen(
