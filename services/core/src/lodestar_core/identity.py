@@ -77,8 +77,11 @@ def _type_refusal(principal: Principal, event_type: str) -> str | None:
 
 
 def _source_refusal(principal: Principal, source: str) -> str | None:
-    """Why ``principal`` may not use ``source``: the ``lodestar:`` scheme (in any case, as URI
-    schemes are case-insensitive) is reserved, ``lodestar://<module>`` for that module alone."""
+    """Why ``principal`` may not use ``source``, or None when it may.
+
+    The ``lodestar:`` scheme (in any case, as URI schemes are case-insensitive) is reserved,
+    ``lodestar://<module>`` for that module alone.
+    """
     if source[: len(RESERVED_SCHEME)].lower() != RESERVED_SCHEME:
         return None
     module = source[len(MODULE_SOURCE_PREFIX) :].partition("/")[0]

@@ -62,8 +62,11 @@ class Registry:
         self._enabled = {name: m.enabled for name, m in self._seen.items()}
 
     async def refresh(self) -> None:
-        """Catch up with what other core replicas changed: the enabled flags deliveries obey,
-        and the changes WatchModules streams (each announced once per replica)."""
+        """Catch up with what other core replicas changed.
+
+        That covers the enabled flags deliveries obey, and the changes WatchModules streams (each
+        announced once per replica).
+        """
         current = await self._current()
         for name, module in current.items():
             before = self._seen.get(name)
@@ -241,8 +244,10 @@ class Registry:
             self._watchers.discard(queue)
 
     def _announce(self, change: int, module: registry_pb2.Module, *, if_new: bool = False) -> None:
-        """Tell the watchers; with ``if_new``, only when they have not seen the module in this
-        state (a replica announces what it changed at once, what others changed on refresh)."""
+        """Tell the watchers; with ``if_new``, only if they have not seen the module in this state.
+
+        A replica announces what it changed at once, what others changed on refresh.
+        """
         before = self._seen.get(module.name)
         if change == Change.MODULE_CHANGE_DEREGISTERED:
             self._seen.pop(module.name, None)

@@ -128,8 +128,11 @@ class EventStore:
             await asyncio.wait_for(appended.wait(), timeout)
 
     async def refresh_head(self) -> int:
-        """The head of the log as stored, which other replicas' appends also move; wakes the
-        waiters when it moved. Safe to read: appends commit in sequence order (APPEND_LOCK)."""
+        """The head of the log as stored, which other replicas' appends also move.
+
+        Wakes the waiters when it moved. Safe to read: appends commit in sequence order
+        (APPEND_LOCK).
+        """
         stored = await self._pool.fetchval("SELECT coalesce(max(seq), 0) FROM events")
         if stored > self.head:
             self.head = stored
@@ -298,8 +301,10 @@ def _first_occurrences(events: Iterable[ValidEvent]) -> list[ValidEvent]:
 
 
 def _result_of(events: Sequence[ValidEvent], stored: dict[str, int]) -> AppendResult:
-    """Counts for one batch; takes its ids out of ``stored`` so a repeat in a later batch of the
-    same group counts as a duplicate there."""
+    """Counts for one batch; takes its ids out of ``stored``.
+
+    A repeat of those ids in a later batch of the same group then counts as a duplicate there.
+    """
     sequences = [stored.pop(e.id) for e in events if e.id in stored]
     accepted = len(sequences)
     return AppendResult(

@@ -39,8 +39,11 @@ class SubscriptionHeld(ModuleError):
 
 
 class HoldLost(NetworkError):
-    """This replica may no longer stream the subscription (claimed elsewhere, or this replica
-    could not prove it is alive): the stream ends UNAVAILABLE and the client reconnects."""
+    """This replica may no longer stream the subscription.
+
+    It was claimed elsewhere, or this replica could not prove it is alive: the stream ends
+    UNAVAILABLE and the client reconnects.
+    """
 
 
 @dataclass(frozen=True)
@@ -279,8 +282,11 @@ class SubscriptionStore:
         return len(moved)
 
     async def delete(self, name: str) -> int:
-        """Delete ``name`` with its failures, dead letters and redeliveries; returns how many
-        dead letters went with it. Audited: the entry holds the subscription as it was."""
+        """Delete ``name`` with its failures, dead letters and redeliveries.
+
+        Returns how many dead letters went with it. Audited: the entry holds the subscription as
+        it was.
+        """
         async with self._pool.acquire() as conn, conn.transaction():
             dead = await conn.fetchval(
                 "SELECT count(*) FROM dead_letters WHERE subscription = $1", name
