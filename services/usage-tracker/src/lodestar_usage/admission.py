@@ -107,8 +107,11 @@ class BudgetCache:
 
 
 def needs_slow_path(applicable: Sequence[tuple[BudgetDef, str]], session_id: str) -> bool:
-    """Whether a Reserve must take the single-call path: a rolling budget with a limit (it adds
-    up the ledger) or a session budget with session limits (it reads the session)."""
+    """Whether a Reserve must take the single-call path.
+
+    It must for a rolling budget with a limit (it adds up the ledger) or a session budget with
+    session limits (it reads the session).
+    """
     for budget, _ in applicable:
         if budget.period == usage_pb2.BUDGET_PERIOD_ROLLING and budget.has_limit:
             return True
@@ -265,8 +268,11 @@ class Admitter:
         micros: int = 0,
         tokens: int = 0,
     ) -> str:
-        """Commit or release reservation ``key``; returns its state before the call, 'missing'
-        or 'foreign' (as ``commit_hold`` and ``release_hold`` do)."""
+        """Commit or release reservation ``key``.
+
+        Returns its state before the call, 'missing' or 'foreign' (as ``commit_hold`` and
+        ``release_hold`` do).
+        """
         call = _Finish(
             deadline,
             self._future(),
@@ -445,9 +451,12 @@ class Admitter:
     async def _lock(
         self, conn: asyncpg.Connection, finishes: list[_Finish], keys: set[Key]
     ) -> tuple[datetime, int, dict[uuid.UUID, _Locked], dict[Key, list[int]]]:
-        """Lock what the round touches (one call); the round's time and budget generation, the
-        finished reservations, and every counter ``[spent_micros, spent_tokens, held_micros,
-        held_tokens]`` with lapsed holds subtracted."""
+        """Lock what the round touches (one call) and read what the round decides on.
+
+        Returns the round's time and budget generation, the finished reservations, and every
+        counter ``[spent_micros, spent_tokens, held_micros, held_tokens]`` with lapsed holds
+        subtracted.
+        """
         ordered = sorted(keys, key=lambda k: (k[0].bytes, k[1], k[2]))
         rows = await conn.fetch(
             ADMISSION_LOCK,

@@ -61,6 +61,7 @@ class UsageApi:
     async def Summary(
         self, request: usage_pb2.SummaryRequest, context: Context
     ) -> usage_pb2.SummaryResponse:
+        """Tokens, cost, requests, errors and savings over a window, grouped."""
         group_by = reports.validate_group_by(request.group_by)
         start, end, tz = self._window(request.window)
         tz_field = "window.calendar.timezone"
@@ -79,6 +80,7 @@ class UsageApi:
     async def ListRecords(
         self, request: usage_pb2.ListRecordsRequest, context: Context
     ) -> usage_pb2.ListRecordsResponse:
+        """A page of ledger rows, newest first."""
         size = reports.page_size(request.page_size)
         start, end, _ = self._window(request.window)
         records, token, skipped = await reports.list_records(
@@ -96,6 +98,7 @@ class UsageApi:
     async def ExportRecords(
         self, request: usage_pb2.ExportRecordsRequest, context: Context
     ) -> AsyncIterator[usage_pb2.ExportRecordsResponse]:
+        """Ledger rows as CSV or JSON lines, oldest first, streamed in chunks."""
         if request.format not in usage_pb2.ExportFormat.values():
             raise InvalidArgumentError("CSV or JSONL", field="format")
         start, end, _ = self._window(request.window)
@@ -107,6 +110,7 @@ class UsageApi:
     async def ListSessions(
         self, request: usage_pb2.ListSessionsRequest, context: Context
     ) -> usage_pb2.ListSessionsResponse:
+        """A page of sessions with their duration, tokens, cost and model switches."""
         size = reports.page_size(request.page_size)
         window = None
         if request.HasField("window"):
@@ -126,6 +130,7 @@ class UsageApi:
     async def ListPrices(
         self, request: usage_pb2.ListPricesRequest, context: Context
     ) -> usage_pb2.ListPricesResponse:
+        """The effective-dated price table, or the rows that match ``request.model``."""
         bounds.text(request.model, "model")
         table = await PriceTable.load(self._pool)
         rows = sorted(table.rows, key=lambda r: (r.pattern, r.valid_from))
@@ -136,6 +141,7 @@ class UsageApi:
     async def SetPrice(
         self, request: usage_pb2.SetPriceRequest, context: Context
     ) -> usage_pb2.SetPriceResponse:
+        """Add or replace the price of a model pattern from a date (audited)."""
         row = price_from_proto(request.price)
         bounds.day_in_window(row.valid_from, "price.valid_from")
         async with self._pool.acquire() as conn, conn.transaction():
@@ -154,6 +160,7 @@ class UsageApi:
     async def DeletePrice(
         self, request: usage_pb2.DeletePriceRequest, context: Context
     ) -> usage_pb2.DeletePriceResponse:
+        """Remove one price row (audited); says whether there was one."""
         pattern = validate_pattern(request.model_pattern, "model_pattern")
         day = parse_day(request.valid_from, "valid_from")
         async with self._pool.acquire() as conn, conn.transaction():
@@ -261,6 +268,7 @@ class BudgetApi:
     async def CreateBudget(
         self, request: usage_pb2.CreateBudgetRequest, context: Context
     ) -> usage_pb2.CreateBudgetResponse:
+        """Add a budget (audited); the budget as stored."""
         budget = budgets.budget_from_proto(
             request.budget, require_id=False, max_window_seconds=self._max_window
         )
@@ -271,6 +279,7 @@ class BudgetApi:
     async def UpdateBudget(
         self, request: usage_pb2.UpdateBudgetRequest, context: Context
     ) -> usage_pb2.UpdateBudgetResponse:
+        """Replace a budget's definition (audited); the budget as stored."""
         budget = budgets.budget_from_proto(
             request.budget, require_id=True, max_window_seconds=self._max_window
         )
@@ -281,6 +290,7 @@ class BudgetApi:
     async def ListBudgets(
         self, request: usage_pb2.ListBudgetsRequest, context: Context
     ) -> usage_pb2.ListBudgetsResponse:
+        """Every budget with its spend in the current window; bad ones are named as skipped."""
         now = datetime.now(UTC)
         out = []
         defs, skipped = await stored.read_budgets(self._pool)
@@ -296,6 +306,7 @@ class BudgetApi:
     async def DeleteBudget(
         self, request: usage_pb2.DeleteBudgetRequest, context: Context
     ) -> usage_pb2.DeleteBudgetResponse:
+        """Remove a budget and its counters (audited)."""
         return usage_pb2.DeleteBudgetResponse(
             deleted=await budgets.delete_budget(self._pool, request.id)
         )
@@ -303,6 +314,7 @@ class BudgetApi:
     async def Reserve(
         self, request: usage_pb2.ReserveRequest, context: Context
     ) -> usage_pb2.ReserveResponse:
+        """Hold a worst-case amount against every budget that applies, or say which one refuses."""
         budgets.validate_reserve(request)
         lease = timedelta(seconds=self._settings.default_lease_seconds)
         if request.HasField("lease"):
@@ -354,6 +366,7 @@ class BudgetApi:
     async def Commit(
         self, request: usage_pb2.CommitRequest, context: Context
     ) -> usage_pb2.CommitResponse:
+        """Replace a reservation's hold by the actual usage."""
         owner = caller().owner_scope
         if self._admitter is None:
             return usage_pb2.CommitResponse(
@@ -374,6 +387,7 @@ class BudgetApi:
     async def Release(
         self, request: usage_pb2.ReleaseRequest, context: Context
     ) -> usage_pb2.ReleaseResponse:
+        """Give a reservation's hold back without spending."""
         owner = caller().owner_scope
         if self._admitter is None:
             return usage_pb2.ReleaseResponse(

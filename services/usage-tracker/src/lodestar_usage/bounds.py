@@ -138,8 +138,10 @@ def texts(
     max_values: int = MAX_FILTER_VALUES,
     max_length: int = MAX_TEXT,
 ) -> list[str]:
-    """``values`` if at most ``max_values`` texts each passing ``text``; INVALID_ARGUMENT names
-    the list or the first bad entry (``field[i]``)."""
+    """``values`` if at most ``max_values`` texts each passing ``text``.
+
+    Otherwise INVALID_ARGUMENT names the list or the first bad entry (``field[i]``).
+    """
     if len(values) > max_values:
         raise InvalidArgumentError(f"at most {max_values} values; got {len(values)}", field=field)
     return [text(value, f"{field}[{i}]", max_length) for i, value in enumerate(values)]

@@ -100,6 +100,7 @@ class BudgetDef:
 
     @property
     def has_limit(self) -> bool:
+        """Whether the budget limits cost or tokens."""
         return self.limit_micros is not None or self.limit_tokens is not None
 
     @property
@@ -130,6 +131,7 @@ class BudgetDef:
 
     @classmethod
     def from_record(cls, rec: asyncpg.Record) -> BudgetDef:
+        """The budget a ``budgets`` row holds."""
         return cls(
             rec["id"],
             rec["name"],
@@ -149,6 +151,7 @@ class BudgetDef:
         )
 
     def to_proto(self) -> usage_pb2.Budget:
+        """The budget as the API shows it."""
         budget = usage_pb2.Budget(
             id=str(self.id),
             name=self.name,
@@ -374,8 +377,11 @@ _reported_bad: set[uuid.UUID] = set()
 
 
 def usable_budgets(recs: list[asyncpg.Record]) -> list[BudgetDef]:
-    """The budgets of ``recs`` that can be evaluated; a bad one is left out of admission, ingest
-    and alerts (logged once per budget, counted, named by ListBudgets)."""
+    """The budgets of ``recs`` that can be evaluated.
+
+    A bad one is left out of admission, ingest and alerts (logged once per budget, counted, named
+    by ListBudgets).
+    """
     out = []
     for rec in recs:
         budget = BudgetDef.from_record(rec)
@@ -433,6 +439,10 @@ async def create_budget(pool: asyncpg.Pool, budget: BudgetDef) -> BudgetDef:
 
 
 async def update_budget(pool: asyncpg.Pool, budget: BudgetDef) -> BudgetDef:
+    """Replace the definition of the stored budget ``budget.id`` (audited); the budget as stored.
+
+    NOT_FOUND when there is no such budget. Its counters are dropped, to be rebuilt.
+    """
     sets = ", ".join(
         f"{c.strip()} = ${i}" for i, c in enumerate(BUDGET_COLUMNS.split(",")[1:], start=2)
     )
@@ -462,6 +472,10 @@ async def update_budget(pool: asyncpg.Pool, budget: BudgetDef) -> BudgetDef:
 
 
 async def delete_budget(pool: asyncpg.Pool, budget_id: str) -> bool:
+    """Delete budget ``budget_id`` and its counters (audited); True once deleted.
+
+    INVALID_ARGUMENT when ``budget_id`` is not an id, NOT_FOUND when there is no such budget.
+    """
     try:
         key = uuid.UUID(budget_id)
     except ValueError:
@@ -501,6 +515,10 @@ class Usage:
     reserved_tokens: int = 0
 
     def remaining(self, limit: int | None, kind: str) -> int:
+        """What is left of ``limit`` after spend and holds of ``kind`` ("micros" or "tokens").
+
+        0 without a limit; negative when overspent.
+        """
         if limit is None:
             return 0
         used = (
@@ -548,6 +566,7 @@ async def usage_of(
 
 
 def status_proto(budget: BudgetDef, usage: Usage) -> usage_pb2.BudgetStatus:
+    """``budget`` with its window, spend, holds and what remains, as ListBudgets shows it."""
     return usage_pb2.BudgetStatus(
         budget=budget.to_proto(),
         window_start=stamp(usage.start),
@@ -586,8 +605,10 @@ APPLICABLE_READ = APPLICABLE.removesuffix(" FOR UPDATE")
 
 
 def validate_reserve(request: usage_pb2.ReserveRequest) -> None:
-    """INVALID_ARGUMENT naming the first field of ``request`` out of bounds (the lease's
-    maximum is a setting: the API checks it)."""
+    """INVALID_ARGUMENT naming the first field of ``request`` out of bounds.
+
+    The lease's maximum is a setting: the API checks it.
+    """
     bounds.integer(
         request.estimated_cost_micros, "estimated_cost_micros", 0, bounds.MAX_COST_MICROS
     )
@@ -906,6 +927,7 @@ async def _reserve_locked(
 
 
 def denial_for(budget: BudgetDef, reason: str, usage: Usage | None) -> usage_pb2.Denial:
+    """Why ``budget`` refuses a Reserve: ``reason``, its limits and what remains of them."""
     return usage_pb2.Denial(
         budget_id=str(budget.id),
         budget_name=budget.name,
@@ -982,6 +1004,7 @@ async def _check(
 
 
 def reservation_key(value: str) -> uuid.UUID:
+    """The reservation id in ``value``; INVALID_ARGUMENT naming ``reservation_id`` otherwise."""
     try:
         return uuid.UUID(value)
     except ValueError:
@@ -1023,8 +1046,10 @@ def validate_commit(request: usage_pb2.CommitRequest) -> uuid.UUID:
 
 
 def check_commit_state(state: str, key: uuid.UUID, owner: str | None) -> None:
-    """Refuse a Commit of a reservation in ``state`` (its state before the call) when it was
-    missing, another principal's or released."""
+    """Refuse a Commit of a reservation that was missing, another principal's or released.
+
+    ``state`` is the reservation's state before the call.
+    """
     _refuse_missing_or_foreign(state, key, owner)
     if state == "released":
         raise ReservationReleasedError(
@@ -1033,8 +1058,10 @@ def check_commit_state(state: str, key: uuid.UUID, owner: str | None) -> None:
 
 
 def check_release_state(state: str, key: uuid.UUID, owner: str | None) -> bool:
-    """Whether a Release of a reservation in ``state`` gave a hold back; refuses a missing one
-    or another principal's."""
+    """Whether a Release of a reservation in ``state`` gave a hold back.
+
+    Refuses a missing reservation or another principal's.
+    """
     _refuse_missing_or_foreign(state, key, owner)
     return state in ("active", "expired")
 

@@ -128,6 +128,7 @@ def parse_window(text: str, timezone: str = "") -> usage_pb2.Window:
 
 
 def parse_groups(text: str) -> list[str]:
+    """The comma-separated groups of ``--by``, lower-cased; a usage error names an unknown one."""
     groups = [g.strip().lower() for g in text.split(",") if g.strip()]
     for group in groups:
         if group not in GROUPS:

@@ -1,5 +1,6 @@
-"""A gateway's client of budget admission: Reserve before an LLM call, Commit or Release after,
-with one configured answer for when admission itself cannot answer.
+"""A gateway's client of budget admission: Reserve before an LLM call, Commit or Release after.
+
+It has one configured answer for when admission itself cannot answer.
 
 The tracker refuses work it cannot do in time with RESOURCE_EXHAUSTED and a ``RetryInfo`` delay
 (ADR 0009). :class:`BudgetGate` retries such a refusal after the delay while the wait stays within
@@ -79,8 +80,11 @@ class BudgetGate:
         self.policy = policy or GatePolicy()
 
     async def reserve(self, request: usage_pb2.ReserveRequest) -> usage_pb2.ReserveResponse:
-        """The tracker's answer; when it cannot answer, granted with ``fail_open`` (fail open)
-        or AdmissionUnavailableError (fail closed)."""
+        """The tracker's answer to ``request``.
+
+        When it cannot answer: granted with ``fail_open`` (fail open), or
+        AdmissionUnavailableError (fail closed).
+        """
         try:
             reply = await self._call(self._stub.Reserve, request)
             assert isinstance(reply, usage_pb2.ReserveResponse)
@@ -99,8 +103,10 @@ class BudgetGate:
             ) from exc
 
     async def commit(self, request: usage_pb2.CommitRequest) -> bool:
-        """Commit; False when admission could not answer in time (the lease then returns the
-        hold and the ledger settles the spend)."""
+        """Commit; False when admission could not answer in time.
+
+        The lease then returns the hold and the ledger settles the spend.
+        """
         return await self._finish(self._stub.Commit, request)
 
     async def release(self, request: usage_pb2.ReleaseRequest) -> bool:

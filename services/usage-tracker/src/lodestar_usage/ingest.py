@@ -162,8 +162,11 @@ DIMS = ["model", "provider", "project", "user_id"]
 def _rollup(
     table: str, keys: Sequence[str], where: str = "", add: Callable[[str, str], str] = plain_add
 ) -> str:
-    """An upsert of ``table`` from the ``fine`` CTE (the inserted rows summed per session, hour
-    and every dimension), re-summed to ``keys``; ``day`` is derived from ``hour``."""
+    """An upsert of ``table`` from the ``fine`` CTE, re-summed to ``keys``.
+
+    The ``fine`` CTE holds the inserted rows summed per session, hour and every dimension;
+    ``day`` is derived from ``hour``.
+    """
     exprs = ["date_trunc('day', hour, 'UTC')" if k == "day" else k for k in keys]
     positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
     updates = ", ".join(f"{c} = {add(f'r.{c}', f'EXCLUDED.{c}')}" for c in SUMS)
@@ -197,9 +200,12 @@ def _rollups(add: Callable[[str, str], str]) -> dict[str, str]:
 
 
 def _with_rollups(insert: str, add: Callable[[str, str], str] = plain_add) -> str:
-    """``insert`` (RETURNING the rows it inserted), then the rollups of exactly those rows at
-    every grain — hourly, daily, per session, and per model only — all re-summed from one
-    aggregation. Returns NULL when all ``$1`` staged rows were new, else the new event ids."""
+    """``insert`` (RETURNING the rows it inserted), then the rollups of exactly those rows.
+
+    The rollups at every grain — hourly, daily, per session, and per model only — are all
+    re-summed from one aggregation. Returns NULL when all ``$1`` staged rows were new, else the
+    new event ids.
+    """
     return (
         f"WITH ins AS ({insert} RETURNING *), "
         "fine AS MATERIALIZED (SELECT session_id, date_trunc('hour', occurred_at, 'UTC') AS hour, "

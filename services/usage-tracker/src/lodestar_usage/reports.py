@@ -263,8 +263,10 @@ def _ceil(ts: datetime, step: timedelta) -> datetime:
 def segments(
     start: datetime, end: datetime, *, daily: bool, now: datetime | None = None
 ) -> list[tuple[str, datetime, datetime]]:
-    """Split [start, end) into rollup segments (``hourly``, and ``daily`` when allowed) and the
-    partial hours at its edges (see ``_edge``)."""
+    """Split [start, end) into rollup segments and the partial hours at its edges.
+
+    The segments are ``hourly``, and ``daily`` when allowed; for the edges see ``_edge``.
+    """
     now = now or datetime.now(UTC)
     h1, h2 = _ceil(start, HOUR), _floor(end, HOUR)
     if h1 > h2:  # start and end inside one hour
@@ -287,8 +289,10 @@ def segments(
 
 
 def _edge(start: datetime, end: datetime, now: datetime) -> list[tuple[str, datetime, datetime]]:
-    """The part [start, end) of one hour: read from the ledger, or as the hour's rollup minus the
-    ledger rows of the rest of the hour (``unledger``), whichever spans less of the past.
+    """The part [start, end) of one hour, read whichever way spans less of the past.
+
+    It is read from the ledger, or as the hour's rollup minus the ledger rows of the rest of the
+    hour (``unledger``).
 
     A window ending now takes the second form: the rest of its last hour is in the future, so
     the current hour costs one rollup row however many events it already holds.
@@ -697,8 +701,10 @@ EXPORT_CHUNK_ROWS = 1000
 async def export_records(
     pool: asyncpg.Pool, start: datetime, end: datetime, filters: Filters, fmt: int
 ) -> AsyncIterator[tuple[bytes, list[usage_pb2.SkippedRecord]]]:
-    """Ledger rows oldest first as CSV or JSON lines, in chunks of up to 1000 rows, each with
-    the bad rows among them that were left out."""
+    """Ledger rows oldest first as CSV or JSON lines, in chunks of up to 1000 rows.
+
+    Each chunk comes with the bad rows among its rows that were left out.
+    """
     params: list[object] = [start, end]
     conditions = [
         "occurred_at >= $1",
@@ -763,8 +769,10 @@ _SANE_TO = f"'{bounds.LATEST.isoformat()}'::timestamptz"
 
 
 def sane_time(column: str) -> str:
-    """``column`` when inside the accepted window, else NULL (infinity, or a time Python cannot
-    hold, would fail the whole read), plus its text for the report."""
+    """``column`` when inside the accepted window, else NULL, plus its text for the report.
+
+    A time outside it (infinity, or a time Python cannot hold) would fail the whole read.
+    """
     return (
         f"CASE WHEN {column} >= {_SANE_FROM} AND {column} <= {_SANE_TO} THEN {column} END "
         f"AS {column}, {column}::text AS {column}_text"

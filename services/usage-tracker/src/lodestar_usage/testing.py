@@ -1,5 +1,8 @@
-"""Helpers for tests of usage-tracker: its settings for a test, and starting it in the test's
-event loop with the shared harness (``lodestar.common.testing``)."""
+"""Helpers for tests of usage-tracker.
+
+They give its settings for a test, and start it in the test's event loop with the shared harness
+(``lodestar.common.testing``).
+"""
 
 from __future__ import annotations
 
