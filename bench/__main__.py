@@ -36,6 +36,7 @@ def line(label: str, value: str) -> None:
 
 
 async def main(dsn: str, workdir: Path) -> None:
+    """Run the core benchmarks (and the JetStream comparison when NATS answers), printing rows."""
     print(
         f"Lodestar benchmarks — {EVENTS} events, {os.cpu_count()} cores, "
         f"Python {sys.version.split()[0]}"

@@ -42,6 +42,7 @@ class CoreUnderTest:
 
     @property
     def target(self) -> str:
+        """The address to dial: ``127.0.0.1:<port>``."""
         return f"127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> CoreUnderTest:

@@ -174,9 +174,11 @@ class TrackerUnderTest:
 
     @property
     def target(self) -> str:
+        """The address to dial: ``127.0.0.1:<port>``."""
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
+        """Start the tracker process; returns once it serves and has had time to subscribe."""
         self.process = start_process("lodestar_usage", self._env, self._log, self.port)
         if await wait_until_serving(self.port, self.process, READY_TIMEOUT_SECONDS):
             await asyncio.sleep(1.0)  # let it subscribe
@@ -184,6 +186,7 @@ class TrackerUnderTest:
         raise RuntimeError("usage-tracker did not become ready")
 
     def stop(self) -> None:
+        """Terminate the tracker process, if started, and wait for it to exit."""
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=30)
@@ -359,8 +362,10 @@ async def _pair(gate: ug.BudgetServiceStub, project: str, result: Scenario) -> N
 async def open_loop(
     gates: list[ug.BudgetServiceStub], projects: list[str], rate: float, seconds: float
 ) -> Scenario:
-    """Reserve+Commit pairs started at ``rate`` per second whatever the answers (open loop),
-    spread round-robin over ``projects``; achieved rate counts completed pairs."""
+    """Reserve+Commit pairs started at ``rate`` per second whatever the answers (open loop).
+
+    The pairs are spread round-robin over ``projects``; the achieved rate counts completed pairs.
+    """
     result = Scenario()
     tasks: list[asyncio.Task[None]] = []
     total = int(rate * seconds)
@@ -423,8 +428,11 @@ async def burst(gates: list[ug.BudgetServiceStub], project: str, calls: int) -> 
 async def _admission(
     tracker: TrackerUnderTest, core: CoreUnderTest, out: Callable[[str], None]
 ) -> None:
-    """Admission scenarios against ``tracker`` and USAGE_BENCH_REPLICAS - 1 more replicas on the
-    same database, called as gateways (publishers) would, their channels spread over them."""
+    """Admission scenarios against ``tracker`` and USAGE_BENCH_REPLICAS - 1 more replicas.
+
+    The replicas share one database and are called as gateways (publishers) would, their
+    channels spread over them.
+    """
     replicas = [tracker]
     async with contextlib.AsyncExitStack() as stack:
         for i in range(1, ADMISSION_REPLICAS):

@@ -36,6 +36,7 @@ def obj(
 
 
 def string(description: str = "", **extra: Any) -> Schema:
+    """A string, with ``description`` when given and any other JSON Schema keywords in ``extra``."""
     return {"type": "string", **({"description": description} if description else {}), **extra}
 
 
@@ -53,6 +54,7 @@ INT_OR_PERCENT: Schema = {
 
 
 def nonneg(minimum: int = 0) -> Schema:
+    """An integer of at least ``minimum``."""
     return {"type": "integer", "minimum": minimum}
 
 
@@ -68,6 +70,7 @@ LABEL_SELECTOR = obj({"matchLabels": STR_MAP, "matchExpressions": LIST_OF_OBJECT
 
 
 def probe(readiness: bool = False) -> Schema:
+    """A probe's timings; a readiness probe also has ``successThreshold``."""
     props = {
         "initialDelaySeconds": nonneg(),
         "periodSeconds": nonneg(1),
@@ -176,6 +179,7 @@ def service_settings(key: str | None) -> dict[str, Schema]:
 
 
 def schema() -> Schema:
+    """The whole values schema: global settings and one block per service of services.yaml."""
     peers = {**LIST_OF_OBJECTS, "description": "NetworkPolicyPeer list"}
     top: dict[str, Schema] = {
         "nameOverride": string(),
@@ -285,6 +289,7 @@ def schema() -> Schema:
 
 
 def main() -> int:
+    """Write the schema, or with ``--check`` exit 1 when the committed one is stale."""
     text = json.dumps(schema(), indent=2) + "\n"
     if "--check" in sys.argv:
         if SCHEMA_PATH.read_text() != text:
