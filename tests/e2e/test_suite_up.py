@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from lodestar.common.cli import installed_services
@@ -64,8 +66,10 @@ def suite(tmp_path: Path):
         cwd=tmp_path,
     )
     try:
-        wait_for_line(process, "ready", timeout=120)
-        yield process, state
+        printed = wait_for_line(process, "ready", timeout=120)
+        database_line = next(line for line in printed if line.startswith("database:"))
+        admin_dsn = database_line.split("database:", 1)[1].strip()
+        yield process, state, admin_dsn
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -76,7 +80,7 @@ def suite(tmp_path: Path):
 
 
 def test_up_publish_tail_and_clean_stop(suite):
-    process, state = suite
+    process, state, _ = suite
     endpoints = json.loads((state / "endpoints.json").read_text())
     installed = set(installed_services())
     assert {"core", "usage-tracker", "learning", "health-monitor"} <= installed
@@ -107,3 +111,32 @@ def test_up_publish_tail_and_clean_stop(suite):
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
+
+
+def test_each_service_connects_as_a_role_that_owns_only_its_schema(suite):
+    _, state, admin_dsn = suite
+    wait_registered(state, set(installed_services()) - {"core"})
+
+    async def look() -> tuple[dict[str, str], set[str]]:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            owners = await conn.fetch(
+                "SELECT nspname, pg_get_userbyid(nspowner) AS owner FROM pg_namespace "
+                "WHERE nspname = ANY($1::text[])",
+                ["core", "usage_tracker", "learning", "health_monitor"],
+            )
+            users = await conn.fetch(
+                "SELECT DISTINCT usename FROM pg_stat_activity WHERE usename LIKE 'lodestar_%'"
+            )
+        finally:
+            await conn.close()
+        return {r["nspname"]: r["owner"] for r in owners}, {r["usename"] for r in users}
+
+    owners, connected = asyncio.run(look())
+    assert owners == {
+        "core": "lodestar_core",
+        "usage_tracker": "lodestar_usage_tracker",
+        "learning": "lodestar_learning",
+        "health_monitor": "lodestar_health_monitor",
+    }
+    assert connected >= set(owners.values()), "each service is connected as its own role"

@@ -1,5 +1,6 @@
-"""Core's ``lodestar`` commands: ``modules``, ``subscriptions``, ``dead-letters``, ``events``,
-``publish``.
+"""Core's ``lodestar`` commands.
+
+``modules``, ``subscriptions``, ``dead-letters``, ``events`` and ``publish``.
 
 Registered under the ``lodestar.cli`` entry-point group in this package's pyproject.toml, so they
 come and go with lodestar-core. Importing this module loads only typer, rich and the CLI plumbing
@@ -169,8 +170,11 @@ class TailPlan:
 
 
 async def follow(client: Client, subscription: str, event_types: list[str], plan: TailPlan) -> None:
-    """Consume ``subscription`` until the plan is done; retry a lost stream a bounded number of
-    times (each successful open starts the count again)."""
+    """Consume ``subscription`` until the plan is done.
+
+    A lost stream is retried a bounded number of times (each successful open starts the count
+    again).
+    """
     import asyncio
 
     import grpc

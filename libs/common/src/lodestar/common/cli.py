@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -56,8 +56,11 @@ COMMAND_GROUP = "lodestar.cli"
 
 @dataclass(frozen=True)
 class CommandSource:
-    """Where a command comes from: ``module:attribute`` of a ``typer.Typer`` or a function, and
-    the distribution that brings it (None: the CLI's own)."""
+    """Where a command comes from.
+
+    ``module:attribute`` of a ``typer.Typer`` or a function, and the distribution that brings it
+    (None: the CLI's own).
+    """
 
     name: str
     value: str
@@ -283,8 +286,10 @@ class RunningService:
 
 
 def installed_services() -> dict[str, ServiceSpec[Any]]:
-    """Service specs registered under the ``lodestar.services`` entry point group, core first,
-    then by default port (so that ``lodestar up``'s ports are each service's defaults).
+    """Service specs registered under the ``lodestar.services`` entry point group.
+
+    Core first, then by default port (so that ``lodestar up``'s ports are each service's
+    defaults).
 
     Loading a spec imports its service package: only ``lodestar up`` (and tests) call this.
     """
@@ -343,7 +348,7 @@ def local_tokens(state_dir: Path, services: list[str]) -> dict[str, str]:
 
 
 def _assign_ports(names: list[str], port_base: int) -> dict[str, tuple[int, int]]:
-    """gRPC and metrics ports per service: the defaults, or free ones where a default is taken."""
+    """The gRPC and metrics ports per service: the defaults, or free ones where one is taken."""
     ports = {}
     for index, name in enumerate(names):
         if port_base == 0:
@@ -445,11 +450,13 @@ def up(
     tokens = local_tokens(state_dir, list(specs))
     ports = _assign_ports(list(specs), port_base)
     database: EmbeddedPostgres | None = None
+    service_urls: dict[str, str] = {}
     if database_url is None:
         database = EmbeddedPostgres(state_dir / "pg", port=free_port())
         console.print(f"starting embedded Postgres in {database.data_dir} …")
         _start_database(database)
         database_url = database.dsn()
+        service_urls = asyncio.run(_service_roles(database_url, specs))
     base_env = os.environ | {
         "LODESTAR_DATABASE__URL": database_url,
         "LODESTAR_CREDENTIALS_FILE": str(state_dir / "credentials.yaml"),
@@ -462,6 +469,8 @@ def up(
     try:
         for name, spec in specs.items():
             env = base_env | {"LODESTAR_TOKEN": tokens[name]}
+            if name in service_urls:  # its own role, owning only its schema
+                env["LODESTAR_DATABASE__URL"] = service_urls[name]
             service = _start_service(spec, ports[name], env, logs)
             running.append(service)
             if not asyncio.run(
@@ -482,6 +491,16 @@ def up(
         console.print("stopped")
 
 
+async def _service_roles(admin_url: str, specs: Mapping[str, ServiceSpec[Any]]) -> dict[str, str]:
+    """A role per service on the embedded Postgres, owning only its schema; their DSNs."""
+    from lodestar.common.db_roles import provision_service_role
+
+    return {
+        name: await provision_service_role(admin_url, name, spec.settings_cls.default_schema)
+        for name, spec in specs.items()
+    }
+
+
 DATABASE_URL_ENV = "LODESTAR_DATABASE__URL"
 OLD_DATABASE_URL_ENV = "LODESTAR_DATABASE_URL"
 
@@ -496,8 +515,11 @@ def _warn_old_database_variable(database_url: str | None) -> None:
 
 
 def _lock_state_dir(state_dir: Path) -> Any:
-    """Hold ``<state-dir>/up.lock`` while ``lodestar up`` runs; one line and exit 1 if another
-    ``lodestar up`` holds it. The lock goes with the process, however it ends."""
+    """Hold ``<state-dir>/up.lock`` while ``lodestar up`` runs.
+
+    One line and exit 1 if another ``lodestar up`` holds it. The lock goes with the process,
+    however it ends.
+    """
     import fcntl
 
     lock = (state_dir / "up.lock").open("a+")
@@ -597,8 +619,11 @@ def _print_ready(
 
 
 def main() -> None:
-    """Console entry point. Output piped into a reader that stops early (``| head``) ends the
-    command quietly with status 0."""
+    """Console entry point.
+
+    Output piped into a reader that stops early (``| head``) ends the command quietly with
+    status 0.
+    """
     try:
         app()
     except BrokenPipeError:

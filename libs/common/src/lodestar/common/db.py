@@ -74,7 +74,9 @@ async def apply_migrations(conn: asyncpg.Connection, schema: str, folder: Path) 
     lock_key = f"lodestar:migrate:{schema}"
     await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock_key)
     try:
-        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        # A service's own role may own its schema without the right to create schemas.
+        if not await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = $1", schema):
+            await conn.execute(f"CREATE SCHEMA {schema}")
         await conn.execute(
             f"""CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
                     version integer PRIMARY KEY,
