@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
     from lodestar.common.embedded import EmbeddedPostgres
     from lodestar.common.service_cli import ServiceSpec
+    from lodestar.common.supervisor import RestartPolicy
 
 #: The entry-point group through which service packages contribute commands.
 COMMAND_GROUP = "lodestar.cli"
@@ -433,8 +434,22 @@ def up(
     config_dir: Annotated[Path, typer.Option(help="folder with lodestar.yaml and modules/")] = Path(
         "config"
     ),
+    max_restarts: Annotated[
+        int,
+        typer.Option(
+            min=1, help="exits within 5 minutes after which a module is given up on and disabled"
+        ),
+    ] = 5,
+    restart_delay: Annotated[
+        float, typer.Option(min=0.0, help="seconds before the first restart; doubles each time")
+    ] = 1.0,
 ) -> None:
-    """Start core and every installed module as processes and wait until all are SERVING."""
+    """Start core and every installed module as processes and keep them running.
+
+    Waits until all are SERVING; then restarts a service that exits, with backoff, and gives up
+    on a module that keeps failing: it is disabled in core's registry, with the reason, and
+    core and the other services go on.
+    """
     import asyncio
 
     from lodestar.common.embedded import EmbeddedPostgres
@@ -465,10 +480,11 @@ def up(
         "LODESTAR_SPOOL_DIR": str(state_dir / "spool"),
     }
     running: list[RunningService] = []
+    envs: dict[str, dict[str, str]] = {}
     stop = _stop_requested()
     try:
         for name, spec in specs.items():
-            env = base_env | {"LODESTAR_TOKEN": tokens[name]}
+            envs[name] = env = base_env | {"LODESTAR_TOKEN": tokens[name]}
             if name in service_urls:  # its own role, owning only its schema
                 env["LODESTAR_DATABASE__URL"] = service_urls[name]
             service = _start_service(spec, ports[name], env, logs)
@@ -482,7 +498,16 @@ def up(
         _print_ready(
             running, tokens, state_dir, database_url if database is None else database.dsn()
         )
-        _supervise(running, stop)
+        from lodestar.common.supervisor import RestartPolicy
+
+        policy = RestartPolicy(first_delay_seconds=restart_delay, max_failures=max_restarts)
+        _supervise(
+            running,
+            stop,
+            policy,
+            lambda name: _start_service(specs[name], ports[name], envs[name], logs).process,
+            lambda name, reason: _disable(ports[CORE][0], tokens, name, reason),
+        )
     finally:
         _stop_all(running)
         if database is not None:
@@ -562,16 +587,63 @@ def _stop_requested() -> list[bool]:
     return flag
 
 
-def _supervise(running: list[RunningService], stop: list[bool]) -> None:
-    """Wait for Ctrl-C / SIGTERM; report services that exit on their own."""
-    reported: set[str] = set()
+def _supervise(
+    running: list[RunningService],
+    stop: list[bool],
+    policy: RestartPolicy,
+    start: Callable[[str], subprocess.Popen[bytes]],
+    give_up: Callable[[str, str], None],
+) -> None:
+    """Until Ctrl-C / SIGTERM: restart services that exit, give up on those that keep failing."""
+    from lodestar.common.supervisor import Supervisor
+
+    supervisor = Supervisor(policy, start, give_up, console.print, essential=frozenset({CORE}))
+    for service in running:
+        supervisor.watch(service.name, service.process, service.log)
     while not stop[0]:
-        for service in running:
-            code = service.process.poll()
-            if code is not None and service.name not in reported:
-                reported.add(service.name)
-                console.print(f"[red]{service.name} exited with {code}; see {service.log}[/red]")
+        supervisor.tick(time.monotonic())
+        for service in running:  # so that the final stop reaches the restarted processes
+            service.process = supervisor.services[service.name].process
         time.sleep(0.2)
+
+
+def _disable(core_port: int, tokens: dict[str, str], name: str, reason: str) -> None:
+    """Record ``reason`` as the module's last error and disable it in core's registry."""
+    import asyncio
+
+    try:
+        asyncio.run(_disable_in_registry(f"127.0.0.1:{core_port}", tokens, name, reason))
+    except Exception as exc:  # core itself may be down; the console line says enough
+        console.print(f"[red]could not disable {name} in core: {exc}[/red]")
+
+
+async def _disable_in_registry(core: str, tokens: dict[str, str], name: str, reason: str) -> None:
+    import grpc
+
+    from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
+
+    def bearer(token: str) -> tuple[tuple[str, str]]:
+        return (("authorization", f"Bearer {token}"),)
+
+    async with grpc.aio.insecure_channel(core) as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        down = registry_pb2.ModuleHealth(
+            status=registry_pb2.HEALTH_STATUS_DOWN, last_error=reason[:2000]
+        )
+        try:  # as the module itself: only it may report its health
+            await stub.Heartbeat(
+                registry_pb2.HeartbeatRequest(name=name, health=down),
+                metadata=bearer(tokens[name]),
+                timeout=5,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # never registered: nothing to record
+                raise
+        await stub.SetModuleEnabled(
+            registry_pb2.SetModuleEnabledRequest(name=name, enabled=False),
+            metadata=bearer(tokens["admin"]),
+            timeout=5,
+        )
 
 
 def _write_endpoints(state_dir: Path, running: list[RunningService]) -> None:
