@@ -40,13 +40,14 @@ def publish_refusals(principal: Principal, events: Sequence[ValidEvent]) -> list
     """The events of a batch that ``principal`` may not publish, each with the reason."""
     if principal.role is Role.ADMIN:
         return []
-    denied = {t for t in set(map(itemgetter(1), events)) if _type_refusal(principal, t)}
-    if not denied and not any(s[:1] in "lL" for s in set(map(itemgetter(2), events))):
+    denied_types = {t for t in set(map(itemgetter(1), events)) if _type_refusal(principal, t)}
+    denied_sources = {s for s in set(map(itemgetter(2), events)) if _source_refusal(principal, s)}
+    if not denied_types and not denied_sources:
         return []  # the usual batch, settled by its distinct types and sources
     suspects = [
         index
         for index, event in enumerate(events)
-        if event.type in denied or event.source[:1] in "lL"  # cheap first look for lodestar:
+        if event.type in denied_types or event.source in denied_sources
     ]
     refusals = []
     for index in suspects:
