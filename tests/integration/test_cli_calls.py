@@ -372,3 +372,21 @@ async def test_tail_into_a_reader_that_goes_away_ends_quietly(cli_env, publisher
     assert "tail-status=0" in errors, errors
     assert "Traceback" not in errors
     assert "BrokenPipe" not in errors
+
+
+async def test_subscriptions_delete_forgets_a_tails_subscription(
+    cli_env, publisher_channel, admin_channel
+):
+    await publish(publisher_channel, "m")
+    code, _, err = await lodestar(
+        "events", "tail", "--from-start", "--limit", "1", "--subscription", "done-with", env=cli_env
+    )
+    assert code == 0, err
+    assert await subscription(admin_channel, "done-with") is not None
+    code, out, err = await lodestar("subscriptions", "--delete", "done-with", env=cli_env)
+    assert code == 0, err
+    assert "deleted subscription done-with" in out
+    assert await subscription(admin_channel, "done-with") is None
+    code, _, err = await lodestar("subscriptions", "--delete", "done-with", env=cli_env)
+    assert code == 1
+    assert one_line(err).startswith("NOT_FOUND: --delete: no subscription named 'done-with'")

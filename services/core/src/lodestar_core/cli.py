@@ -76,9 +76,23 @@ def modules(client: Client) -> None:
     console.print(table)
 
 
-@with_client(CORE)
-def subscriptions(client: Client) -> None:
-    """List subscriptions with their position, lag and dead letters."""
+@with_client(CORE, flags={"subscription": "--delete"})
+def subscriptions(
+    client: Client,
+    delete: Annotated[
+        str | None,
+        typer.Option(
+            help="forget this subscription (no stream may have it open): its position, "
+            "failures and dead letters; the events stay in the log",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """List subscriptions with their position, lag and dead letters, or delete one."""
+    if delete is not None:
+        dead_letters = client.run(delete_subscription(client, delete))
+        console.print(f"deleted subscription {delete} and its {dead_letters} dead letters")
+        return
     table = Table(title="subscriptions")
     for column in ("name", "module", "acked", "head", "lag", "connected", "dead letters"):
         table.add_column(column)
@@ -93,6 +107,17 @@ def subscriptions(client: Client) -> None:
             str(sub.dead_letters),
         )
     console.print(table)
+
+
+async def delete_subscription(client: Client, name: str) -> int:
+    """Delete the subscription ``name``; how many dead letters went with it."""
+    from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
+
+    async with client.channel() as channel:
+        reply = await bus_pb2_grpc.EventBusServiceStub(channel).DeleteSubscription(
+            bus_pb2.DeleteSubscriptionRequest(subscription=name)
+        )
+        return int(reply.dead_letters)
 
 
 async def list_subscriptions(client: Client) -> list[bus_pb2.Subscription]:
