@@ -113,6 +113,11 @@ async def publish_rate(target: str, token: str, events: list[event_pb2.Event]) -
 
 async def bench_delivery(core: CoreUnderTest, expected: int) -> float:
     """Events per second through the SDK subscriber runtime, from the start of the log."""
+    return await delivery_rate(core.target, core.tokens[Role.MODULE], expected, "bench-delivery")
+
+
+async def delivery_rate(target: str, token: str, expected: int, subscription: str) -> float:
+    """Events per second ``subscription`` receives through the SDK subscriber runtime."""
     done = asyncio.Event()
     count = 0
 
@@ -122,10 +127,10 @@ async def bench_delivery(core: CoreUnderTest, expected: int) -> float:
         if count >= expected:
             done.set()
 
-    async with connect(core.target, core.tokens[Role.MODULE]) as channel:
+    async with connect(target, token) as channel:
         subscriber = Subscriber(
             channel,
-            subscription="bench-delivery",
+            subscription=subscription,
             handler=handle,
             concurrency=64,
             max_in_flight=4096,

@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.core_bench import READY_TIMEOUT_SECONDS, publish_rate, sample_events
+from bench.core_bench import READY_TIMEOUT_SECONDS, delivery_rate, publish_rate, sample_events
 from lodestar.common.auth import Role
 from lodestar.common.cli import free_port, wait_until_serving
-from lodestar.common.sdk import ReceivedEvent, Subscriber, connect
 from lodestar.common.testing import dev_credentials, scratch_database, service_env, start_process
 
 REPLICA_COUNTS = (1, 3)
@@ -45,41 +44,13 @@ async def measure(dsn: str, workdir: Path, replicas: int, events: int) -> tuple[
             )
         )
         published = events / (time.perf_counter() - started)
-        delivered = await delivery_rate(targets[-1], tokens[Role.MODULE], events)
+        delivered = await delivery_rate(targets[-1], tokens[Role.MODULE], events, "bench-replicas")
         return published, delivered
     finally:
         for process in processes:
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
-
-
-async def delivery_rate(target: str, token: str, expected: int) -> float:
-    """Events per second through the SDK subscriber runtime, from the start of the log."""
-    done = asyncio.Event()
-    count = 0
-
-    async def handle(received: ReceivedEvent) -> None:
-        nonlocal count
-        count += 1
-        if count >= expected:
-            done.set()
-
-    async with connect(target, token) as channel:
-        subscriber = Subscriber(
-            channel,
-            subscription="bench-replicas",
-            handler=handle,
-            concurrency=64,
-            max_in_flight=4096,
-        )
-        started = time.perf_counter()
-        task = asyncio.create_task(subscriber.run())
-        await asyncio.wait_for(done.wait(), 600)
-        elapsed = time.perf_counter() - started
-        subscriber.stop()
-        await task
-    return count / elapsed
 
 
 def run_replica_benchmarks(

@@ -22,11 +22,10 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from lodestar.common.errors import LodestarError
 from lodestar.common.logging import get_logger
+from lodestar.common.sdk.publisher import retry_delay
 from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
 
 log = get_logger(__name__)
@@ -59,17 +58,6 @@ class AdmissionUnavailableError(LodestarError):
     def __init__(self, status: grpc.StatusCode, message: str, retry_after: float | None) -> None:
         super().__init__(message, retry_after=retry_after)
         self.code = status
-
-
-def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
-    """The ``google.rpc.RetryInfo`` delay of ``error`` in seconds, or None."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return float(info.retry_delay.ToTimedelta().total_seconds())
-    return None
 
 
 class BudgetGate:
