@@ -249,12 +249,48 @@ class LodestarGroup(TyperGroup):
         return list(self.commands)
 
     def format_help(self, ctx: Context, formatter: Any) -> None:
-        """The help screen, listing the commands by name and help without building them."""
+        """The help screen, listing the commands by name and help without building them.
+
+        The root screen is drawn here with the rich parts ``lodestar`` loads anyway: typer's own
+        renderer imports rich's Markdown and traceback support, a third of ``--help``'s time.
+        """
         self.installed.listing = True
         try:
-            super().format_help(ctx, formatter)
+            if ctx.parent is None:
+                self._root_help(ctx)
+            else:
+                super().format_help(ctx, formatter)
         finally:
             self.installed.listing = False
+
+    def _root_help(self, ctx: Context) -> None:
+        from rich.panel import Panel
+
+        out = Console(highlight=False)
+        out.print(f"\n [b]Usage:[/b] {ctx.command_path} [OPTIONS] COMMAND [ARGS]...\n")
+        out.print(f" {self.help}\n")
+        options = [
+            record for param in self.get_params(ctx) if (record := param.get_help_record(ctx))
+        ]
+        out.print(Panel(_grid(options), title="Options", title_align="left", border_style="dim"))
+        panels: dict[str, list[tuple[str, str]]] = {}
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                panel = getattr(command, "rich_help_panel", None) or "Commands"
+                panels.setdefault(panel, []).append((name, command.get_short_help_str(120)))
+        for title, rows in panels.items():
+            out.print(Panel(_grid(rows), title=title, title_align="left", border_style="dim"))
+
+
+def _grid(rows: list[tuple[str, str]]) -> Table:
+    """Two columns: a name in bold cyan, then its help."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold cyan", no_wrap=True)
+    grid.add_column()
+    for name, text in rows:
+        grid.add_row(name, text)
+    return grid
 
 
 app = typer.Typer(
