@@ -214,8 +214,8 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
             log.warning("cannot release subscription", subscription=session.name, error=str(exc))
 
     async def follow_other_replicas(self) -> None:
-        """While streams are open, pick up events other replicas appended."""
-        if self._sessions:
+        """While streams are open and other replicas live, pick up the events they appended."""
+        if self._sessions and self.presence.peers:
             await self._store.refresh_head()
 
     async def _open(self, request: bus_pb2.SubscribeOpen, peer: str) -> _Session:

@@ -9,14 +9,12 @@ once, even when one of them is paused rather than dead.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-import uuid
 from datetime import timedelta
 
 import asyncpg
 
+from lodestar.common.leases import replica_id
 from lodestar.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -29,13 +27,15 @@ class ReplicaPresence:
     """Heartbeats this replica and tells whether it may still deliver."""
 
     def __init__(self, pool: asyncpg.Pool, heartbeat_seconds: float, takeover_after: float) -> None:
-        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.id = replica_id()
         self.takeover_after = timedelta(seconds=takeover_after)
         self._pool = pool
         # What a heartbeat proves: nobody declares us dead within takeover_after of it. Stop
         # delivering a heartbeat interval earlier, as a margin for the refresh in flight.
         self._valid_for = max(takeover_after - heartbeat_seconds, heartbeat_seconds)
         self._valid_until = 0.0
+        #: Other replicas alive at the last heartbeat: with none, nobody else appends events.
+        self.peers = 0
         #: Grows whenever this replica could have been taken for dead (a heartbeat that ended
         #: after the previous one's validity): holds claimed before then are void.
         self.generation = 0
@@ -51,6 +51,12 @@ class ReplicaPresence:
             )
             await conn.execute(
                 "DELETE FROM core_replicas WHERE seen_at < now() - $1::interval", FORGET_AFTER
+            )
+            self.peers = await conn.fetchval(
+                "SELECT count(*) FROM core_replicas "
+                "WHERE id <> $1 AND seen_at > now() - $2::interval",
+                self.id,
+                self.takeover_after,
             )
         if time.monotonic() >= self._valid_until:
             self.generation += 1

@@ -166,13 +166,18 @@ def _event_id(raw: str) -> str:
     raise BoundViolation("id", f"{raw[:64]!r} does not have the RFC 9562 variant bits (10xx)")
 
 
+def _id_millis(event_id: str) -> int:
+    """The Unix milliseconds a canonical UUIDv7 was minted at (its first 48 bits)."""
+    return int(event_id[:8] + event_id[9:13], 16)
+
+
 def _check_times(event: event_pb2.Event, event_id: str, now_ms: int, window: TimeWindow) -> None:
     """The id's time and the event's ``time`` inside the window, and the id not before ``time``.
 
     A ``time`` of exactly zero (1970-01-01T00:00:00Z, the unset default) counts as absent:
     consumers then date the event by its id.
     """
-    id_ms = int(event_id[:8] + event_id[9:13], 16)
+    id_ms = _id_millis(event_id)
     latest = now_ms + window.max_skew_ms
     stamp = event.time
     seconds, nanos = stamp.seconds, stamp.nanos
@@ -386,7 +391,7 @@ def _times_ok(
     stamps = [e.time for e in events]
     seconds = [t.seconds for t in stamps]
     nanos = [t.nanos for t in stamps]
-    earliest_id_ms = int(earliest_id[:8] + earliest_id[9:13], 16)
+    earliest_id_ms = _id_millis(earliest_id)
     first, last = min(seconds), max(seconds)
     return (
         min(nanos) >= 0
