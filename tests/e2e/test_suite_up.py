@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -55,21 +57,20 @@ def wait_registered(state: Path, names: set[str], timeout: float = 30) -> set[st
         time.sleep(0.2)
 
 
-@pytest.fixture
-def suite(tmp_path: Path):
-    state = tmp_path / "state"
+@contextmanager
+def lodestar_up(folder: Path, *options: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """``lodestar up`` run in ``folder`` (state in folder/state) until it is ready; the process
+    and the lines it printed up to ``ready``. Stopped with SIGTERM afterwards."""
+    state = folder / "state"
     process = subprocess.Popen(
-        [*LODESTAR, "up", "--port-base", "0", "--state-dir", str(state)],
+        [*LODESTAR, "up", "--port-base", "0", "--state-dir", str(state), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=tmp_path,
+        cwd=folder,  # its config dir is folder/config
     )
     try:
-        printed = wait_for_line(process, "ready", timeout=120)
-        database_line = next(line for line in printed if line.startswith("database:"))
-        admin_dsn = database_line.split("database:", 1)[1].strip()
-        yield process, state, admin_dsn
+        yield process, wait_for_line(process, "ready", timeout=120)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -77,6 +78,14 @@ def suite(tmp_path: Path):
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@pytest.fixture
+def suite(tmp_path: Path):
+    with lodestar_up(tmp_path) as (process, printed):
+        database_line = next(line for line in printed if line.startswith("database:"))
+        admin_dsn = database_line.split("database:", 1)[1].strip()
+        yield process, tmp_path / "state", admin_dsn
 
 
 def test_up_publish_tail_and_clean_stop(suite):

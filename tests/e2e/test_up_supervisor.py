@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -16,7 +15,7 @@ import yaml
 
 from lodestar.common.testing import wait_serving
 from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
-from tests.e2e.test_suite_up import LODESTAR, wait_for_line, wait_registered
+from tests.e2e.test_suite_up import lodestar_up, wait_for_line, wait_registered
 
 
 def pid_of(package: str, port: int) -> int:
@@ -49,24 +48,8 @@ SUPERVISION = ("--max-restarts", "3", "--restart-delay", "0.2")
 
 @pytest.fixture
 def supervised(tmp_path: Path):
-    state = tmp_path / "state"
-    process = subprocess.Popen(
-        [*LODESTAR, "up", "--port-base", "0", "--state-dir", str(state), *SUPERVISION],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=tmp_path,  # its config dir is tmp_path/config
-    )
-    try:
-        wait_for_line(process, "ready", timeout=120)
-        yield process, state, tmp_path / "config"
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    with lodestar_up(tmp_path, *SUPERVISION) as (process, _):
+        yield process, tmp_path / "state", tmp_path / "config"
 
 
 def test_a_killed_module_is_restarted_and_one_that_keeps_failing_is_disabled(supervised):
