@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
+from lodestar.common.auth import Role
 from lodestar.common.events import new_event
 from lodestar.common.sdk import ReceivedEvent, Subscriber
+from lodestar.common.sdk.channel import token_interceptors
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_grpc
 from lodestar.events.v1 import event_pb2
 from lodestar.learning.v1 import events_pb2 as learning
@@ -133,6 +137,17 @@ class RawSubscription:
         self._outbox.put_nowait(None)
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def dropped_generators_stay_open() -> AsyncIterator[None]:
+    """Async generators dropped unfinished are not closed, as when a reference cycle holds them."""
+    hooks = sys.get_asyncgen_hooks()
+    sys.set_asyncgen_hooks(firstiter=hooks.firstiter, finalizer=lambda _: None)
+    try:
+        yield
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
 
 
 def raw(channel, name: str, **kwargs) -> RawSubscription:  # type: ignore[no-untyped-def]
@@ -383,6 +398,41 @@ async def test_second_connection_is_refused_until_first_leaves(module_channel):
     third = raw(module_channel, "exclusive")
     assert (await third.opened()).subscription == "exclusive"
     await third.close()
+
+
+async def test_stream_cancelled_while_the_server_writes_is_released(
+    core, tokens, publisher_channel, module_channel
+):
+    """A client that stops reading, then cancels, leaves the server blocked in a write."""
+    for start in range(0, 2000, 500):
+        await publish(publisher_channel, [usage_event(n) for n in range(start, start + 500)])
+
+    async def requests() -> AsyncIterator[bus_pb2.SubscribeRequest]:
+        open_ = bus_pb2.SubscribeOpen(subscription="unread", max_in_flight=2000)
+        yield bus_pb2.SubscribeRequest(open=open_)
+        await asyncio.Event().wait()
+
+    small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    interceptors = token_interceptors(tokens[Role.MODULE])
+    async with (
+        grpc.aio.insecure_channel(
+            core.target, options=small_window, interceptors=interceptors
+        ) as channel,
+        dropped_generators_stay_open(),
+    ):
+        call = bus_pb2_grpc.EventBusServiceStub(channel).Subscribe(requests())
+        await call.read()  # `opened`; the deliveries behind it fill the flow-control window
+
+        async def connected() -> bool:
+            return (await subscriptions(module_channel))["unread"].connected
+
+        await eventually(connected)
+        await asyncio.sleep(0.5)
+        call.cancel()
+        await wait_disconnected(module_channel, "unread")
+    again = raw(module_channel, "unread")
+    assert (await again.opened()).subscription == "unread"
+    await again.close()
 
 
 async def test_concurrent_opens_of_one_name_admit_one(module_channel):

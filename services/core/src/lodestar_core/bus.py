@@ -121,6 +121,7 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         self._window = TimeWindow.from_settings(settings)
         self._sessions: dict[str, _Session] = {}
         self._opening: set[str] = set()
+        self._releasing: set[asyncio.Task[None]] = set()
 
     async def _append(
         self, events: list[event_pb2.Event], principal: Principal
@@ -193,6 +194,13 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
         if first is None or first.WhichOneof("action") != "open":
             raise InvalidArgumentError("the first message on Subscribe must be `open`")
         session = await self._open(first.open, context.peer())
+
+        def end_with_rpc(_: object) -> None:
+            # gRPC drops, without closing, a response generator cancelled while it writes.
+            self._end(session)
+
+        # The stub declares the callback type as a class rather than a Protocol.
+        context.add_done_callback(end_with_rpc)  # type: ignore[arg-type]
         try:
             yield bus_pb2.SubscribeResponse(
                 opened=bus_pb2.SubscribeOpened(
@@ -202,9 +210,19 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
             async for response in session.run(request_iterator):
                 yield response
         finally:
-            self._sessions.pop(session.name, None)
-            await self._release(session)
+            await asyncio.shield(self._end(session))
+
+    def _end(self, session: _Session) -> asyncio.Task[None]:
+        """Forget a session whose stream ended; the task giving up its hold."""
+        if session.ended is None:
+            if self._sessions.get(session.name) is session:
+                del self._sessions[session.name]
+            session.stop()
+            session.ended = asyncio.get_running_loop().create_task(self._release(session))
+            self._releasing.add(session.ended)
+            session.ended.add_done_callback(self._releasing.discard)
             log.info("subscription disconnected", subscription=session.name)
+        return session.ended
 
     async def _release(self, session: _Session) -> None:
         """Give up the hold, so another replica may take the subscription over at once."""
@@ -212,6 +230,10 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
             await self._subscriptions.release(session.name, session.epoch)
         except DATABASE_UNREACHABLE as exc:  # the hold then lapses with this replica's heartbeat
             log.warning("cannot release subscription", subscription=session.name, error=str(exc))
+
+    async def drain(self) -> None:
+        """Wait for the holds of ended streams to be given up."""
+        await asyncio.gather(*self._releasing, return_exceptions=True)
 
     async def follow_other_replicas(self) -> None:
         """While streams are open and other replicas live, pick up the events they appended."""
@@ -442,6 +464,13 @@ class _Session:
         self._retry: deque[int] = deque()
         self._wake = asyncio.Event()
         self._replays_waiting = True  # replays may have been queued while disconnected
+        self._reader: asyncio.Task[None] | None = None
+        self.ended: asyncio.Task[None] | None = None  # giving up the hold once the stream ended
+
+    def stop(self) -> None:
+        """Stop reading acks: the stream has ended."""
+        if self._reader is not None:
+            self._reader.cancel()
 
     def wake(self) -> None:
         """Re-run the send loop now."""
@@ -460,7 +489,7 @@ class _Session:
         self, requests: AsyncIterator[bus_pb2.SubscribeRequest]
     ) -> AsyncIterator[bus_pb2.SubscribeResponse]:
         """Deliveries for this subscription, while acks are read from ``requests``."""
-        reader = asyncio.create_task(self._read(requests), name=f"acks-{self.name}")
+        reader = self._reader = asyncio.create_task(self._read(requests), name=f"acks-{self.name}")
         try:
             while not reader.done():
                 presence = self.bus.presence

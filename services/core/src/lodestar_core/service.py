@@ -58,6 +58,7 @@ class CoreModule(ServiceModule[CoreSettings]):
         super().__init__(settings)
         self.store: EventStore | None = None
         self.presence: ReplicaPresence | None = None
+        self.bus: EventBus | None = None
         self._bus_servicer = DeferredServicer(
             bus_pb2.DESCRIPTOR.services_by_name["EventBusService"], self.name
         )
@@ -99,6 +100,7 @@ class CoreModule(ServiceModule[CoreSettings]):
         await presence.heartbeat()
         self.presence = presence
         bus = EventBus(store, SubscriptionStore(pool), registry, bus_settings, presence)
+        self.bus = bus
         registry.on_enabled_changed = bus.wake_module
         self._bus_servicer.target = bus
         self._registry_servicer.target = RegistryService(registry)
@@ -123,6 +125,8 @@ class CoreModule(ServiceModule[CoreSettings]):
 
     async def release(self) -> None:
         """Stop the log writer (flushing what it holds) and leave the replicas."""
+        if self.bus is not None:
+            await self.bus.drain()
         if self.store is not None:
             await self.store.stop()
         if self.presence is not None:
