@@ -5,21 +5,35 @@ replica's subscription is taken over by a standby consumer, and nothing is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import asyncpg
 import grpc
 import pytest
 
 from lodestar.common.auth import Role
 from lodestar.common.cli import free_port
+from lodestar.common.db_roles import provision_service_role, role_name
 from lodestar.common.events import new_event
 from lodestar.common.sdk import ReceivedEvent, Subscriber, connect
-from lodestar.common.testing import dev_credentials, kill9, service_env, start_process, wait_serving
+from lodestar.common.testing import (
+    dev_credentials,
+    kill9,
+    pgbouncer,
+    pgbouncer_binary,
+    service_env,
+    start_process,
+    through,
+    wait_serving,
+)
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_grpc
 from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2 as usage
@@ -33,7 +47,7 @@ HEARTBEAT_SECONDS = 0.5
 class Replicas:
     """Core processes sharing one database schema, each restartable, with consumer processes."""
 
-    def __init__(self, root: Path, database_url: str, schema: str) -> None:
+    def __init__(self, root: Path, database_url: str, schema: str, **settings: object) -> None:
         self.root = root
         self.tokens = dev_credentials(root / "credentials.yaml")
         self.env = service_env(
@@ -43,6 +57,7 @@ class Replicas:
             shutdown_grace_seconds=1,
             bus__takeover_after_seconds=TAKEOVER_SECONDS,
             bus__replica_heartbeat_seconds=HEARTBEAT_SECONDS,
+            **settings,
         )
         self.ports = [free_port() for _ in range(3)]
         self.cores: list[subprocess.Popen[bytes] | None] = [None, None, None]
@@ -79,15 +94,46 @@ class Replicas:
                 kill9(process)
 
 
-@pytest.fixture
-async def replicas(tmp_path: Path, database_url: str, schema: str) -> Iterator[Replicas]:
-    cluster = Replicas(tmp_path, database_url, schema)
-    try:
+@pytest.fixture(params=["direct", "pgbouncer"])
+async def replicas(
+    request: pytest.FixtureRequest, tmp_path: Path, database_url: str, schema: str
+) -> AsyncIterator[Replicas]:
+    """Three core replicas on Postgres directly, or through a transaction-pooling PgBouncer."""
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "direct":
+            cluster = Replicas(tmp_path, database_url, schema)
+        else:
+            if pgbouncer_binary() is None:
+                missing = "pgbouncer is not installed (Debian: apt-get install pgbouncer)"
+                if os.environ.get("LODESTAR_REQUIRE_PGBOUNCER"):
+                    pytest.fail(missing)
+                pytest.skip(missing)
+            dsn = await stack.enter_async_context(own_role(database_url, schema))
+            login = urlsplit(dsn)
+            port = stack.enter_context(pgbouncer(dsn, {login.username: login.password}))
+            # PgBouncer 1.18 keeps no prepared statement from one transaction to the next.
+            pooled = through(dsn, port)
+            cluster = Replicas(tmp_path, pooled, schema, database__statement_cache_size=0)
+        stack.callback(cluster.close)
         await cluster.start(0)  # applies the migrations
         await asyncio.gather(cluster.start(1), cluster.start(2))
         yield cluster
+
+
+@contextlib.asynccontextmanager
+async def own_role(database_url: str, schema: str) -> AsyncIterator[str]:
+    """A DSN as a role of this test's own that owns ``schema``; role and schema dropped after."""
+    service = f"core-{schema}"
+    try:
+        yield await provision_service_role(database_url, service, schema)
     finally:
-        cluster.close()
+        admin = await asyncpg.connect(database_url)
+        try:
+            await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            await admin.execute(f"DROP OWNED BY {role_name(service)}")
+            await admin.execute(f"DROP ROLE {role_name(service)}")
+        finally:
+            await admin.close()
 
 
 def usage_events(count: int, tag: str) -> list[event_pb2.Event]:

@@ -51,6 +51,8 @@ async def test_each_role_migrates_its_own_schema_and_is_refused_the_other(servic
             await tracker_conn.fetch(f"SELECT * FROM {core_schema}.events")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await tracker_conn.execute(f"CREATE TABLE {core_schema}.intruder (x int)")
+        # a pooler that drops the client's search_path (PgBouncer) leaves the role's own
+        assert await core_conn.fetchval("SHOW search_path") == f"{core_schema}, public"
     finally:
         await core_conn.close()
         await tracker_conn.close()

@@ -78,6 +78,9 @@ class DatabaseSettings(BaseModel):
     pool_min_size: int = Field(default=1, ge=1)
     pool_max_size: int = Field(default=10, ge=1)
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    #: Prepared statements cached per connection; 0 behind a transaction-pooling PgBouncer
+    #: older than 1.21, which cannot keep a statement across transactions.
+    statement_cache_size: int = Field(default=100, ge=0)
 
     @field_validator("schema_name")
     @classmethod

@@ -1,9 +1,10 @@
 """Postgres access shared by every service: a pool per service schema and versioned migrations.
 
 Migrations are files named ``NNNN_description.sql`` in a service's migrations folder. They are
-applied in order, each in its own transaction, under an advisory lock so that replicas starting
-together apply them once. The checksum of every applied file is recorded; a file changed after it
-was applied stops start-up rather than leaving the schema in an unknown state.
+applied in order, each in its own transaction under a transaction-scoped advisory lock, so that
+replicas starting together apply them once, also through a transaction-pooling PgBouncer. The
+checksum of every applied file is recorded; a file changed after it was applied stops start-up
+rather than leaving the schema in an unknown state.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ async def apply_migrations(conn: asyncpg.Connection, schema: str, folder: Path) 
     check_schema_name(schema)
     migrations = load_migrations(folder)
     lock_key = f"lodestar:migrate:{schema}"
-    await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock_key)
-    try:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", lock_key)
         # A service's own role may own its schema without the right to create schemas.
         if not await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = $1", schema):
             await conn.execute(f"CREATE SCHEMA {schema}")
@@ -84,30 +85,33 @@ async def apply_migrations(conn: asyncpg.Connection, schema: str, folder: Path) 
                     checksum text NOT NULL,
                     applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        rows = await conn.fetch(
-            f"SELECT version, name, checksum FROM {schema}.schema_migrations"  # noqa: S608 - checked identifier
-        )
-        applied = {row["version"]: row for row in rows}
-        _verify_applied(migrations, applied)
-        done = []
-        for migration in migrations:
-            if migration.version in applied:
+        _verify_applied(migrations, await _applied(conn, schema))
+    done = []
+    for migration in migrations:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", lock_key)
+            if migration.version in await _applied(conn, schema):
                 continue
-            async with conn.transaction():
-                await conn.execute(f"SET LOCAL search_path TO {schema}, public")
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    f"INSERT INTO {schema}.schema_migrations (version, name, checksum) "  # noqa: S608
-                    "VALUES ($1, $2, $3)",
-                    migration.version,
-                    migration.name,
-                    migration.checksum,
-                )
-            log.info("migration applied", schema=schema, migration=migration.name)
-            done.append(migration.name)
-        return done
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key)
+            await conn.execute(f"SET LOCAL search_path TO {schema}, public")
+            await conn.execute(migration.sql)
+            await conn.execute(
+                f"INSERT INTO {schema}.schema_migrations (version, name, checksum) "  # noqa: S608
+                "VALUES ($1, $2, $3)",
+                migration.version,
+                migration.name,
+                migration.checksum,
+            )
+        log.info("migration applied", schema=schema, migration=migration.name)
+        done.append(migration.name)
+    return done
+
+
+async def _applied(conn: asyncpg.Connection, schema: str) -> dict[int, asyncpg.Record]:
+    """The migrations recorded in ``schema``, by version."""
+    rows = await conn.fetch(
+        f"SELECT version, name, checksum FROM {schema}.schema_migrations"  # noqa: S608 - checked identifier
+    )
+    return {row["version"]: row for row in rows}
 
 
 def _verify_applied(migrations: list[Migration], applied: dict[int, asyncpg.Record]) -> None:
@@ -134,6 +138,7 @@ async def create_pool(
     min_size: int = 1,
     max_size: int = 10,
     timeout: float = 5.0,
+    statement_cache_size: int = 100,
 ) -> asyncpg.Pool:
     """A pool whose connections use ``schema`` first on their search path."""
     check_schema_name(schema)
@@ -144,6 +149,7 @@ async def create_pool(
             max_size=max_size,
             timeout=timeout,
             command_timeout=60,
+            statement_cache_size=statement_cache_size,
             server_settings={"search_path": f"{schema},public", "application_name": schema},
         )
     except (OSError, asyncpg.PostgresError) as exc:
@@ -167,6 +173,7 @@ async def open_service_database(
         min_size=database.pool_min_size,
         max_size=database.pool_max_size,
         timeout=database.connect_timeout_seconds,
+        statement_cache_size=database.statement_cache_size,
     )
     if migrations is not None:
         try:

@@ -31,8 +31,8 @@ def role_name(service: str) -> str:
 async def provision_service_role(admin_dsn: str, service: str, schema: str) -> str:
     """A DSN that logs in as ``service``'s own role, created (or updated) to own ``schema``.
 
-    The role becomes the owner of the schema and of everything already in it; everyone else is
-    shut out of it.
+    The role becomes the owner of the schema and of everything already in it, with the schema
+    first on its default search path; everyone else is shut out of it.
     """
     check_schema_name(schema)
     role, password = role_name(service), secrets.token_urlsafe(24)
@@ -51,6 +51,8 @@ async def provision_service_role(admin_dsn: str, service: str, schema: str) -> s
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role}")
             await conn.execute(f"ALTER SCHEMA {schema} OWNER TO {role}")
             await conn.execute(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC")
+            # What a pooler that drops the client's search_path leaves in force (PgBouncer).
+            await conn.execute(f"ALTER ROLE {role} SET search_path = {schema}, public")
             await _hand_over_contents(conn, schema, role)
     finally:
         await conn.close()

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -301,3 +306,76 @@ def kill9(process: subprocess.Popen[bytes]) -> None:
     """Kill a process without any chance to clean up, and reap it."""
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+@contextmanager
+def pgbouncer(upstream_dsn: str, logins: dict[str, str], *, pool_size: int = 3) -> Iterator[int]:
+    """A transaction-pooling PgBouncer in front of ``upstream_dsn``'s server; yields its port.
+
+    ``logins`` maps each role that may connect through it to its password. ``pool_size`` server
+    connections per database and role are shared by all clients, one transaction at a time.
+    Raises FileNotFoundError when PgBouncer is not installed.
+    """
+    binary = pgbouncer_binary()
+    if binary is None:
+        raise FileNotFoundError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
+    upstream = urlsplit(upstream_dsn)
+    port = free_port()
+    # PgBouncer refuses to run as root and reads its files as the user it switches to.
+    workdir = Path(tempfile.mkdtemp(prefix="pgbouncer-"))
+    workdir.chmod(0o755)
+    auth_file = workdir / "users.txt"
+    auth_file.write_text("".join(f'"{role}" "{password}"\n' for role, password in logins.items()))
+    config = workdir / "pgbouncer.ini"
+    config.write_text(
+        "[databases]\n"
+        f"* = host={upstream.hostname or '127.0.0.1'} port={upstream.port or 5432}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {auth_file}\n"
+        f"pool_mode = transaction\ndefault_pool_size = {pool_size}\nmax_client_conn = 1000\n"
+        # asyncpg sends search_path; the role's own default search path applies instead.
+        "ignore_startup_parameters = extra_float_digits,search_path\n"
+    )
+    for path in (auth_file, config):
+        path.chmod(0o644)
+    command = [binary, *(["-u", _unprivileged_user()] if os.geteuid() == 0 else []), str(config)]
+    with (workdir / "pgbouncer.log").open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_listening(process, port, workdir / "pgbouncer.log")
+        yield port
+    finally:
+        process.terminate()
+        process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def pgbouncer_binary() -> str | None:
+    """Where PgBouncer is installed, if it is (Debian puts it outside a user's PATH)."""
+    return shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+
+
+def through(dsn: str, port: int) -> str:
+    """``dsn`` pointed at 127.0.0.1:``port`` (a PgBouncer), with the same credentials."""
+    parts = urlsplit(dsn)
+    credentials, at, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{credentials}{at}127.0.0.1:{port}"))
+
+
+def _unprivileged_user() -> str:
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return name
+    raise RuntimeError("no unprivileged user (postgres or nobody) to run pgbouncer as")
+
+
+def _wait_listening(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not reachable("127.0.0.1", port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"pgbouncer did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
