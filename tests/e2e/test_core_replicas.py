@@ -6,37 +6,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import asyncpg
 import grpc
 import pytest
 
 from lodestar.common.auth import Role
 from lodestar.common.cli import free_port
-from lodestar.common.db_roles import provision_service_role, role_name
 from lodestar.common.events import new_event
 from lodestar.common.sdk import ReceivedEvent, Subscriber, connect
 from lodestar.common.testing import (
     dev_credentials,
     kill9,
-    pgbouncer,
-    pgbouncer_binary,
     service_env,
     start_process,
-    through,
     wait_serving,
 )
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_grpc
 from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2 as usage
+
+from .pooling import POOLED_SETTINGS, pooled_roles
 
 pytestmark = pytest.mark.faults
 CONSUMER = Path(__file__).with_name("standby_consumer.py")
@@ -103,37 +98,14 @@ async def replicas(
         if request.param == "direct":
             cluster = Replicas(tmp_path, database_url, schema)
         else:
-            if pgbouncer_binary() is None:
-                missing = "pgbouncer is not installed (Debian: apt-get install pgbouncer)"
-                if os.environ.get("LODESTAR_REQUIRE_PGBOUNCER"):
-                    pytest.fail(missing)
-                pytest.skip(missing)
-            dsn = await stack.enter_async_context(own_role(database_url, schema))
-            login = urlsplit(dsn)
-            port = stack.enter_context(pgbouncer(dsn, {login.username: login.password}))
-            # PgBouncer 1.18 keeps no prepared statement from one transaction to the next.
-            pooled = through(dsn, port)
-            cluster = Replicas(tmp_path, pooled, schema, database__statement_cache_size=0)
+            service = f"core-{schema}"
+            roles = pooled_roles(database_url, {service: schema})
+            dsn = (await stack.enter_async_context(roles))[service]
+            cluster = Replicas(tmp_path, dsn, schema, **POOLED_SETTINGS)
         stack.callback(cluster.close)
         await cluster.start(0)  # applies the migrations
         await asyncio.gather(cluster.start(1), cluster.start(2))
         yield cluster
-
-
-@contextlib.asynccontextmanager
-async def own_role(database_url: str, schema: str) -> AsyncIterator[str]:
-    """A DSN as a role of this test's own that owns ``schema``; role and schema dropped after."""
-    service = f"core-{schema}"
-    try:
-        yield await provision_service_role(database_url, service, schema)
-    finally:
-        admin = await asyncpg.connect(database_url)
-        try:
-            await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-            await admin.execute(f"DROP OWNED BY {role_name(service)}")
-            await admin.execute(f"DROP ROLE {role_name(service)}")
-        finally:
-            await admin.close()
 
 
 def usage_events(count: int, tag: str) -> list[event_pb2.Event]:

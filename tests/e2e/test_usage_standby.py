@@ -9,6 +9,7 @@ in the ledger exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from lodestar.common.sdk import Publisher, connect
 from lodestar.common.testing import dev_credentials, kill9, service_env, start_process, wait_serving
 from lodestar.usage.v1 import events_pb2 as ev
 
+from .pooling import POOLED_SETTINGS, pooled_roles
+
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 PER_PHASE = 1_000
 
@@ -29,14 +32,28 @@ PER_PHASE = 1_000
 class Cluster:
     """A core process and usage-tracker processes sharing one database."""
 
-    def __init__(self, root: Path, database_url: str, schema: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        database_url: str,
+        schema: str,
+        dsns: dict[str, str] | None = None,
+        **settings: object,
+    ) -> None:
+        """``dsns`` gives core's and the tracker's own DSNs; else both use ``database_url``."""
         self.root = root
         self.database_url = database_url
-        self.tracker_schema = f"{schema}_usage"
+        self.tracker_schema = tracker_schema(schema)
+        self.dsns = dsns or {"core": database_url, "usage-tracker": database_url}
+        self.settings = settings
         self.tokens = dev_credentials(root / "credentials.yaml", ["usage-tracker"])
         self.core_port = free_port()
         self.env = service_env(
-            database_url, root / "credentials.yaml", schema=schema, shutdown_grace_seconds=1
+            self.dsns["core"],
+            root / "credentials.yaml",
+            schema=schema,
+            shutdown_grace_seconds=1,
+            **settings,
         )
         self.processes: list[subprocess.Popen[bytes]] = []
 
@@ -52,7 +69,7 @@ class Cluster:
     async def start_tracker(self, name: str) -> subprocess.Popen[bytes]:
         port = free_port()
         env = service_env(
-            self.database_url,
+            self.dsns["usage-tracker"],
             self.root / "credentials.yaml",
             schema=self.tracker_schema,
             core=self.core_target,
@@ -60,6 +77,7 @@ class Cluster:
             spool_dir=self.root / f"spool-{name}",
             shutdown_grace_seconds=1,
             ingest__batch_max_events=100,
+            **self.settings,
         )
         tracker = start_process("lodestar_usage", env, self.root / f"{name}.log", port)
         self.processes.append(tracker)
@@ -86,14 +104,26 @@ class Cluster:
                 kill9(process)
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, database_url: str, schema: str) -> AsyncIterator[Cluster]:
-    running = Cluster(tmp_path, database_url, schema)
-    try:
+def tracker_schema(schema: str) -> str:
+    return f"{schema}_usage"
+
+
+@pytest.fixture(params=["direct", "pgbouncer"])
+async def cluster(
+    request: pytest.FixtureRequest, tmp_path: Path, database_url: str, schema: str
+) -> AsyncIterator[Cluster]:
+    """Core and trackers on Postgres directly, or through a transaction-pooling PgBouncer."""
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "direct":
+            running = Cluster(tmp_path, database_url, schema)
+        else:
+            schemas = {f"core-{schema}": schema, f"usage-{schema}": tracker_schema(schema)}
+            pooled = await stack.enter_async_context(pooled_roles(database_url, schemas))
+            dsns = dict(zip(["core", "usage-tracker"], pooled.values(), strict=True))
+            running = Cluster(tmp_path, database_url, schema, dsns, **POOLED_SETTINGS)
+        stack.callback(running.close)
         await running.start_core()
         yield running
-    finally:
-        running.close()
 
 
 async def publish(cluster: Cluster, count: int, phase: str) -> None:
