@@ -316,7 +316,6 @@ def test_monitoring_objects() -> None:
         "LodestarModuleDown",
         "LodestarSubscriptionLag",
         "LodestarBudgetCrossed",
-        "LodestarCircuitBreakerOpen",
     }
     dashboard = next(o for o in objects if o["metadata"]["name"] == "lodestar-dashboard")
     text = dashboard["data"]["lodestar.json"]

@@ -247,7 +247,6 @@ def schema() -> Schema:
                         "subscriptionLagThreshold": nonneg(1),
                         "lagFor": DURATION,
                         "moduleDownFor": DURATION,
-                        "breakerOpenFor": DURATION,
                     }
                 ),
                 "grafanaDashboard": obj(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 from prometheus_client import Counter, Gauge, Histogram
 
 MAX_MODEL_LABELS = 200
@@ -21,15 +25,23 @@ SESSION_DURATION = Histogram(
     "Duration of sessions that went idle.",
     buckets=(10, 30, 60, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400),
 )
+#: A budget's id (unique) and its name (for people; not unique).
+BUDGET_LABELS = ["budget_id", "budget"]
 BUDGET_REMAINING = Gauge(
     "lodestar_usage_budget_remaining_usd",
-    "Remaining money of a budget's current window.",
-    ["budget"],
+    "Remaining money of a budget's current window (spend and holds deducted).",
+    BUDGET_LABELS,
 )
 BUDGET_REMAINING_TOKENS = Gauge(
     "lodestar_usage_budget_remaining_tokens",
-    "Remaining tokens of a budget's current window.",
-    ["budget"],
+    "Remaining tokens of a budget's current window (spend and holds deducted).",
+    BUDGET_LABELS,
+)
+BUDGET_USED_RATIO = Gauge(
+    "lodestar_usage_budget_used_ratio",
+    "Share of a budget's limit spent or held in its current window, the larger of money and "
+    "tokens: 1 means used up.",
+    BUDGET_LABELS,
 )
 INGESTED = Counter("lodestar_usage_ingested_events_total", "Events written to the ledger.")
 DUPLICATES = Counter(
@@ -67,6 +79,42 @@ ADMISSION_ROUND_SECONDS = Histogram(
 )
 
 _models: set[str] = set()
+_budget_series: set[tuple[str, str]] = set()
+
+
+@dataclass(frozen=True)
+class BudgetReading:
+    """Where one budget (not per session) stands in its current window."""
+
+    budget_id: str
+    name: str
+    remaining_usd: float | None
+    remaining_tokens: int | None
+    used_ratio: float
+
+
+def export_budgets(readings: Iterable[BudgetReading]) -> None:
+    """Set the budget gauges to ``readings``; the series of budgets not among them are removed."""
+    current = set()
+    for reading in readings:
+        labels = (reading.budget_id, reading.name)
+        current.add(labels)
+        _set_or_remove(BUDGET_REMAINING, labels, reading.remaining_usd)
+        _set_or_remove(BUDGET_REMAINING_TOKENS, labels, reading.remaining_tokens)
+        BUDGET_USED_RATIO.labels(*labels).set(reading.used_ratio)
+    for labels in _budget_series - current:
+        for gauge in (BUDGET_REMAINING, BUDGET_REMAINING_TOKENS, BUDGET_USED_RATIO):
+            _set_or_remove(gauge, labels, None)
+    _budget_series.clear()
+    _budget_series.update(current)
+
+
+def _set_or_remove(gauge: Gauge, labels: tuple[str, str], value: float | None) -> None:
+    if value is not None:
+        gauge.labels(*labels).set(value)
+        return
+    with contextlib.suppress(KeyError):
+        gauge.remove(*labels)
 
 
 def model_label(model: str) -> str:

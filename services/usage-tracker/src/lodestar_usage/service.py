@@ -181,6 +181,7 @@ class UsageModule(ServiceModule[UsageSettings]):
         now = datetime.now(UTC)
         new = 0
         alerts = self.settings.alerts
+        readings = []
         for budget in await budgets.all_budgets(self.pool):
             crossings = await budgets.detect_crossings(
                 self.pool,
@@ -192,14 +193,8 @@ class UsageModule(ServiceModule[UsageSettings]):
             new += await budgets.record_crossings(self.pool, crossings)
             if not budget.per_session:
                 usage = await budgets.usage_of(self.pool, budget, budget.scope_value, now)
-                if budget.limit_micros is not None:
-                    metrics.BUDGET_REMAINING.labels(budget.name).set(
-                        usage.remaining(budget.limit_micros, "micros") / 1e6
-                    )
-                if budget.limit_tokens is not None:
-                    metrics.BUDGET_REMAINING_TOKENS.labels(budget.name).set(
-                        usage.remaining(budget.limit_tokens, "tokens")
-                    )
+                readings.append(budget_reading(budget, usage))
+        metrics.export_budgets(readings)
         await self.publish_crossings()
         return new
 
@@ -270,3 +265,20 @@ class UsageModule(ServiceModule[UsageSettings]):
 SPEC = ServiceSpec(UsageModule, UsageSettings)
 
 __all__ = ["SPEC", "UsageModule"]
+
+
+def budget_reading(budget: budgets.BudgetDef, usage: budgets.Usage) -> metrics.BudgetReading:
+    """The gauges' view of ``budget`` given its ``usage`` in the current window."""
+    money, tokens = budget.limit_micros, budget.limit_tokens
+    ratios = [
+        (limit - usage.remaining(limit, kind)) / limit if limit else 0.0
+        for limit, kind in ((money, "micros"), (tokens, "tokens"))
+        if limit is not None
+    ]
+    return metrics.BudgetReading(
+        budget_id=str(budget.id),
+        name=budget.name,
+        remaining_usd=None if money is None else usage.remaining(money, "micros") / 1e6,
+        remaining_tokens=None if tokens is None else usage.remaining(tokens, "tokens"),
+        used_ratio=max(ratios, default=0.0),
+    )
