@@ -144,6 +144,17 @@ def test_allow_list_follows_the_architecture() -> None:
             assert metrics, f"{name}: Prometheus may not scrape"
 
 
+def test_clients_outside_the_release_reach_a_service_on_its_grpc_ports_only() -> None:
+    gateway = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "litellm"}}}
+    policies = {
+        p["metadata"]["name"]: p["spec"]
+        for p in _policies(render({"usageTracker": {"networkPolicy": {"clients": [gateway]}}}))
+    }
+    tracker = [r for r in policies["lodestar-usage-tracker"]["ingress"] if gateway in r["from"]]
+    assert [[p["port"] for p in rule["ports"]] for rule in tracker] == [[50051]]
+    assert not any(gateway in r.get("from", []) for r in policies["lodestar-core"]["ingress"])
+
+
 def test_every_service_port_is_named(rendered: list[dict[str, Any]]) -> None:
     services = [o for o in rendered if o["kind"] == "Service"]
     assert services

@@ -99,7 +99,14 @@ def service_defaults() -> Schema:
 
 def service_settings(key: str | None) -> dict[str, Schema]:
     """The settings of a service (``key``) or of serviceDefaults (None)."""
-    network = {"extraIngress": LIST_OF_OBJECTS, "extraEgress": LIST_OF_OBJECTS}
+    network = {
+        "clients": {
+            **LIST_OF_OBJECTS,
+            "description": "NetworkPolicyPeer list admitted on the service's gRPC ports",
+        },
+        "extraIngress": LIST_OF_OBJECTS,
+        "extraEgress": LIST_OF_OBJECTS,
+    }
     if key is not None and SERVICES[key]["name"] == "health-monitor":
         network["providers"] = {
             **LIST_OF_OBJECTS,

@@ -49,7 +49,7 @@
 {{/*
 Allow-list of one service (the deny-all policy covers everything else):
   ingress: core <-> modules on gRPC, health-monitor -> every service, the helm test pod,
-           Prometheus on the metrics port, extraIngress;
+           the service's clients on gRPC, Prometheus on the metrics port, extraIngress;
   egress:  DNS, PostgreSQL, core <-> modules, health-monitor -> every service and the providers,
            the OpenTelemetry collector when configured, extraEgress.
 */}}
@@ -98,6 +98,12 @@ spec:
       ports:
         - port: {{ $g.ports.metrics }}
           protocol: TCP
+    {{- with .svc.networkPolicy.clients }}
+    - from:
+        {{- toYaml . | nindent 8 }}
+      ports:
+        {{- include "lodestar.np.grpcPorts" $root | nindent 8 }}
+    {{- end }}
     {{- with .svc.networkPolicy.extraIngress }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
