@@ -5,12 +5,15 @@ and turns DEGRADED (still ready) while core is away."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
 from lodestar.common.auth import Role
@@ -27,6 +30,7 @@ from lodestar_health.service import SPEC as HEALTH_MONITOR
 from lodestar_learning.service import SPEC as LEARNING
 from tests.conftest import TEST_MODULES, RunningCore
 
+GOLDEN = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "tests" / "golden"
 WAIT = 30.0  # a deadline for the heartbeat to arrive, not a speed requirement
 
 
@@ -68,6 +72,34 @@ async def registered_module(admin: grpc.aio.Channel, name: str) -> registry_pb2.
             await asyncio.sleep(0.1)
 
 
+async def helm_test(*checks: str) -> tuple[int, str]:
+    """The chart's `helm test` pod script, as rendered, run against ``checks`` (target=names):
+    its exit code and output."""
+    rendered = yaml.safe_load_all((GOLDEN / "default.yaml").read_text())
+    pod = next(o for o in rendered if o and o["metadata"]["name"] == "lodestar-test-health")
+    script = pod["spec"]["containers"][0]["args"][0]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, *checks, stdout=asyncio.subprocess.PIPE
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    return await process.wait(), output.decode()
+
+
+async def health(target: str, service: str) -> str:
+    """The status name grpc.health.v1.Health/Check gives for ``service``."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+async def until_health(target: str, service: str, status: str) -> None:
+    async with asyncio.timeout(WAIT):
+        while await health(target, service) != status:
+            await asyncio.sleep(0.1)
+
+
 @pytest.mark.parametrize("spec", [LEARNING, HEALTH_MONITOR], ids=lambda spec: spec.name)
 async def test_a_skeleton_migrates_registers_and_degrades_without_core(
     spec: ServiceSpec,
@@ -102,6 +134,8 @@ async def test_a_skeleton_migrates_registers_and_degrades_without_core(
 
         report = await running.module.health_check()
         assert (report.status, report.last_error) == (HealthState.HEALTHY, "")
+        await until_health(running.target, "core", "SERVING")
+        assert (await helm_test(f"{running.target}=readiness,core"))[0] == 0
 
         await core.stop()
         async with asyncio.timeout(WAIT):
@@ -109,5 +143,10 @@ async def test_a_skeleton_migrates_registers_and_degrades_without_core(
                 await asyncio.sleep(0.05)
         assert report.status is HealthState.DEGRADED, "core away: degraded, not down"
         assert "core unreachable" in report.last_error
+        await until_health(running.target, "core", "NOT_SERVING")  # what `helm test` asks
+        assert await health(running.target, "readiness") == "SERVING"  # still takes traffic
+        code, output = await helm_test(f"{running.target}=readiness,core")
+        assert code == 1
+        assert f"{running.target} core: NOT_SERVING" in output
     finally:
         await running.stop()

@@ -28,6 +28,26 @@ INVALID = [
     pytest.param({"core": {"replica": 2}}, "replica", id="typo-service-key"),
     pytest.param({"global": {"tls": {"enable": True}}}, "enable", id="typo-nested"),
     pytest.param({"core": {"replicas": "two"}}, "replicas", id="wrong-type-int"),
+    pytest.param(
+        {"usageTracker": {"config": {"ingest": {"batch_max_event": 5}}}},
+        "batch_max_event",
+        id="typo-in-service-config",
+    ),
+    pytest.param(
+        {"core": {"config": {"bus": {"max_delivery_attempts": "three"}}}},
+        "max_delivery_attempts",
+        id="wrong-type-in-service-config",
+    ),
+    pytest.param(
+        {"core": {"config": {"ingest": {"batch_max_events": 5}}}},
+        "ingest",
+        id="another-service-setting-in-core-config",
+    ),
+    pytest.param(
+        {"serviceDefaults": {"config": {"bus": {"max_delivery_attempts": 3}}}},
+        "bus",
+        id="service-specific-setting-in-defaults",
+    ),
     pytest.param({"global": {"tls": {"enabled": "yes"}}}, "enabled", id="wrong-type-bool"),
     pytest.param(
         {"core": {"probes": {"liveness": {"grpc": {"port": 1}}}}}, "grpc", id="probe-action"
@@ -97,6 +117,16 @@ def test_invalid_combinations_fail_rendering_with_a_message(
     result = template(values, major=major)
     assert result.returncode != 0, f"helm {major} template accepted {values}"
     assert mentions in result.stderr, result.stderr
+
+
+def test_a_service_config_the_service_accepts_renders() -> None:
+    values = {
+        "serviceDefaults": {"config": {"log_level": "DEBUG"}},
+        "core": {"config": {"bus": {"max_delivery_attempts": 3}}},
+        "usageTracker": {"config": {"database": {"statement_cache_size": 0}}},
+    }
+    result = template(values, major=4)
+    assert result.returncode == 0, result.stderr
 
 
 def test_schema_file_is_generated() -> None:
@@ -241,7 +271,7 @@ def test_tls_moves_probes_to_the_health_port() -> None:
     assert svc_ports["health"]["port"] == 50052
     assert svc_ports["health"]["appProtocol"] == "grpc"
     test_pod = next(o for o in objects if o["kind"] == "Pod")
-    targets = test_pod["spec"]["containers"][0]["args"][1:]
+    targets = [check.split("=")[0] for check in test_pod["spec"]["containers"][0]["args"][1:]]
     assert "lodestar-core:50052" in targets
     assert all(target.endswith(":50052") for target in targets)
 
@@ -293,8 +323,11 @@ def test_helm_test_pod_checks_every_enabled_service() -> None:
     objects = render(ALL_ON)
     pod = next(o for o in objects if o["kind"] == "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
-    targets = pod["spec"]["containers"][0]["args"][1:]
-    assert sorted(targets) == sorted(f"lodestar-{m}:50051" for m in SERVICES.values())
+    checks = pod["spec"]["containers"][0]["args"][1:]
+    assert sorted(checks) == sorted(
+        f"lodestar-{m}:50051=" + ("readiness" if m == "core" else "readiness,core")
+        for m in SERVICES.values()
+    )
 
 
 def test_monitoring_objects() -> None:

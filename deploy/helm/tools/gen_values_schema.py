@@ -1,10 +1,12 @@
 """Generate deploy/helm/lodestar/values.schema.json (strict: unknown keys and wrong types fail).
 
-    python3 deploy/helm/tools/gen_values_schema.py          # rewrite the schema
-    python3 deploy/helm/tools/gen_values_schema.py --check  # exit 1 if the committed one is stale
+    .venv/bin/python deploy/helm/tools/gen_values_schema.py          # rewrite the schema
+    .venv/bin/python deploy/helm/tools/gen_values_schema.py --check  # exit 1 if it is stale
 
 The services come from deploy/helm/lodestar/services.yaml (one values block each). They share one
 definition with serviceDefaults, so a key added to the defaults can be overridden by every service.
+A service's ``config`` block is checked against its settings class (from the installed packages),
+so a typo or a wrong type fails ``helm template`` instead of the pod's start.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+
+from lodestar.common.cli import installed_services
+from lodestar.common.config import ServiceSettings
 
 CHART = Path(__file__).resolve().parents[1] / "lodestar"
 SCHEMA_PATH = CHART / "values.schema.json"
@@ -97,6 +103,45 @@ def service_defaults() -> Schema:
     return obj(props, "defaults of every service; each service's block overrides them")
 
 
+#: JSON Schema keywords of pydantic's output that only annotate (or that Helm's validators may not
+#: know, like the formats "path" and "password").
+ANNOTATIONS = {"title", "default", "format", "writeOnly", "examples"}
+
+
+def settings_schema(settings_cls: type[BaseModel], description: str) -> Schema:
+    """``settings_cls``'s JSON schema, self-contained (no $ref) and without annotations."""
+    raw = settings_cls.model_json_schema()
+    definitions = raw.pop("$defs", {})
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, list):
+            return [clean(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            target = definitions[node["$ref"].rsplit("/", 1)[1]]
+            node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return {
+            key: {name: clean(sub) for name, sub in value.items()}
+            if key == "properties"
+            else clean(value)
+            for key, value in node.items()
+            if key not in ANNOTATIONS
+        }
+
+    schema: Schema = clean(raw)
+    schema["description"] = description
+    return schema
+
+
+def config_schema(key: str | None) -> Schema:
+    """A service's ``config`` block: its settings; serviceDefaults': those every service has."""
+    if key is None:
+        return settings_schema(ServiceSettings, "merged into every service's config file")
+    settings_cls = installed_services()[SERVICES[key]["name"]].settings_cls
+    return settings_schema(settings_cls, "rendered as the module's YAML config file")
+
+
 def service_settings(key: str | None) -> dict[str, Schema]:
     """The settings of a service (``key``) or of serviceDefaults (None)."""
     network = {
@@ -121,7 +166,7 @@ def service_settings(key: str | None) -> dict[str, Schema]:
             },
         ),
         "replicas": nonneg(0),
-        "config": {**MAP, "description": "rendered as the module's YAML config file"},
+        "config": config_schema(key),
         "env": {
             "type": "array",
             "items": {

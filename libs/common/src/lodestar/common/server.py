@@ -32,6 +32,8 @@ from lodestar.common.telemetry import Telemetry, configure_telemetry, server_int
 
 LIVENESS = "liveness"
 READINESS = "readiness"
+#: SERVING while a module reaches core; a module without core stays ready (DEGRADED).
+CORE_LINK = "core"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_INTERVAL_SECONDS = 1.0
@@ -203,6 +205,7 @@ class ServiceRunner:
             return
         log.info("module started", module=self.module.name)
         ready: bool | None = None
+        reaches_core: bool | None = None
         while not self._stop.is_set():
             with suppress_instrumentation():  # health checks are never traced
                 report = await self.module.health_check()
@@ -211,6 +214,9 @@ class ServiceRunner:
                 await self._set_readiness(SERVING if now_ready else NOT_SERVING)
                 log.info("readiness changed", ready=now_ready, last_error=report.last_error)
                 ready = now_ready
+            if report.reaches_core is not None and report.reaches_core != reaches_core:
+                reaches_core = report.reaches_core
+                await self.health.set(CORE_LINK, SERVING if reaches_core else NOT_SERVING)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), HEALTH_INTERVAL_SECONDS)
 
