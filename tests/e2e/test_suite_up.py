@@ -70,7 +70,7 @@ def lodestar_up(folder: Path, *options: str) -> Iterator[tuple[subprocess.Popen[
         cwd=folder,  # its config dir is folder/config
     )
     try:
-        yield process, wait_for_line(process, "ready", timeout=120)
+        yield process, wait_for_line(process, "Ctrl-C stops everything", timeout=120)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

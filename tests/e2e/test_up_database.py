@@ -33,7 +33,7 @@ def test_up_uses_the_database_named_in_the_environment(
         env={**env, variable: database_url},
     )
     try:
-        lines = wait_for_line(process, "ready", timeout=120)
+        lines = wait_for_line(process, "Ctrl-C stops everything", timeout=120)
         output = "".join(lines)
         assert "embedded Postgres" not in output
         assert not (state / "pg").exists()

@@ -40,7 +40,7 @@ def suite(tmp_path: Path):
         cwd=tmp_path,
     )
     try:
-        wait_for_line(process, "ready", timeout=120)
+        wait_for_line(process, "Ctrl-C stops everything", timeout=120)
         yield state
     finally:
         if process.poll() is None:
