@@ -137,6 +137,23 @@ async def test_negative_estimates_are_invalid(admin):
     assert info.value.details().startswith("estimated_tokens")
 
 
+@pytest.mark.parametrize(
+    ("reservation_id", "says"),
+    [("", "required"), ("r-42", "'r-42' is not a reservation id")],
+    ids=["empty", "malformed"],
+)
+async def test_release_and_commit_name_what_is_wrong_with_the_id(admin, reservation_id, says):
+    stub = ug.BudgetServiceStub(admin)
+    for call in (
+        stub.Release(u.ReleaseRequest(reservation_id=reservation_id)),
+        stub.Commit(u.CommitRequest(reservation_id=reservation_id)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith(f"reservation_id: {says}")
+
+
 async def test_budget_changes_need_admin(tracker, tokens):
     async with connect(tracker.target, tokens[Role.MODULE]) as module:
         with pytest.raises(grpc.aio.AioRpcError) as info:

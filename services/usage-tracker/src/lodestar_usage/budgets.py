@@ -1005,11 +1005,14 @@ async def _check(
 
 def reservation_key(value: str) -> uuid.UUID:
     """The reservation id in ``value``; INVALID_ARGUMENT naming ``reservation_id`` otherwise."""
+    if not value:
+        raise InvalidArgumentError("required: the id Reserve returned", field="reservation_id")
     try:
         return uuid.UUID(value)
     except ValueError:
         raise InvalidArgumentError(
-            "required, the id Reserve returned", field="reservation_id"
+            f"{value[:64]!r} is not a reservation id; pass the id Reserve returned (a UUID)",
+            field="reservation_id",
         ) from None
 
 
