@@ -457,3 +457,15 @@ def test_service_defaults_apply_to_every_service_and_each_block_overrides(major:
     assert "lodestar-learning-migrate" in jobs
     hpa = _core(objects, "HorizontalPodAutoscaler", "lodestar-usage-tracker")
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["memory"]
+
+
+def test_notes_name_every_image_to_build_and_the_skeletons() -> None:
+    args = ["install", "lodestar", str(CHART), "--namespace", "lodestar", "--dry-run=client"]
+    result = helm(args, {"learning": {"enabled": True}, "global": {"image": {"tag": "1.2.3"}}})
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    for image in ("lodestar-core:1.2.3", "lodestar-usage-tracker:1.2.3", "lodestar-learning:1.2.3"):
+        assert f"  - {image}\n" in notes
+    assert "lodestar-health-monitor" not in notes  # not enabled
+    assert "lodestar-learning (a skeleton so far" in notes
+    assert "make images" in notes
