@@ -218,7 +218,7 @@ def test_unknown_yaml_key_is_rejected_naming_the_file(cfg: Path) -> None:
 def test_unknown_cli_key_is_rejected(cfg: Path) -> None:
     message = error_of(cfg, cli={"databse.url": "x"})
     assert "unknown setting 'databse.url'" in message
-    assert "--databse.url" in message
+    assert "--set databse.url=" in message
 
 
 def test_unknown_key_in_cli_mapping_is_rejected(cfg: Path) -> None:
@@ -245,7 +245,7 @@ def test_secret_values_are_redacted_in_errors(cfg: Path) -> None:
     assert "pw9" not in message
     assert "token = '***'" in message
     assert "limits.api_secret = '***'" in message
-    assert "database.url = '***' (from command-line flag --database.url)" in message
+    assert "database.url = '***' (from --set database.url=…)" in message
 
 
 def test_model_level_error_redacts_nested_secrets(cfg: Path) -> None:
@@ -253,7 +253,7 @@ def test_model_level_error_redacts_nested_secrets(cfg: Path) -> None:
     message = error_of(cfg, cli={"database.pool_min_size": 50})
     assert "pool_min_size (50) exceeds pool_max_size (10)" in message
     assert "pw@h" not in message
-    assert "command-line flag --database.pool_min_size" in message
+    assert "--set database.pool_min_size=…" in message
 
 
 def test_missing_required_field_is_reported(cfg: Path) -> None:

@@ -299,11 +299,15 @@ def _apply_env(layers: _Layers, model: type[BaseModel], environ: Mapping[str, st
         layers.set(path, _env_value(environ[name], field), f"environment variable {name}")
 
 
+#: Settings that service commands take as flags of their own; the rest come from ``--set``.
+CLI_FLAGS = frozenset({"port", "host"})
+
+
 def _apply_cli(layers: _Layers, model: type[BaseModel], cli: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     for dotted, value in cli.items():
         parts = dotted.split(".")
-        label = f"command-line flag --{dotted}"
+        label = f"command-line flag --{dotted}" if dotted in CLI_FLAGS else f"--set {dotted}=…"
         resolved = _resolve(model, parts, exact_case=True)
         if resolved is None:
             problems.append(f"unknown setting {dotted!r} given as {label}")
