@@ -162,7 +162,7 @@ class Subscriber:
     async def _consume_once(self) -> None:
         outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None] = asyncio.Queue()
         outbox.put_nowait(bus_pb2.SubscribeRequest(open=self._open))
-        acks: list[int] = []
+        acks = _PendingAcks()
         inbox: asyncio.Queue[Sequence[bus_pb2.Delivery]] = asyncio.Queue(self._concurrency * 2)
         call = self._stub.Subscribe(_drain(outbox))
         helpers = [
@@ -197,7 +197,7 @@ class Subscriber:
     async def _work(
         self,
         inbox: asyncio.Queue[Sequence[bus_pb2.Delivery]],
-        acks: list[int],
+        acks: _PendingAcks,
         outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None],
     ) -> None:
         while True:
@@ -211,7 +211,7 @@ class Subscriber:
             for delivery in deliveries:
                 refusal = refused.get(delivery.sequence)
                 if refusal is None:
-                    acks.append(delivery.sequence)
+                    acks.add(delivery.sequence)
                     self.handled += 1
                     continue
                 log.warning(
@@ -275,16 +275,33 @@ class Subscriber:
         return refused
 
     async def _flush_acks(
-        self, acks: list[int], outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None]
+        self, acks: _PendingAcks, outbox: asyncio.Queue[bus_pb2.SubscribeRequest | None]
     ) -> None:
+        """One ack message per interval while there is something to ack; asleep otherwise."""
         while True:
-            await asyncio.sleep(self._ack_interval)
-            if acks:
-                batch = acks[:]
-                acks.clear()
-                outbox.put_nowait(
-                    bus_pb2.SubscribeRequest(ack=bus_pb2.SubscribeAck(sequences=batch))
-                )
+            await acks.pending.wait()
+            await asyncio.sleep(self._ack_interval)  # the acks of this interval go in one message
+            outbox.put_nowait(
+                bus_pb2.SubscribeRequest(ack=bus_pb2.SubscribeAck(sequences=acks.take()))
+            )
+
+
+class _PendingAcks:
+    """Sequences handled and not yet acked, with an event set while there are any."""
+
+    def __init__(self) -> None:
+        self._sequences: list[int] = []
+        self.pending = asyncio.Event()
+
+    def add(self, sequence: int) -> None:
+        self._sequences.append(sequence)
+        self.pending.set()
+
+    def take(self) -> list[int]:
+        """The pending sequences, which are then no longer pending."""
+        batch, self._sequences = self._sequences, []
+        self.pending.clear()
+        return batch
 
 
 def _checked_refusals(
