@@ -95,9 +95,12 @@ async def test_bad_schema_name_is_refused(conn):
     assert caught.value.field == "database.schema_name"
 
 
-async def test_concurrent_applies_apply_once(database_url: str):
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read", "serializable"])
+async def test_concurrent_applies_apply_once(database_url: str, isolation: str):
+    """Also where the role's default isolation is stricter (snapshots taken before the lock)."""
     schema = fresh_schema()
-    conns = [await asyncpg.connect(database_url) for _ in range(3)]
+    settings = {"default_transaction_isolation": isolation}
+    conns = [await asyncpg.connect(database_url, server_settings=settings) for _ in range(3)]
     try:
         results = await asyncio.gather(*(apply_migrations(c, schema, MIGRATIONS) for c in conns))
         names = sorted(p.name for p in MIGRATIONS.glob("*.sql"))

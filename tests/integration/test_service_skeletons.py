@@ -135,6 +135,9 @@ async def test_a_skeleton_migrates_registers_and_degrades_without_core(
         report = await running.module.health_check()
         assert (report.status, report.last_error) == (HealthState.HEALTHY, "")
         await until_health(running.target, "core", "SERVING")
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:  # core has no link to itself
+            await health(core.target, "core")
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         assert (await helm_test(f"{running.target}=readiness,core"))[0] == 0
 
         await core.stop()

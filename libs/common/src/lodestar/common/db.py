@@ -73,7 +73,9 @@ async def apply_migrations(conn: asyncpg.Connection, schema: str, folder: Path) 
     check_schema_name(schema)
     migrations = load_migrations(folder)
     lock_key = f"lodestar:migrate:{schema}"
-    async with conn.transaction():
+    # Read committed, whatever the role's default: what was read before the lock was granted
+    # must not hide what the transaction that held it committed.
+    async with conn.transaction(isolation="read_committed"):
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", lock_key)
         # A service's own role may own its schema without the right to create schemas.
         if not await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = $1", schema):
@@ -88,7 +90,7 @@ async def apply_migrations(conn: asyncpg.Connection, schema: str, folder: Path) 
         _verify_applied(migrations, await _applied(conn, schema))
     done = []
     for migration in migrations:
-        async with conn.transaction():
+        async with conn.transaction(isolation="read_committed"):
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", lock_key)
             if migration.version in await _applied(conn, schema):
                 continue

@@ -262,5 +262,5 @@ class ServiceModule(Module, Generic[S]):
             latency_ms=(time.perf_counter() - started) * 1000,
             last_error=error,
             uptime_seconds=self.uptime_seconds,
-            reaches_core=self.core is not None and self.core.problem() is None,
+            reaches_core=None if self.core is None else self.core.problem() is None,
         )

@@ -33,7 +33,8 @@ class HealthReport:
     latency_ms: float
     last_error: str
     uptime_seconds: float
-    #: Whether the module reaches core (registered, channel up); None for core itself.
+    #: Whether the module reaches core (registered, channel up); None without a link to core
+    #: (core itself).
     reaches_core: bool | None = None
 
 
