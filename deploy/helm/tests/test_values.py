@@ -34,9 +34,9 @@ INVALID = [
         id="typo-in-service-config",
     ),
     pytest.param(
-        {"core": {"config": {"bus": {"max_delivery_attempts": "three"}}}},
-        "max_delivery_attempts",
-        id="wrong-type-in-service-config",
+        {"core": {"config": {"rate_limits": {"roles": {"admin": {"bursts": 5}}}}}},
+        "bursts",
+        id="typo-deep-in-service-config",
     ),
     pytest.param(
         {"core": {"config": {"ingest": {"batch_max_events": 5}}}},
@@ -119,13 +119,26 @@ def test_invalid_combinations_fail_rendering_with_a_message(
     assert mentions in result.stderr, result.stderr
 
 
-def test_a_service_config_the_service_accepts_renders() -> None:
+@pytest.mark.parametrize("major", [3, 4])
+def test_a_service_config_the_service_accepts_renders(major: int) -> None:
+    """What the service's loader takes, the schema takes: any case, quoted numbers, and a part of
+    a setting whose rest comes from serviceDefaults."""
+    admin_limit = {"rate_per_second": 10, "burst": 20}
     values = {
-        "serviceDefaults": {"config": {"log_level": "DEBUG"}},
-        "core": {"config": {"bus": {"max_delivery_attempts": 3}}},
+        "serviceDefaults": {
+            "config": {"log_level": "debug", "rate_limits": {"roles": {"admin": admin_limit}}}
+        },
+        "core": {
+            "config": {
+                "port": "50051",
+                "migrate_on_start": "false",
+                "bus": {"max_delivery_attempts": 3},
+                "rate_limits": {"roles": {"admin": {"burst": 50}}},
+            }
+        },
         "usageTracker": {"config": {"database": {"statement_cache_size": 0}}},
     }
-    result = template(values, major=4)
+    result = template(values, major=major)
     assert result.returncode == 0, result.stderr
 
 

@@ -103,35 +103,35 @@ def service_defaults() -> Schema:
     return obj(props, "defaults of every service; each service's block overrides them")
 
 
-#: JSON Schema keywords of pydantic's output that only annotate (or that Helm's validators may not
-#: know, like the formats "path" and "password").
-ANNOTATIONS = {"title", "default", "format", "writeOnly", "examples"}
-
-
 def settings_schema(settings_cls: type[BaseModel], description: str) -> Schema:
-    """``settings_cls``'s JSON schema, self-contained (no $ref) and without annotations."""
+    """The shape of ``settings_cls``: its keys, nested, and nothing more.
+
+    Unknown keys are refused at every level. Values are left to the service, whose loader is more
+    lenient than a JSON schema would be (``log_level: info``, quoted numbers) and checks what a
+    schema cannot (one field against another); required fields are left out, because the chart
+    merges serviceDefaults into each service's block after the schema checked them apart.
+    """
     raw = settings_cls.model_json_schema()
     definitions = raw.pop("$defs", {})
 
-    def clean(node: Any) -> Any:
-        if isinstance(node, list):
-            return [clean(item) for item in node]
-        if not isinstance(node, dict):
-            return node
+    def shape(node: Schema) -> Schema:
         if "$ref" in node:
-            target = definitions[node["$ref"].rsplit("/", 1)[1]]
-            node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
-        return {
-            key: {name: clean(sub) for name, sub in value.items()}
-            if key == "properties"
-            else clean(value)
-            for key, value in node.items()
-            if key not in ANNOTATIONS
-        }
+            return shape(definitions[node["$ref"].rsplit("/", 1)[1]])
+        options = [option for option in node.get("anyOf", []) if option.get("type") != "null"]
+        objects = [shape(option) for option in options]
+        if len(objects) == 1 and objects[0]:
+            return {**objects[0], "type": ["object", "null"]}
+        if "properties" in node:
+            return {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {name: shape(sub) for name, sub in node["properties"].items()},
+            }
+        if isinstance(node.get("additionalProperties"), dict):  # a map of settings objects
+            return {"type": "object", "additionalProperties": shape(node["additionalProperties"])}
+        return {}  # a value: the service checks it
 
-    schema: Schema = clean(raw)
-    schema["description"] = description
-    return schema
+    return {**shape(raw), "description": description}
 
 
 def config_schema(key: str | None) -> Schema:
