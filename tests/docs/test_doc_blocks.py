@@ -32,9 +32,13 @@ DOCS = [
 ]
 SHELL = {"bash", "sh", "shell"}
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(.+?)\s*-->")
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 #: A plain block starting like this is a command that should have been marked ```bash.
-COMMAND = re.compile(r"^(lodestar|grpcurl|python|make|kubectl|helm|curl|[A-Z]+=)", re.M)
+COMMAND = re.compile(
+    r"^(\$ |\.venv/|lodestar|grpcurl|python|make|kubectl|helm|curl|docker|psql|cd |export "
+    r"|[A-Z]+=)",
+    re.M,
+)
 DOCUMENTED_PORTS = {
     "core": 50051,
     "usage-tracker": 50061,
@@ -108,7 +112,8 @@ class Reader:
     def run(self, block: Block) -> None:
         for command in commands(block.text):
             command = self._localised(command)
-            script = f"{SOURCE_SHELL_STATE}\n{command}\n{SAVE_SHELL_STATE}"
+            # `status` catches a failure that -e lets through (`lodestar x && echo ok`).
+            script = f"{SOURCE_SHELL_STATE}\n{command}\nstatus=$?\n{SAVE_SHELL_STATE}\nexit $status"
             done = subprocess.run(
                 ["bash", "-e", "-o", "pipefail", "-c", script],
                 cwd=self.folder,
