@@ -322,6 +322,7 @@ def pgbouncer(upstream_dsn: str, logins: dict[str, str], *, pool_size: int = 3) 
     upstream = urlsplit(upstream_dsn)
     port = free_port()
     # PgBouncer refuses to run as root and reads its files as the user it switches to.
+    run_as = ["-u", _unprivileged_user()] if os.geteuid() == 0 else []
     workdir = Path(tempfile.mkdtemp(prefix="pgbouncer-"))
     workdir.chmod(0o755)
     auth_file = workdir / "users.txt"
@@ -339,7 +340,7 @@ def pgbouncer(upstream_dsn: str, logins: dict[str, str], *, pool_size: int = 3) 
     )
     for path in (auth_file, config):
         path.chmod(0o644)
-    command = [binary, *(["-u", _unprivileged_user()] if os.geteuid() == 0 else []), str(config)]
+    command = [binary, *run_as, str(config)]
     with (workdir / "pgbouncer.log").open("ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -357,10 +358,16 @@ def pgbouncer_binary() -> str | None:
 
 
 def through(dsn: str, port: int) -> str:
-    """``dsn`` pointed at 127.0.0.1:``port`` (a PgBouncer), with the same credentials."""
+    """``dsn`` pointed at 127.0.0.1:``port`` (a PgBouncer), with the same credentials.
+
+    A ``host``/``port`` in the query (a Unix socket) would bypass PgBouncer, so they are dropped.
+    """
     parts = urlsplit(dsn)
     credentials, at, _ = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{credentials}{at}127.0.0.1:{port}"))
+    kept = [pair for pair in parts.query.split("&") if pair.split("=")[0] not in ("", "host", "port")]
+    query = "&".join(kept)
+    netloc = f"{credentials}{at}127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _unprivileged_user() -> str:
