@@ -364,7 +364,8 @@ def through(dsn: str, port: int) -> str:
     """
     parts = urlsplit(dsn)
     credentials, at, _ = parts.netloc.rpartition("@")
-    kept = [pair for pair in parts.query.split("&") if pair.split("=")[0] not in ("", "host", "port")]
+    pairs = parts.query.split("&")
+    kept = [pair for pair in pairs if pair.split("=")[0] not in ("", "host", "port")]
     query = "&".join(kept)
     netloc = f"{credentials}{at}127.0.0.1:{port}"
     return urlunsplit(parts._replace(netloc=netloc, query=query))
