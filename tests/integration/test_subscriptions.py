@@ -18,6 +18,7 @@ from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_g
 from lodestar.events.v1 import event_pb2
 from lodestar.learning.v1 import events_pb2 as learning
 from lodestar.usage.v1 import events_pb2 as usage
+from lodestar_core import bus
 
 MAX_ATTEMPTS = 3
 OUTCOME = "lodestar.learning.v1.OutcomeRecorded"
@@ -432,6 +433,28 @@ async def test_stream_cancelled_while_the_server_writes_is_released(
         await wait_disconnected(module_channel, "unread")
     again = raw(module_channel, "unread")
     assert (await again.opened()).subscription == "unread"
+    await again.close()
+
+
+async def test_a_stream_cancelled_while_its_claim_commits_gives_the_hold_back(
+    module_channel, monkeypatch
+):
+    loading = asyncio.Event()
+    load_failures = bus._Session.load_failures
+
+    async def slowly(self: bus._Session) -> None:
+        loading.set()
+        await asyncio.sleep(0.5)
+        await load_failures(self)
+
+    monkeypatch.setattr(bus._Session, "load_failures", slowly)
+    sub = raw(module_channel, "half-open")
+    await asyncio.wait_for(loading.wait(), 5)  # the hold is committed; the session not yet open
+    await sub.close()
+    await wait_disconnected(module_channel, "half-open")
+    monkeypatch.undo()
+    again = raw(module_channel, "half-open")
+    assert (await again.opened()).subscription == "half-open"
     await again.close()
 
 

@@ -264,25 +264,43 @@ class EventBus(bus_pb2_grpc.EventBusServiceServicer):
                     f"module {request.module!r} is not registered; register it before subscribing",
                     field="open.module",
                 )
-            latest = request.start == bus_pb2.START_POSITION_LATEST
-            start = await self._store.refresh_head() if latest else 0
-            row = await self._subscriptions.open(
-                name,
-                request.module,
-                list(request.event_types),
-                start,
-                owner=principal.owner_scope,
-                replica=self.presence.id,
-                takeover_after=self.presence.takeover_after,
-            )
-            window = request.max_in_flight or self._settings.default_in_flight
-            session = _Session(self, row, window, peer)
-            await session.load_failures()
-            self._sessions[row.name] = session
+            # Shielded: a stream cancelled while its claim commits must still give the hold back.
+            claim = asyncio.ensure_future(self._claim(request, principal.owner_scope, peer))
+            try:
+                session = await asyncio.shield(claim)
+            except asyncio.CancelledError:
+                claim.add_done_callback(self._give_back)
+                raise
+            self._sessions[name] = session
         finally:
             self._opening.discard(name)
-        log.info("subscription connected", subscription=row.name, acked=row.acked_seq, peer=peer)
+        log.info("subscription connected", subscription=name, acked=session.cursor, peer=peer)
         return session
+
+    async def _claim(
+        self, request: bus_pb2.SubscribeOpen, owner: str | None, peer: str
+    ) -> _Session:
+        """Hold the subscription on this replica (creating it if new), with its failures loaded."""
+        latest = request.start == bus_pb2.START_POSITION_LATEST
+        start = await self._store.refresh_head() if latest else 0
+        row = await self._subscriptions.open(
+            request.subscription,
+            request.module,
+            list(request.event_types),
+            start,
+            owner=owner,
+            replica=self.presence.id,
+            takeover_after=self.presence.takeover_after,
+        )
+        window = request.max_in_flight or self._settings.default_in_flight
+        session = _Session(self, row, window, peer)
+        await session.load_failures()
+        return session
+
+    def _give_back(self, claim: asyncio.Future[_Session]) -> None:
+        """Release a claim whose stream was cancelled before it could use it."""
+        if not claim.cancelled() and claim.exception() is None:
+            self._end(claim.result())
 
     async def _require_owner(
         self, name: str, principal: Principal, field: str, *, missing_ok: bool = False
