@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
@@ -45,6 +45,9 @@ async def test_200_concurrent_reserves_never_exceed_the_limit(admin, tracker, to
         denied = next(r for r in replies if not r.granted)
         assert denied.denial.budget_name == "all"
         assert denied.denial.remaining_micros == 0
+        now = datetime.now(UTC)  # a monthly UTC budget resets at the start of the next month
+        next_month = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
+        assert denied.denial.resets_at.ToDatetime(tzinfo=UTC) == next_month
         # Committing less than reserved frees the difference; releasing frees it all.
         await gate.Commit(
             u.CommitRequest(reservation_id=granted[0].reservation_id, actual_cost_micros=40)
@@ -84,6 +87,25 @@ async def test_rolling_and_calendar_budgets_together_never_overspend(admin, trac
     assert granted_r + granted_c == 45  # the global budget's limit, exactly used up
     denied = {r.denial.budget_name for r in replies if not r.granted}
     assert denied <= {"all", "hour"}
+
+
+async def test_a_rolling_budget_denies_without_a_reset_time(admin, tracker, tokens):
+    """Its spend leaves the window as it ages; there is no moment it starts from zero."""
+    rolling = u.Budget(
+        name="hour",
+        scope=u.BUDGET_SCOPE_GLOBAL,
+        period=u.BUDGET_PERIOD_ROLLING,
+        rolling=duration_pb2.Duration(seconds=3600),
+        limit_micros=100,
+    )
+    await ug.BudgetServiceStub(admin).CreateBudget(u.CreateBudgetRequest(budget=rolling))
+    async with connect(tracker.target, tokens[Role.PUBLISHER]) as publisher:
+        reply = await ug.BudgetServiceStub(publisher).Reserve(
+            u.ReserveRequest(project="p", estimated_cost_micros=200)
+        )
+    assert not reply.granted
+    assert reply.denial.budget_name == "hour"
+    assert not reply.denial.HasField("resets_at")
 
 
 async def test_leaked_reservations_expire(admin, tracker, tokens):

@@ -927,8 +927,11 @@ async def _reserve_locked(
 
 
 def denial_for(budget: BudgetDef, reason: str, usage: Usage | None) -> usage_pb2.Denial:
-    """Why ``budget`` refuses a Reserve: ``reason``, its limits and what remains of them."""
-    return usage_pb2.Denial(
+    """Why ``budget`` refuses a Reserve: ``reason``, its limits and what remains of them.
+
+    With when its window resets, except for rolling windows and session limits (``usage`` None).
+    """
+    denial = usage_pb2.Denial(
         budget_id=str(budget.id),
         budget_name=budget.name,
         reason=reason,
@@ -937,6 +940,9 @@ def denial_for(budget: BudgetDef, reason: str, usage: Usage | None) -> usage_pb2
         remaining_micros=max(usage.remaining(budget.limit_micros, "micros"), 0) if usage else 0,
         remaining_tokens=max(usage.remaining(budget.limit_tokens, "tokens"), 0) if usage else 0,
     )
+    if usage is not None and budget.period != usage_pb2.BUDGET_PERIOD_ROLLING:
+        denial.resets_at.FromDatetime(usage.end)
+    return denial
 
 
 async def _check(

@@ -1348,6 +1348,7 @@ class Denial(_message.Message):
     REMAINING_MICROS_FIELD_NUMBER: _builtins.int
     LIMIT_TOKENS_FIELD_NUMBER: _builtins.int
     REMAINING_TOKENS_FIELD_NUMBER: _builtins.int
+    RESETS_AT_FIELD_NUMBER: _builtins.int
     budget_id: _builtins.str
     budget_name: _builtins.str
     reason: _builtins.str
@@ -1355,6 +1356,12 @@ class Denial(_message.Message):
     remaining_micros: _builtins.int
     limit_tokens: _builtins.int
     remaining_tokens: _builtins.int
+    @_builtins.property
+    def resets_at(self) -> _timestamp_pb2.Timestamp:
+        """When the window that refused ends and the budget starts again from zero. Unset for rolling
+        budgets (spend leaves the window as it ages) and for session limits.
+        """
+
     def __init__(
         self,
         *,
@@ -1365,10 +1372,11 @@ class Denial(_message.Message):
         remaining_micros: _builtins.int = ...,
         limit_tokens: _builtins.int = ...,
         remaining_tokens: _builtins.int = ...,
+        resets_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resets_at", b"resets_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "budget_name", b"budget_name", "limit_micros", b"limit_micros", "limit_tokens", b"limit_tokens", "reason", b"reason", "remaining_micros", b"remaining_micros", "remaining_tokens", b"remaining_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_id", b"budget_id", "budget_name", b"budget_name", "limit_micros", b"limit_micros", "limit_tokens", b"limit_tokens", "reason", b"reason", "remaining_micros", b"remaining_micros", "remaining_tokens", b"remaining_tokens", "resets_at", b"resets_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
