@@ -176,6 +176,42 @@ async def test_release_and_commit_name_what_is_wrong_with_the_id(admin, reservat
         assert info.value.details().startswith(f"reservation_id: {says}")
 
 
+@pytest.mark.parametrize("batching", [True, False], ids=["rounds", "sql"])
+async def test_a_commit_is_final_a_repeat_is_answered_other_amounts_are_refused(
+    admin, tracker, tokens, batching
+):
+    stub = ug.BudgetServiceStub(admin)
+    await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=10_000)))
+    async with connect(tracker.target, tokens[Role.PUBLISHER]) as publisher:
+        gate = ug.BudgetServiceStub(publisher)
+        reserved = await gate.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=500))
+        commit = u.CommitRequest(
+            reservation_id=reserved.reservation_id, actual_cost_micros=300, actual_tokens=7
+        )
+
+        async def send(request: u.CommitRequest) -> u.CommitResponse:
+            if batching:
+                return await gate.Commit(request)
+            return await budgets.commit(tracker.module.pool, request, "test-publisher")
+
+        first, again = await send(commit), await send(commit)
+        assert (first.committed, first.repeated) == (True, False)
+        assert (again.committed, again.repeated) == (True, True)
+        other = u.CommitRequest(reservation_id=reserved.reservation_id, actual_cost_micros=900)
+        if batching:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await gate.Commit(other)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            message = refused.value.details()
+        else:
+            with pytest.raises(budgets.ReservationCommittedError) as caught:
+                await send(other)
+            message = str(caught.value)
+        assert "committed with 300 micro-dollars and 7 tokens; a commit is final" in message
+    status = (await stub.ListBudgets(u.ListBudgetsRequest())).budgets[0]
+    assert status.reserved_micros == 300  # the first commit's amount, nothing else
+
+
 async def test_budget_changes_need_admin(tracker, tokens):
     async with connect(tracker.target, tokens[Role.MODULE]) as module:
         with pytest.raises(grpc.aio.AioRpcError) as info:

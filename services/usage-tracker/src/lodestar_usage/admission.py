@@ -40,7 +40,7 @@ from lodestar.common.errors import DATABASE_UNREACHABLE, ResourceExhaustedError,
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import usage_pb2
 from lodestar_usage import budgets, metrics
-from lodestar_usage.budgets import Admission, BudgetDef, Key, Usage
+from lodestar_usage.budgets import Admission, BudgetDef, Finished, Key, Usage
 
 #: A hold's counter key, or None for a budget without a counter (no limit, or rolling).
 log = get_logger(__name__)
@@ -267,11 +267,10 @@ class Admitter:
         commit: bool,
         micros: int = 0,
         tokens: int = 0,
-    ) -> str:
-        """Commit or release reservation ``key``.
+    ) -> Finished:
+        """Commit or release reservation ``key``: its state and amounts before the call.
 
-        Returns its state before the call, 'missing' or 'foreign' (as ``commit_hold`` and
-        ``release_hold`` do).
+        The state is 'missing' or 'foreign' as ``commit_hold`` and ``release_hold`` say.
         """
         call = _Finish(
             deadline,
@@ -283,7 +282,7 @@ class Admitter:
             owner=owner,
         )
         answer = await self._submit(call)
-        assert isinstance(answer, str)
+        assert isinstance(answer, Finished)
         return answer
 
     def _future(self) -> asyncio.Future[object]:
@@ -512,13 +511,13 @@ class Admitter:
     def _finish(self, call: _Finish, locked: dict[uuid.UUID, _Locked], state: _Round) -> None:
         held = locked.get(call.key)
         if held is None:
-            state.answers.append((call, "missing"))
+            state.answers.append((call, Finished("missing")))
             return
         if call.owner is not None and held.owner and held.owner != call.owner:
-            state.answers.append((call, "foreign"))
+            state.answers.append((call, Finished("foreign")))
             return
         before = held.state
-        state.answers.append((call, before))
+        state.answers.append((call, Finished(before, held.micros, held.tokens)))
         if before not in ("active", "expired"):
             return
         # An active hold is replaced by the actual usage (Commit) or nothing (Release); an

@@ -369,11 +369,9 @@ class BudgetApi:
         """Replace a reservation's hold by the actual usage."""
         owner = caller().owner_scope
         if self._admitter is None:
-            return usage_pb2.CommitResponse(
-                committed=await budgets.commit(self._pool, request, owner)
-            )
+            return await budgets.commit(self._pool, request, owner)
         key = budgets.validate_commit(request)
-        state = await self._admitter.finish(
+        found = await self._admitter.finish(
             key,
             owner,
             _deadline(context),
@@ -381,8 +379,7 @@ class BudgetApi:
             micros=request.actual_cost_micros,
             tokens=request.actual_tokens,
         )
-        budgets.check_commit_state(state, key, owner)
-        return usage_pb2.CommitResponse(committed=True)
+        return budgets.check_commit(request, key, owner, found)
 
     async def Release(
         self, request: usage_pb2.ReleaseRequest, context: Context
@@ -394,8 +391,10 @@ class BudgetApi:
                 released=await budgets.release(self._pool, request, owner)
             )
         key: uuid.UUID = budgets.reservation_key(request.reservation_id)
-        state = await self._admitter.finish(key, owner, _deadline(context), commit=False)
-        return usage_pb2.ReleaseResponse(released=budgets.check_release_state(state, key, owner))
+        found = await self._admitter.finish(key, owner, _deadline(context), commit=False)
+        return usage_pb2.ReleaseResponse(
+            released=budgets.check_release_state(found.state, key, owner)
+        )
 
 
 def _deadline(context: Context) -> float | None:

@@ -35,6 +35,7 @@ from lodestar.usage.v1 import events_pb2, usage_pb2
 from lodestar_usage import bounds
 from lodestar_usage.errors import (
     BudgetNotFoundError,
+    ReservationCommittedError,
     ReservationNotFoundError,
     ReservationNotYoursError,
     ReservationReleasedError,
@@ -1054,16 +1055,44 @@ def validate_commit(request: usage_pb2.CommitRequest) -> uuid.UUID:
     return key
 
 
-def check_commit_state(state: str, key: uuid.UUID, owner: str | None) -> None:
-    """Refuse a Commit of a reservation that was missing, another principal's or released.
+@dataclass(frozen=True)
+class Finished:
+    """A reservation as a Commit or Release found it.
 
-    ``state`` is the reservation's state before the call.
+    Its state, and its amounts: the hold, or what was committed.
     """
-    _refuse_missing_or_foreign(state, key, owner)
-    if state == "released":
+
+    state: str
+    micros: int = 0
+    tokens: int = 0
+
+
+#: States of a reservation whose Commit has happened (settled: the ledger has its usage).
+COMMITTED = ("committed", "settled")
+
+
+def check_commit(
+    request: usage_pb2.CommitRequest, key: uuid.UUID, owner: str | None, found: Finished
+) -> usage_pb2.CommitResponse:
+    """The answer to a Commit that found the reservation ``found``.
+
+    Refuses a missing reservation, another principal's, a released one, and other amounts for
+    one already committed (a commit is final); a repeat with the same amounts is answered.
+    """
+    _refuse_missing_or_foreign(found.state, key, owner)
+    if found.state == "released":
         raise ReservationReleasedError(
             "the reservation was released; reserve again", field="reservation_id"
         )
+    asked = (request.actual_cost_micros, request.actual_tokens)
+    if found.state in COMMITTED and (found.micros, found.tokens) != asked:
+        raise ReservationCommittedError(
+            f"reservation {key} was committed with {found.micros} micro-dollars and "
+            f"{found.tokens} tokens; a commit is final, so {asked[0]} and {asked[1]} were not "
+            "recorded",
+            field="reservation_id",
+        )
+    return usage_pb2.CommitResponse(committed=True, repeated=found.state in COMMITTED)
 
 
 def check_release_state(state: str, key: uuid.UUID, owner: str | None) -> bool:
@@ -1075,8 +1104,13 @@ def check_release_state(state: str, key: uuid.UUID, owner: str | None) -> bool:
     return state in ("active", "expired")
 
 
-async def commit(pool: asyncpg.Pool, request: usage_pb2.CommitRequest, owner: str | None) -> bool:
-    """Replace a hold by the actual usage; idempotent. ``owner`` None: an admin, for anyone's."""
+async def commit(
+    pool: asyncpg.Pool, request: usage_pb2.CommitRequest, owner: str | None
+) -> usage_pb2.CommitResponse:
+    """Replace a hold by the actual usage; a repeat is answered, other amounts refused.
+
+    ``owner`` None: an admin, for anyone's.
+    """
     key = validate_commit(request)
     state = await _call(
         pool,
@@ -1086,8 +1120,13 @@ async def commit(pool: asyncpg.Pool, request: usage_pb2.CommitRequest, owner: st
         request.actual_tokens,
         owner,
     )
-    check_commit_state(state, key, owner)
-    return True
+    found = Finished(state)
+    if state in COMMITTED:  # what was committed before; a committed reservation never changes
+        row = await pool.fetchrow(
+            "SELECT amount_micros, amount_tokens FROM reservations WHERE id = $1", key
+        )
+        found = Finished(state, row["amount_micros"], row["amount_tokens"])
+    return check_commit(request, key, owner, found)
 
 
 async def release(pool: asyncpg.Pool, request: usage_pb2.ReleaseRequest, owner: str | None) -> bool:

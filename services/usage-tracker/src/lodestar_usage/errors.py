@@ -15,6 +15,10 @@ class ReservationReleasedError(UsageTrackerError):
     """Commit of a reservation that was already released: reserve again (FAILED_PRECONDITION)."""
 
 
+class ReservationCommittedError(UsageTrackerError):
+    """Commit of a committed reservation with other amounts: final (FAILED_PRECONDITION)."""
+
+
 class ReservationNotFoundError(UsageTrackerError, NotFoundError):
     """Commit or release of a reservation that does not exist (NOT_FOUND)."""
 
