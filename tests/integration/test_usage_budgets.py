@@ -212,6 +212,49 @@ async def test_a_commit_is_final_a_repeat_is_answered_other_amounts_are_refused(
     assert status.reserved_micros == 300  # the first commit's amount, nothing else
 
 
+@pytest.mark.parametrize("batching", [True, False], ids=["rounds", "sql"])
+async def test_a_commit_says_when_it_exceeds_the_hold_or_comes_after_the_lease(
+    admin, tracker, tokens, batching
+):
+    """Both are counted in full (the call happened); neither is silent."""
+    stub = ug.BudgetServiceStub(admin)
+    await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=10_000)))
+    async with connect(tracker.target, tokens[Role.PUBLISHER]) as publisher:
+        gate = ug.BudgetServiceStub(publisher)
+
+        async def reserve(lease: float) -> str:
+            reply = await gate.Reserve(
+                u.ReserveRequest(
+                    project="p",
+                    estimated_cost_micros=100,
+                    estimated_tokens=10,
+                    lease=duration_pb2.Duration(seconds=int(lease), nanos=int(lease % 1 * 1e9)),
+                )
+            )
+            return reply.reservation_id
+
+        async def commit(rid: str, micros: int, tokens_: int) -> u.CommitResponse:
+            request = u.CommitRequest(
+                reservation_id=rid, actual_cost_micros=micros, actual_tokens=tokens_
+            )
+            if batching:
+                return await gate.Commit(request)
+            return await budgets.commit(tracker.module.pool, request, "test-publisher")
+
+        within = await commit(await reserve(30), 80, 10)
+        assert not within.lease_expired
+        assert within.over_estimate_micros == within.over_estimate_tokens == 0
+        beyond = await commit(await reserve(30), 250, 12)
+        assert (beyond.over_estimate_micros, beyond.over_estimate_tokens) == (150, 2)
+        late_id = await reserve(0.3)
+        await asyncio.sleep(0.6)
+        late = await commit(late_id, 90, 9)
+        assert late.committed
+        assert late.lease_expired
+    status = (await stub.ListBudgets(u.ListBudgetsRequest())).budgets[0]
+    assert status.reserved_micros == 80 + 250 + 90  # every actual amount, counted in full
+
+
 async def test_budget_changes_need_admin(tracker, tokens):
     async with connect(tracker.target, tokens[Role.MODULE]) as module:
         with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -517,7 +517,7 @@ class Admitter:
             state.answers.append((call, Finished("foreign")))
             return
         before = held.state
-        state.answers.append((call, Finished(before, held.micros, held.tokens)))
+        state.answers.append((call, Finished(before, held.micros, held.tokens, held.lapsed)))
         if before not in ("active", "expired"):
             return
         # An active hold is replaced by the actual usage (Commit) or nothing (Release); an

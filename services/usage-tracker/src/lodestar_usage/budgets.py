@@ -32,7 +32,7 @@ from lodestar.common import audit
 from lodestar.common.errors import InvalidArgumentError, StorageError
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import events_pb2, usage_pb2
-from lodestar_usage import bounds
+from lodestar_usage import bounds, metrics
 from lodestar_usage.errors import (
     BudgetNotFoundError,
     ReservationCommittedError,
@@ -1065,6 +1065,13 @@ class Finished:
     state: str
     micros: int = 0
     tokens: int = 0
+    #: Active, but its lease had run out (not yet marked expired).
+    lapsed: bool = False
+
+    @property
+    def lease_ran_out(self) -> bool:
+        """Whether the hold had stopped counting before this call."""
+        return self.state == "expired" or (self.state == "active" and self.lapsed)
 
 
 #: States of a reservation whose Commit has happened (settled: the ledger has its usage).
@@ -1092,7 +1099,19 @@ def check_commit(
             "recorded",
             field="reservation_id",
         )
-    return usage_pb2.CommitResponse(committed=True, repeated=found.state in COMMITTED)
+    if found.state in COMMITTED:
+        metrics.COMMITS.labels("repeated").inc()
+        return usage_pb2.CommitResponse(committed=True, repeated=True)
+    over = (max(asked[0] - found.micros, 0), max(asked[1] - found.tokens, 0))
+    if any(over):
+        metrics.OVER_ESTIMATE.inc()
+    metrics.COMMITS.labels("after_lease_expiry" if found.lease_ran_out else "committed").inc()
+    return usage_pb2.CommitResponse(
+        committed=True,
+        lease_expired=found.lease_ran_out,
+        over_estimate_micros=over[0],
+        over_estimate_tokens=over[1],
+    )
 
 
 def check_release_state(state: str, key: uuid.UUID, owner: str | None) -> bool:
@@ -1112,6 +1131,7 @@ async def commit(
     ``owner`` None: an admin, for anyone's.
     """
     key = validate_commit(request)
+    hold = await pool.fetchrow(RESERVATION_AS_FOUND, key)  # the estimate, before it is replaced
     state = await _call(
         pool,
         "SELECT commit_hold($1, $2, $3, $4)",
@@ -1120,13 +1140,18 @@ async def commit(
         request.actual_tokens,
         owner,
     )
+    if state in COMMITTED:  # committed before this call: what was committed, which never changes
+        hold = await pool.fetchrow(RESERVATION_AS_FOUND, key)
     found = Finished(state)
-    if state in COMMITTED:  # what was committed before; a committed reservation never changes
-        row = await pool.fetchrow(
-            "SELECT amount_micros, amount_tokens FROM reservations WHERE id = $1", key
-        )
-        found = Finished(state, row["amount_micros"], row["amount_tokens"])
+    if hold is not None:
+        found = Finished(state, hold["amount_micros"], hold["amount_tokens"], hold["lapsed"])
     return check_commit(request, key, owner, found)
+
+
+RESERVATION_AS_FOUND = (
+    "SELECT amount_micros, amount_tokens, lease_expires_at <= now() AS lapsed "
+    "FROM reservations WHERE id = $1"
+)
 
 
 async def release(pool: asyncpg.Pool, request: usage_pb2.ReleaseRequest, owner: str | None) -> bool:

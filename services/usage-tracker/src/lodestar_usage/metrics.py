@@ -57,6 +57,15 @@ BATCH_SECONDS = Histogram(
 )
 ALERTS = Counter("lodestar_usage_alerts_total", "Budget alerts raised.", ["kind"])
 RESERVATIONS = Counter("lodestar_usage_reservations_total", "Reserve outcomes.", ["outcome"])
+COMMITS = Counter(
+    "lodestar_usage_commits_total",
+    "Commits answered: committed, repeated (a retry, nothing changed) or after_lease_expiry.",
+    ["outcome"],
+)
+OVER_ESTIMATE = Counter(
+    "lodestar_usage_commits_over_estimate_total",
+    "Commits whose actual cost or tokens went beyond what was reserved.",
+)
 ADMISSION_SHED = Counter(
     "lodestar_usage_admission_shed_total",
     "Admission calls (Reserve, Commit, Release) refused with RESOURCE_EXHAUSTED because the "

@@ -1455,20 +1455,33 @@ class CommitResponse(_message.Message):
 
     COMMITTED_FIELD_NUMBER: _builtins.int
     REPEATED_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRED_FIELD_NUMBER: _builtins.int
+    OVER_ESTIMATE_MICROS_FIELD_NUMBER: _builtins.int
+    OVER_ESTIMATE_TOKENS_FIELD_NUMBER: _builtins.int
     committed: _builtins.bool
     repeated: _builtins.bool
     """The reservation had been committed with these amounts already (a retry): nothing changed.
     A Commit with other amounts is refused: FAILED_PRECONDITION, a commit is final.
     """
+    lease_expired: _builtins.bool
+    """The lease had run out before this Commit, so the hold no longer counted; the actual usage
+    is counted all the same (the call it pays for happened).
+    """
+    over_estimate_micros: _builtins.int
+    """How far the actual usage went beyond what was reserved (0 within it); counted in full."""
+    over_estimate_tokens: _builtins.int
     def __init__(
         self,
         *,
         committed: _builtins.bool = ...,
         repeated: _builtins.bool = ...,
+        lease_expired: _builtins.bool = ...,
+        over_estimate_micros: _builtins.int = ...,
+        over_estimate_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "repeated", b"repeated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "lease_expired", b"lease_expired", "over_estimate_micros", b"over_estimate_micros", "over_estimate_tokens", b"over_estimate_tokens", "repeated", b"repeated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
