@@ -255,6 +255,33 @@ async def test_a_commit_says_when_it_exceeds_the_hold_or_comes_after_the_lease(
     assert status.reserved_micros == 80 + 250 + 90  # every actual amount, counted in full
 
 
+async def test_session_limits_hold_reservations_under_concurrency(admin, tracker, tokens):
+    """A 1,000-token session limit: of three concurrent 400-token reservations on a new session,
+    two are granted; a released one makes room again."""
+    per_session = u.Budget(
+        name="per session",
+        scope=u.BUDGET_SCOPE_SESSION,
+        period=u.BUDGET_PERIOD_MONTHLY,
+        session_limits=u.SessionLimits(max_tokens=1_000),
+    )
+    await ug.BudgetServiceStub(admin).CreateBudget(u.CreateBudgetRequest(budget=per_session))
+    async with connect(tracker.target, tokens[Role.PUBLISHER]) as publisher:
+        gate = ug.BudgetServiceStub(publisher)
+
+        def ask(session: str) -> u.ReserveRequest:
+            return u.ReserveRequest(project="p", session_id=session, estimated_tokens=400)
+
+        replies = await asyncio.gather(*(gate.Reserve(ask("s-new")) for _ in range(3)))
+        granted = [r for r in replies if r.granted]
+        assert len(granted) == 2
+        (denied,) = [r for r in replies if not r.granted]
+        assert denied.denial.budget_name == "per session"
+        assert "holds 800 tokens of 1000" in denied.denial.reason
+        assert (await gate.Reserve(ask("s-other"))).granted  # another session has its own
+        await gate.Release(u.ReleaseRequest(reservation_id=granted[0].reservation_id))
+        assert (await gate.Reserve(ask("s-new"))).granted
+
+
 async def test_budget_changes_need_admin(tracker, tokens):
     async with connect(tracker.target, tokens[Role.MODULE]) as module:
         with pytest.raises(grpc.aio.AioRpcError) as info:

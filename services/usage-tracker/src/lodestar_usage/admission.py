@@ -115,15 +115,7 @@ def needs_slow_path(applicable: Sequence[tuple[BudgetDef, str]], session_id: str
     for budget, _ in applicable:
         if budget.period == usage_pb2.BUDGET_PERIOD_ROLLING and budget.has_limit:
             return True
-        if (
-            budget.scope == usage_pb2.BUDGET_SCOPE_SESSION
-            and session_id
-            and (
-                budget.session_max_duration_seconds
-                or budget.session_max_tokens
-                or budget.session_max_cost_micros
-            )
-        ):
+        if session_id and budget.limits_sessions:
             return True
     return False
 

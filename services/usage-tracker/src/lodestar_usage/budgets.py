@@ -100,6 +100,15 @@ class BudgetDef:
     updated_at: datetime | None = None
 
     @property
+    def limits_sessions(self) -> bool:
+        """Whether it is a session budget limiting each session's duration, tokens or cost."""
+        return self.scope == usage_pb2.BUDGET_SCOPE_SESSION and bool(
+            self.session_max_duration_seconds
+            or self.session_max_tokens
+            or self.session_max_cost_micros
+        )
+
+    @property
     def has_limit(self) -> bool:
         """Whether the budget limits cost or tokens."""
         return self.limit_micros is not None or self.limit_tokens is not None
@@ -761,20 +770,12 @@ async def reserve(
     recs = await pool.fetch(APPLICABLE_READ, request.project, request.user, request.session_id)
     now: datetime = recs[0]["now_"] if recs else datetime.now(UTC)
     defs = usable_budgets(recs)
-    if any(b.period == usage_pb2.BUDGET_PERIOD_ROLLING and b.has_limit for b in defs):
+    rolling = any(b.period == usage_pb2.BUDGET_PERIOD_ROLLING and b.has_limit for b in defs)
+    # Session limits count the session's holds: decided with the budget rows locked, so that
+    # concurrent reservations of one session see each other's.
+    if rolling or (request.session_id and any(b.limits_sessions for b in defs)):
         return await _retrying_reserve(pool, request, lease, owner)
     values = [request.session_id if b.per_session else b.scope_value for b in defs]
-    session_budgets = [
-        (b, v)
-        for b, v in zip(defs, values, strict=True)
-        if b.scope == usage_pb2.BUDGET_SCOPE_SESSION
-    ]
-    if session_budgets and request.session_id:
-        async with pool.acquire() as conn:
-            for budget, value in session_budgets:
-                denial = await _check(conn, budget, value, request, now, None, limits=False)
-                if denial is not None:
-                    return Admission(False, denial=denial)
     windows: list[tuple[datetime, datetime] | None] = [
         b.window(now) if b.counted else None for b in defs
     ]
@@ -946,6 +947,54 @@ def denial_for(budget: BudgetDef, reason: str, usage: Usage | None) -> usage_pb2
     return denial
 
 
+#: What a session has spent (the ledger) and holds (reservations not yet in the ledger: active
+#: ones whose lease runs, and committed ones).
+SESSION_USE = """
+    SELECT s.started_at, coalesce(s.cost_micros, 0) AS spent_micros,
+           coalesce(s.input_tokens + s.output_tokens + s.cached_read_tokens + s.cache_write_tokens
+                    + s.reasoning_tokens, 0) AS spent_tokens,
+           h.micros AS held_micros, h.tokens AS held_tokens
+    FROM (SELECT coalesce(sum(amount_micros), 0) AS micros,
+                 coalesce(sum(amount_tokens), 0) AS tokens
+          FROM reservations
+          WHERE session_id = $1
+            AND (state = 'committed' OR (state = 'active' AND lease_expires_at > now()))) h
+    LEFT JOIN sessions s ON s.session_id = $1
+"""
+
+
+async def _session_refusal(
+    conn: asyncpg.Connection, budget: BudgetDef, request: usage_pb2.ReserveRequest, now: datetime
+) -> str | None:
+    """Why ``budget``'s session limits refuse ``request``, counting the session's holds."""
+    use = await conn.fetchrow(SESSION_USE, request.session_id)
+    assert use is not None
+    started = use["started_at"]
+    if started is not None and budget.session_max_duration_seconds:
+        ran = int((now - started).total_seconds())
+        if ran > budget.session_max_duration_seconds:
+            return f"session has run {ran}s, the limit is {budget.session_max_duration_seconds}s"
+    tokens = (use["spent_tokens"], use["held_tokens"])
+    if (
+        budget.session_max_tokens
+        and sum(tokens) + request.estimated_tokens > budget.session_max_tokens
+    ):
+        return (
+            f"session has used {tokens[0]} and holds {tokens[1]} tokens of "
+            f"{budget.session_max_tokens}"
+        )
+    micros = (use["spent_micros"], use["held_micros"])
+    if (
+        budget.session_max_cost_micros
+        and sum(micros) + request.estimated_cost_micros > budget.session_max_cost_micros
+    ):
+        return (
+            f"session has spent {micros[0]} and holds {micros[1]} of "
+            f"{budget.session_max_cost_micros} micro-dollars"
+        )
+    return None
+
+
 async def _check(
     conn: asyncpg.Connection,
     budget: BudgetDef,
@@ -953,48 +1002,15 @@ async def _check(
     request: usage_pb2.ReserveRequest,
     now: datetime,
     counted: Usage | None,
-    *,
-    limits: bool = True,
 ) -> usage_pb2.Denial | None:
     def deny(reason: str, usage: Usage | None) -> usage_pb2.Denial:
         return denial_for(budget, reason, usage)
 
-    if budget.scope == usage_pb2.BUDGET_SCOPE_SESSION and request.session_id:
-        session = await conn.fetchrow(
-            "SELECT started_at, cost_micros, input_tokens + output_tokens + cached_read_tokens "
-            "+ cache_write_tokens + reasoning_tokens AS tokens FROM sessions WHERE session_id = $1",
-            request.session_id,
-        )
-        if session is not None:
-            ran = now - session["started_at"]
-            if (
-                budget.session_max_duration_seconds
-                and ran.total_seconds() > budget.session_max_duration_seconds
-            ):
-                return deny(
-                    f"session has run {int(ran.total_seconds())}s, the limit is "
-                    f"{budget.session_max_duration_seconds}s",
-                    None,
-                )
-            if (
-                budget.session_max_tokens
-                and session["tokens"] + request.estimated_tokens > budget.session_max_tokens
-            ):
-                return deny(
-                    f"session has used {session['tokens']} tokens of {budget.session_max_tokens}",
-                    None,
-                )
-            if (
-                budget.session_max_cost_micros
-                and session["cost_micros"] + request.estimated_cost_micros
-                > budget.session_max_cost_micros
-            ):
-                return deny(
-                    f"session has spent {session['cost_micros']} of "
-                    f"{budget.session_max_cost_micros} micro-dollars",
-                    None,
-                )
-    if not limits or (budget.limit_micros is None and budget.limit_tokens is None):
+    if budget.limits_sessions and request.session_id:
+        refusal = await _session_refusal(conn, budget, request, now)
+        if refusal is not None:
+            return deny(refusal, None)
+    if budget.limit_micros is None and budget.limit_tokens is None:
         return None
     usage = counted if counted is not None else await usage_of(conn, budget, value, now)
     if (
