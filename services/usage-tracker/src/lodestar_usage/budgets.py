@@ -27,6 +27,7 @@ from typing import TypeVar
 import asyncpg
 from asyncpg.exceptions import DeadlockDetectedError
 from google.protobuf import duration_pb2
+from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 from lodestar.common import audit
 from lodestar.common.errors import InvalidArgumentError, StorageError
@@ -77,6 +78,12 @@ DEFAULT_MAX_WINDOW_SECONDS = 366 * 86_400
 #: The advisory lock between counter initialisation (exclusive) and ledger ingest (shared).
 COUNTER_LOCK = 0x75736167  # "usag"
 DEADLOCK_ATTEMPTS = 5
+#: A deadlock (a rare lock-order clash with ingest) aborts only that attempt: it is decided again.
+again_after_deadlock = retry(
+    retry=retry_if_exception_type(DeadlockDetectedError),
+    stop=stop_after_attempt(DEADLOCK_ATTEMPTS),
+    reraise=True,
+)
 
 
 @dataclass
@@ -774,7 +781,7 @@ async def reserve(
     # Session limits count the session's holds: decided with the budget rows locked, so that
     # concurrent reservations of one session see each other's.
     if rolling or (request.session_id and any(b.limits_sessions for b in defs)):
-        return await _retrying_reserve(pool, request, lease, owner)
+        return await _reserve_locked(pool, request, lease, owner)
     values = [request.session_id if b.per_session else b.scope_value for b in defs]
     windows: list[tuple[datetime, datetime] | None] = [
         b.window(now) if b.counted else None for b in defs
@@ -786,26 +793,22 @@ async def reserve(
         [b.limit_micros for b in defs],
         [b.limit_tokens for b in defs],
     ]
-    for attempt in range(DEADLOCK_ATTEMPTS):
+    for _ in range(DEADLOCK_ATTEMPTS):  # again after creating missing counters
         reservation_id = uuid.uuid4()
-        try:
-            rec = await pool.fetchrow(
-                ADMIT,
-                reservation_id,
-                owner,
-                request.project,
-                request.user,
-                request.session_id,
-                request.model,
-                request.estimated_cost_micros,
-                request.estimated_tokens,
-                lease,
-                *args,
-            )
-        except DeadlockDetectedError:
-            if attempt == DEADLOCK_ATTEMPTS - 1:
-                raise
-            continue
+        rec = await _fetchrow(
+            pool,
+            ADMIT,
+            reservation_id,
+            owner,
+            request.project,
+            request.user,
+            request.session_id,
+            request.model,
+            request.estimated_cost_micros,
+            request.estimated_tokens,
+            lease,
+            *args,
+        )
         assert rec is not None
         outcome = rec["outcome"]
         if outcome == "missing":
@@ -850,18 +853,7 @@ ADMIT = (
 )
 
 
-async def _retrying_reserve(
-    pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta, owner: str
-) -> Admission:
-    for attempt in range(DEADLOCK_ATTEMPTS):
-        try:
-            return await _reserve_locked(pool, request, lease, owner)
-        except DeadlockDetectedError:  # a rare lock-order clash with ingest; decided again
-            if attempt == DEADLOCK_ATTEMPTS - 1:
-                raise
-    raise AssertionError("unreachable")
-
-
+@again_after_deadlock
 async def _reserve_locked(
     pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta, owner: str
 ) -> Admission:
@@ -1039,28 +1031,24 @@ def reservation_key(value: str) -> uuid.UUID:
         ) from None
 
 
+@again_after_deadlock
 async def _retrying(pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     """Run ``work`` in a transaction, again after a (rare) deadlock."""
-    for attempt in range(DEADLOCK_ATTEMPTS):
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                return await work(conn)
-        except DeadlockDetectedError:
-            if attempt == DEADLOCK_ATTEMPTS - 1:
-                raise
-    raise AssertionError("unreachable")
+    async with pool.acquire() as conn, conn.transaction():
+        return await work(conn)
 
 
+@again_after_deadlock
 async def _call(pool: asyncpg.Pool, query: str, *args: object) -> str:
     """One server-side admission function call (its own transaction), again after a deadlock."""
-    for attempt in range(DEADLOCK_ATTEMPTS):
-        try:
-            result: str = await pool.fetchval(query, *args)
-            return result
-        except DeadlockDetectedError:
-            if attempt == DEADLOCK_ATTEMPTS - 1:
-                raise
-    raise AssertionError("unreachable")
+    result: str = await pool.fetchval(query, *args)
+    return result
+
+
+@again_after_deadlock
+async def _fetchrow(pool: asyncpg.Pool, query: str, *args: object) -> asyncpg.Record | None:
+    """One statement (its own transaction), again after a deadlock."""
+    return await pool.fetchrow(query, *args)
 
 
 def validate_commit(request: usage_pb2.CommitRequest) -> uuid.UUID:
