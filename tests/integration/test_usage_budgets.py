@@ -276,7 +276,7 @@ async def test_session_limits_hold_reservations_under_concurrency(admin, tracker
         assert len(granted) == 2
         (denied,) = [r for r in replies if not r.granted]
         assert denied.denial.budget_name == "per session"
-        assert "holds 800 tokens of 1000" in denied.denial.reason
+        assert "session has used 0 and holds 800 of its 1000 tokens" in denied.denial.reason
         assert (await gate.Reserve(ask("s-other"))).granted  # another session has its own
         await gate.Release(u.ReleaseRequest(reservation_id=granted[0].reservation_id))
         assert (await gate.Reserve(ask("s-new"))).granted

@@ -966,24 +966,13 @@ async def _session_refusal(
         ran = int((now - started).total_seconds())
         if ran > budget.session_max_duration_seconds:
             return f"session has run {ran}s, the limit is {budget.session_max_duration_seconds}s"
-    tokens = (use["spent_tokens"], use["held_tokens"])
-    if (
-        budget.session_max_tokens
-        and sum(tokens) + request.estimated_tokens > budget.session_max_tokens
+    for kind, unit, limit, asked in (
+        ("tokens", "tokens", budget.session_max_tokens, request.estimated_tokens),
+        ("micros", "micro-dollars", budget.session_max_cost_micros, request.estimated_cost_micros),
     ):
-        return (
-            f"session has used {tokens[0]} and holds {tokens[1]} tokens of "
-            f"{budget.session_max_tokens}"
-        )
-    micros = (use["spent_micros"], use["held_micros"])
-    if (
-        budget.session_max_cost_micros
-        and sum(micros) + request.estimated_cost_micros > budget.session_max_cost_micros
-    ):
-        return (
-            f"session has spent {micros[0]} and holds {micros[1]} of "
-            f"{budget.session_max_cost_micros} micro-dollars"
-        )
+        spent, held = use[f"spent_{kind}"], use[f"held_{kind}"]
+        if limit and spent + held + asked > limit:
+            return f"session has used {spent} and holds {held} of its {limit} {unit}"
     return None
 
 
