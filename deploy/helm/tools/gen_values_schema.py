@@ -5,8 +5,9 @@
 
 The services come from deploy/helm/lodestar/services.yaml (one values block each). They share one
 definition with serviceDefaults, so a key added to the defaults can be overridden by every service.
-A service's ``config`` block is checked against its settings class (from the installed packages),
-so a typo or a wrong type fails ``helm template`` instead of the pod's start.
+A service's ``config`` block is checked against the keys of its settings class (from the installed
+packages), so a typo fails ``helm template`` instead of the pod's start; its values are left to the
+service's loader (see ``settings_schema``).
 """
 
 from __future__ import annotations

@@ -536,14 +536,13 @@ class Usage:
 
         0 without a limit; negative when overspent.
         """
-        if limit is None:
-            return 0
-        used = (
-            self.spent_micros + self.reserved_micros
-            if kind == "micros"
-            else self.spent_tokens + self.reserved_tokens
-        )
-        return limit - used
+        return 0 if limit is None else limit - self.used(kind)
+
+    def used(self, kind: str) -> int:
+        """Spend plus holds of ``kind`` ("micros" or "tokens")."""
+        if kind == "micros":
+            return self.spent_micros + self.reserved_micros
+        return self.spent_tokens + self.reserved_tokens
 
 
 HELD = (

@@ -262,16 +262,11 @@ class UsageModule(ServiceModule[UsageSettings]):
         return None
 
 
-SPEC = ServiceSpec(UsageModule, UsageSettings)
-
-__all__ = ["SPEC", "UsageModule"]
-
-
 def budget_reading(budget: budgets.BudgetDef, usage: budgets.Usage) -> metrics.BudgetReading:
     """The gauges' view of ``budget`` given its ``usage`` in the current window."""
     money, tokens = budget.limit_micros, budget.limit_tokens
     ratios = [
-        (limit - usage.remaining(limit, kind)) / limit if limit else 0.0
+        usage.used(kind) / limit if limit else 0.0
         for limit, kind in ((money, "micros"), (tokens, "tokens"))
         if limit is not None
     ]
@@ -282,3 +277,8 @@ def budget_reading(budget: budgets.BudgetDef, usage: budgets.Usage) -> metrics.B
         remaining_tokens=None if tokens is None else usage.remaining(tokens, "tokens"),
         used_ratio=max(ratios, default=0.0),
     )
+
+
+SPEC = ServiceSpec(UsageModule, UsageSettings)
+
+__all__ = ["SPEC", "UsageModule"]
