@@ -176,6 +176,15 @@ async def test_release_and_commit_name_what_is_wrong_with_the_id(admin, reservat
         assert info.value.details().startswith(f"reservation_id: {says}")
 
 
+async def commit_on_path(
+    batching: bool, gate: ug.BudgetServiceStub, tracker, request: u.CommitRequest
+) -> u.CommitResponse:
+    """A Commit through the group-committed rounds (the RPC) or the `commit_hold` SQL path."""
+    if batching:
+        return await gate.Commit(request)
+    return await budgets.commit(tracker.module.pool, request, "test-publisher")
+
+
 @pytest.mark.parametrize("batching", [True, False], ids=["rounds", "sql"])
 async def test_a_commit_is_final_a_repeat_is_answered_other_amounts_are_refused(
     admin, tracker, tokens, batching
@@ -188,13 +197,8 @@ async def test_a_commit_is_final_a_repeat_is_answered_other_amounts_are_refused(
         commit = u.CommitRequest(
             reservation_id=reserved.reservation_id, actual_cost_micros=300, actual_tokens=7
         )
-
-        async def send(request: u.CommitRequest) -> u.CommitResponse:
-            if batching:
-                return await gate.Commit(request)
-            return await budgets.commit(tracker.module.pool, request, "test-publisher")
-
-        first, again = await send(commit), await send(commit)
+        first = await commit_on_path(batching, gate, tracker, commit)
+        again = await commit_on_path(batching, gate, tracker, commit)
         assert (first.committed, first.repeated) == (True, False)
         assert (again.committed, again.repeated) == (True, True)
         other = u.CommitRequest(reservation_id=reserved.reservation_id, actual_cost_micros=900)
@@ -205,7 +209,7 @@ async def test_a_commit_is_final_a_repeat_is_answered_other_amounts_are_refused(
             message = refused.value.details()
         else:
             with pytest.raises(budgets.ReservationCommittedError) as caught:
-                await send(other)
+                await commit_on_path(batching, gate, tracker, other)
             message = str(caught.value)
         assert "committed with 300 micro-dollars and 7 tokens; a commit is final" in message
     status = (await stub.ListBudgets(u.ListBudgetsRequest())).budgets[0]
@@ -237,9 +241,7 @@ async def test_a_commit_says_when_it_exceeds_the_hold_or_comes_after_the_lease(
             request = u.CommitRequest(
                 reservation_id=rid, actual_cost_micros=micros, actual_tokens=tokens_
             )
-            if batching:
-                return await gate.Commit(request)
-            return await budgets.commit(tracker.module.pool, request, "test-publisher")
+            return await commit_on_path(batching, gate, tracker, request)
 
         within = await commit(await reserve(30), 80, 10)
         assert not within.lease_expired
