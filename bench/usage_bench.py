@@ -9,6 +9,8 @@ USAGE_BENCH_BUDGETS project budgets (default 100), open loop; USAGE_BENCH_CALLER
 (default 200) in a closed loop on one budget; each for USAGE_BENCH_SECONDS (default 10); then
 USAGE_BENCH_BURST (default 3,000) Reserves at once, counted by status. USAGE_BENCH_REPLICAS
 (default 1) tracker processes serve admission on the one database, the load spread over them.
+USAGE_BENCH_GATES (default ``single,coalesced``) picks how the gates call: every call its own RPC,
+and/or concurrent calls sent together in Admit requests.
 The load generator runs on the same machine as the tracker, core and Postgres and competes with
 them for CPU.
 """
@@ -30,8 +32,6 @@ from pathlib import Path
 
 import asyncpg
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from bench.core_bench import READY_TIMEOUT_SECONDS, CoreUnderTest
 from lodestar.common.auth import Role
@@ -45,6 +45,7 @@ from lodestar.usage.v1 import events_pb2 as ev
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
 from lodestar_usage import reports
+from lodestar_usage.client import AdmissionUnavailableError, BudgetGate, GatePolicy
 from lodestar_usage.ingest import ensure_partitions
 from lodestar_usage.service import MIGRATIONS
 
@@ -61,6 +62,15 @@ BURST_CALLS = int(os.environ.get("USAGE_BENCH_BURST", "3000"))
 ADMISSION_CHANNELS = 4
 #: Tracker processes serving admission on one database (only the first one ingests).
 ADMISSION_REPLICAS = int(os.environ.get("USAGE_BENCH_REPLICAS", "1"))
+#: How the load generator's gates call admission: each call its own RPC, and coalesced.
+GATE_MODES = [
+    (label, coalesce)
+    for label, coalesce, name in (
+        ("one RPC per call", False, "single"),
+        ("BudgetGate, coalesced", True, "coalesced"),
+    )
+    if name in os.environ.get("USAGE_BENCH_GATES", "single,coalesced").split(",")
+]
 #: A gateway's deadline for one admission call.
 CALL_TIMEOUT = 5.0
 
@@ -335,21 +345,23 @@ async def _create_budgets(gate: ug.BudgetServiceStub, projects: list[str]) -> No
         )
 
 
-async def _pair(gate: ug.BudgetServiceStub, project: str, result: Scenario) -> None:
+async def _pair(gate: BudgetGate, project: str, result: Scenario) -> None:
     """One Reserve, then its Commit; latency and outcome recorded in ``result``."""
     t0 = time.perf_counter()
     try:
-        reply = await gate.Reserve(
-            u.ReserveRequest(project=project, estimated_cost_micros=100), timeout=CALL_TIMEOUT
-        )
+        reply = await gate.reserve(u.ReserveRequest(project=project, estimated_cost_micros=100))
         t1 = time.perf_counter()
         if not reply.granted:
             result.denied += 1
             return
-        await gate.Commit(
-            u.CommitRequest(reservation_id=reply.reservation_id, actual_cost_micros=50),
-            timeout=CALL_TIMEOUT,
-        )
+        if not await gate.commit(
+            u.CommitRequest(reservation_id=reply.reservation_id, actual_cost_micros=50)
+        ):
+            result.errors["Commit unanswered"] = result.errors.get("Commit unanswered", 0) + 1
+            return
+    except AdmissionUnavailableError as exc:
+        result.errors[exc.code.name] = result.errors.get(exc.code.name, 0) + 1
+        return
     except grpc.aio.AioRpcError as exc:
         result.failed(exc)
         return
@@ -360,7 +372,7 @@ async def _pair(gate: ug.BudgetServiceStub, project: str, result: Scenario) -> N
 
 
 async def open_loop(
-    gates: list[ug.BudgetServiceStub], projects: list[str], rate: float, seconds: float
+    gates: list[BudgetGate], projects: list[str], rate: float, seconds: float
 ) -> Scenario:
     """Reserve+Commit pairs started at ``rate`` per second whatever the answers (open loop).
 
@@ -384,13 +396,13 @@ async def open_loop(
 
 
 async def closed_loop(
-    gates: list[ug.BudgetServiceStub], project: str, callers: int, seconds: float
+    gates: list[BudgetGate], project: str, callers: int, seconds: float
 ) -> Scenario:
     """``callers`` callers, each doing Reserve+Commit on one budget in a loop for ``seconds``."""
     result = Scenario()
     stop_at = time.perf_counter() + seconds
 
-    async def caller(gate: ug.BudgetServiceStub) -> None:
+    async def caller(gate: BudgetGate) -> None:
         while time.perf_counter() < stop_at:
             await _pair(gate, project, result)
 
@@ -400,25 +412,22 @@ async def closed_loop(
     return result
 
 
-async def burst(gates: list[ug.BudgetServiceStub], project: str, calls: int) -> dict[str, int]:
+async def burst(gates: list[BudgetGate], project: str, calls: int) -> dict[str, int]:
     """``calls`` Reserves at once: how many came back with each status (and a retry delay)."""
     outcomes: dict[str, int] = {}
 
-    async def one(gate: ug.BudgetServiceStub) -> None:
+    async def one(gate: BudgetGate) -> None:
         try:
-            await gate.Reserve(
-                u.ReserveRequest(project=project, estimated_cost_micros=1), timeout=CALL_TIMEOUT
-            )
+            await gate.reserve(u.ReserveRequest(project=project, estimated_cost_micros=1))
             name = "OK"
+        except AdmissionUnavailableError as exc:
+            name = exc.code.name
+            if name not in outcomes and os.environ.get("USAGE_BENCH_VERBOSE"):
+                print(f"    first {name}: {exc}")
+            if exc.retry_after is not None:
+                name += " (with RetryInfo)"
         except grpc.aio.AioRpcError as exc:
             name = exc.code().name
-            if name not in outcomes and os.environ.get("USAGE_BENCH_VERBOSE"):
-                print(f"    first {name}: {exc.details()}")
-            status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-            if status is not None and any(
-                d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details
-            ):
-                name += " (with RetryInfo)"
         outcomes[name] = outcomes.get(name, 0) + 1
 
     await asyncio.gather(*(one(gates[i % len(gates)]) for i in range(calls)))
@@ -449,30 +458,34 @@ async def _admission(
             for i in range(max(ADMISSION_CHANNELS, len(replicas)))
         ]
         admin = await stack.enter_async_context(connect(tracker.target, core.tokens[Role.ADMIN]))
-        await bench_admission(
-            ug.BudgetServiceStub(admin), [ug.BudgetServiceStub(c) for c in channels], out
-        )
+        await bench_admission(ug.BudgetServiceStub(admin), channels, out)
 
 
 async def bench_admission(
-    admin: ug.BudgetServiceStub, gates: list[ug.BudgetServiceStub], out: Callable[[str], None]
+    admin: ug.BudgetServiceStub, channels: list[grpc.aio.Channel], out: Callable[[str], None]
 ) -> None:
-    """The two admission scenarios of issue #10 and a burst beyond capacity."""
+    """The two admission scenarios of issue #10 and a burst beyond capacity.
+
+    Each runs twice: with every call its own RPC, and through gates that send their callers'
+    concurrent calls together (``BudgetGate``'s default), one gate per channel.
+    """
     projects = [f"adm-{i}" for i in range(ADMISSION_BUDGETS)]
     await _create_budgets(admin, [*projects, "hot", "burst"])
-    await open_loop(gates, projects, min(ADMISSION_RATE, 100), 1.0)  # warm-up: counters exist
-    spread = await open_loop(gates, projects, ADMISSION_RATE, ADMISSION_SECONDS)
-    out(
-        f"  {f'Reserve+Commit offered {ADMISSION_RATE:g}/s over {ADMISSION_BUDGETS} budgets':<58} "
-        f"{spread.summary()}"
-    )
-    hot = await closed_loop(gates, "hot", ADMISSION_CALLERS, ADMISSION_SECONDS)
-    out(f"  {f'{ADMISSION_CALLERS} callers in a loop on one budget':<58} {hot.summary()}")
-    shed = await burst(gates, "burst", BURST_CALLS)
-    out(
-        f"  {f'{BURST_CALLS} concurrent Reserves at once: outcomes':<58} "
-        + ", ".join(f"{k} {v}" for k, v in sorted(shed.items()))
-    )
+    for label, coalesce in GATE_MODES:
+        policy = GatePolicy(timeout_seconds=CALL_TIMEOUT, max_wait_seconds=0, coalesce=coalesce)
+        gates = [BudgetGate(channel, policy) for channel in channels]
+        out(f"  {label}:")
+        await open_loop(gates, projects, min(ADMISSION_RATE, 100), 1.0)  # warm-up
+        spread = await open_loop(gates, projects, ADMISSION_RATE, ADMISSION_SECONDS)
+        what = f"Reserve+Commit offered {ADMISSION_RATE:g}/s over {ADMISSION_BUDGETS} budgets"
+        out(f"    {what:<56} {spread.summary()}")
+        hot = await closed_loop(gates, "hot", ADMISSION_CALLERS, ADMISSION_SECONDS)
+        out(f"    {f'{ADMISSION_CALLERS} callers in a loop on one budget':<56} {hot.summary()}")
+        shed = await burst(gates, "burst", BURST_CALLS)
+        out(
+            f"    {f'{BURST_CALLS} concurrent Reserves at once: outcomes':<56} "
+            + ", ".join(f"{k} {v}" for k, v in sorted(shed.items()))
+        )
 
 
 async def run_usage_benchmarks(print_fn: Callable[[str], None]) -> None:

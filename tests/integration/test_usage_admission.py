@@ -8,10 +8,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -25,54 +22,18 @@ from lodestar.common.cli import free_port
 from lodestar.common.db import apply_migrations, create_pool
 from lodestar.common.errors import ResourceExhaustedError
 from lodestar.common.sdk import connect
-from lodestar.common.testing import start_in_process
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
 from lodestar_usage import budgets, metrics
 from lodestar_usage.admission import Admitter
 from lodestar_usage.client import AdmissionUnavailableError, BudgetGate, GatePolicy
-from lodestar_usage.service import MIGRATIONS, UsageModule
+from lodestar_usage.service import MIGRATIONS
 from lodestar_usage.settings import AdmissionSettings
-from lodestar_usage.testing import RunningTracker, start_tracker, tracker_settings
+from lodestar_usage.testing import RunningTracker
+
+from .conftest import StartTracker
 
 HUNDRED = u.ReserveRequest(project="p", estimated_cost_micros=100)
-StartTracker = Callable[..., Awaitable[RunningTracker]]
-
-
-@pytest.fixture
-async def start_trackers(
-    tmp_path: Path,
-    database_url: str,
-    tracker_schema: str,
-    core: Any,
-    tokens: dict[Role | str, str],
-) -> AsyncIterator[StartTracker]:
-    """Starts trackers on one schema (replicas), with settings overrides; stops them after."""
-    running: list[RunningTracker] = []
-
-    async def start(**overrides: object) -> RunningTracker:
-        settings = tracker_settings(
-            database_url=database_url,
-            schema=tracker_schema,
-            core_target=core.target,
-            token=tokens["usage-tracker"],
-            credentials=tmp_path / "credentials.yaml",
-            spool=tmp_path / f"spool-{len(running)}",
-            **overrides,
-        )
-        # Core lets one consumer at a time hold the tracker's subscription: only the first
-        # replica running ingests; the others serve admission (DEGRADED, yet ready).
-        if any(not r.task.done() for r in running):
-            tracker = await start_in_process(UsageModule(settings), settings)
-        else:
-            tracker = await start_tracker(settings)
-        running.append(tracker)
-        return tracker
-
-    yield start
-    for tracker in running:
-        if not tracker.task.done():
-            await tracker.stop()
 
 
 def project_budget(limit: int, project: str = "p") -> u.Budget:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,11 +12,15 @@ from typing import Any
 import asyncpg
 
 from lodestar.common import audit
-from lodestar.common.auth import caller
+from lodestar.common.auth import caller, charge_calls
 from lodestar.common.errors import (
     DATABASE_UNREACHABLE,
+    UNSTORABLE_TEXT,
+    FieldViolation,
     InvalidArgumentError,
+    LodestarError,
     StorageError,
+    status_message,
 )
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import usage_pb2
@@ -315,6 +320,67 @@ class BudgetApi:
         self, request: usage_pb2.ReserveRequest, context: Context
     ) -> usage_pb2.ReserveResponse:
         """Hold a worst-case amount against every budget that applies, or say which one refuses."""
+        return await self._reserve_call(request, _deadline(context))
+
+    async def Commit(
+        self, request: usage_pb2.CommitRequest, context: Context
+    ) -> usage_pb2.CommitResponse:
+        """Replace a reservation's hold by the actual usage."""
+        return await self._commit_call(request, _deadline(context))
+
+    async def Release(
+        self, request: usage_pb2.ReleaseRequest, context: Context
+    ) -> usage_pb2.ReleaseResponse:
+        """Give a reservation's hold back without spending."""
+        return await self._release_call(request, _deadline(context))
+
+    async def Admit(
+        self, request: usage_pb2.AdmitRequest, context: Context
+    ) -> usage_pb2.AdmitResponse:
+        """Several Reserve, Commit and Release calls, each answered as its own RPC would be."""
+        most = self._settings.max_calls_per_request
+        if len(request.calls) > most:
+            raise InvalidArgumentError(
+                f"{len(request.calls)} calls; at most {most} per request "
+                "(setting admission.max_calls_per_request): send fewer",
+                field="calls",
+            )
+        charge_calls(len(request.calls) - 1)
+        deadline = _deadline(context)
+        results = await asyncio.gather(
+            *(
+                self._admission_call(call, index, deadline)
+                for index, call in enumerate(request.calls)
+            )
+        )
+        return usage_pb2.AdmitResponse(results=results)
+
+    async def _admission_call(
+        self, call: usage_pb2.AdmissionCall, index: int, deadline: float | None
+    ) -> usage_pb2.AdmissionResult:
+        kind = call.WhichOneof("call")
+        try:
+            if kind == "reserve":
+                return usage_pb2.AdmissionResult(
+                    reserve=await self._reserve_call(call.reserve, deadline)
+                )
+            if kind == "commit":
+                return usage_pb2.AdmissionResult(
+                    commit=await self._commit_call(call.commit, deadline)
+                )
+            if kind == "release":
+                return usage_pb2.AdmissionResult(
+                    release=await self._release_call(call.release, deadline)
+                )
+            raise InvalidArgumentError(
+                "set one of reserve, commit or release", field=f"calls[{index}]"
+            )
+        except Exception as exc:
+            return usage_pb2.AdmissionResult(error=_call_status(exc, f"calls[{index}].{kind}"))
+
+    async def _reserve_call(
+        self, request: usage_pb2.ReserveRequest, deadline: float | None
+    ) -> usage_pb2.ReserveResponse:
         budgets.validate_reserve(request)
         lease = timedelta(seconds=self._settings.default_lease_seconds)
         if request.HasField("lease"):
@@ -327,7 +393,7 @@ class BudgetApi:
             )
             lease = asked or lease
         try:
-            admission = await self._reserve(request, lease, caller().name, _deadline(context))
+            admission = await self._reserve(request, lease, caller().name, deadline)
         except UNREACHABLE as exc:
             if not self._settings.fail_open:
                 metrics.RESERVATIONS.labels("unavailable").inc()
@@ -363,10 +429,9 @@ class BudgetApi:
                 pass  # a rolling budget or session limits: decided by the single-call path
         return await budgets.reserve(self._pool, request, lease, owner)
 
-    async def Commit(
-        self, request: usage_pb2.CommitRequest, context: Context
+    async def _commit_call(
+        self, request: usage_pb2.CommitRequest, deadline: float | None
     ) -> usage_pb2.CommitResponse:
-        """Replace a reservation's hold by the actual usage."""
         owner = caller().owner_scope
         if self._admitter is None:
             return await budgets.commit(self._pool, request, owner)
@@ -374,27 +439,41 @@ class BudgetApi:
         found = await self._admitter.finish(
             key,
             owner,
-            _deadline(context),
+            deadline,
             commit=True,
             micros=request.actual_cost_micros,
             tokens=request.actual_tokens,
         )
         return budgets.check_commit(request, key, owner, found)
 
-    async def Release(
-        self, request: usage_pb2.ReleaseRequest, context: Context
+    async def _release_call(
+        self, request: usage_pb2.ReleaseRequest, deadline: float | None
     ) -> usage_pb2.ReleaseResponse:
-        """Give a reservation's hold back without spending."""
         owner = caller().owner_scope
         if self._admitter is None:
             return usage_pb2.ReleaseResponse(
                 released=await budgets.release(self._pool, request, owner)
             )
         key: uuid.UUID = budgets.reservation_key(request.reservation_id)
-        found = await self._admitter.finish(key, owner, _deadline(context), commit=False)
+        found = await self._admitter.finish(key, owner, deadline, commit=False)
         return usage_pb2.ReleaseResponse(
             released=budgets.check_release_state(found.state, key, owner)
         )
+
+
+def _call_status(error: Exception, path: str) -> usage_pb2.CallStatus:
+    """``error`` as one call's status, its fields named from the request's root (``path``)."""
+    if isinstance(error, LodestarError):
+        error.violations = tuple(
+            FieldViolation(f"{path}.{v.field}", v.description) for v in error.violations
+        )
+        if error.field and not error.field.startswith("calls["):
+            error.field = f"{path}.{error.field}"
+    elif not isinstance(error, (*DATABASE_UNREACHABLE, *UNSTORABLE_TEXT)):
+        log.error(
+            "unhandled error in an admission call", error_type=type(error).__name__, exc_info=error
+        )
+    return usage_pb2.CallStatus.FromString(status_message(error).SerializeToString())
 
 
 def _deadline(context: Context) -> float | None:

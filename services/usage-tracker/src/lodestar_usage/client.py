@@ -13,15 +13,24 @@ The tracker refuses work it cannot do in time with RESOURCE_EXHAUSTED and a ``Re
   status and the retry delay, so the gateway can refuse its own caller (HTTP 429/503).
 
 A denial by a budget is never retried or overridden: it is an answer, not a failure.
+
+Concurrent calls through one gate travel together: the gate sends what its callers have queued as
+one ``Admit`` request (at most ``GatePolicy.requests_in_flight`` requests at once, each of at most
+``GatePolicy.max_calls_per_request`` calls), so hundreds of concurrent callers cost the tracker a
+few RPCs, not hundreds. Each caller still gets its own answer, or its own error raised exactly as
+the single RPC would raise it. ``GatePolicy(coalesce=False)`` sends every call as its own RPC.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import re
 import time
 from dataclasses import dataclass
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from lodestar.common.errors import LodestarError
 from lodestar.common.logging import get_logger
@@ -30,6 +39,8 @@ from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
 
 log = get_logger(__name__)
 
+#: The prefix naming a call of an Admit request in its error (``calls[3].reserve.``).
+_CALL_PATH = re.compile(r"calls\[\d+\]\.(?:reserve|commit|release)\.")
 #: Statuses that mean admission could not answer (as opposed to refusing the request).
 UNANSWERED = frozenset(
     {
@@ -50,6 +61,12 @@ class GatePolicy:
     timeout_seconds: float = 1.0
     #: Most time spent waiting out RESOURCE_EXHAUSTED retry delays before giving up.
     max_wait_seconds: float = 0.5
+    #: Send concurrent calls together in Admit requests (False: one RPC per call).
+    coalesce: bool = True
+    #: Admit requests one gate has in flight at once; calls queue meanwhile.
+    requests_in_flight: int = 2
+    #: Most calls in one Admit request (the tracker's admission.max_calls_per_request or less).
+    max_calls_per_request: int = 256
 
 
 class AdmissionUnavailableError(LodestarError):
@@ -66,6 +83,7 @@ class BudgetGate:
     def __init__(self, channel: grpc.aio.Channel, policy: GatePolicy | None = None) -> None:
         self._stub = usage_pb2_grpc.BudgetServiceStub(channel)
         self.policy = policy or GatePolicy()
+        self._batches = _Coalescer(self._stub, self.policy) if self.policy.coalesce else None
 
     async def reserve(self, request: usage_pb2.ReserveRequest) -> usage_pb2.ReserveResponse:
         """The tracker's answer to ``request``.
@@ -74,9 +92,8 @@ class BudgetGate:
         AdmissionUnavailableError (fail closed).
         """
         try:
-            reply = await self._call(self._stub.Reserve, request)
-            assert isinstance(reply, usage_pb2.ReserveResponse)
-            return reply
+            reply = await self._call(usage_pb2.AdmissionCall(reserve=request))
+            return reply.reserve
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in UNANSWERED:
                 raise
@@ -95,21 +112,18 @@ class BudgetGate:
 
         The lease then returns the hold and the ledger settles the spend.
         """
-        return await self._finish(self._stub.Commit, request)
+        return await self._finish(usage_pb2.AdmissionCall(commit=request))
 
     async def release(self, request: usage_pb2.ReleaseRequest) -> bool:
         """Release; False when admission could not answer in time (the lease then expires)."""
-        return await self._finish(self._stub.Release, request)
+        return await self._finish(usage_pb2.AdmissionCall(release=request))
 
-    async def _finish(
-        self,
-        method: grpc.aio.UnaryUnaryMultiCallable,  # type: ignore[type-arg]
-        request: usage_pb2.CommitRequest | usage_pb2.ReleaseRequest,
-    ) -> bool:
+    async def _finish(self, call: usage_pb2.AdmissionCall) -> bool:
+        request = call.commit if call.HasField("commit") else call.release
         if not request.reservation_id:  # a fail-open grant has nothing to finish
             return False
         try:
-            await self._call(method, request)
+            await self._call(call)
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in UNANSWERED:
                 raise
@@ -117,16 +131,12 @@ class BudgetGate:
             return False
         return True
 
-    async def _call(
-        self,
-        method: grpc.aio.UnaryUnaryMultiCallable,  # type: ignore[type-arg]
-        request: object,
-    ) -> object:
-        """``method(request)``, again after RESOURCE_EXHAUSTED while the delays fit the policy."""
+    async def _call(self, call: usage_pb2.AdmissionCall) -> usage_pb2.AdmissionResult:
+        """The answer to ``call``, retried after RESOURCE_EXHAUSTED while the policy allows."""
         give_up_at = time.monotonic() + self.policy.max_wait_seconds
         while True:
             try:
-                return await method(request, timeout=self.policy.timeout_seconds)
+                return await self._send(call)
             except grpc.aio.AioRpcError as exc:
                 delay = retry_delay(exc)
                 if (
@@ -136,3 +146,112 @@ class BudgetGate:
                 ):
                     raise
                 await asyncio.sleep(delay)
+
+    async def _send(self, call: usage_pb2.AdmissionCall) -> usage_pb2.AdmissionResult:
+        if self._batches is not None:
+            return await self._batches.call(call)
+        timeout = self.policy.timeout_seconds
+        if call.HasField("reserve"):
+            return usage_pb2.AdmissionResult(
+                reserve=await self._stub.Reserve(call.reserve, timeout=timeout)
+            )
+        if call.HasField("commit"):
+            return usage_pb2.AdmissionResult(
+                commit=await self._stub.Commit(call.commit, timeout=timeout)
+            )
+        return usage_pb2.AdmissionResult(
+            release=await self._stub.Release(call.release, timeout=timeout)
+        )
+
+
+class _Coalescer:
+    """Sends the calls of concurrent callers together as Admit requests."""
+
+    def __init__(self, stub: usage_pb2_grpc.BudgetServiceStub, policy: GatePolicy) -> None:
+        self._stub = stub
+        self._policy = policy
+        self._queue: collections.deque[
+            tuple[usage_pb2.AdmissionCall, asyncio.Future[usage_pb2.AdmissionResult]]
+        ] = collections.deque()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def call(self, call: usage_pb2.AdmissionCall) -> usage_pb2.AdmissionResult:
+        """The answer to ``call``; its error raised as the single RPC would raise it."""
+        answer: asyncio.Future[usage_pb2.AdmissionResult] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._queue.append((call, answer))
+        self._start_requests()
+        result = await answer
+        if result.HasField("error"):
+            raise _as_rpc_error(result.error)
+        return result
+
+    def _start_requests(self) -> None:
+        while self._queue and self._in_flight < self._policy.requests_in_flight:
+            batch: list[
+                tuple[usage_pb2.AdmissionCall, asyncio.Future[usage_pb2.AdmissionResult]]
+            ] = []
+            while self._queue and len(batch) < self._policy.max_calls_per_request:
+                call, answer = self._queue.popleft()
+                if not answer.done():  # its caller gave up
+                    batch.append((call, answer))
+            if not batch:
+                return
+            self._in_flight += 1
+            task = asyncio.create_task(self._request(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _request(
+        self,
+        batch: list[tuple[usage_pb2.AdmissionCall, asyncio.Future[usage_pb2.AdmissionResult]]],
+    ) -> None:
+        try:
+            reply: usage_pb2.AdmitResponse = await self._stub.Admit(  # type: ignore[misc]
+                usage_pb2.AdmitRequest(calls=[call for call, _ in batch]),
+                timeout=self._policy.timeout_seconds,
+            )
+        except grpc.aio.AioRpcError as exc:
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+        except BaseException as exc:
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            raise
+        else:
+            for (_, answer), result in zip(batch, reply.results, strict=True):
+                if not answer.done():
+                    answer.set_result(result)
+        finally:
+            self._in_flight -= 1
+            self._start_requests()
+
+
+def _as_rpc_error(status: usage_pb2.CallStatus) -> grpc.aio.AioRpcError:
+    """One call's error as the AioRpcError its single RPC would have raised.
+
+    The tracker names a bad field from the Admit request's root (``calls[3].reserve.lease``);
+    the caller sent one call, so the field is named from that call (``lease``).
+    """
+    rich = status_pb2.Status(code=status.code, message=_CALL_PATH.sub("", status.message))
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            for violation in bad_request.field_violations:
+                violation.field = _CALL_PATH.sub("", violation.field)
+            rich.details.add().Pack(bad_request)
+        else:
+            rich.details.append(detail)
+    code = next((c for c in grpc.StatusCode if c.value[0] == rich.code), grpc.StatusCode.UNKNOWN)
+    return grpc.aio.AioRpcError(
+        code,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(("grpc-status-details-bin", rich.SerializeToString())),
+        rich.message,
+        "",
+    )

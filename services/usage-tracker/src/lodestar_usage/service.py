@@ -47,6 +47,7 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     BUDGET + "Reserve": ADMISSION,
     BUDGET + "Commit": ADMISSION,
     BUDGET + "Release": ADMISSION,
+    BUDGET + "Admit": ADMISSION,
     # SetPrice, DeletePrice, CreateBudget, UpdateBudget and DeleteBudget are admin only.
     **audit.METHOD_ROLES,  # reading the audit log: admin only
 }

@@ -100,6 +100,12 @@ class AdmissionSettings(BaseModel):
         description="Calls that may wait for a round; beyond it a call is refused at once with "
         "RESOURCE_EXHAUSTED and a retry delay.",
     )
+    max_calls_per_request: int = Field(
+        default=512,
+        ge=1,
+        le=10_000,
+        description="Most calls one Admit request may carry; a larger one is refused.",
+    )
     rounds_in_flight: int = Field(
         default=2,
         ge=1,

@@ -167,6 +167,11 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def rich_status(error: BaseException) -> grpc.Status:
     """The status for ``error`` with ``google.rpc`` details: BadRequest and RetryInfo."""
+    return rpc_status.to_status(status_message(error))
+
+
+def status_message(error: BaseException) -> status_pb2.Status:
+    """``error`` as a ``google.rpc.Status``: code, message and details (see ``rich_status``)."""
     code, message = status_for(error)
     details: list[any_pb2.Any] = []
     if isinstance(error, LodestarError):
@@ -177,8 +182,7 @@ def rich_status(error: BaseException) -> grpc.Status:
             details.append(_packed(_retry_info(error.retry_after)))
         if error.reason is not None:
             details.append(_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)))
-    status = status_pb2.Status(code=_code_number(code), message=message, details=details)
-    return rpc_status.to_status(status)
+    return status_pb2.Status(code=_code_number(code), message=message, details=details)
 
 
 def error_reason(status: status_pb2.Status) -> str | None:

@@ -126,8 +126,14 @@ class RateLimiter:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
 
-    def wait_seconds(self, principal: Principal) -> float:
-        """0 if ``principal`` may call now (and the call is counted), else seconds until it may."""
+    def wait_seconds(
+        self, principal: Principal, calls: int = 1, *, request_calls: int | None = None
+    ) -> float:
+        """0 if ``principal`` may make ``calls`` calls now (they are counted), else the wait.
+
+        The wait is ``math.inf`` when the request's calls (``request_calls``, default ``calls``)
+        exceed the principal's burst: they can never be admitted.
+        """
         now = self._clock()
         bucket = self._buckets.get(principal.name)
         if bucket is None or bucket.role is not principal.role:
@@ -137,20 +143,33 @@ class RateLimiter:
             return 0.0
         tokens = min(bucket.capacity, bucket.tokens + (now - bucket.updated) * bucket.rate)
         bucket.updated = now
-        if tokens >= 1.0:
-            bucket.tokens = tokens - 1.0
+        if tokens >= calls:
+            bucket.tokens = tokens - calls
             return 0.0
         bucket.tokens = tokens
-        return (1.0 - tokens) / bucket.rate
+        if (request_calls or calls) > bucket.capacity:
+            return math.inf
+        return (calls - tokens) / bucket.rate
 
-    def refusal(self, principal: Principal) -> ResourceExhaustedError | None:
-        """None if ``principal`` may call now, else the error to answer with (and it is counted)."""
-        wait = self.wait_seconds(principal)
+    def refusal(
+        self, principal: Principal, calls: int = 1, *, request_calls: int | None = None
+    ) -> ResourceExhaustedError | None:
+        """None if ``principal`` may make ``calls`` calls now, else the error to answer with.
+
+        A refusal is counted in ``lodestar_rate_limited_total``.
+        """
+        wait = self.wait_seconds(principal, calls, request_calls=request_calls)
         if wait == 0.0:
             return None
         limit = self._buckets[principal.name].limit
         assert limit is not None
         RATE_LIMITED.labels(principal.name, principal.role.value).inc()
+        if math.isinf(wait):
+            return ResourceExhaustedError(
+                f"rate limit: {principal.name} ({principal.role.value}) may make "
+                f"{limit.describe()}; one request of {request_calls or calls} calls can never "
+                "fit: send fewer calls per request or raise the burst"
+            )
         return ResourceExhaustedError(
             f"rate limit: {principal.name} ({principal.role.value}) may make {limit.describe()}; "
             f"retry in {wait:.3f} s",

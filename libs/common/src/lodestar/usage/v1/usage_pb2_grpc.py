@@ -410,6 +410,11 @@ class BudgetServiceStub:
                 request_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Admit = channel.unary_unary(
+                '/lodestar.usage.v1.BudgetService/Admit',
+                request_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitRequest.SerializeToString,
+                response_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetServiceServicer:
@@ -465,6 +470,15 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Admit(self, request, context):
+        """Admit decides several Reserve, Commit and Release calls in one request, each answered on its
+        own, in order, exactly as its single RPC would answer it. A gateway's client sends its
+        concurrent admission calls this way (lodestar_usage.client.BudgetGate does).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -502,6 +516,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ReleaseRequest.FromString,
                     response_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Admit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Admit,
+                    request_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitRequest.FromString,
+                    response_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -694,6 +713,33 @@ class BudgetService:
             '/lodestar.usage.v1.BudgetService/Release',
             lodestar_dot_usage_dot_v1_dot_usage__pb2.ReleaseRequest.SerializeToString,
             lodestar_dot_usage_dot_v1_dot_usage__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Admit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lodestar.usage.v1.BudgetService/Admit',
+            lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitRequest.SerializeToString,
+            lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -150,6 +150,11 @@ class BudgetServiceStub:
     """Commit replaces a reservation's hold by the actual usage."""
     Release: _grpc.UnaryUnaryMultiCallable[_usage_pb2.ReleaseRequest, _usage_pb2.ReleaseResponse]
     """Release gives a reservation's hold back without spending."""
+    Admit: _grpc.UnaryUnaryMultiCallable[_usage_pb2.AdmitRequest, _usage_pb2.AdmitResponse]
+    """Admit decides several Reserve, Commit and Release calls in one request, each answered on its
+    own, in order, exactly as its single RPC would answer it. A gateway's client sends its
+    concurrent admission calls this way (lodestar_usage.client.BudgetGate does).
+    """
 
 @_typing.type_check_only
 class BudgetServiceAsyncStub(BudgetServiceStub):
@@ -170,6 +175,11 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """Commit replaces a reservation's hold by the actual usage."""
     Release: _aio.UnaryUnaryMultiCallable[_usage_pb2.ReleaseRequest, _usage_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Release gives a reservation's hold back without spending."""
+    Admit: _aio.UnaryUnaryMultiCallable[_usage_pb2.AdmitRequest, _usage_pb2.AdmitResponse]  # type: ignore[assignment]
+    """Admit decides several Reserve, Commit and Release calls in one request, each answered on its
+    own, in order, exactly as its single RPC would answer it. A gateway's client sends its
+    concurrent admission calls this way (lodestar_usage.client.BudgetGate does).
+    """
 
 class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
     """BudgetService manages budgets and admits requests against them."""
@@ -229,5 +239,16 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.ReleaseResponse, _abc.Awaitable[_usage_pb2.ReleaseResponse]]:
         """Release gives a reservation's hold back without spending."""
+
+    @_abc_1.abstractmethod
+    def Admit(
+        self,
+        request: _usage_pb2.AdmitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.AdmitResponse, _abc.Awaitable[_usage_pb2.AdmitResponse]]:
+        """Admit decides several Reserve, Commit and Release calls in one request, each answered on its
+        own, in order, exactly as its single RPC would answer it. A gateway's client sends its
+        concurrent admission calls this way (lodestar_usage.client.BudgetGate does).
+        """
 
 def add_BudgetServiceServicer_to_server(servicer: BudgetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
