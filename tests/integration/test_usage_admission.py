@@ -61,11 +61,11 @@ async def held_and_counted(tracker: RunningTracker) -> tuple[int, int]:
 async def test_three_replicas_on_one_database_never_grant_more_than_the_limit(
     start_trackers: StartTracker, tokens: dict[Role | str, str]
 ) -> None:
-    """Two batching replicas and one on the single-call path share the counters."""
+    """Two replicas deciding in rounds and one deciding every call alone share the counters."""
     replicas = [
         await start_trackers(),
         await start_trackers(),
-        await start_trackers(admission=AdmissionSettings(batching=False)),
+        await start_trackers(admission=AdmissionSettings(max_batch=1)),
     ]
     async with contextlib.AsyncExitStack() as stack:
         admin = ug.BudgetServiceStub(
@@ -369,3 +369,75 @@ async def test_a_call_whose_deadline_is_shorter_than_the_wait_is_refused_at_once
         assert all(a.granted for a in await asyncio.gather(*backlog))
     finally:
         await pool.close()
+
+
+# --- one rule: rolling budgets and session limits are decided in the same rounds ----------------
+
+
+async def test_a_rolling_budget_never_grants_more_than_its_limit_across_replicas(
+    start_trackers: StartTracker, tokens: dict[Role | str, str]
+) -> None:
+    """Its spend is read from the ledger under a lock per (budget, value), in the round."""
+    replicas = [
+        await start_trackers(),
+        await start_trackers(admission=AdmissionSettings(max_batch=3)),
+    ]
+    rolling = u.Budget(
+        name="last hour",
+        scope=u.BUDGET_SCOPE_PROJECT,
+        scope_value="p",
+        period=u.BUDGET_PERIOD_ROLLING,
+        limit_micros=5_000,
+    )
+    rolling.rolling.FromSeconds(3600)
+    async with contextlib.AsyncExitStack() as stack:
+        admin = ug.BudgetServiceStub(
+            await stack.enter_async_context(connect(replicas[0].target, tokens[Role.ADMIN]))
+        )
+        await admin.CreateBudget(u.CreateBudgetRequest(budget=rolling))
+        gates = [
+            ug.BudgetServiceStub(
+                await stack.enter_async_context(connect(r.target, tokens[Role.PUBLISHER]))
+            )
+            for r in replicas
+        ]
+        replies = await asyncio.gather(
+            *(gates[i % 2].Reserve(HUNDRED) for i in range(120)),
+        )
+        granted = [r for r in replies if r.granted]
+        assert len(granted) == 50
+        denial = next(r.denial for r in replies if not r.granted)
+        assert denial.budget_name == "last hour"
+        assert denial.remaining_micros == 0
+        assert not denial.HasField("resets_at")  # a rolling window never resets at once
+        await gates[1].Release(u.ReleaseRequest(reservation_id=granted[0].reservation_id))
+        assert (await gates[0].Reserve(HUNDRED)).granted
+        assert not (await gates[1].Reserve(HUNDRED)).granted
+
+
+async def test_session_limits_hold_across_replicas(
+    start_trackers: StartTracker, tokens: dict[Role | str, str]
+) -> None:
+    replicas = [await start_trackers(), await start_trackers()]
+    per_session = u.Budget(
+        name="per session",
+        scope=u.BUDGET_SCOPE_SESSION,
+        period=u.BUDGET_PERIOD_MONTHLY,
+        session_limits=u.SessionLimits(max_tokens=1_000),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        admin = ug.BudgetServiceStub(
+            await stack.enter_async_context(connect(replicas[0].target, tokens[Role.ADMIN]))
+        )
+        await admin.CreateBudget(u.CreateBudgetRequest(budget=per_session))
+        gates = [
+            ug.BudgetServiceStub(
+                await stack.enter_async_context(connect(r.target, tokens[Role.PUBLISHER]))
+            )
+            for r in replicas
+        ]
+        ask = u.ReserveRequest(project="p", session_id="s-1", estimated_tokens=100)
+        replies = await asyncio.gather(*(gates[i % 2].Reserve(ask) for i in range(40)))
+        assert sum(r.granted for r in replies) == 10
+        other = u.ReserveRequest(project="p", session_id="s-2", estimated_tokens=1_000)
+        assert (await gates[1].Reserve(other)).granted

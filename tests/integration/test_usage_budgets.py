@@ -20,6 +20,8 @@ from lodestar.usage.v1 import events_pb2 as ev
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
 from lodestar_usage import budgets
+from lodestar_usage.admission import Admitter
+from lodestar_usage.client import call_error
 from lodestar_usage.service import MIGRATIONS
 
 from .test_usage_ledger import completed, publish, wait_requests
@@ -177,17 +179,21 @@ async def test_release_and_commit_name_what_is_wrong_with_the_id(admin, reservat
 
 
 async def commit_on_path(
-    batching: bool, gate: ug.BudgetServiceStub, tracker, request: u.CommitRequest
+    path: str, gate: ug.BudgetServiceStub, request: u.CommitRequest
 ) -> u.CommitResponse:
-    """A Commit through the group-committed rounds (the RPC) or the `commit_hold` SQL path."""
-    if batching:
+    """A Commit as its own RPC, or as a call of an Admit request (raised as the RPC would)."""
+    if path == "Commit":
         return await gate.Commit(request)
-    return await budgets.commit(tracker.module.pool, request, "test-publisher")
+    reply = await gate.Admit(u.AdmitRequest(calls=[u.AdmissionCall(commit=request)]))
+    (result,) = reply.results
+    if result.HasField("error"):
+        raise call_error(result.error)
+    return result.commit
 
 
-@pytest.mark.parametrize("batching", [True, False], ids=["rounds", "sql"])
+@pytest.mark.parametrize("path", ["Commit", "Admit"])
 async def test_a_commit_is_final_a_repeat_is_answered_other_amounts_are_refused(
-    admin, tracker, tokens, batching
+    admin, tracker, tokens, path
 ):
     stub = ug.BudgetServiceStub(admin)
     await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=10_000)))
@@ -197,28 +203,23 @@ async def test_a_commit_is_final_a_repeat_is_answered_other_amounts_are_refused(
         commit = u.CommitRequest(
             reservation_id=reserved.reservation_id, actual_cost_micros=300, actual_tokens=7
         )
-        first = await commit_on_path(batching, gate, tracker, commit)
-        again = await commit_on_path(batching, gate, tracker, commit)
+        first = await commit_on_path(path, gate, commit)
+        again = await commit_on_path(path, gate, commit)
         assert (first.committed, first.repeated) == (True, False)
         assert (again.committed, again.repeated) == (True, True)
         other = u.CommitRequest(reservation_id=reserved.reservation_id, actual_cost_micros=900)
-        if batching:
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await gate.Commit(other)
-            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            message = refused.value.details()
-        else:
-            with pytest.raises(budgets.ReservationCommittedError) as caught:
-                await commit_on_path(batching, gate, tracker, other)
-            message = str(caught.value)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await commit_on_path(path, gate, other)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        message = refused.value.details()
         assert "committed with 300 micro-dollars and 7 tokens; a commit is final" in message
     status = (await stub.ListBudgets(u.ListBudgetsRequest())).budgets[0]
     assert status.reserved_micros == 300  # the first commit's amount, nothing else
 
 
-@pytest.mark.parametrize("batching", [True, False], ids=["rounds", "sql"])
+@pytest.mark.parametrize("path", ["Commit", "Admit"])
 async def test_a_commit_says_when_it_exceeds_the_hold_or_comes_after_the_lease(
-    admin, tracker, tokens, batching
+    admin, tracker, tokens, path
 ):
     """Both are counted in full (the call happened); neither is silent."""
     stub = ug.BudgetServiceStub(admin)
@@ -241,7 +242,7 @@ async def test_a_commit_says_when_it_exceeds_the_hold_or_comes_after_the_lease(
             request = u.CommitRequest(
                 reservation_id=rid, actual_cost_micros=micros, actual_tokens=tokens_
             )
-            return await commit_on_path(batching, gate, tracker, request)
+            return await commit_on_path(path, gate, request)
 
         within = await commit(await reserve(30), 80, 10)
         assert not within.lease_expired
@@ -454,21 +455,23 @@ async def _admission_round(
         budget = budgets.budget_from_proto(global_budget(limit_micros=limit), require_id=False)
         await budgets.create_budget(pool, budget)
 
+        # Rounds of at most 7 calls, 3 at once: many rounds race for the one counter.
+        admitter = Admitter(pool, max_batch=7, rounds_in_flight=3)
+
         async def one(estimate: int, actual: int) -> None:
-            admission = await budgets.reserve(
-                pool,
+            admission = await admitter.reserve(
                 u.ReserveRequest(session_id="s", estimated_cost_micros=estimate),
                 timedelta(seconds=30),
                 "gateway",
+                None,
             )
             if admission.granted:
-                await budgets.commit(
-                    pool,
-                    u.CommitRequest(
-                        reservation_id=admission.reservation_id,
-                        actual_cost_micros=min(actual, estimate),
-                    ),
+                await admitter.finish(
+                    uuid.UUID(admission.reservation_id),
                     "gateway",
+                    None,
+                    commit=True,
+                    micros=min(actual, estimate),
                 )
 
         await asyncio.gather(*(one(e, c) for e, c in zip(estimates, commits, strict=True)))

@@ -1,21 +1,27 @@
-"""Group-committed admission: concurrent Reserves, Commits and Releases decided in rounds.
+"""Group-committed admission: every Reserve, Commit and Release is decided in a round.
 
 Each process queues the admission calls it receives; a round takes what is queued (up to
 ``max_batch``) and decides all of it in one Postgres transaction:
 
-1. one call of ``admission_lock`` (migration 0007): the reservations being committed or released
+1. for reserves that read the ledger (a rolling budget with a limit, or a session budget with
+   session limits), a transaction-scoped advisory lock per rolling (budget, value) and per
+   session, taken in one statement in key order, so that reservations against the same rolling
+   budget or session are decided one after the other, each seeing the others' holds;
+2. one call of ``admission_lock`` (migration 0007): the reservations being committed or released
    locked in id order, then every counter the round touches locked once in key order (the order
    every writer uses); then the round's ``now()``, the budget generation, those reservations and
    the counters with the expired holds subtracted, read after the locks;
-2. budget definitions are cached per process and reloaded when the generation (bumped by a
-   trigger on every change of ``budgets``) has moved; a round whose calls then need other
-   counters than it locked is run again;
-3. every decision made in memory, in arrival order, against those locked counters;
-4. one statement writing the new holds, the finished reservations and the counter deltas.
+3. budget definitions are cached per process and reloaded when the generation (bumped by a
+   trigger on every change of ``budgets``) has moved; a round whose calls then need other locks
+   than it took is run again;
+4. the rolling budgets' spend and holds and the sessions' use read from the ledger (only for
+   the reserves that need them);
+5. every decision made in memory, in arrival order, by one rule (:meth:`Admitter._admit`);
+6. one statement writing the new holds, the finished reservations and the counter deltas.
 
-Postgres stays the arbiter: the counters are locked for the whole round, so rounds of several
-replicas (and the older single-call paths) touching one budget are decided one after the other,
-each seeing the others' holds. Nothing is granted before the round's transaction has committed.
+Postgres stays the arbiter: the counters (and the advisory locks) are held for the whole round,
+so rounds of several replicas touching one budget are decided one after the other, each seeing
+the others' holds. Nothing is granted before the round's transaction has committed.
 
 Overload is explicit: a call that finds the queue full, or whose deadline is shorter than the
 expected wait, is refused at once with RESOURCE_EXHAUSTED and a retry delay (counted in
@@ -28,7 +34,7 @@ import asyncio
 import collections
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -56,6 +62,28 @@ ROUND_ATTEMPTS = 8
 DEADLINE_MARGIN = 2.0
 #: The smallest retry delay a shed call is told.
 MIN_RETRY_SECONDS = 0.05
+#: Class of the advisory locks that serialise reserves reading the ledger: the two-key form, a key
+#: space apart from the one-key COUNTER_LOCK.
+LEDGER_LOCK_CLASS = 0x6C656467  # "ledg"
+#: Takes the advisory locks of a round's ledger reads, in key order (every round's order).
+LOCK_LEDGER_KEYS = (
+    "SELECT count(pg_advisory_xact_lock($1, l.h)) FROM "
+    "(SELECT DISTINCT hashtext(k) AS h FROM unnest($2::text[]) AS k ORDER BY h) AS l"
+)
+#: What a session has spent (the ledger) and holds (reservations not yet in the ledger: active
+#: ones whose lease runs, and committed ones).
+SESSION_USE = """
+    SELECT s.started_at, coalesce(s.cost_micros, 0) AS spent_micros,
+           coalesce(s.input_tokens + s.output_tokens + s.cached_read_tokens + s.cache_write_tokens
+                    + s.reasoning_tokens, 0) AS spent_tokens,
+           h.micros AS held_micros, h.tokens AS held_tokens
+    FROM (SELECT coalesce(sum(amount_micros), 0) AS micros,
+                 coalesce(sum(amount_tokens), 0) AS tokens
+          FROM reservations
+          WHERE session_id = $1
+            AND (state = 'committed' OR (state = 'active' AND lease_expires_at > now()))) h
+    LEFT JOIN sessions s ON s.session_id = $1
+"""
 
 #: Starts a round (migration 0007): locks, then the round's time, generation, reservations and
 #: counters as rows of kind 'head', 'reservation' and 'counter'.
@@ -85,43 +113,106 @@ WRITE = (
 
 @dataclass
 class BudgetCache:
-    """The usable budgets as of a generation of the ``budgets`` table."""
+    """The usable budgets as of a generation of the ``budgets`` table, indexed by scope."""
 
     generation: int = -1
     budgets: list[BudgetDef] = field(default_factory=list)
+    #: Budgets by (scope, value); a session budget without a value is under (SESSION, "").
+    _by_scope: dict[tuple[int, str], list[BudgetDef]] = field(default_factory=dict)
+    #: The current window of each calendar budget, reused while it contains the round's time.
+    _windows: dict[uuid.UUID, tuple[datetime, datetime]] = field(default_factory=dict)
 
     async def load(self, conn: asyncpg.Connection, generation: int) -> None:
         """Read every budget again (in the caller's transaction)."""
         recs = await conn.fetch(f"{budgets.BUDGET_ROWS} FROM budgets ORDER BY id")
         self.budgets = budgets.usable_budgets(recs)
         self.generation = generation
+        self._by_scope = {}
+        for budget in self.budgets:
+            self._by_scope.setdefault((budget.scope, budget.scope_value), []).append(budget)
+        self._windows = {}
 
     def applicable(self, request: usage_pb2.ReserveRequest) -> list[tuple[BudgetDef, str]]:
         """The budgets ``request`` counts against with their scope values, in id order."""
-        out = []
-        for budget in self.budgets:
-            value = budget.value_for(request.project, request.user, request.session_id)
-            if value is not None:
-                out.append((budget, value))
-        return out
+        found = list(self._by_scope.get((usage_pb2.BUDGET_SCOPE_GLOBAL, ""), ()))
+        for scope, value in (
+            (usage_pb2.BUDGET_SCOPE_PROJECT, request.project),
+            (usage_pb2.BUDGET_SCOPE_USER, request.user),
+            (usage_pb2.BUDGET_SCOPE_SESSION, request.session_id),
+        ):
+            if value:
+                found += self._by_scope.get((scope, value), ())
+        if request.session_id:
+            found += self._by_scope.get((usage_pb2.BUDGET_SCOPE_SESSION, ""), ())
+        found.sort(key=lambda budget: budget.id)
+        return [
+            (budget, request.session_id if budget.per_session else budget.scope_value)
+            for budget in found
+        ]
+
+    def window(self, budget: BudgetDef, now: datetime) -> tuple[datetime, datetime]:
+        """``budget.window(now)`` of a calendar budget, computed once per window."""
+        known = self._windows.get(budget.id)
+        if known is None or not known[0] <= now < known[1]:
+            known = self._windows[budget.id] = budget.window(now)
+        return known
 
 
-def needs_slow_path(applicable: Sequence[tuple[BudgetDef, str]], session_id: str) -> bool:
-    """Whether a Reserve must take the single-call path.
+def ledger_locks(plan: Plan, session_id: str) -> set[str]:
+    """The advisory lock keys a Reserve with ``plan`` needs: its reads of the ledger.
 
-    It must for a rolling budget with a limit (it adds up the ledger) or a session budget with
-    session limits (it reads the session).
+    One per rolling budget with a limit (its spend is summed from the ledger) and one for the
+    session when a budget limits sessions (its use is read from the session).
     """
-    for budget, _ in applicable:
-        if budget.period == usage_pb2.BUDGET_PERIOD_ROLLING and budget.has_limit:
-            return True
-        if session_id and budget.limits_sessions:
-            return True
-    return False
+    keys = {
+        f"rolling:{budget.id}:{value}"
+        for budget, value, _, _ in plan
+        if budget.period == usage_pb2.BUDGET_PERIOD_ROLLING and budget.has_limit
+    }
+    if session_id and any(budget.limits_sessions for budget, _, _, _ in plan):
+        keys.add(f"session:{session_id}")
+    return keys
 
 
-class SlowPath(Exception):
-    """The Reserve is decided by :func:`budgets.reserve` instead of a round."""
+@dataclass
+class SessionUse:
+    """What a session has spent and holds, and when it started (None: no request yet)."""
+
+    started_at: datetime | None
+    spent_micros: int
+    spent_tokens: int
+    held_micros: int
+    held_tokens: int
+
+    def refusal(
+        self, budget: BudgetDef, request: usage_pb2.ReserveRequest, now: datetime
+    ) -> str | None:
+        """Why ``budget``'s session limits refuse ``request``, counting the session's holds."""
+        if self.started_at is not None and budget.session_max_duration_seconds:
+            ran = int((now - self.started_at).total_seconds())
+            if ran > budget.session_max_duration_seconds:
+                return (
+                    f"session has run {ran}s, the limit is {budget.session_max_duration_seconds}s"
+                )
+        for unit, limit, spent, held, asked in (
+            (
+                "tokens",
+                budget.session_max_tokens,
+                self.spent_tokens,
+                self.held_tokens,
+                request.estimated_tokens,
+            ),
+            (
+                "micro-dollars",
+                budget.session_max_cost_micros,
+                self.spent_micros,
+                self.held_micros,
+                request.estimated_cost_micros,
+            ),
+        ):
+            if limit and spent + held + asked > limit:
+                return f"session has used {spent} and holds {held} of its {limit} {unit}"
+        return None
 
 
 @dataclass
@@ -184,23 +275,27 @@ class _Round:
     holds: list[tuple[uuid.UUID, uuid.UUID, str, datetime | None]] = field(default_factory=list)
     finished: dict[uuid.UUID, tuple[str, int, int]] = field(default_factory=dict)
     answers: list[tuple[_Call, object]] = field(default_factory=list)
+    #: Spend and holds of the rolling budgets the reserves count against, by (budget, value).
+    rolling: dict[tuple[uuid.UUID, str], Usage] = field(default_factory=dict)
+    #: Use of the sessions whose limits the reserves count against.
+    sessions: dict[str, SessionUse] = field(default_factory=dict)
 
 
 def _zero() -> list[int]:
     return [0, 0, 0, 0]
 
 
-def _wanted(plans: list[Plan | None]) -> dict[Key, Counted]:
+def _wanted(plans: Iterable[Plan]) -> dict[Key, Counted]:
     """The counters the reserves of a round touch, with what initialises a missing one."""
     wanted: dict[Key, Counted] = {}
     for plan in plans:
-        for budget, value, start, end in plan or ():
+        for budget, value, start, end in plan:
             if start is not None and end is not None:
                 wanted[(budget.id, value, start)] = (budget, value, start, end)
     return wanted
 
 
-def _refused(budget: BudgetDef, reason: str, usage: Usage) -> Admission:
+def _refused(budget: BudgetDef, reason: str, usage: Usage | None) -> Admission:
     return Admission(False, denial=budgets.denial_for(budget, reason, usage))
 
 
@@ -244,7 +339,7 @@ class Admitter:
         owner: str,
         deadline: float | None,
     ) -> Admission:
-        """Decide ``request`` in a round; SlowPath when it must take the single-call path."""
+        """Decide ``request`` in a round."""
         call = _Reserve(deadline, self._future(), request=request, lease=lease, owner=owner)
         answer = await self._submit(call)
         assert isinstance(answer, Admission)
@@ -417,20 +512,24 @@ class Admitter:
         reserves = [c for c in calls if isinstance(c, _Reserve)]
         finishes = [c for c in calls if isinstance(c, _Finish)]
         async with conn.transaction():
-            guess = {id(c): self._plan(c, self._now_hint or datetime.now(UTC)) for c in reserves}
-            locked_keys = set(_wanted(list(guess.values())))
+            guess = self._plans(reserves, self._now_hint or datetime.now(UTC))
+            locked_keys = set(_wanted(guess.values()))
+            ledger_keys = _ledger_locks(reserves, guess)
+            if ledger_keys:
+                await conn.fetchval(LOCK_LEDGER_KEYS, LEDGER_LOCK_CLASS, sorted(ledger_keys))
             now, generation, locked, counters = await self._lock(conn, finishes, locked_keys)
             if generation != self._cache.generation:
                 await self._cache.load(conn, generation)
-            plans = {id(c): self._plan(c, now) for c in reserves}
-            wanted = _wanted(list(plans.values()))
-            if not wanted.keys() <= locked_keys:  # budgets or the window changed meanwhile
-                self._now_hint = now
+            plans = self._plans(reserves, now)
+            wanted = _wanted(plans.values())
+            if not (wanted.keys() <= locked_keys and _ledger_locks(reserves, plans) <= ledger_keys):
+                self._now_hint = now  # budgets or the window changed meanwhile
                 raise _Replan()
             missing = [item for key, item in wanted.items() if key not in counters]
             if missing:
                 raise _MissingCounters(missing)
             state = _Round(now, counters)
+            await self._read_ledger(conn, reserves, plans, state)
             for finish in finishes:
                 self._finish(finish, locked, state)
             for reserve in reserves:
@@ -438,6 +537,29 @@ class Admitter:
             await self._write(conn, state)
         self._now_hint = None
         return state.answers
+
+    def _plans(self, reserves: list[_Reserve], now: datetime) -> dict[int, Plan]:
+        return {id(call): self._plan(call, now) for call in reserves}
+
+    async def _read_ledger(
+        self,
+        conn: asyncpg.Connection,
+        reserves: list[_Reserve],
+        plans: dict[int, Plan],
+        state: _Round,
+    ) -> None:
+        """Spend and holds of the rolling budgets and use of the limited sessions (locked)."""
+        for reserve in reserves:
+            session_id = reserve.request.session_id
+            for budget, value, _, _ in plans[id(reserve)]:
+                key = (budget.id, value)
+                rolling = budget.period == usage_pb2.BUDGET_PERIOD_ROLLING and budget.has_limit
+                if rolling and key not in state.rolling:
+                    state.rolling[key] = await budgets.usage_of(conn, budget, value, state.now)
+                if budget.limits_sessions and session_id and session_id not in state.sessions:
+                    use = await conn.fetchrow(SESSION_USE, session_id)
+                    assert use is not None
+                    state.sessions[session_id] = SessionUse(*use)
 
     async def _lock(
         self, conn: asyncpg.Connection, finishes: list[_Finish], keys: set[Key]
@@ -486,15 +608,12 @@ class Admitter:
                     held.keys.append((row["budget_id"], row["scope_value"], row["window_start"]))
         return now, generation, locked, counters
 
-    def _plan(self, call: _Reserve, now: datetime) -> Plan | None:
-        """The applicable budgets with their windows, or None for the slow path."""
-        applicable = self._cache.applicable(call.request)
-        if needs_slow_path(applicable, call.request.session_id):
-            return None
+    def _plan(self, call: _Reserve, now: datetime) -> Plan:
+        """The applicable budgets, with their windows when they have a counter."""
         plan: Plan = []
-        for budget, value in applicable:
+        for budget, value in self._cache.applicable(call.request):
             if budget.counted:
-                start, end = budget.window(now)
+                start, end = self._cache.window(budget, now)
                 plan.append((budget, value, start, end))
             else:
                 plan.append((budget, value, None, None))
@@ -530,43 +649,31 @@ class Admitter:
             held.micros, held.tokens = call.micros, call.tokens
         state.finished[call.key] = (held.state, held.micros, held.tokens)
 
-    def _admit(
-        self,
-        call: _Reserve,
-        plan: Plan | None,
-        state: _Round,
-    ) -> None:
-        if plan is None:
-            state.answers.append((call, SlowPath()))
-            return
-        micros, tokens = call.request.estimated_cost_micros, call.request.estimated_tokens
+    def _admit(self, call: _Reserve, plan: Plan, state: _Round) -> None:
+        """The admission rule: grant unless a budget refuses, the first in id order named."""
+        request = call.request
         for budget, value, start, end in plan:
-            if start is None or end is None:
-                continue
-            counter = state.counters[(budget.id, value, start)]
-            usage = Usage(start, end, *counter)
-            if (
-                budget.limit_micros is not None
-                and usage.remaining(budget.limit_micros, "micros") < micros
-            ):
-                reason = "the estimated cost exceeds what the budget has left"
-                state.answers.append((call, _refused(budget, reason, usage)))
+            refusal = self._refusal(budget, value, start, end, request, state)
+            if refusal is not None:
+                state.answers.append((call, refusal))
                 return
-            if (
-                budget.limit_tokens is not None
-                and usage.remaining(budget.limit_tokens, "tokens") < tokens
-            ):
-                reason = "the estimated tokens exceed what the budget has left"
-                state.answers.append((call, _refused(budget, reason, usage)))
-                return
+        micros, tokens = request.estimated_cost_micros, request.estimated_tokens
         reservation_id = uuid.uuid4()
         for budget, value, start, _ in plan:
             state.holds.append((reservation_id, budget.id, value, start))
             if start is not None:
                 key = (budget.id, value, start)
-                for counts in (state.counters[key], state.deltas[key]):
-                    counts[2] += micros
-                    counts[3] += tokens
+                for held in (state.counters[key], state.deltas[key]):
+                    held[2] += micros
+                    held[3] += tokens
+            elif (budget.id, value) in state.rolling:
+                rolling = state.rolling[(budget.id, value)]
+                rolling.reserved_micros += micros
+                rolling.reserved_tokens += tokens
+        if request.session_id in state.sessions:
+            session = state.sessions[request.session_id]
+            session.held_micros += micros
+            session.held_tokens += tokens
         state.new.append((reservation_id, call))
         state.answers.append(
             (
@@ -579,6 +686,38 @@ class Admitter:
                 ),
             )
         )
+
+    @staticmethod
+    def _refusal(
+        budget: BudgetDef,
+        value: str,
+        start: datetime | None,
+        end: datetime | None,
+        request: usage_pb2.ReserveRequest,
+        state: _Round,
+    ) -> Admission | None:
+        """``budget``'s refusal of ``request`` as the round stands, or None if it admits it."""
+        if budget.limits_sessions and request.session_id:
+            why = state.sessions[request.session_id].refusal(budget, request, state.now)
+            if why is not None:
+                return _refused(budget, why, None)
+        if not budget.has_limit:
+            return None
+        if start is not None and end is not None:
+            usage = Usage(start, end, *state.counters[(budget.id, value, start)])
+        else:
+            usage = state.rolling[(budget.id, value)]
+        if (
+            budget.limit_micros is not None
+            and usage.remaining(budget.limit_micros, "micros") < request.estimated_cost_micros
+        ):
+            return _refused(budget, "the estimated cost exceeds what the budget has left", usage)
+        if (
+            budget.limit_tokens is not None
+            and usage.remaining(budget.limit_tokens, "tokens") < request.estimated_tokens
+        ):
+            return _refused(budget, "the estimated tokens exceed what the budget has left", usage)
+        return None
 
     async def _write(self, conn: asyncpg.Connection, state: _Round) -> None:
         deltas = {k: d for k, d in state.deltas.items() if any(d)}
@@ -611,3 +750,11 @@ class Admitter:
             [k[2] for k in keys],
             *([deltas[k][i] for k in keys] for i in range(4)),
         )
+
+
+def _ledger_locks(reserves: list[_Reserve], plans: dict[int, Plan]) -> set[str]:
+    """The advisory lock keys of every reserve of a round (see :func:`ledger_locks`)."""
+    keys: set[str] = set()
+    for call in reserves:
+        keys |= ledger_locks(plans[id(call)], call.request.session_id)
+    return keys

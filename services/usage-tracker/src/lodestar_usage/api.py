@@ -25,7 +25,7 @@ from lodestar.common.errors import (
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import usage_pb2
 from lodestar_usage import bounds, budgets, metrics, reports, stored
-from lodestar_usage.admission import Admitter, SlowPath
+from lodestar_usage.admission import Admitter
 from lodestar_usage.pricing import (
     PriceRow,
     PriceTable,
@@ -258,16 +258,12 @@ class BudgetApi:
         self._settings = settings.admission
         self._max_window = settings.limits.max_budget_window_seconds
         admission = settings.admission
-        self._admitter = (
-            Admitter(
-                pool,
-                max_batch=admission.max_batch,
-                max_queued=admission.max_queued,
-                rounds_in_flight=admission.rounds_in_flight,
-                durable=admission.durable_commit,
-            )
-            if admission.batching
-            else None
+        self._admitter = Admitter(
+            pool,
+            max_batch=admission.max_batch,
+            max_queued=admission.max_queued,
+            rounds_in_flight=admission.rounds_in_flight,
+            durable=admission.durable_commit,
         )
 
     async def CreateBudget(
@@ -393,7 +389,7 @@ class BudgetApi:
             )
             lease = asked or lease
         try:
-            admission = await self._reserve(request, lease, caller().name, deadline)
+            admission = await self._admitter.reserve(request, lease, caller().name, deadline)
         except UNREACHABLE as exc:
             if not self._settings.fail_open:
                 metrics.RESERVATIONS.labels("unavailable").inc()
@@ -415,26 +411,10 @@ class BudgetApi:
             response.denial.CopyFrom(admission.denial)
         return response
 
-    async def _reserve(
-        self,
-        request: usage_pb2.ReserveRequest,
-        lease: timedelta,
-        owner: str,
-        deadline: float | None,
-    ) -> budgets.Admission:
-        if self._admitter is not None:
-            try:
-                return await self._admitter.reserve(request, lease, owner, deadline)
-            except SlowPath:
-                pass  # a rolling budget or session limits: decided by the single-call path
-        return await budgets.reserve(self._pool, request, lease, owner)
-
     async def _commit_call(
         self, request: usage_pb2.CommitRequest, deadline: float | None
     ) -> usage_pb2.CommitResponse:
         owner = caller().owner_scope
-        if self._admitter is None:
-            return await budgets.commit(self._pool, request, owner)
         key = budgets.validate_commit(request)
         found = await self._admitter.finish(
             key,
@@ -450,10 +430,6 @@ class BudgetApi:
         self, request: usage_pb2.ReleaseRequest, deadline: float | None
     ) -> usage_pb2.ReleaseResponse:
         owner = caller().owner_scope
-        if self._admitter is None:
-            return usage_pb2.ReleaseResponse(
-                released=await budgets.release(self._pool, request, owner)
-            )
         key: uuid.UUID = budgets.reservation_key(request.reservation_id)
         found = await self._admitter.finish(key, owner, deadline, commit=False)
         return usage_pb2.ReleaseResponse(

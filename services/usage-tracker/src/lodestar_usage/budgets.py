@@ -30,7 +30,7 @@ from google.protobuf import duration_pb2
 from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 from lodestar.common import audit
-from lodestar.common.errors import InvalidArgumentError, StorageError
+from lodestar.common.errors import InvalidArgumentError
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import events_pb2, usage_pb2
 from lodestar_usage import bounds, metrics
@@ -610,16 +610,6 @@ class Admission:
     budget_ids: list[str] = field(default_factory=list)
 
 
-APPLICABLE = (
-    f"{BUDGET_ROWS}, now() AS now_ FROM budgets WHERE scope = {usage_pb2.BUDGET_SCOPE_GLOBAL} "
-    f"OR (scope = {usage_pb2.BUDGET_SCOPE_PROJECT} AND scope_value = $1 AND $1 <> '') "
-    f"OR (scope = {usage_pb2.BUDGET_SCOPE_USER} AND scope_value = $2 AND $2 <> '') "
-    f"OR (scope = {usage_pb2.BUDGET_SCOPE_SESSION} AND $3 <> '' AND scope_value IN ($3, '')) "
-    "ORDER BY id FOR UPDATE"
-)
-APPLICABLE_READ = APPLICABLE.removesuffix(" FOR UPDATE")
-
-
 def validate_reserve(request: usage_pb2.ReserveRequest) -> None:
     """INVALID_ARGUMENT naming the first field of ``request`` out of bounds.
 
@@ -637,18 +627,6 @@ def validate_reserve(request: usage_pb2.ReserveRequest) -> None:
 
 Key = tuple[uuid.UUID, str, datetime]
 
-READ_COUNTERS = (
-    "SELECT k.b, k.v, k.w, c.spent_micros, c.spent_tokens, "
-    "c.held_micros - coalesce(x.m, 0), c.held_tokens - coalesce(x.t, 0) "
-    "FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS k(b, v, w) "
-    "JOIN budget_counters c ON c.budget_id = k.b AND c.scope_value = k.v AND c.window_start = k.w "
-    # Holds whose lease ran out stop counting at once, before the expiry job marks them; read in
-    # the same statement (one snapshot) as the counter that still includes them.
-    "LEFT JOIN LATERAL (SELECT sum(r.amount_micros) AS m, sum(r.amount_tokens) AS t "
-    "FROM reservations r JOIN reservation_budgets rb ON rb.reservation_id = r.id "
-    "WHERE r.state = 'active' AND r.lease_expires_at <= now() "
-    "AND rb.budget_id = k.b AND rb.scope_value = k.v AND rb.window_start = k.w) x ON true"
-)
 HELD_IN_WINDOW = (
     "SELECT coalesce(sum(r.amount_micros), 0)::bigint, coalesce(sum(r.amount_tokens), 0)::bigint "
     "FROM reservation_budgets rb JOIN reservations r ON r.id = rb.reservation_id "
@@ -728,197 +706,6 @@ async def init_counters(
         )
 
 
-async def _counters(
-    conn: asyncpg.Connection, wanted: list[tuple[BudgetDef, str, datetime, datetime]]
-) -> dict[Key, Usage]:
-    """The usage of each (budget, value, window), initialising counters that do not exist yet."""
-
-    async def read() -> dict[Key, Usage]:
-        recs = await conn.fetch(
-            READ_COUNTERS,
-            [b.id for b, _, _, _ in wanted],
-            [v for _, v, _, _ in wanted],
-            [w for _, _, w, _ in wanted],
-        )
-        ends = {(b.id, v, w): e for b, v, w, e in wanted}
-        return {
-            (r[0], r[1], r[2]): Usage(
-                r[2], ends[(r[0], r[1], r[2])], r[3], r[4], int(r[5]), int(r[6])
-            )
-            for r in recs
-        }
-
-    missing = [item for item in wanted if (item[0].id, item[1], item[2]) not in await read()]
-    if missing:
-        await init_counters(conn, missing)
-    # Lock in key order (the order every writer uses), then read what the locks now protect.
-    await conn.execute(
-        "SELECT 1 FROM budget_counters c JOIN unnest($1::uuid[], $2::text[], $3::timestamptz[]) "
-        "AS k(b, v, w) ON c.budget_id = k.b AND c.scope_value = k.v AND c.window_start = k.w "
-        "ORDER BY c.budget_id, c.scope_value, c.window_start FOR UPDATE OF c",
-        [b.id for b, _, _, _ in wanted],
-        [v for _, v, _, _ in wanted],
-        [w for _, _, w, _ in wanted],
-    )
-    return await read()
-
-
-async def reserve(
-    pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta, owner: str
-) -> Admission:
-    """Hold the estimate against every applicable budget, or deny naming the first that refuses.
-
-    Calendar budgets are decided in one call of the ``admit`` function, which locks only their
-    counters and only for its own statement; a rolling budget (no counter) takes the slower path
-    that locks the budget rows and adds up the ledger.
-    """
-    validate_reserve(request)
-    recs = await pool.fetch(APPLICABLE_READ, request.project, request.user, request.session_id)
-    now: datetime = recs[0]["now_"] if recs else datetime.now(UTC)
-    defs = usable_budgets(recs)
-    rolling = any(b.period == usage_pb2.BUDGET_PERIOD_ROLLING and b.has_limit for b in defs)
-    # Session limits count the session's holds: decided with the budget rows locked, so that
-    # concurrent reservations of one session see each other's.
-    if rolling or (request.session_id and any(b.limits_sessions for b in defs)):
-        return await _reserve_locked(pool, request, lease, owner)
-    values = [request.session_id if b.per_session else b.scope_value for b in defs]
-    windows: list[tuple[datetime, datetime] | None] = [
-        b.window(now) if b.counted else None for b in defs
-    ]
-    args = [
-        [b.id for b in defs],
-        values,
-        [w[0] if w else None for w in windows],
-        [b.limit_micros for b in defs],
-        [b.limit_tokens for b in defs],
-    ]
-    for _ in range(DEADLOCK_ATTEMPTS):  # again after creating missing counters
-        reservation_id = uuid.uuid4()
-        rec = await _fetchrow(
-            pool,
-            ADMIT,
-            reservation_id,
-            owner,
-            request.project,
-            request.user,
-            request.session_id,
-            request.model,
-            request.estimated_cost_micros,
-            request.estimated_tokens,
-            lease,
-            *args,
-        )
-        assert rec is not None
-        outcome = rec["outcome"]
-        if outcome == "missing":
-            missing = [
-                (b, v, w[0], w[1])
-                for b, v, w in zip(defs, values, windows, strict=True)
-                if w is not None
-            ]
-            async with pool.acquire() as conn, conn.transaction():
-                await init_counters(conn, missing)
-            continue
-        if outcome == "granted":
-            return Admission(
-                True,
-                str(reservation_id),
-                rec["lease_expires_at"],
-                budget_ids=[str(b.id) for b in defs],
-            )
-        budget = next(b for b in defs if b.id == rec["budget_id"])
-        window = windows[defs.index(budget)]
-        assert window is not None
-        usage = Usage(
-            window[0],
-            window[1],
-            rec["spent_micros"],
-            rec["spent_tokens"],
-            rec["held_micros"],
-            rec["held_tokens"],
-        )
-        reason = (
-            "the estimated cost exceeds what the budget has left"
-            if outcome == "denied_micros"
-            else "the estimated tokens exceed what the budget has left"
-        )
-        return Admission(False, denial=denial_for(budget, reason, usage))
-    raise StorageError("admission could not settle its counters; retry")
-
-
-ADMIT = (
-    "SELECT * FROM admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::uuid[], $11::text[], "
-    "$12::timestamptz[], $13::bigint[], $14::bigint[])"
-)
-
-
-@again_after_deadlock
-async def _reserve_locked(
-    pool: asyncpg.Pool, request: usage_pb2.ReserveRequest, lease: timedelta, owner: str
-) -> Admission:
-    """The path for rolling budgets: lock the budget rows, then their counters, then decide."""
-    async with pool.acquire() as conn, conn.transaction():
-        recs = await conn.fetch(APPLICABLE, request.project, request.user, request.session_id)
-        now: datetime = recs[0]["now_"] if recs else await conn.fetchval("SELECT now()")
-        budgets = usable_budgets(recs)
-        values = [
-            request.session_id if budget.per_session else budget.scope_value for budget in budgets
-        ]
-        wanted = []
-        for budget, value in zip(budgets, values, strict=True):
-            if budget.counted:
-                start, end = budget.window(now)
-                wanted.append((budget, value, start, end))
-        usages = await _counters(conn, wanted) if wanted else {}
-        windows = {b.id: start for b, _, start, _ in wanted}
-        holds: list[tuple[uuid.UUID, str, datetime | None]] = []
-        for budget, value in zip(budgets, values, strict=True):
-            wstart = windows.get(budget.id)
-            usage = usages.get((budget.id, value, wstart)) if wstart is not None else None
-            denial = await _check(conn, budget, value, request, now, usage)
-            if denial is not None:
-                return Admission(False, denial=denial)
-            holds.append((budget.id, value, wstart))
-        reservation_id = uuid.uuid4()
-        expires = now + lease
-        await conn.execute(
-            "WITH r AS (INSERT INTO reservations (id, project, user_id, session_id, model, state, "
-            "amount_micros, amount_tokens, created_at, lease_expires_at, owner) "
-            "VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $9, $13) RETURNING id) "
-            "INSERT INTO reservation_budgets "
-            "(reservation_id, budget_id, scope_value, window_start) "
-            "SELECT r.id, u.b, u.v, u.w FROM r, "
-            "unnest($10::uuid[], $11::text[], $12::timestamptz[]) AS u(b, v, w)",
-            reservation_id,
-            request.project,
-            request.user,
-            request.session_id,
-            request.model,
-            request.estimated_cost_micros,
-            request.estimated_tokens,
-            now,
-            expires,
-            [b for b, _, _ in holds],
-            [v for _, v, _ in holds],
-            [w for _, _, w in holds],
-            owner,
-        )
-        await add_to_counters(
-            conn,
-            {
-                (bid, value, wstart): [
-                    0,
-                    0,
-                    request.estimated_cost_micros,
-                    request.estimated_tokens,
-                ]
-                for bid, value, wstart in holds
-                if wstart is not None
-            },
-        )
-    return Admission(True, str(reservation_id), expires, budget_ids=[str(b) for b, _, _ in holds])
-
-
 def denial_for(budget: BudgetDef, reason: str, usage: Usage | None) -> usage_pb2.Denial:
     """Why ``budget`` refuses a Reserve: ``reason``, its limits and what remains of them.
 
@@ -936,74 +723,6 @@ def denial_for(budget: BudgetDef, reason: str, usage: Usage | None) -> usage_pb2
     if usage is not None and budget.period != usage_pb2.BUDGET_PERIOD_ROLLING:
         denial.resets_at.FromDatetime(usage.end)
     return denial
-
-
-#: What a session has spent (the ledger) and holds (reservations not yet in the ledger: active
-#: ones whose lease runs, and committed ones).
-SESSION_USE = """
-    SELECT s.started_at, coalesce(s.cost_micros, 0) AS spent_micros,
-           coalesce(s.input_tokens + s.output_tokens + s.cached_read_tokens + s.cache_write_tokens
-                    + s.reasoning_tokens, 0) AS spent_tokens,
-           h.micros AS held_micros, h.tokens AS held_tokens
-    FROM (SELECT coalesce(sum(amount_micros), 0) AS micros,
-                 coalesce(sum(amount_tokens), 0) AS tokens
-          FROM reservations
-          WHERE session_id = $1
-            AND (state = 'committed' OR (state = 'active' AND lease_expires_at > now()))) h
-    LEFT JOIN sessions s ON s.session_id = $1
-"""
-
-
-async def _session_refusal(
-    conn: asyncpg.Connection, budget: BudgetDef, request: usage_pb2.ReserveRequest, now: datetime
-) -> str | None:
-    """Why ``budget``'s session limits refuse ``request``, counting the session's holds."""
-    use = await conn.fetchrow(SESSION_USE, request.session_id)
-    assert use is not None
-    started = use["started_at"]
-    if started is not None and budget.session_max_duration_seconds:
-        ran = int((now - started).total_seconds())
-        if ran > budget.session_max_duration_seconds:
-            return f"session has run {ran}s, the limit is {budget.session_max_duration_seconds}s"
-    for kind, unit, limit, asked in (
-        ("tokens", "tokens", budget.session_max_tokens, request.estimated_tokens),
-        ("micros", "micro-dollars", budget.session_max_cost_micros, request.estimated_cost_micros),
-    ):
-        spent, held = use[f"spent_{kind}"], use[f"held_{kind}"]
-        if limit and spent + held + asked > limit:
-            return f"session has used {spent} and holds {held} of its {limit} {unit}"
-    return None
-
-
-async def _check(
-    conn: asyncpg.Connection,
-    budget: BudgetDef,
-    value: str,
-    request: usage_pb2.ReserveRequest,
-    now: datetime,
-    counted: Usage | None,
-) -> usage_pb2.Denial | None:
-    def deny(reason: str, usage: Usage | None) -> usage_pb2.Denial:
-        return denial_for(budget, reason, usage)
-
-    if budget.limits_sessions and request.session_id:
-        refusal = await _session_refusal(conn, budget, request, now)
-        if refusal is not None:
-            return deny(refusal, None)
-    if budget.limit_micros is None and budget.limit_tokens is None:
-        return None
-    usage = counted if counted is not None else await usage_of(conn, budget, value, now)
-    if (
-        budget.limit_micros is not None
-        and usage.remaining(budget.limit_micros, "micros") < request.estimated_cost_micros
-    ):
-        return deny("the estimated cost exceeds what the budget has left", usage)
-    if (
-        budget.limit_tokens is not None
-        and usage.remaining(budget.limit_tokens, "tokens") < request.estimated_tokens
-    ):
-        return deny("the estimated tokens exceed what the budget has left", usage)
-    return None
 
 
 def reservation_key(value: str) -> uuid.UUID:
@@ -1024,19 +743,6 @@ async def _retrying(pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awa
     """Run ``work`` in a transaction, again after a (rare) deadlock."""
     async with pool.acquire() as conn, conn.transaction():
         return await work(conn)
-
-
-@again_after_deadlock
-async def _call(pool: asyncpg.Pool, query: str, *args: object) -> str:
-    """One server-side admission function call (its own transaction), again after a deadlock."""
-    result: str = await pool.fetchval(query, *args)
-    return result
-
-
-@again_after_deadlock
-async def _fetchrow(pool: asyncpg.Pool, query: str, *args: object) -> asyncpg.Record | None:
-    """One statement (its own transaction), again after a deadlock."""
-    return await pool.fetchrow(query, *args)
 
 
 def validate_commit(request: usage_pb2.CommitRequest) -> uuid.UUID:
@@ -1113,44 +819,6 @@ def check_release_state(state: str, key: uuid.UUID, owner: str | None) -> bool:
     """
     _refuse_missing_or_foreign(state, key, owner)
     return state in ("active", "expired")
-
-
-async def commit(
-    pool: asyncpg.Pool, request: usage_pb2.CommitRequest, owner: str | None
-) -> usage_pb2.CommitResponse:
-    """Replace a hold by the actual usage; a repeat is answered, other amounts refused.
-
-    ``owner`` None: an admin, for anyone's.
-    """
-    key = validate_commit(request)
-    hold = await pool.fetchrow(RESERVATION_AS_FOUND, key)  # the estimate, before it is replaced
-    state = await _call(
-        pool,
-        "SELECT commit_hold($1, $2, $3, $4)",
-        key,
-        request.actual_cost_micros,
-        request.actual_tokens,
-        owner,
-    )
-    if state in COMMITTED:  # committed before this call: what was committed, which never changes
-        hold = await pool.fetchrow(RESERVATION_AS_FOUND, key)
-    found = Finished(state)
-    if hold is not None:
-        found = Finished(state, hold["amount_micros"], hold["amount_tokens"], hold["lapsed"])
-    return check_commit(request, key, owner, found)
-
-
-RESERVATION_AS_FOUND = (
-    "SELECT amount_micros, amount_tokens, lease_expires_at <= now() AS lapsed "
-    "FROM reservations WHERE id = $1"
-)
-
-
-async def release(pool: asyncpg.Pool, request: usage_pb2.ReleaseRequest, owner: str | None) -> bool:
-    """Give the hold back; True if it was still held. ``owner`` None: an admin, for anyone's."""
-    key = reservation_key(request.reservation_id)
-    state = await _call(pool, "SELECT release_hold($1, $2)", key, owner)
-    return check_release_state(state, key, owner)
 
 
 def _refuse_missing_or_foreign(state: str, key: uuid.UUID, owner: str | None) -> None:

@@ -185,7 +185,7 @@ class _Coalescer:
         self._start_requests()
         result = await answer
         if result.HasField("error"):
-            raise _as_rpc_error(result.error)
+            raise call_error(result.error)
         return result
 
     def _start_requests(self) -> None:
@@ -231,7 +231,7 @@ class _Coalescer:
             self._start_requests()
 
 
-def _as_rpc_error(status: usage_pb2.CallStatus) -> grpc.aio.AioRpcError:
+def call_error(status: usage_pb2.CallStatus) -> grpc.aio.AioRpcError:
     """One call's error as the AioRpcError its single RPC would have raised.
 
     The tracker names a bad field from the Admit request's root (``calls[3].reserve.lease``);

@@ -85,13 +85,11 @@ class AdmissionSettings(BaseModel):
         description="Longest lease a Reserve may ask for; a longer one is refused.",
     )
 
-    batching: bool = Field(
-        default=True,
-        description="Decide concurrent Reserve/Commit/Release calls in group-committed rounds "
-        "(one transaction each, ADR 0009); False: one transaction per call.",
-    )
     max_batch: int = Field(
-        default=512, ge=1, le=10_000, description="Most calls decided in one round."
+        default=512,
+        ge=1,
+        le=10_000,
+        description="Most calls decided in one round (1: every call in a transaction of its own).",
     )
     max_queued: int = Field(
         default=4096,
