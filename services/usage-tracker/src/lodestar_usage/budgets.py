@@ -554,10 +554,39 @@ HELD = (
 )
 
 
+#: A calendar budget's counter for one value and window, with the holds whose lease ran out
+#: (still in the counter until the expiry job marks them) left out.
+COUNTED_USAGE = (
+    "SELECT c.spent_micros, c.spent_tokens, c.held_micros - coalesce(x.m, 0), "
+    "c.held_tokens - coalesce(x.t, 0) FROM budget_counters c "
+    "LEFT JOIN LATERAL (SELECT sum(r.amount_micros) AS m, sum(r.amount_tokens) AS t "
+    "FROM reservations r JOIN reservation_budgets rb ON rb.reservation_id = r.id "
+    "WHERE r.state = 'active' AND r.lease_expires_at <= now() AND rb.budget_id = c.budget_id "
+    "AND rb.scope_value = c.scope_value AND rb.window_start = c.window_start) x ON true "
+    "WHERE c.budget_id = $1 AND c.scope_value = $2 AND c.window_start = $3"
+)
+
+
 async def usage_of(
     conn: asyncpg.Connection | asyncpg.Pool, budget: BudgetDef, value: str, now: datetime
 ) -> Usage:
-    """What ``budget`` has spent and holds for ``value`` in its current window."""
+    """What ``budget`` has spent and holds for ``value`` in its current window.
+
+    A calendar budget's counter answers in one row; without one (no limit, rolling, or not yet
+    created) the ledger and the holds are added up.
+    """
+    if budget.counted:
+        start, end = budget.window(now)
+        counted = await conn.fetchrow(COUNTED_USAGE, budget.id, value, start)
+        if counted is not None:
+            return Usage(start, end, counted[0], counted[1], int(counted[2]), int(counted[3]))
+    return await usage_from_ledger(conn, budget, value, now)
+
+
+async def usage_from_ledger(
+    conn: asyncpg.Connection | asyncpg.Pool, budget: BudgetDef, value: str, now: datetime
+) -> Usage:
+    """What ``budget`` has spent (the ledger) and holds (the reservations) for ``value``."""
     start, end = budget.window(now)
     usage = Usage(start, end)
     spent_end = max(end, now + timedelta(seconds=1))
