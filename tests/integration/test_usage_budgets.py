@@ -19,7 +19,7 @@ from lodestar.common.sdk import ReceivedEvent, Subscriber, connect
 from lodestar.usage.v1 import events_pb2 as ev
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
-from lodestar_usage import budgets
+from lodestar_usage import alerts, budgets, counters, reservations
 from lodestar_usage.admission import Admitter
 from lodestar_usage.client import call_error
 from lodestar_usage.service import MIGRATIONS
@@ -61,7 +61,7 @@ async def test_200_concurrent_reserves_never_exceed_the_limit(admin, tracker, to
 
 
 async def test_rolling_and_calendar_budgets_together_never_overspend(admin, tracker, tokens):
-    """A rolling budget takes the locked path; it and the counter path share the counters."""
+    """A rolling budget and a calendar one in the same rounds: neither is ever overspent."""
     stub = ug.BudgetServiceStub(admin)
     await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=4_500)))
     rolling = u.Budget(
@@ -412,7 +412,7 @@ async def test_counters_equal_the_ledger_and_the_holds(admin, tracker, tokens, p
     await wait_requests(admin, 25)
     await asyncio.sleep(0.5)
     pool = tracker.module.pool
-    await budgets.expire_reservations(pool)  # as the sweeper does every second
+    await reservations.expire_reservations(pool)  # as the sweeper does every second
     assert {
         r["state"]
         for r in await pool.fetch(
@@ -420,22 +420,22 @@ async def test_counters_equal_the_ledger_and_the_holds(admin, tracker, tokens, p
             [uuid.UUID(r.reservation_id) for r in leaked],
         )
     } == {"expired"}
-    counters = await pool.fetch("SELECT * FROM budget_counters")
-    assert len(counters) >= 5  # global, p1 and three sessions
+    stored = await pool.fetch("SELECT * FROM budget_counters")
+    assert len(stored) >= 5  # global, p1 and three sessions
     now = await pool.fetchval("SELECT now()")
     defs = {b.id: b for b in await budgets.all_budgets(pool)}
-    for c in counters:
+    for c in stored:
         budget = defs[c["budget_id"]]
         assert c["window_start"] == budget.window(now)[0]
-        usage = await budgets.usage_from_ledger(pool, budget, c["scope_value"], now)
+        usage = await counters.usage_from_ledger(pool, budget, c["scope_value"], now)
         held_now = await pool.fetchrow(
-            budgets.HELD_IN_WINDOW, budget.id, c["scope_value"], c["window_start"]
+            counters.HELD_IN_WINDOW, budget.id, c["scope_value"], c["window_start"]
         )
         assert (c["spent_micros"], c["spent_tokens"]) == (usage.spent_micros, usage.spent_tokens)
         assert (c["held_micros"], c["held_tokens"]) == (held_now[0], held_now[1])
         # ListBudgets and the alerts read the counter: the same answer as the ledger's
-        assert await budgets.usage_of(pool, budget, c["scope_value"], now) == usage
-    glob = next(c for c in counters if defs[c["budget_id"]].name == "all")
+        assert await counters.usage_of(pool, budget, c["scope_value"], now) == usage
+    glob = next(c for c in stored if defs[c["budget_id"]].name == "all")
     assert glob["spent_micros"] == 5 * 111 + 10 * 400 + 7 * 50 + 3 * 3
     # 10 committed at 400 (5 of them settled), 5 released, 5 active settled, 10 active held.
     assert glob["held_micros"] == 5 * 400 + 10 * 1_000
@@ -506,9 +506,9 @@ def test_alert_event_ids_are_deterministic_uuid7():
 
     start = datetime(2026, 1, 1, tzinfo=UTC)
     seen = datetime(2026, 1, 20, 12, 30, tzinfo=UTC)
-    a = budgets.alert_event_id(bid, "p", start, 1, 80, seen)
-    assert a == budgets.alert_event_id(bid, "p", start, 1, 80, seen)
-    assert a != budgets.alert_event_id(bid, "p", start, 1, 100, seen)
+    a = alerts.alert_event_id(bid, "p", start, 1, 80, seen)
+    assert a == alerts.alert_event_id(bid, "p", start, 1, 80, seen)
+    assert a != alerts.alert_event_id(bid, "p", start, 1, 100, seen)
     assert uuid.UUID(a).version == 7
     assert uuid.UUID(a).int >> 80 == int(seen.timestamp() * 1000), "dated when detected"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from asyncpg.exceptions import DeadlockDetectedError
 
-from lodestar_usage.budgets import DEADLOCK_ATTEMPTS, again_after_deadlock
+from lodestar_usage.counters import DEADLOCK_ATTEMPTS, again_after_deadlock
 
 
 async def test_a_deadlocked_attempt_is_made_again() -> None:

@@ -45,8 +45,10 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from lodestar.common.errors import DATABASE_UNREACHABLE, ResourceExhaustedError, StorageError
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import usage_pb2
-from lodestar_usage import budgets, metrics
-from lodestar_usage.budgets import Admission, BudgetDef, Finished, Key, Usage
+from lodestar_usage import budgets, counters, metrics, reservations
+from lodestar_usage.budgets import BudgetDef, Usage
+from lodestar_usage.counters import Key
+from lodestar_usage.reservations import Admission, Finished
 
 #: A hold's counter key, or None for a budget without a counter (no limit, or rolling).
 log = get_logger(__name__)
@@ -296,7 +298,7 @@ def _wanted(plans: Iterable[Plan]) -> dict[Key, Counted]:
 
 
 def _refused(budget: BudgetDef, reason: str, usage: Usage | None) -> Admission:
-    return Admission(False, denial=budgets.denial_for(budget, reason, usage))
+    return Admission(False, denial=reservations.denial_for(budget, reason, usage))
 
 
 class Admitter:
@@ -502,7 +504,7 @@ class Admitter:
                     return await self._round(conn, calls)
                 except _MissingCounters as missing:
                     async with conn.transaction():
-                        await budgets.init_counters(conn, missing.missing)
+                        await counters.init_counters(conn, missing.missing)
                     raise
         raise AssertionError("unreachable")
 
@@ -555,7 +557,7 @@ class Admitter:
                 key = (budget.id, value)
                 rolling = budget.period == usage_pb2.BUDGET_PERIOD_ROLLING and budget.has_limit
                 if rolling and key not in state.rolling:
-                    state.rolling[key] = await budgets.usage_of(conn, budget, value, state.now)
+                    state.rolling[key] = await counters.usage_of(conn, budget, value, state.now)
                 if budget.limits_sessions and session_id and session_id not in state.sessions:
                     use = await conn.fetchrow(SESSION_USE, session_id)
                     assert use is not None

@@ -24,7 +24,7 @@ from lodestar.common.errors import (
 )
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import usage_pb2
-from lodestar_usage import bounds, budgets, metrics, reports, stored
+from lodestar_usage import bounds, budgets, counters, metrics, reports, reservations, stored
 from lodestar_usage.admission import Admitter
 from lodestar_usage.pricing import (
     PriceRow,
@@ -297,7 +297,7 @@ class BudgetApi:
         defs, skipped = await stored.read_budgets(self._pool)
         for budget in defs:
             try:
-                usage = await budgets.usage_of(self._pool, budget, budget.scope_value, now)
+                usage = await counters.usage_of(self._pool, budget, budget.scope_value, now)
                 out.append(budgets.status_proto(budget, usage))
             except BAD_ROW_ERRORS as exc:  # one budget's bad rows must not fail the others
                 reason = f"its spend or holds cannot be shown ({exc}): a stored row is bad"
@@ -377,7 +377,7 @@ class BudgetApi:
     async def _reserve_call(
         self, request: usage_pb2.ReserveRequest, deadline: float | None
     ) -> usage_pb2.ReserveResponse:
-        budgets.validate_reserve(request)
+        reservations.validate_reserve(request)
         lease = timedelta(seconds=self._settings.default_lease_seconds)
         if request.HasField("lease"):
             most = self._settings.max_lease_seconds
@@ -415,7 +415,7 @@ class BudgetApi:
         self, request: usage_pb2.CommitRequest, deadline: float | None
     ) -> usage_pb2.CommitResponse:
         owner = caller().owner_scope
-        key = budgets.validate_commit(request)
+        key = reservations.validate_commit(request)
         found = await self._admitter.finish(
             key,
             owner,
@@ -424,16 +424,16 @@ class BudgetApi:
             micros=request.actual_cost_micros,
             tokens=request.actual_tokens,
         )
-        return budgets.check_commit(request, key, owner, found)
+        return reservations.check_commit(request, key, owner, found)
 
     async def _release_call(
         self, request: usage_pb2.ReleaseRequest, deadline: float | None
     ) -> usage_pb2.ReleaseResponse:
         owner = caller().owner_scope
-        key: uuid.UUID = budgets.reservation_key(request.reservation_id)
+        key: uuid.UUID = reservations.reservation_key(request.reservation_id)
         found = await self._admitter.finish(key, owner, deadline, commit=False)
         return usage_pb2.ReleaseResponse(
-            released=budgets.check_release_state(found.state, key, owner)
+            released=reservations.check_release_state(found.state, key, owner)
         )
 
 

@@ -1,15 +1,9 @@
-"""Budgets: definitions, their current windows, admission (Reserve/Commit/Release) and alerts.
+"""Budgets: their definitions, validation, storage (audited) and current windows.
 
-Admission holds under concurrency because every Reserve locks the rows of the budgets that apply
-(``SELECT … FOR UPDATE``, in id order) before it reads their usage, so two reservations against
-one budget are decided one after the other, each seeing the other's hold.
-
-Reading the usage is O(1): calendar budgets keep a running counter per scope value and window
-(``budget_counters``: spent and held micro-dollars and tokens), changed in the same transaction
-as the ledger rows (ingest), and as each hold (Reserve, Commit, Release, expiry, settlement).
-A missing counter (a new window, session or budget) is initialised from the ledger and the holds
-under an exclusive advisory lock that ingest takes shared, so no ledger row is counted twice or
-missed. Rolling budgets have no fixed window to count in and still add up the ledger.
+A budget limits the cost or tokens spent in a window (a calendar period in a timezone, or a
+rolling span) by everything, a project, a user or a session. What a budget has used is kept by
+:mod:`lodestar_usage.counters`; admission (:mod:`lodestar_usage.admission`) holds against it;
+:mod:`lodestar_usage.alerts` reports when it crosses its thresholds.
 """
 
 # SQL here is assembled from constant identifiers only; every value is a bind parameter.
@@ -17,29 +11,20 @@ missed. Rolling budgets have no fixed window to count in and still add up the le
 
 from __future__ import annotations
 
-import hashlib
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
 import asyncpg
-from asyncpg.exceptions import DeadlockDetectedError
 from google.protobuf import duration_pb2
-from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 from lodestar.common import audit
 from lodestar.common.errors import InvalidArgumentError
 from lodestar.common.logging import get_logger
-from lodestar.usage.v1 import events_pb2, usage_pb2
-from lodestar_usage import bounds, metrics
+from lodestar.usage.v1 import usage_pb2
+from lodestar_usage import bounds
 from lodestar_usage.errors import (
     BudgetNotFoundError,
-    ReservationCommittedError,
-    ReservationNotFoundError,
-    ReservationNotYoursError,
-    ReservationReleasedError,
 )
 from lodestar_usage.reports import (
     BAD_ROWS,
@@ -47,11 +32,9 @@ from lodestar_usage.reports import (
     calendar_window,
     sane_time,
     stamp,
-    summarize,
     zone,
 )
 
-T = TypeVar("T")
 log = get_logger(__name__)
 DEFAULT_THRESHOLDS = (50, 80, 100)
 TOKEN_SUMS = (
@@ -75,15 +58,6 @@ CALENDAR_UNIT = {
 MAX_MONEY = bounds.MAX_LIMIT
 #: The default of setting limits.max_budget_window_days, in seconds.
 DEFAULT_MAX_WINDOW_SECONDS = 366 * 86_400
-#: The advisory lock between counter initialisation (exclusive) and ledger ingest (shared).
-COUNTER_LOCK = 0x75736167  # "usag"
-DEADLOCK_ATTEMPTS = 5
-#: A deadlock (a rare lock-order clash with ingest) aborts only that attempt: it is decided again.
-again_after_deadlock = retry(
-    retry=retry_if_exception_type(DeadlockDetectedError),
-    stop=stop_after_attempt(DEADLOCK_ATTEMPTS),
-    reraise=True,
-)
 
 
 @dataclass
@@ -545,71 +519,6 @@ class Usage:
         return self.spent_tokens + self.reserved_tokens
 
 
-HELD = (
-    "SELECT coalesce(sum(r.amount_micros), 0)::bigint, coalesce(sum(r.amount_tokens), 0)::bigint "
-    "FROM reservation_budgets rb JOIN reservations r ON r.id = rb.reservation_id "
-    "WHERE rb.budget_id = $1 AND rb.scope_value = $2 "
-    "AND ((r.state = 'active' AND r.lease_expires_at > now()) "
-    "OR (r.state = 'committed' AND r.created_at >= $3))"
-)
-
-
-#: A calendar budget's counter for one value and window, with the holds whose lease ran out
-#: (still in the counter until the expiry job marks them) left out.
-COUNTED_USAGE = (
-    "SELECT c.spent_micros, c.spent_tokens, c.held_micros - coalesce(x.m, 0), "
-    "c.held_tokens - coalesce(x.t, 0) FROM budget_counters c "
-    "LEFT JOIN LATERAL (SELECT sum(r.amount_micros) AS m, sum(r.amount_tokens) AS t "
-    "FROM reservations r JOIN reservation_budgets rb ON rb.reservation_id = r.id "
-    "WHERE r.state = 'active' AND r.lease_expires_at <= now() AND rb.budget_id = c.budget_id "
-    "AND rb.scope_value = c.scope_value AND rb.window_start = c.window_start) x ON true "
-    "WHERE c.budget_id = $1 AND c.scope_value = $2 AND c.window_start = $3"
-)
-
-
-async def usage_of(
-    conn: asyncpg.Connection | asyncpg.Pool, budget: BudgetDef, value: str, now: datetime
-) -> Usage:
-    """What ``budget`` has spent and holds for ``value`` in its current window.
-
-    A calendar budget's counter answers in one row; without one (no limit, rolling, or not yet
-    created) the ledger and the holds are added up.
-    """
-    if budget.counted:
-        start, end = budget.window(now)
-        counted = await conn.fetchrow(COUNTED_USAGE, budget.id, value, start)
-        if counted is not None:
-            return Usage(start, end, counted[0], counted[1], int(counted[2]), int(counted[3]))
-    return await usage_from_ledger(conn, budget, value, now)
-
-
-async def usage_from_ledger(
-    conn: asyncpg.Connection | asyncpg.Pool, budget: BudgetDef, value: str, now: datetime
-) -> Usage:
-    """What ``budget`` has spent (the ledger) and holds (the reservations) for ``value``."""
-    start, end = budget.window(now)
-    usage = Usage(start, end)
-    spent_end = max(end, now + timedelta(seconds=1))
-    rows = await summarize(conn, start, spent_end, [], budget.filters(value))
-    if rows:
-        sums = rows[0].sums
-        usage.spent_micros = sums["cost_micros"]
-        usage.spent_tokens = sum(
-            sums[k]
-            for k in (
-                "input_tokens",
-                "output_tokens",
-                "cached_read_tokens",
-                "cache_write_tokens",
-                "reasoning_tokens",
-            )
-        )
-    held = await conn.fetchrow(HELD, budget.id, value, start)
-    assert held is not None
-    usage.reserved_micros, usage.reserved_tokens = int(held[0]), int(held[1])
-    return usage
-
-
 def status_proto(budget: BudgetDef, usage: Usage) -> usage_pb2.BudgetStatus:
     """``budget`` with its window, spend, holds and what remains, as ListBudgets shows it."""
     return usage_pb2.BudgetStatus(
@@ -623,413 +532,3 @@ def status_proto(budget: BudgetDef, usage: Usage) -> usage_pb2.BudgetStatus:
         remaining_micros=usage.remaining(budget.limit_micros, "micros"),
         remaining_tokens=usage.remaining(budget.limit_tokens, "tokens"),
     )
-
-
-# --- admission ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Admission:
-    """The outcome of Reserve."""
-
-    granted: bool
-    reservation_id: str = ""
-    lease_expires_at: datetime | None = None
-    denial: usage_pb2.Denial | None = None
-    budget_ids: list[str] = field(default_factory=list)
-
-
-def validate_reserve(request: usage_pb2.ReserveRequest) -> None:
-    """INVALID_ARGUMENT naming the first field of ``request`` out of bounds.
-
-    The lease's maximum is a setting: the API checks it.
-    """
-    bounds.integer(
-        request.estimated_cost_micros, "estimated_cost_micros", 0, bounds.MAX_COST_MICROS
-    )
-    bounds.integer(request.estimated_tokens, "estimated_tokens", 0, bounds.MAX_TOKENS)
-    if request.lease.seconds < 0 or request.lease.nanos < 0:
-        raise InvalidArgumentError("must not be negative", field="lease")
-    for fname in ("project", "user", "session_id", "model"):
-        bounds.text(getattr(request, fname), fname)
-
-
-Key = tuple[uuid.UUID, str, datetime]
-
-HELD_IN_WINDOW = (
-    "SELECT coalesce(sum(r.amount_micros), 0)::bigint, coalesce(sum(r.amount_tokens), 0)::bigint "
-    "FROM reservation_budgets rb JOIN reservations r ON r.id = rb.reservation_id "
-    "WHERE rb.budget_id = $1 AND rb.scope_value = $2 AND rb.window_start = $3 "
-    "AND r.state IN ('active', 'committed')"
-)
-
-
-def _add_to_counters(add: Callable[[str, str], str]) -> str:
-    """Adds (spent, held) deltas to counters, locking them in key order (every writer's)."""
-    sets = ", ".join(
-        f"{column} = {add(f'c.{column}', f'd.{delta}')}"
-        for column, delta in (
-            ("spent_micros", "sm"),
-            ("spent_tokens", "st"),
-            ("held_micros", "hm"),
-            ("held_tokens", "ht"),
-        )
-    )
-    return (
-        f"UPDATE budget_counters c SET {sets} "
-        "FROM (SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::bigint[], "
-        "$5::bigint[], $6::bigint[], $7::bigint[]) AS u(b, v, w, sm, st, hm, ht) "
-        "ORDER BY b, v, w) d "
-        "WHERE c.budget_id = d.b AND c.scope_value = d.v AND c.window_start = d.w"
-    )
-
-
-ADD_TO_COUNTERS = _add_to_counters(bounds.plain_add)
-#: The same with sums that stay at ±(2^63 - 1): for a batch ingest writes again after a stored
-#: counter (a bad row) would overflow.
-ADD_TO_COUNTERS_SATURATING = _add_to_counters(bounds.saturating_add)
-
-
-async def add_to_counters(
-    conn: asyncpg.Connection, deltas: dict[Key, list[int]], *, saturate: bool = False
-) -> None:
-    """Add ``[spent_micros, spent_tokens, held_micros, held_tokens]`` per counter key."""
-    deltas = {k: d for k, d in deltas.items() if any(d)}
-    if not deltas:
-        return
-    keys = sorted(deltas, key=lambda k: (k[0].bytes, k[1], k[2]))
-    await conn.execute(
-        ADD_TO_COUNTERS_SATURATING if saturate else ADD_TO_COUNTERS,
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-        [k[2] for k in keys],
-        *([deltas[k][i] for k in keys] for i in range(4)),
-    )
-
-
-async def init_counters(
-    conn: asyncpg.Connection, missing: list[tuple[BudgetDef, str, datetime, datetime]]
-) -> None:
-    """Create counters from the ledger and the holds, with ingest held off meanwhile."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", COUNTER_LOCK)
-    for budget, value, start, end in missing:
-        rows = await summarize(conn, start, end, [], budget.filters(value))
-        spent_micros = spent_tokens = 0
-        if rows:
-            sums = rows[0].sums
-            spent_micros = sums["cost_micros"]
-            spent_tokens = sum(sums[k] for k in TOKEN_SUMS)
-        held = await conn.fetchrow(HELD_IN_WINDOW, budget.id, value, start)
-        assert held is not None
-        await conn.execute(
-            "INSERT INTO budget_counters (budget_id, scope_value, window_start, spent_micros, "
-            "spent_tokens, held_micros, held_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-            "ON CONFLICT DO NOTHING",
-            budget.id,
-            value,
-            start,
-            spent_micros,
-            spent_tokens,
-            int(held[0]),
-            int(held[1]),
-        )
-
-
-def denial_for(budget: BudgetDef, reason: str, usage: Usage | None) -> usage_pb2.Denial:
-    """Why ``budget`` refuses a Reserve: ``reason``, its limits and what remains of them.
-
-    With when its window resets, except for rolling windows and session limits (``usage`` None).
-    """
-    denial = usage_pb2.Denial(
-        budget_id=str(budget.id),
-        budget_name=budget.name,
-        reason=reason,
-        limit_micros=budget.limit_micros or 0,
-        limit_tokens=budget.limit_tokens or 0,
-        remaining_micros=max(usage.remaining(budget.limit_micros, "micros"), 0) if usage else 0,
-        remaining_tokens=max(usage.remaining(budget.limit_tokens, "tokens"), 0) if usage else 0,
-    )
-    if usage is not None and budget.period != usage_pb2.BUDGET_PERIOD_ROLLING:
-        denial.resets_at.FromDatetime(usage.end)
-    return denial
-
-
-def reservation_key(value: str) -> uuid.UUID:
-    """The reservation id in ``value``; INVALID_ARGUMENT naming ``reservation_id`` otherwise."""
-    if not value:
-        raise InvalidArgumentError("required: the id Reserve returned", field="reservation_id")
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise InvalidArgumentError(
-            f"{value[:64]!r} is not a reservation id; pass the id Reserve returned (a UUID)",
-            field="reservation_id",
-        ) from None
-
-
-@again_after_deadlock
-async def _retrying(pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """Run ``work`` in a transaction, again after a (rare) deadlock."""
-    async with pool.acquire() as conn, conn.transaction():
-        return await work(conn)
-
-
-def validate_commit(request: usage_pb2.CommitRequest) -> uuid.UUID:
-    """The reservation id of ``request``; INVALID_ARGUMENT names a field out of bounds."""
-    key = reservation_key(request.reservation_id)
-    bounds.integer(request.actual_cost_micros, "actual_cost_micros", 0, bounds.MAX_COST_MICROS)
-    bounds.integer(request.actual_tokens, "actual_tokens", 0, bounds.MAX_TOKENS)
-    return key
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A reservation as a Commit or Release found it.
-
-    Its state, and its amounts: the hold, or what was committed.
-    """
-
-    state: str
-    micros: int = 0
-    tokens: int = 0
-    #: Active, but its lease had run out (not yet marked expired).
-    lapsed: bool = False
-
-    @property
-    def lease_ran_out(self) -> bool:
-        """Whether the hold had stopped counting before this call."""
-        return self.state == "expired" or (self.state == "active" and self.lapsed)
-
-
-#: States of a reservation whose Commit has happened (settled: the ledger has its usage).
-COMMITTED = ("committed", "settled")
-
-
-def check_commit(
-    request: usage_pb2.CommitRequest, key: uuid.UUID, owner: str | None, found: Finished
-) -> usage_pb2.CommitResponse:
-    """The answer to a Commit that found the reservation ``found``.
-
-    Refuses a missing reservation, another principal's, a released one, and other amounts for
-    one already committed (a commit is final); a repeat with the same amounts is answered.
-    """
-    _refuse_missing_or_foreign(found.state, key, owner)
-    if found.state == "released":
-        raise ReservationReleasedError(
-            "the reservation was released; reserve again", field="reservation_id"
-        )
-    asked = (request.actual_cost_micros, request.actual_tokens)
-    if found.state in COMMITTED and (found.micros, found.tokens) != asked:
-        raise ReservationCommittedError(
-            f"reservation {key} was committed with {found.micros} micro-dollars and "
-            f"{found.tokens} tokens; a commit is final, so {asked[0]} and {asked[1]} were not "
-            "recorded",
-            field="reservation_id",
-        )
-    if found.state in COMMITTED:
-        metrics.COMMITS.labels("repeated").inc()
-        return usage_pb2.CommitResponse(committed=True, repeated=True)
-    over = (max(asked[0] - found.micros, 0), max(asked[1] - found.tokens, 0))
-    if any(over):
-        metrics.OVER_ESTIMATE.inc()
-    metrics.COMMITS.labels("after_lease_expiry" if found.lease_ran_out else "committed").inc()
-    return usage_pb2.CommitResponse(
-        committed=True,
-        lease_expired=found.lease_ran_out,
-        over_estimate_micros=over[0],
-        over_estimate_tokens=over[1],
-    )
-
-
-def check_release_state(state: str, key: uuid.UUID, owner: str | None) -> bool:
-    """Whether a Release of a reservation in ``state`` gave a hold back.
-
-    Refuses a missing reservation or another principal's.
-    """
-    _refuse_missing_or_foreign(state, key, owner)
-    return state in ("active", "expired")
-
-
-def _refuse_missing_or_foreign(state: str, key: uuid.UUID, owner: str | None) -> None:
-    if state == "missing":
-        raise ReservationNotFoundError(f"no reservation {key}", field="reservation_id")
-    if state == "foreign":
-        raise ReservationNotYoursError(
-            f"reservation {key} was made by another principal; only it (or an admin) may commit "
-            f"or release it, not {owner}",
-            field="reservation_id",
-        )
-
-
-async def expire_reservations(pool: asyncpg.Pool) -> int:
-    """Mark holds whose lease ran out as expired (they already stopped counting)."""
-
-    async def work(conn: asyncpg.Connection) -> int:
-        recs = await conn.fetch(
-            "WITH e AS (UPDATE reservations SET state = 'expired', finished_at = now() "
-            "WHERE state = 'active' AND lease_expires_at <= now() "
-            "RETURNING id, amount_micros, amount_tokens) "
-            "SELECT e.id, e.amount_micros, e.amount_tokens, rb.budget_id, rb.scope_value, "
-            "rb.window_start FROM e LEFT JOIN reservation_budgets rb "
-            "ON rb.reservation_id = e.id AND rb.window_start IS NOT NULL"
-        )
-        deltas: dict[Key, list[int]] = {}
-        for r in recs:
-            if r["budget_id"] is not None:
-                acc = deltas.setdefault(
-                    (r["budget_id"], r["scope_value"], r["window_start"]), [0] * 4
-                )
-                acc[2] -= r["amount_micros"]
-                acc[3] -= r["amount_tokens"]
-        await add_to_counters(conn, deltas)
-        return len({r["id"] for r in recs})
-
-    return await _retrying(pool, work)
-
-
-async def ingest_budgets(conn: asyncpg.Connection) -> list[BudgetDef]:
-    """The counted budgets, with ingest's (shared) side of the counter lock taken."""
-    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", COUNTER_LOCK)
-    return [b for b in usable_budgets(await conn.fetch(f"{BUDGET_ROWS} FROM budgets")) if b.counted]
-
-
-# --- alerts -------------------------------------------------------------------------------------
-
-
-def alert_event_id(
-    budget_id: uuid.UUID,
-    value: str,
-    window_start: datetime,
-    kind: int,
-    threshold: int,
-    detected_at: datetime,
-) -> str:
-    """A UUIDv7 of the moment the crossing was detected plus a hash of the alert's key.
-
-    The id is stored with the crossing, so every retry publishes the same id (core drops repeats);
-    its time is the detection time, which core's event-time bounds accept (a window start can be
-    weeks old).
-    """
-    key = f"{budget_id}|{value}|{window_start.isoformat()}|{kind}|{threshold}".encode()
-    digest = int.from_bytes(hashlib.sha256(key).digest()[:10], "big")
-    millis = int(detected_at.timestamp() * 1000) & ((1 << 48) - 1)
-    rand_a = digest >> 68 & 0xFFF
-    rand_b = digest & ((1 << 62) - 1)
-    return str(uuid.UUID(int=(millis << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b))
-
-
-@dataclass
-class Crossing:
-    """An alert to record."""
-
-    budget: BudgetDef
-    value: str
-    kind: int
-    threshold: int
-    payload: events_pb2.BudgetThresholdCrossed
-
-
-async def detect_crossings(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    budget: BudgetDef,
-    now: datetime,
-    *,
-    burn_rate: bool,
-    min_elapsed: float,
-) -> list[Crossing]:
-    """The thresholds (and the burn rate) ``budget`` has crossed in its current window."""
-    if budget.limit_micros is None and budget.limit_tokens is None:
-        return []
-    wstart, wend = budget.alert_window(now)
-    values = [budget.scope_value]
-    if budget.per_session:
-        values = [
-            r["session_id"]
-            for r in await conn.fetch(
-                "SELECT DISTINCT session_id FROM rollup_session_hourly "
-                "WHERE hour >= $1 AND session_id <> '' LIMIT 1000",
-                wstart - timedelta(hours=1),
-            )
-        ]
-    out = []
-    for value in values:
-        usage = await usage_of(conn, budget, value, now)
-        usage.reserved_micros = usage.reserved_tokens = 0
-
-        def payload(
-            kind: int, threshold: int, projected: int = 0, value: str = value, usage: Usage = usage
-        ) -> events_pb2.BudgetThresholdCrossed:
-            return events_pb2.BudgetThresholdCrossed(
-                budget_id=str(budget.id),
-                budget_name=budget.name,
-                scope=SCOPE_NAMES[budget.scope],  # type: ignore[index]
-                scope_value=value,
-                window_start=stamp(wstart),
-                window_end=stamp(wend),
-                kind=kind,  # type: ignore[arg-type]
-                threshold_pct=threshold,
-                limit_micros=budget.limit_micros or 0,
-                spent_micros=usage.spent_micros,
-                limit_tokens=budget.limit_tokens or 0,
-                spent_tokens=usage.spent_tokens,
-                projected_micros=projected,
-            )
-
-        for threshold in budget.thresholds:
-            hit = (
-                budget.limit_micros is not None
-                and usage.spent_micros * 100 >= threshold * budget.limit_micros
-            ) or (
-                budget.limit_tokens is not None
-                and usage.spent_tokens * 100 >= threshold * budget.limit_tokens
-            )
-            if hit:
-                out.append(
-                    Crossing(
-                        budget,
-                        value,
-                        events_pb2.ALERT_KIND_THRESHOLD,
-                        threshold,
-                        payload(events_pb2.ALERT_KIND_THRESHOLD, threshold),
-                    )
-                )
-        if burn_rate and budget.limit_micros and 0 < usage.spent_micros < budget.limit_micros:
-            elapsed = (now - wstart) / (wend - wstart)
-            if elapsed >= min_elapsed and elapsed > 0:
-                projected = int(usage.spent_micros / elapsed)
-                if projected > budget.limit_micros:
-                    out.append(
-                        Crossing(
-                            budget,
-                            value,
-                            events_pb2.ALERT_KIND_BURN_RATE,
-                            0,
-                            payload(events_pb2.ALERT_KIND_BURN_RATE, 0, projected),
-                        )
-                    )
-    return out
-
-
-async def record_crossings(
-    conn: asyncpg.Connection | asyncpg.Pool, crossings: list[Crossing]
-) -> int:
-    """Insert crossings once per key; returns how many were new."""
-    new = 0
-    detected_at = datetime.now(UTC)
-    for c in crossings:
-        wstart = c.payload.window_start.ToDatetime(tzinfo=UTC)
-        event_id = alert_event_id(c.budget.id, c.value, wstart, c.kind, c.threshold, detected_at)
-        inserted = await conn.fetchval(
-            "INSERT INTO budget_crossings (budget_id, scope_value, window_start, kind, "
-            "threshold_pct, event_id, payload) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-            "ON CONFLICT DO NOTHING RETURNING 1",
-            c.budget.id,
-            c.value,
-            wstart,
-            c.kind,
-            c.threshold,
-            uuid.UUID(event_id),
-            c.payload.SerializeToString(),
-        )
-        new += int(inserted is not None)
-    return new

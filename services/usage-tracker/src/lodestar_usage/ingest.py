@@ -37,7 +37,7 @@ from lodestar.common.logging import get_logger
 from lodestar.common.telemetry import telemetry_enabled, tracer
 from lodestar.events.v1 import event_pb2
 from lodestar.usage.v1 import events_pb2
-from lodestar_usage import budgets, metrics
+from lodestar_usage import budgets, counters, metrics
 from lodestar_usage.bounds import (
     EARLIEST_SECONDS,
     LATEST_SECONDS,
@@ -403,24 +403,24 @@ async def write_rows(
         if row.reservation_id:
             with contextlib.suppress(ValueError):
                 settle.append(uuid.UUID(row.reservation_id))
-    deltas: dict[budgets.Key, list[int]] = {}
+    deltas: dict[counters.Key, list[int]] = {}
     if settle:
         # A settled reservation stops holding; its spend is now in the ledger (below).
         for rec in await conn.fetch(SETTLE, sorted(settle)):
             acc = deltas.setdefault((rec[0], rec[1], rec[2]), [0, 0, 0, 0])
             acc[2] -= rec[3]
             acc[3] -= rec[4]
-    counted = await budgets.ingest_budgets(conn)
+    counted = await counters.ingest_budgets(conn)
     if counted:
         _spend_deltas(new, counted, deltas)
-    await budgets.add_to_counters(conn, deltas, saturate=sql is SATURATING_SQL)
+    await counters.add_to_counters(conn, deltas, saturate=sql is SATURATING_SQL)
     return new
 
 
 def _spend_deltas(
     rows: Sequence[LedgerRow],
     counted: Sequence[budgets.BudgetDef],
-    deltas: dict[budgets.Key, list[int]],
+    deltas: dict[counters.Key, list[int]],
 ) -> None:
     """Add each row's cost and tokens to the counter of every budget window it falls in."""
     windows: dict[tuple[uuid.UUID, datetime], datetime] = {}

@@ -22,7 +22,7 @@ from lodestar.common.module import ModuleInfo
 from lodestar.common.sdk import PermanentFailure, Publisher, ReceivedEvent, Subscriber
 from lodestar.common.service_cli import ServiceSpec
 from lodestar.usage.v1 import events_pb2, usage_pb2, usage_pb2_grpc
-from lodestar_usage import budgets, metrics, retention
+from lodestar_usage import alerts, budgets, counters, metrics, reservations, retention
 from lodestar_usage.api import BudgetApi, UsageApi
 from lodestar_usage.ingest import LedgerWriter, ensure_partitions, row_from_event
 from lodestar_usage.pricing import PriceTable
@@ -174,26 +174,26 @@ class UsageModule(ServiceModule[UsageSettings]):
 
     async def _expire_reservations(self) -> None:
         assert self.pool is not None
-        await budgets.expire_reservations(self.pool)
+        await reservations.expire_reservations(self.pool)
 
     async def check_alerts(self) -> int:
         """Record new threshold crossings and publish the unpublished ones; returns new ones."""
         assert self.pool is not None
         now = datetime.now(UTC)
         new = 0
-        alerts = self.settings.alerts
+        alert_settings = self.settings.alerts
         readings = []
         for budget in await budgets.all_budgets(self.pool):
-            crossings = await budgets.detect_crossings(
+            crossings = await alerts.detect_crossings(
                 self.pool,
                 budget,
                 now,
-                burn_rate=alerts.burn_rate,
-                min_elapsed=alerts.burn_rate_min_elapsed,
+                burn_rate=alert_settings.burn_rate,
+                min_elapsed=alert_settings.burn_rate_min_elapsed,
             )
-            new += await budgets.record_crossings(self.pool, crossings)
+            new += await alerts.record_crossings(self.pool, crossings)
             if not budget.per_session:
-                usage = await budgets.usage_of(self.pool, budget, budget.scope_value, now)
+                usage = await counters.usage_of(self.pool, budget, budget.scope_value, now)
                 readings.append(budget_reading(budget, usage))
         metrics.export_budgets(readings)
         await self.publish_crossings()
