@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import shutil
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from lodestar.common.db import apply_migrations
+from lodestar.common.db import analyze_if_stale, apply_migrations, create_pool
 from lodestar.common.errors import ConfigurationError
 from lodestar_core.service import MIGRATIONS
 
@@ -119,3 +120,28 @@ async def test_concurrent_applies_apply_once(database_url: str, isolation: str):
     finally:
         for c in conns:
             await c.close()
+
+
+async def test_a_table_grown_from_empty_gets_statistics_once(database_url: str) -> None:
+    """Without autovacuum a table that grew from empty keeps an empty table's statistics."""
+    schema = fresh_schema()
+    pool = await create_pool(database_url, schema)
+    try:
+        await pool.execute(f"CREATE SCHEMA {schema}")
+        await pool.execute("CREATE TABLE grown (id int PRIMARY KEY)")
+        await pool.execute("INSERT INTO grown SELECT generate_series(1, 5000)")
+        analyzed: list[str] = []
+        for _ in range(50):  # the cumulative statistics reach other sessions within a second
+            analyzed = await analyze_if_stale(pool, ["grown", "absent"], min_interval=timedelta())
+            if analyzed:
+                break
+            await asyncio.sleep(0.1)
+        assert analyzed == ["grown"]
+        assert (
+            await pool.fetchval("SELECT reltuples FROM pg_class WHERE oid = 'grown'::regclass")
+            == 5000
+        )
+        assert await analyze_if_stale(pool, ["grown"], min_interval=timedelta()) == []
+    finally:
+        await pool.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await pool.close()

@@ -547,3 +547,42 @@ async def test_a_reservation_is_finished_only_by_the_principal_that_made_it(admi
         ).committed
     status = (await stub.ListBudgets(u.ListBudgetsRequest())).budgets[0]
     assert (status.reserved_micros, status.remaining_micros) == (70, 10_000 - 70)
+
+
+async def test_finished_reservations_are_deleted_after_their_keep_time(
+    admin, tracker, tokens, tracker_db
+):
+    """Held ones never are; a Commit of a deleted one is told it does not exist."""
+    stub = ug.BudgetServiceStub(admin)
+    await stub.CreateBudget(u.CreateBudgetRequest(budget=global_budget(limit_micros=10_000)))
+    async with connect(tracker.target, tokens[Role.PUBLISHER]) as publisher:
+        gate = ug.BudgetServiceStub(publisher)
+        ids = [
+            (await gate.Reserve(u.ReserveRequest(estimated_cost_micros=10))).reservation_id
+            for _ in range(4)
+        ]
+        await gate.Release(u.ReleaseRequest(reservation_id=ids[0]))
+        await gate.Commit(u.CommitRequest(reservation_id=ids[1], actual_cost_micros=5))
+        await gate.Release(u.ReleaseRequest(reservation_id=ids[2]))
+        # ids[0] finished two hours ago, ids[2] just now; ids[1] is committed, ids[3] active.
+        await tracker_db.execute(
+            "UPDATE reservations SET finished_at = now() - interval '2 hours', "
+            "lease_expires_at = now() - interval '2 hours' WHERE id = ANY($1::uuid[])",
+            [uuid.UUID(i) for i in ids[:2]] + [uuid.UUID(ids[3])],
+        )
+        assert await reservations.prune_finished(tracker.module.pool, timedelta(hours=1)) == 1
+        left = {
+            str(r["id"]): r["state"]
+            for r in await tracker_db.fetch("SELECT id, state FROM reservations")
+        }
+        assert left == {ids[1]: "committed", ids[2]: "released", ids[3]: "active"}
+        assert (
+            await tracker_db.fetchval(
+                "SELECT count(*) FROM reservation_budgets WHERE reservation_id = $1",
+                uuid.UUID(ids[0]),
+            )
+            == 0
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gate.Commit(u.CommitRequest(reservation_id=ids[0], actual_cost_micros=5))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND

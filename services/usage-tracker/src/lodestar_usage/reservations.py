@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 import asyncpg
@@ -204,3 +204,17 @@ async def expire_reservations(pool: asyncpg.Pool) -> int:
         return len({r["id"] for r in recs})
 
     return await _retrying(pool, work)
+
+
+#: Deletes the oldest finished reservations past their keep time (their budget rows cascade).
+PRUNE_FINISHED = (
+    "DELETE FROM reservations WHERE id IN (SELECT id FROM reservations "
+    "WHERE state IN ('settled', 'released', 'expired') AND finished_at < now() - $1::interval "
+    "ORDER BY finished_at LIMIT $2)"
+)
+
+
+async def prune_finished(pool: asyncpg.Pool, keep: timedelta, batch: int = 5000) -> int:
+    """Delete up to ``batch`` reservations finished more than ``keep`` ago; how many."""
+    status: str = await pool.execute(PRUNE_FINISHED, keep, batch)
+    return int(status.rsplit(" ", 1)[-1])

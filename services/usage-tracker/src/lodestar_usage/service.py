@@ -13,6 +13,7 @@ import grpc
 
 from lodestar.common import audit
 from lodestar.common.auth import Role
+from lodestar.common.db import analyze_if_stale
 from lodestar.common.deferred import DeferredServicer
 from lodestar.common.errors import InvalidArgumentError
 from lodestar.common.events import event_type, new_event, uuid7_millis
@@ -53,6 +54,8 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
 }
 
 log = get_logger(__name__)
+#: Tables that grow with every admission call.
+ADMISSION_TABLES = ("reservations", "reservation_budgets", "budget_counters")
 
 
 class UsageModule(ServiceModule[UsageSettings]):
@@ -107,6 +110,7 @@ class UsageModule(ServiceModule[UsageSettings]):
         self._start_core_clients()
         tasks = self.tasks
         tasks.every(1.0, self._expire_reservations)
+        tasks.every(10.0, self._refresh_statistics)
         tasks.every(self.settings.alerts.check_interval_seconds, self.check_alerts)
         tasks.every(5.0, self.reload_prices)
         tasks.every(60.0, self._close_idle_sessions)
@@ -175,6 +179,15 @@ class UsageModule(ServiceModule[UsageSettings]):
     async def _expire_reservations(self) -> None:
         assert self.pool is not None
         await reservations.expire_reservations(self.pool)
+        keep = timedelta(seconds=self.settings.admission.keep_finished_seconds)
+        await reservations.prune_finished(self.pool, keep)
+
+    async def _refresh_statistics(self) -> None:
+        """Keep the planner's statistics of the fast-growing admission tables current."""
+        assert self.pool is not None
+        analyzed = await analyze_if_stale(self.pool, ADMISSION_TABLES)
+        if analyzed:
+            log.info("statistics refreshed", tables=analyzed)
 
     async def check_alerts(self) -> int:
         """Record new threshold crossings and publish the unpublished ones; returns new ones."""

@@ -111,6 +111,13 @@ class AdmissionSettings(BaseModel):
         description="Rounds one process runs at once (each holds a database connection).",
     )
 
+    keep_finished_seconds: float = Field(
+        default=3600.0,
+        ge=60,
+        le=30 * 86_400,
+        description="How long a finished reservation (settled, released or expired) is kept; "
+        "then it is deleted, and a Commit or Release of it answers NOT_FOUND.",
+    )
     durable_commit: bool = Field(
         default=False,
         description="Wait for each admission round's WAL flush before answering. False (the "

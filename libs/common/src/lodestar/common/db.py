@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -185,3 +187,34 @@ async def open_service_database(
             await pool.close()
             raise
     return pool
+
+
+#: Tables of the current schema whose statistics lag far behind their rows.
+STALE_STATISTICS = (
+    "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema() "
+    "AND relname = ANY($1::text[]) AND n_mod_since_analyze > greatest($2, n_live_tup / 10) "
+    "AND coalesce(greatest(last_analyze, last_autoanalyze), 'epoch') < now() - $3::interval"
+)
+
+
+async def analyze_if_stale(
+    pool: asyncpg.Pool,
+    tables: Sequence[str],
+    *,
+    min_changes: int = 1000,
+    min_interval: timedelta = timedelta(seconds=30),
+) -> list[str]:
+    """ANALYZE those of ``tables`` (this schema's) changed by a tenth since their last analyze.
+
+    Autovacuum does this where it runs; where it is off or lags, a table that grew from empty
+    keeps the statistics of an empty table, and the planner then scans what it should look up.
+    Returns the tables analyzed.
+    """
+    stale = [
+        r["relname"]
+        for r in await pool.fetch(STALE_STATISTICS, list(tables), min_changes, min_interval)
+    ]
+    for table in stale:
+        check_schema_name(table)  # a plain identifier: safe to put in the statement
+        await pool.execute(f"ANALYZE {table}")
+    return stale
