@@ -62,6 +62,8 @@ ROUND_ATTEMPTS = 8
 #: A call is refused at once when its deadline leaves less than this many times the expected wait
 #: (the answer still has to be sent, by a process that is busy).
 DEADLINE_MARGIN = 2.0
+#: How long a round runner keeps its connection once the queue is empty, for the next call.
+CONNECTION_LINGER_SECONDS = 0.25
 #: The smallest retry delay a shed call is told.
 MIN_RETRY_SECONDS = 0.05
 #: Class of the advisory locks that serialise reserves reading the ledger: the two-key form, a key
@@ -321,6 +323,8 @@ class Admitter:
         self._queue: collections.deque[_Call] = collections.deque()
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Set when a call is queued: wakes a round runner keeping its connection.
+        self._arrived = asyncio.Event()
         self._cache = BudgetCache()
         #: Calls answered per second of wall-clock time while busy, smoothed: how long a queue
         #: takes to drain (it includes the gRPC work between rounds, which competes for the CPU).
@@ -381,6 +385,7 @@ class Admitter:
         self._refuse_if_overloaded(call.deadline)
         self._queue.append(call)
         metrics.ADMISSION_QUEUED.set(len(self._queue))
+        self._arrived.set()
         self._kick()
         return await call.future
 
@@ -411,16 +416,40 @@ class Admitter:
             task.add_done_callback(self._tasks.discard)
 
     async def _drain(self) -> None:
-        """Run rounds while calls wait, on one connection held meanwhile."""
+        """Run rounds while calls wait, on one connection held meanwhile.
+
+        The connection is kept for ``CONNECTION_LINGER_SECONDS`` after the queue empties (a
+        pool release costs a reset round trip), then given back.
+        """
+        conn: asyncpg.Connection | None = None
         try:
-            while self._queue:
-                try:
-                    async with self._pool.acquire() as conn:
-                        await self._drain_on(conn)
-                except Exception as exc:  # no connection: the next calls get the error
-                    self._fail(self._take(), exc)
+            while True:
+                if not self._queue:
+                    if conn is None or not await self._next_call_within(CONNECTION_LINGER_SECONDS):
+                        return
+                    continue
+                if conn is None or conn.is_closed():
+                    if conn is not None:
+                        await self._pool.release(conn)
+                        conn = None
+                    try:
+                        conn = await self._pool.acquire()
+                    except Exception as exc:  # no connection: the next calls get the error
+                        self._fail(self._take(), exc)
+                        continue
+                await self._drain_on(conn)
         finally:
             self._running -= 1
+            if conn is not None:
+                await self._pool.release(conn)
+
+    async def _next_call_within(self, seconds: float) -> bool:
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), seconds)
+        except TimeoutError:
+            return bool(self._queue)
+        return True
 
     async def _drain_on(self, conn: asyncpg.Connection) -> None:
         while self._queue and not conn.is_closed():

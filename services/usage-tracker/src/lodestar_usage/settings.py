@@ -105,7 +105,7 @@ class AdmissionSettings(BaseModel):
         description="Most calls one Admit request may carry; a larger one is refused.",
     )
     rounds_in_flight: int = Field(
-        default=2,
+        default=1,
         ge=1,
         le=64,
         description="Rounds one process runs at once (each holds a database connection).",
