@@ -6,7 +6,9 @@ USAGE_BENCH_EVENTS (events for end-to-end ingest, default 100k). USAGE_BENCH_ONL
 
 Admission (issue #10): USAGE_BENCH_RATE (offered Reserve+Commit pairs/s, default 500) spread over
 USAGE_BENCH_BUDGETS project budgets (default 100), open loop; USAGE_BENCH_CALLERS callers
-(default 200) in a closed loop on one budget; each for USAGE_BENCH_SECONDS (default 10); then
+(default 200) in a closed loop on one budget, first back to back, then each waiting
+USAGE_BENCH_LLM_CALL_SECONDS (default 0.08) between Reserve and Commit as a gateway waits for
+its LLM call; each for USAGE_BENCH_SECONDS (default 10); then
 USAGE_BENCH_BURST (default 3,000) Reserves at once, counted by status. USAGE_BENCH_REPLICAS
 (default 1) tracker processes serve admission on the one database, the load spread over them.
 USAGE_BENCH_GATES (default ``single,coalesced``) picks how the gates call: every call its own RPC,
@@ -71,6 +73,9 @@ GATE_MODES = [
     )
     if name in os.environ.get("USAGE_BENCH_GATES", "single,coalesced").split(",")
 ]
+#: The LLM call a gateway makes between Reserve and Commit in the third scenario: 200 callers
+#: then offer 200 / (0.08 s + admission time) pairs a second, 2,000 if admission takes 20 ms.
+LLM_CALL_SECONDS = float(os.environ.get("USAGE_BENCH_LLM_CALL_SECONDS", "0.08"))
 #: A gateway's deadline for one admission call.
 CALL_TIMEOUT = 5.0
 
@@ -345,8 +350,13 @@ async def _create_budgets(gate: ug.BudgetServiceStub, projects: list[str]) -> No
         )
 
 
-async def _pair(gate: BudgetGate, project: str, result: Scenario) -> None:
-    """One Reserve, then its Commit; latency and outcome recorded in ``result``."""
+async def _pair(
+    gate: BudgetGate, project: str, result: Scenario, call_seconds: float = 0.0
+) -> None:
+    """One Reserve, then its Commit; latency and outcome recorded in ``result``.
+
+    ``call_seconds`` is the LLM call between them, left out of the pair's latency.
+    """
     t0 = time.perf_counter()
     try:
         reply = await gate.reserve(u.ReserveRequest(project=project, estimated_cost_micros=100))
@@ -354,6 +364,9 @@ async def _pair(gate: BudgetGate, project: str, result: Scenario) -> None:
         if not reply.granted:
             result.denied += 1
             return
+        if call_seconds:
+            await asyncio.sleep(call_seconds)
+        t_call = time.perf_counter() - t1
         if not await gate.commit(
             u.CommitRequest(reservation_id=reply.reservation_id, actual_cost_micros=50)
         ):
@@ -367,7 +380,7 @@ async def _pair(gate: BudgetGate, project: str, result: Scenario) -> None:
         return
     t2 = time.perf_counter()
     result.reserve_ms.append((t1 - t0) * 1000)
-    result.pair_ms.append((t2 - t0) * 1000)
+    result.pair_ms.append((t2 - t0 - t_call) * 1000)
     result.pairs += 1
 
 
@@ -396,15 +409,19 @@ async def open_loop(
 
 
 async def closed_loop(
-    gates: list[BudgetGate], project: str, callers: int, seconds: float
+    gates: list[BudgetGate], project: str, callers: int, seconds: float, call_seconds: float = 0.0
 ) -> Scenario:
-    """``callers`` callers, each doing Reserve+Commit on one budget in a loop for ``seconds``."""
+    """``callers`` callers, each doing Reserve+Commit on one budget in a loop for ``seconds``.
+
+    With ``call_seconds``, each caller waits that long between its Reserve and its Commit, as a
+    gateway waits for the LLM call; the pair's latency leaves the wait out.
+    """
     result = Scenario()
     stop_at = time.perf_counter() + seconds
 
     async def caller(gate: BudgetGate) -> None:
         while time.perf_counter() < stop_at:
-            await _pair(gate, project, result)
+            await _pair(gate, project, result, call_seconds)
 
     began = time.perf_counter()
     await asyncio.gather(*(caller(gates[i % len(gates)]) for i in range(callers)))
@@ -481,6 +498,11 @@ async def bench_admission(
         out(f"    {what:<56} {spread.summary()}")
         hot = await closed_loop(gates, "hot", ADMISSION_CALLERS, ADMISSION_SECONDS)
         out(f"    {f'{ADMISSION_CALLERS} callers in a loop on one budget':<56} {hot.summary()}")
+        gateway = await closed_loop(
+            gates, "hot", ADMISSION_CALLERS, ADMISSION_SECONDS, LLM_CALL_SECONDS
+        )
+        what = f"… each with a {LLM_CALL_SECONDS * 1000:g} ms LLM call between Reserve and Commit"
+        out(f"    {what:<56} {gateway.summary()}")
         shed = await burst(gates, "burst", BURST_CALLS)
         out(
             f"    {f'{BURST_CALLS} concurrent Reserves at once: outcomes':<56} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -57,8 +58,12 @@ async def detect_crossings(
     *,
     burn_rate: bool,
     min_elapsed: float,
+    usage: Usage | None = None,
 ) -> list[Crossing]:
-    """The thresholds (and the burn rate) ``budget`` has crossed in its current window."""
+    """The thresholds (and the burn rate) ``budget`` has crossed in its current window.
+
+    ``usage``: what the budget has used for its own scope value, when the caller has read it.
+    """
     if budget.limit_micros is None and budget.limit_tokens is None:
         return []
     wstart, wend = budget.alert_window(now)
@@ -73,9 +78,11 @@ async def detect_crossings(
             )
         ]
     out = []
+    known = usage
     for value in values:
-        usage = await usage_of(conn, budget, value, now)
-        usage.reserved_micros = usage.reserved_tokens = 0
+        read = known if known is not None and value == budget.scope_value else None
+        spent = read if read is not None else await usage_of(conn, budget, value, now)
+        usage = dataclasses.replace(spent, reserved_micros=0, reserved_tokens=0)
 
         def payload(
             kind: int, threshold: int, projected: int = 0, value: str = value, usage: Usage = usage

@@ -197,17 +197,19 @@ class UsageModule(ServiceModule[UsageSettings]):
         alert_settings = self.settings.alerts
         readings = []
         for budget in await budgets.all_budgets(self.pool):
+            usage = None
+            if not budget.per_session:
+                usage = await counters.usage_of(self.pool, budget, budget.scope_value, now)
+                readings.append(budget_reading(budget, usage))
             crossings = await alerts.detect_crossings(
                 self.pool,
                 budget,
                 now,
                 burn_rate=alert_settings.burn_rate,
                 min_elapsed=alert_settings.burn_rate_min_elapsed,
+                usage=usage,
             )
             new += await alerts.record_crossings(self.pool, crossings)
-            if not budget.per_session:
-                usage = await counters.usage_of(self.pool, budget, budget.scope_value, now)
-                readings.append(budget_reading(budget, usage))
         metrics.export_budgets(readings)
         await self.publish_crossings()
         return new
