@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lodestar.common.auth import Role
+from lodestar.usage.v1 import usage_pb2
 from tests.fuzz.harness import (
     RUNTIME_SERVICES,
     Outcome,
@@ -48,6 +49,8 @@ pytestmark = pytest.mark.fuzz
 
 RPCS = declared_rpcs()
 #: Codes no request may cause while every dependency is up.
+#: The batch RPC whose calls are answered one by one inside an OK response.
+ADMIT = "/lodestar.usage.v1.BudgetService/Admit"
 FORBIDDEN = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.INTERNAL,
@@ -127,6 +130,7 @@ def check_call(suite: Suite, rpc: Rpc, requests: list[bytes], token: str) -> Out
     before = suite.fingerprint(rpc.module)
     outcome = suite.call(rpc, requests, token)
     assert_allowed(rpc, outcome)
+    assert_calls_allowed(rpc, outcome)
     learn_names(rpc, outcome)
     if len(requests) == 1 and refused(rpc, outcome):
         after = suite.fingerprint(rpc.module)
@@ -149,6 +153,17 @@ def assert_allowed(rpc: Rpc, outcome: Outcome) -> None:
     if known is not None:
         return
     pytest.fail(f"{rpc.path} ended {outcome.describe()}", pytrace=False)
+
+
+def assert_calls_allowed(rpc: Rpc, outcome: Outcome) -> None:
+    """An Admit answered OK: none of its calls ended with a forbidden code either."""
+    if rpc.path != ADMIT or outcome.code != grpc.StatusCode.OK:
+        return
+    for raw in outcome.responses:
+        for i, result in enumerate(usage_pb2.AdmitResponse.FromString(raw).results):
+            code = next(c for c in grpc.StatusCode if c.value[0] == result.error.code)
+            if result.HasField("error") and code in FORBIDDEN:
+                pytest.fail(f"{rpc.path} call {i} ended {code.name}: {result.error.message}")
 
 
 def forbidden(rpc: Rpc, outcome: Outcome) -> bool:
