@@ -371,6 +371,25 @@ async def test_a_call_whose_deadline_is_shorter_than_the_wait_is_refused_at_once
         await pool.close()
 
 
+async def publishers_on(
+    stack: contextlib.AsyncExitStack,
+    replicas: list[RunningTracker],
+    tokens: dict[Role | str, str],
+    budget: u.Budget,
+) -> list[ug.BudgetServiceStub]:
+    """Creates ``budget`` through the first replica; a publisher's stub per replica."""
+    admin = ug.BudgetServiceStub(
+        await stack.enter_async_context(connect(replicas[0].target, tokens[Role.ADMIN]))
+    )
+    await admin.CreateBudget(u.CreateBudgetRequest(budget=budget))
+    return [
+        ug.BudgetServiceStub(
+            await stack.enter_async_context(connect(r.target, tokens[Role.PUBLISHER]))
+        )
+        for r in replicas
+    ]
+
+
 # --- one rule: rolling budgets and session limits are decided in the same rounds ----------------
 
 
@@ -391,16 +410,7 @@ async def test_a_rolling_budget_never_grants_more_than_its_limit_across_replicas
     )
     rolling.rolling.FromSeconds(3600)
     async with contextlib.AsyncExitStack() as stack:
-        admin = ug.BudgetServiceStub(
-            await stack.enter_async_context(connect(replicas[0].target, tokens[Role.ADMIN]))
-        )
-        await admin.CreateBudget(u.CreateBudgetRequest(budget=rolling))
-        gates = [
-            ug.BudgetServiceStub(
-                await stack.enter_async_context(connect(r.target, tokens[Role.PUBLISHER]))
-            )
-            for r in replicas
-        ]
+        gates = await publishers_on(stack, replicas, tokens, rolling)
         replies = await asyncio.gather(
             *(gates[i % 2].Reserve(HUNDRED) for i in range(120)),
         )
@@ -426,16 +436,7 @@ async def test_session_limits_hold_across_replicas(
         session_limits=u.SessionLimits(max_tokens=1_000),
     )
     async with contextlib.AsyncExitStack() as stack:
-        admin = ug.BudgetServiceStub(
-            await stack.enter_async_context(connect(replicas[0].target, tokens[Role.ADMIN]))
-        )
-        await admin.CreateBudget(u.CreateBudgetRequest(budget=per_session))
-        gates = [
-            ug.BudgetServiceStub(
-                await stack.enter_async_context(connect(r.target, tokens[Role.PUBLISHER]))
-            )
-            for r in replicas
-        ]
+        gates = await publishers_on(stack, replicas, tokens, per_session)
         ask = u.ReserveRequest(project="p", session_id="s-1", estimated_tokens=100)
         replies = await asyncio.gather(*(gates[i % 2].Reserve(ask) for i in range(40)))
         assert sum(r.granted for r in replies) == 10

@@ -5,6 +5,7 @@ would answer it; and the gateway's BudgetGate, which sends its callers' concurre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import grpc
@@ -23,7 +24,7 @@ from lodestar_usage.settings import AdmissionSettings
 from lodestar_usage.testing import RunningTracker
 
 from .conftest import StartTracker
-from .test_usage_admission import held_and_counted, project_budget
+from .test_usage_admission import held_and_counted, project_budget, publishers_on
 
 OK = grpc.StatusCode.OK
 
@@ -49,14 +50,8 @@ async def test_each_call_is_answered_as_its_own_rpc_would_be(
     start_trackers: StartTracker, tokens: dict[Role | str, str]
 ) -> None:
     tracker = await start_trackers()
-    async with (
-        connect(tracker.target, tokens[Role.ADMIN]) as admin,
-        connect(tracker.target, tokens[Role.PUBLISHER]) as publisher,
-    ):
-        await ug.BudgetServiceStub(admin).CreateBudget(
-            u.CreateBudgetRequest(budget=project_budget(1_000))
-        )
-        stub = ug.BudgetServiceStub(publisher)
+    async with contextlib.AsyncExitStack() as stack:
+        (stub,) = await publishers_on(stack, [tracker], tokens, project_budget(1_000))
         reply = await stub.Admit(
             u.AdmitRequest(
                 calls=[
@@ -180,13 +175,9 @@ async def test_concurrent_callers_through_one_gate_never_overspend(
     start_trackers: StartTracker, tokens: dict[Role | str, str]
 ) -> None:
     tracker = await start_trackers()
-    async with (
-        connect(tracker.target, tokens[Role.ADMIN]) as admin,
-        connect(tracker.target, tokens[Role.PUBLISHER]) as publisher,
-    ):
-        await ug.BudgetServiceStub(admin).CreateBudget(
-            u.CreateBudgetRequest(budget=project_budget(10_000))
-        )
+    async with connect(tracker.target, tokens[Role.PUBLISHER]) as publisher:
+        async with contextlib.AsyncExitStack() as stack:
+            await publishers_on(stack, [tracker], tokens, project_budget(10_000))
         gate = BudgetGate(publisher, GatePolicy(timeout_seconds=30, max_calls_per_request=16))
 
         async def caller() -> int:
