@@ -272,6 +272,41 @@ async def test_prices_set_list_and_delete(cli_env, tracker):
     assert "no price for cli-model-*" in one_line(err)
 
 
+async def test_prices_import_from_a_cost_map_file_and_their_history(cli_env, tracker, tmp_path):
+    env = {**cli_env, "LODESTAR_USAGE_ENDPOINT": tracker.target}
+    cost_map = tmp_path / "cost-map.json"
+    cost_map.write_text(
+        json.dumps(
+            {
+                "cli-llm": {
+                    "mode": "chat", "input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05
+                },
+                "cli-painter": {"mode": "image_generation", "output_cost_per_image": 0.04},
+            }
+        )
+    )  # fmt: skip
+    for day in ("2026-01-01", "2026-06-01"):
+        code, out, err = await lodestar(
+            "prices", "import", "--file", str(cost_map), "--valid-from", day, env=env
+        )
+        assert code == 0, err
+    assert "imported 1 prices from cost map file cost-map.json, from 2026-06-01: 1 added" in out
+    assert "skipped 1: priced per image_generation call, not per token" in out
+    code, out, err = await lodestar("prices", "history", "cli-llm", "--json", env=env)
+    assert code == 0, err
+    history = json.loads(out)
+    assert [(p["valid_from"], p["input_micros_per_mtok"]) for p in history] == [
+        ("2026-01-01", 3_000_000),
+        ("2026-06-01", 3_000_000),
+    ]
+    assert {p["source"] for p in history} == {"cost map file cost-map.json"}
+    code, out, err = await lodestar(
+        "prices", "import", "--file", str(tmp_path / "no.json"), env=env
+    )
+    assert code == 1
+    assert "cannot read the cost map" in one_line(err)
+
+
 async def test_publish_refuses_what_core_would_refuse_naming_the_field(cli_env):
     """Negative tokens: refused before sending (exit 2, the field named), nothing stored."""
     code, _, err = await lodestar(

@@ -1,11 +1,15 @@
 """The gRPC servicers: UsageService and BudgetService."""
 
+# SQL here is assembled from constant identifiers only; every value is a bind parameter.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -27,6 +31,7 @@ from lodestar.usage.v1 import usage_pb2
 from lodestar_usage import bounds, budgets, counters, metrics, reports, reservations, stored
 from lodestar_usage.admission import Admitter
 from lodestar_usage.pricing import (
+    PRICE_COLUMNS,
     PriceRow,
     PriceTable,
     parse_day,
@@ -147,11 +152,11 @@ class UsageApi:
         self, request: usage_pb2.SetPriceRequest, context: Context
     ) -> usage_pb2.SetPriceResponse:
         """Add or replace the price of a model pattern from a date (audited)."""
-        row = price_from_proto(request.price)
+        row = dataclasses.replace(price_from_proto(request.price), source=SET_BY_HAND)
         bounds.day_in_window(row.valid_from, "price.valid_from")
         async with self._pool.acquire() as conn, conn.transaction():
             before = await _locked_price(conn, row.pattern, row.valid_from)
-            await _upsert_price(conn, row)
+            await _upsert_prices(conn, [row])
             await audit.record(
                 conn,
                 action="UsageService/SetPrice",
@@ -161,6 +166,46 @@ class UsageApi:
             )
         await self._prices_changed()
         return usage_pb2.SetPriceResponse(price=row.to_proto())
+
+    async def ImportPrices(
+        self, request: usage_pb2.ImportPricesRequest, context: Context
+    ) -> usage_pb2.ImportPricesResponse:
+        """Add or replace many prices from one source in one transaction (audited once)."""
+        rows = _imported_rows(request)
+        keys = sorted({(row.pattern, row.valid_from) for row in rows})
+        async with self._pool.acquire() as conn, conn.transaction():
+            stored = {
+                (r.pattern, r.valid_from): r
+                for r in (
+                    PriceRow(*rec.values())
+                    for rec in await conn.fetch(
+                        f"SELECT {PRICE_COLUMNS} FROM prices p JOIN unnest($1::text[], "
+                        "$2::date[]) AS k(m, d) ON p.model_pattern = k.m AND p.valid_from = k.d "
+                        "ORDER BY p.model_pattern, p.valid_from FOR UPDATE OF p",
+                        [k[0] for k in keys],
+                        [k[1] for k in keys],
+                    )
+                )
+            }
+            counts = usage_pb2.ImportPricesResponse()
+            for row in rows:
+                before = stored.get((row.pattern, row.valid_from))
+                if before is None:
+                    counts.added += 1
+                elif before.same_price(row):
+                    counts.unchanged += 1
+                else:
+                    counts.replaced += 1
+            await _upsert_prices(conn, rows)
+            await audit.record(
+                conn,
+                action="UsageService/ImportPrices",
+                target=f"prices/{request.source}",
+                before=None,
+                after=counts,
+            )
+        await self._prices_changed()
+        return counts
 
     async def DeletePrice(
         self, request: usage_pb2.DeletePriceRequest, context: Context
@@ -211,6 +256,42 @@ def _price_target(pattern: str, valid_from: date) -> str:
     return f"price/{pattern}@{valid_from.isoformat()}"
 
 
+#: The source of a price set with SetPrice.
+SET_BY_HAND = "SetPrice"
+#: Most prices one ImportPrices call may carry.
+MAX_IMPORTED_PRICES = 20_000
+MAX_SOURCE_CHARS = 200
+
+
+def _imported_rows(request: usage_pb2.ImportPricesRequest) -> list[PriceRow]:
+    """The prices of an import, validated; INVALID_ARGUMENT names the first bad field."""
+    if not request.source.strip():
+        raise InvalidArgumentError(
+            "required: where the prices come from, e.g. 'litellm 1.110.2 model cost map'",
+            field="source",
+        )
+    bounds.text(request.source, "source", MAX_SOURCE_CHARS)
+    if not request.prices:
+        raise InvalidArgumentError("at least one price is required", field="prices")
+    if len(request.prices) > MAX_IMPORTED_PRICES:
+        raise InvalidArgumentError(
+            f"{len(request.prices)} prices; at most {MAX_IMPORTED_PRICES} per call: split them",
+            field="prices",
+        )
+    rows: list[PriceRow] = []
+    seen: set[tuple[str, date]] = set()
+    for i, price in enumerate(request.prices):
+        row = price_from_proto(price, f"prices[{i}]")
+        bounds.day_in_window(row.valid_from, f"prices[{i}].valid_from")
+        if (row.pattern, row.valid_from) in seen:
+            raise InvalidArgumentError(
+                f"{row.pattern} from {row.valid_from} is given twice", field=f"prices[{i}]"
+            )
+        seen.add((row.pattern, row.valid_from))
+        rows.append(dataclasses.replace(row, source=request.source))
+    return rows
+
+
 async def _locked_price(
     conn: asyncpg.Connection, pattern: str, valid_from: date
 ) -> PriceRow | None:
@@ -220,34 +301,31 @@ async def _locked_price(
         f"lodestar:{_price_target(pattern, valid_from)}",
     )
     rec = await conn.fetchrow(
-        "SELECT model_pattern, valid_from, input_micros_per_mtok, output_micros_per_mtok, "
-        "cached_read_micros_per_mtok, cache_write_micros_per_mtok, reasoning_micros_per_mtok "
-        "FROM prices WHERE model_pattern = $1 AND valid_from = $2",
+        f"SELECT {PRICE_COLUMNS} FROM prices WHERE model_pattern = $1 AND valid_from = $2",
         pattern,
         valid_from,
     )
     return PriceRow(*rec.values()) if rec else None
 
 
-async def _upsert_price(conn: asyncpg.Connection, row: PriceRow) -> None:
-    await conn.execute(
-        "INSERT INTO prices (model_pattern, valid_from, input_micros_per_mtok, "
-        "output_micros_per_mtok, cached_read_micros_per_mtok, cache_write_micros_per_mtok, "
-        "reasoning_micros_per_mtok) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-        "ON CONFLICT (model_pattern, valid_from) DO UPDATE SET "
-        "input_micros_per_mtok = EXCLUDED.input_micros_per_mtok, "
-        "output_micros_per_mtok = EXCLUDED.output_micros_per_mtok, "
-        "cached_read_micros_per_mtok = EXCLUDED.cached_read_micros_per_mtok, "
-        "cache_write_micros_per_mtok = EXCLUDED.cache_write_micros_per_mtok, "
-        "reasoning_micros_per_mtok = EXCLUDED.reasoning_micros_per_mtok, updated_at = now()",
-        row.pattern,
-        row.valid_from,
-        row.input,
-        row.output,
-        row.cached_read,
-        row.cache_write,
-        row.reasoning,
-    )
+#: Adds or replaces price rows given as arrays, one per column.
+UPSERT_PRICES = (
+    f"INSERT INTO prices ({PRICE_COLUMNS}) "
+    "SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[], $4::bigint[], $5::bigint[], "
+    "$6::bigint[], $7::bigint[], $8::text[]) "
+    "ON CONFLICT (model_pattern, valid_from) DO UPDATE SET "
+    "input_micros_per_mtok = EXCLUDED.input_micros_per_mtok, "
+    "output_micros_per_mtok = EXCLUDED.output_micros_per_mtok, "
+    "cached_read_micros_per_mtok = EXCLUDED.cached_read_micros_per_mtok, "
+    "cache_write_micros_per_mtok = EXCLUDED.cache_write_micros_per_mtok, "
+    "reasoning_micros_per_mtok = EXCLUDED.reasoning_micros_per_mtok, "
+    "source = EXCLUDED.source, updated_at = now()"
+)
+
+
+async def _upsert_prices(conn: asyncpg.Connection, rows: Sequence[PriceRow]) -> None:
+    columns = list(zip(*(dataclasses.astuple(row) for row in rows), strict=True))
+    await conn.execute(UPSERT_PRICES, *(list(column) for column in columns))
 
 
 class BudgetApi:

@@ -78,7 +78,8 @@ PRICE_FLAGS = {
 usage_app = typer.Typer(help="Usage: summaries, exports, top spenders.", no_args_is_help=True)
 budgets_app = typer.Typer(help="Budgets: list, create, delete.", no_args_is_help=True)
 prices_app = typer.Typer(
-    help="Prices per million tokens, by model pattern and start day: list, set, delete.",
+    help="Prices per million tokens, by model pattern and start day: list, history, set, "
+    "import, delete.",
     no_args_is_help=True,
 )
 console = stdout_console()
@@ -625,6 +626,7 @@ def price_dict(price: usage_pb2.Price) -> dict[str, str | int]:
         "reasoning_micros_per_mtok": price.reasoning_micros_per_mtok
         if price.HasField("reasoning_micros_per_mtok")
         else price.output_micros_per_mtok,
+        "source": price.source,
     }
 
 
@@ -681,6 +683,94 @@ def set_price(
 
     stored = client.run(send())
     console.print(f"{stored.model_pattern} from {stored.valid_from} set", highlight=False)
+
+
+@prices_app.command("history")
+@with_client(USAGE, flags={"model": "MODEL"})
+def price_history(
+    client: Client,
+    model: Annotated[str, typer.Argument(help="a model name, e.g. 'gpt-4o'")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Every price that has applied or will apply to a model, oldest first, with its source."""
+    from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+
+    async def fetch() -> list[usage_pb2.Price]:
+        async with client.channel() as channel:
+            reply = await usage_pb2_grpc.UsageServiceStub(channel).ListPrices(
+                usage_pb2.ListPricesRequest(model=model)
+            )
+            return sorted(reply.prices, key=lambda p: (p.valid_from, p.model_pattern))
+
+    prices = client.run(fetch())
+    if as_json:
+        print(json.dumps([price_dict(p) for p in prices]))
+        return
+    if not prices:
+        fail(f"no price applies to {model}; set one with `lodestar prices set` or import some")
+    table = Table(title=f"prices of {model}, $ per million tokens")
+    table.add_column("from (UTC day)")
+    table.add_column("model pattern")
+    table.add_column("input", justify="right")
+    table.add_column("output", justify="right")
+    table.add_column("source")
+    for price in prices:
+        table.add_row(
+            price.valid_from,
+            price.model_pattern,
+            dollars(price.input_micros_per_mtok),
+            dollars(price.output_micros_per_mtok),
+            price.source,
+        )
+    console.print(table)
+
+
+@prices_app.command("import")
+@with_client(USAGE, flags={"file": "--file", "valid_from": "--valid-from"})
+def import_prices(
+    client: Client,
+    file: Annotated[
+        Path | None,
+        typer.Option(help="a cost map in LiteLLM's JSON format (default: the installed litellm's)"),
+    ] = None,
+    valid_from: Annotated[
+        str, typer.Option(help="first UTC day the prices apply to, YYYY-MM-DD (default: today)")
+    ] = "",
+) -> None:
+    """Import every per-token price of LiteLLM's model cost map (admin)."""
+    from datetime import UTC, datetime
+
+    from lodestar.common.errors import LodestarError
+    from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+    from lodestar_usage.cost_map import bundled_cost_map, cost_map_file, prices_from_cost_map
+    from lodestar_usage.pricing import parse_day
+
+    try:
+        day = parse_day(valid_from, "--valid-from") if valid_from else datetime.now(UTC).date()
+        cost_map, source = cost_map_file(file) if file is not None else bundled_cost_map()
+    except LodestarError as exc:
+        fail(str(exc.details()))
+    found = prices_from_cost_map(cost_map, day)
+    if not found.prices:
+        fail(f"no per-token price in {source}")
+
+    async def send() -> usage_pb2.ImportPricesResponse:
+        async with client.channel() as channel:
+            reply: usage_pb2.ImportPricesResponse = await usage_pb2_grpc.UsageServiceStub(
+                channel
+            ).ImportPrices(usage_pb2.ImportPricesRequest(prices=found.prices, source=source))
+            return reply
+
+    counts = client.run(send())
+    console.print(
+        f"imported {len(found.prices)} prices from {source}, from {day}: {counts.added} added, "
+        f"{counts.replaced} replaced, {counts.unchanged} unchanged",
+        highlight=False,
+    )
+    if found.tiered:
+        console.print(f"{found.tiered} models have tiered prices: imported at their base tier")
+    for why, count in sorted(found.skipped.items()):
+        console.print(f"skipped {count}: {why}", highlight=False)
 
 
 @prices_app.command("delete")

@@ -5,8 +5,12 @@ excludes reasoning tokens. A price is micro-dollars per million tokens; the cost
 the exact sum over kinds, rounded half up to a whole micro-dollar once.
 """
 
+# SQL here is assembled from constant identifiers only; every value is a bind parameter.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from collections.abc import Iterable
@@ -38,6 +42,8 @@ class PriceRow:
     cached_read: int | None = None
     cache_write: int | None = None
     reasoning: int | None = None
+    #: Where the price came from ("SetPrice", or an import's source).
+    source: str = ""
 
     @property
     def specificity(self) -> int:
@@ -79,7 +85,12 @@ class PriceRow:
             price.cache_write_micros_per_mtok = self.cache_write
         if self.reasoning is not None:
             price.reasoning_micros_per_mtok = self.reasoning
+        price.source = self.source
         return price
+
+    def same_price(self, other: PriceRow) -> bool:
+        """Whether ``other`` charges the same for every token kind (wherever it came from)."""
+        return dataclasses.replace(other, source=self.source) == self
 
 
 def validate_pattern(pattern: str, field: str) -> str:
@@ -103,12 +114,14 @@ def parse_day(value: str, field: str) -> date:
         ) from None
 
 
-def price_from_proto(price: usage_pb2.Price) -> PriceRow:
-    """Validate an API price; INVALID_ARGUMENT names the first bad field."""
-    pattern = validate_pattern(price.model_pattern, "price.model_pattern")
+def price_from_proto(price: usage_pb2.Price, field_prefix: str = "price") -> PriceRow:
+    """Validate an API price; INVALID_ARGUMENT names the first bad field (under the prefix)."""
+    pattern = validate_pattern(price.model_pattern, f"{field_prefix}.model_pattern")
     if not price.valid_from:
-        raise InvalidArgumentError("required, a date YYYY-MM-DD", field="price.valid_from")
-    day = parse_day(price.valid_from, "price.valid_from")
+        raise InvalidArgumentError(
+            "required, a date YYYY-MM-DD", field=f"{field_prefix}.valid_from"
+        )
+    day = parse_day(price.valid_from, f"{field_prefix}.valid_from")
     values: dict[str, int | None] = {}
     for name in ("input", "output", "cached_read", "cache_write", "reasoning"):
         field = f"{name}_micros_per_mtok"
@@ -120,7 +133,7 @@ def price_from_proto(price: usage_pb2.Price) -> PriceRow:
         if not 0 <= value <= MAX_PRICE:
             raise InvalidArgumentError(
                 f"{value} is out of range; give micro-dollars per million tokens, 0..{MAX_PRICE}",
-                field=f"price.{field}",
+                field=f"{field_prefix}.{field}",
             )
         values[name] = value
     return PriceRow(
@@ -134,6 +147,13 @@ def price_from_proto(price: usage_pb2.Price) -> PriceRow:
     )
 
 
+#: The columns of a price row, in PriceRow's field order.
+PRICE_COLUMNS = (
+    "model_pattern, valid_from, input_micros_per_mtok, output_micros_per_mtok, "
+    "cached_read_micros_per_mtok, cache_write_micros_per_mtok, reasoning_micros_per_mtok, source"
+)
+
+
 class PriceTable:
     """The price table held in memory; ``load`` refreshes it from the database."""
 
@@ -144,11 +164,7 @@ class PriceTable:
     @classmethod
     async def load(cls, conn: asyncpg.Connection | asyncpg.Pool) -> PriceTable:
         """Read every price row."""
-        records = await conn.fetch(
-            "SELECT model_pattern, valid_from, input_micros_per_mtok, output_micros_per_mtok, "
-            "cached_read_micros_per_mtok, cache_write_micros_per_mtok, reasoning_micros_per_mtok "
-            "FROM prices"
-        )
+        records = await conn.fetch(f"SELECT {PRICE_COLUMNS} FROM prices")
         return cls(PriceRow(*r.values()) for r in records)
 
     def lookup(self, model: str, provider: str, day: date) -> PriceRow | None:

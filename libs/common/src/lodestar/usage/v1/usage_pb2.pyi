@@ -818,6 +818,7 @@ class Price(_message.Message):
     CACHED_READ_MICROS_PER_MTOK_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_MICROS_PER_MTOK_FIELD_NUMBER: _builtins.int
     REASONING_MICROS_PER_MTOK_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     model_pattern: _builtins.str
     """Glob over the model name, or over "provider/model": letters, digits, . _ - : / @ and * ?."""
     valid_from: _builtins.str
@@ -830,6 +831,10 @@ class Price(_message.Message):
     """Unset: the input price."""
     reasoning_micros_per_mtok: _builtins.int
     """Unset: the output price."""
+    source: _builtins.str
+    """Where the price came from: "SetPrice" for one set by hand, or the source of an import
+    (e.g. "litellm 1.110.2 model cost map"). Set by the server.
+    """
     def __init__(
         self,
         *,
@@ -840,10 +845,11 @@ class Price(_message.Message):
         cached_read_micros_per_mtok: _builtins.int | None = ...,
         cache_write_micros_per_mtok: _builtins.int | None = ...,
         reasoning_micros_per_mtok: _builtins.int | None = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_write_micros_per_mtok", b"_cache_write_micros_per_mtok", "_cached_read_micros_per_mtok", b"_cached_read_micros_per_mtok", "_reasoning_micros_per_mtok", b"_reasoning_micros_per_mtok", "cache_write_micros_per_mtok", b"cache_write_micros_per_mtok", "cached_read_micros_per_mtok", b"cached_read_micros_per_mtok", "reasoning_micros_per_mtok", b"reasoning_micros_per_mtok"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_write_micros_per_mtok", b"_cache_write_micros_per_mtok", "_cached_read_micros_per_mtok", b"_cached_read_micros_per_mtok", "_reasoning_micros_per_mtok", b"_reasoning_micros_per_mtok", "cache_write_micros_per_mtok", b"cache_write_micros_per_mtok", "cached_read_micros_per_mtok", b"cached_read_micros_per_mtok", "input_micros_per_mtok", b"input_micros_per_mtok", "model_pattern", b"model_pattern", "output_micros_per_mtok", b"output_micros_per_mtok", "reasoning_micros_per_mtok", b"reasoning_micros_per_mtok", "valid_from", b"valid_from"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_write_micros_per_mtok", b"_cache_write_micros_per_mtok", "_cached_read_micros_per_mtok", b"_cached_read_micros_per_mtok", "_reasoning_micros_per_mtok", b"_reasoning_micros_per_mtok", "cache_write_micros_per_mtok", b"cache_write_micros_per_mtok", "cached_read_micros_per_mtok", b"cached_read_micros_per_mtok", "input_micros_per_mtok", b"input_micros_per_mtok", "model_pattern", b"model_pattern", "output_micros_per_mtok", b"output_micros_per_mtok", "reasoning_micros_per_mtok", b"reasoning_micros_per_mtok", "source", b"source", "valid_from", b"valid_from"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_write_micros_per_mtok: _TypeAlias = _typing.Literal["cache_write_micros_per_mtok"]  # noqa: Y015
     _WhichOneofArgType__cache_write_micros_per_mtok: _TypeAlias = _typing.Literal["_cache_write_micros_per_mtok", b"_cache_write_micros_per_mtok"]  # noqa: Y015
@@ -1672,3 +1678,57 @@ class CallStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallStatus: _TypeAlias = CallStatus  # noqa: Y015
+
+@_typing.final
+class ImportPricesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICES_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Where they come from, recorded with each price (required, at most 200 characters)."""
+    @_builtins.property
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Price]:
+        """At most 20,000 prices; each is validated as SetPrice validates one."""
+
+    def __init__(
+        self,
+        *,
+        prices: _abc.Iterable[Global___Price] | None = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prices", b"prices", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportPricesRequest: _TypeAlias = ImportPricesRequest  # noqa: Y015
+
+@_typing.final
+class ImportPricesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_FIELD_NUMBER: _builtins.int
+    REPLACED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    added: _builtins.int
+    """Prices for a (model_pattern, valid_from) that had none."""
+    replaced: _builtins.int
+    """Prices that replaced a different one."""
+    unchanged: _builtins.int
+    """Prices equal to the one stored (its source is updated)."""
+    def __init__(
+        self,
+        *,
+        added: _builtins.int = ...,
+        replaced: _builtins.int = ...,
+        unchanged: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "replaced", b"replaced", "unchanged", b"unchanged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportPricesResponse: _TypeAlias = ImportPricesResponse  # noqa: Y015

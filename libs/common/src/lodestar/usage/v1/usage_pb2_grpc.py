@@ -70,6 +70,11 @@ class UsageServiceStub:
                 request_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.DeletePriceRequest.SerializeToString,
                 response_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.DeletePriceResponse.FromString,
                 _registered_method=True)
+        self.ImportPrices = channel.unary_unary(
+                '/lodestar.usage.v1.UsageService/ImportPrices',
+                request_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesRequest.SerializeToString,
+                response_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesResponse.FromString,
+                _registered_method=True)
 
 
 class UsageServiceServicer:
@@ -125,6 +130,13 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportPrices(self, request, context):
+        """ImportPrices adds or replaces many prices from one source in one transaction (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +174,11 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.DeletePrice,
                     request_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.DeletePriceRequest.FromString,
                     response_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.DeletePriceResponse.SerializeToString,
+            ),
+            'ImportPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportPrices,
+                    request_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesRequest.FromString,
+                    response_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +371,33 @@ class UsageService:
             '/lodestar.usage.v1.UsageService/DeletePrice',
             lodestar_dot_usage_dot_v1_dot_usage__pb2.DeletePriceRequest.SerializeToString,
             lodestar_dot_usage_dot_v1_dot_usage__pb2.DeletePriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lodestar.usage.v1.UsageService/ImportPrices',
+            lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesRequest.SerializeToString,
+            lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,8 @@ class UsageServiceStub:
     """SetPrice adds or replaces the price of a model pattern from a date (admin)."""
     DeletePrice: _grpc.UnaryUnaryMultiCallable[_usage_pb2.DeletePriceRequest, _usage_pb2.DeletePriceResponse]
     """DeletePrice removes one price row (admin)."""
+    ImportPrices: _grpc.UnaryUnaryMultiCallable[_usage_pb2.ImportPricesRequest, _usage_pb2.ImportPricesResponse]
+    """ImportPrices adds or replaces many prices from one source in one transaction (admin)."""
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
@@ -67,6 +69,8 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """SetPrice adds or replaces the price of a model pattern from a date (admin)."""
     DeletePrice: _aio.UnaryUnaryMultiCallable[_usage_pb2.DeletePriceRequest, _usage_pb2.DeletePriceResponse]  # type: ignore[assignment]
     """DeletePrice removes one price row (admin)."""
+    ImportPrices: _aio.UnaryUnaryMultiCallable[_usage_pb2.ImportPricesRequest, _usage_pb2.ImportPricesResponse]  # type: ignore[assignment]
+    """ImportPrices adds or replaces many prices from one source in one transaction (admin)."""
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     """UsageService answers questions about the ledger: summaries, records, sessions and prices."""
@@ -126,6 +130,14 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.DeletePriceResponse, _abc.Awaitable[_usage_pb2.DeletePriceResponse]]:
         """DeletePrice removes one price row (admin)."""
+
+    @_abc_1.abstractmethod
+    def ImportPrices(
+        self,
+        request: _usage_pb2.ImportPricesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.ImportPricesResponse, _abc.Awaitable[_usage_pb2.ImportPricesResponse]]:
+        """ImportPrices adds or replaces many prices from one source in one transaction (admin)."""
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
