@@ -1,0 +1,274 @@
+"""LiteLLM on the request path: usage events for every call, and budget admission before it.
+
+``LodestarLogger`` is a LiteLLM ``CustomLogger`` (install the ``litellm`` extra). Register it as a
+callback of the SDK (``litellm.callbacks = [logger]``), of a ``Router``, or of the proxy
+(``callbacks:`` in its config, see examples/):
+
+* after every call, success or failure, it publishes a ``RequestCompleted`` — model, provider,
+  tokens by kind (cached reads, cache writes and reasoning apart), the cost LiteLLM computed (as
+  ``reported_cost``), duration, status and error, and project / user / session / task from the
+  call's ``metadata={"lodestar": {...}}`` — through the SDK ``Publisher``, which spools to disk
+  while core is unreachable, so publishing never fails the call;
+* with a ``BudgetGate``, it reserves an estimate before each call is sent
+  (``async_pre_call_deployment_hook``, run by the SDK, the Router and the proxy alike), refuses an
+  over-budget call with :class:`BudgetExceededError` naming the budget, commits the actual cost
+  after a success and releases the hold after a failure.
+
+A call refused by a budget is never sent and publishes nothing. Publishing, committing and
+releasing run in the background: ``await logger.drain()`` waits for them (e.g. at shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from typing import Any
+
+from litellm.integrations.custom_logger import CustomLogger
+
+from lodestar.common.events import new_event
+from lodestar.common.logging import get_logger
+from lodestar.common.sdk import Publisher
+from lodestar.usage.v1 import events_pb2, usage_pb2
+from lodestar_usage.client import BudgetGate
+
+log = get_logger(__name__)
+#: The call's metadata key holding Lodestar's fields (project, user, session_id, task_id, attempt).
+METADATA_KEY = "lodestar"
+#: The metadata key the budget hook leaves the reservation id under, for the callbacks.
+RESERVATION_KEY = "lodestar_reservation_id"
+#: Where the events come from (a scheme of its own: lodestar:// names Lodestar's modules).
+DEFAULT_SOURCE = "litellm://gateway"
+#: Output tokens assumed for a call that sets no ``max_tokens``, for its estimate.
+DEFAULT_MAX_OUTPUT_TOKENS = 1024
+MAX_ERROR_CHARS = 1000
+#: What a Reserve is asked to hold for one call: micro-dollars and tokens.
+Estimate = Callable[[Mapping[str, Any]], tuple[int, int]]
+
+
+class BudgetExceededError(Exception):
+    """A call refused before it was sent: a budget has not enough left for its estimate."""
+
+    def __init__(self, denial: usage_pb2.Denial) -> None:
+        self.denial = denial
+        resets = (
+            f"; its window resets at {denial.resets_at.ToDatetime(UTC).isoformat()}"
+            if denial.HasField("resets_at")
+            else ""
+        )
+        super().__init__(
+            f"budget {denial.budget_name!r} ({denial.budget_id}) refuses the call: "
+            f"{denial.reason}; {denial.remaining_micros / 1e6:.6f} USD and "
+            f"{denial.remaining_tokens} tokens left{resets}"
+        )
+
+
+def estimate_with_litellm(kwargs: Mapping[str, Any]) -> tuple[int, int]:
+    """The call's prompt tokens plus its ``max_tokens``, priced by LiteLLM's cost map (rounded up).
+
+    A model LiteLLM cannot price is estimated in tokens only (0 micro-dollars).
+    """
+    import litellm
+
+    model = str(kwargs.get("model", ""))
+    prompt = litellm.token_counter(model=model, messages=kwargs.get("messages") or [])
+    completion = int(kwargs.get("max_tokens") or DEFAULT_MAX_OUTPUT_TOKENS)
+    try:
+        input_usd, output_usd = litellm.cost_per_token(
+            model=model, prompt_tokens=prompt, completion_tokens=completion
+        )
+    except Exception:  # an unmapped model: its cost is unknown before the call
+        return 0, prompt + completion
+    cost = (Decimal(repr(input_usd + output_usd)) * 1_000_000).quantize(
+        Decimal(1), rounding=ROUND_CEILING
+    )
+    return int(cost), prompt + completion
+
+
+class LodestarLogger(CustomLogger):
+    """Publishes a usage event for every LiteLLM call and, with a gate, admits calls first."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        gate: BudgetGate | None = None,
+        *,
+        estimate: Estimate = estimate_with_litellm,
+        source: str = DEFAULT_SOURCE,
+    ) -> None:
+        super().__init__()
+        self.publisher = publisher
+        self.gate = gate
+        self.estimate = estimate
+        self.source = source
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def async_pre_call_deployment_hook(
+        self, kwargs: dict[str, Any], call_type: object
+    ) -> dict[str, Any]:
+        """Reserve the call's estimate; BudgetExceededError when a budget refuses it."""
+        if self.gate is None:
+            return kwargs
+        fields = lodestar_fields(kwargs.get("metadata"))
+        micros, tokens = self.estimate(kwargs)
+        reply = await self.gate.reserve(
+            usage_pb2.ReserveRequest(
+                project=fields.get("project", ""),
+                user=fields.get("user", "") or str(kwargs.get("user") or ""),
+                session_id=fields.get("session_id", ""),
+                model=str(kwargs.get("model", "")),
+                estimated_cost_micros=micros,
+                estimated_tokens=tokens,
+            )
+        )
+        if not reply.granted:
+            raise BudgetExceededError(reply.denial)
+        if reply.reservation_id:
+            metadata = kwargs.get("metadata")
+            if not isinstance(metadata, dict):
+                metadata = kwargs["metadata"] = {}
+            metadata[RESERVATION_KEY] = reply.reservation_id
+        return kwargs
+
+    async def async_log_success_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        """Publish the call's usage and commit its reservation with the actual amounts."""
+        event = request_completed(kwargs, response_obj, ok=True)
+        self._in_background(self._after_success(event, _ended(kwargs)))
+
+    async def async_log_failure_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        """Publish the failed call and release its reservation (a refused one was never sent)."""
+        if isinstance(kwargs.get("exception"), BudgetExceededError):
+            return
+        event = request_completed(kwargs, response_obj, ok=False)
+        self._in_background(self._after_failure(event, _ended(kwargs)))
+
+    async def drain(self) -> None:
+        """Wait until what earlier calls published and committed is done (e.g. at shutdown)."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` without holding up the call (LiteLLM awaits failure callbacks inline)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _after_success(
+        self, event: events_pb2.RequestCompleted, ended: datetime | None
+    ) -> None:
+        await self._publish(event, ended)
+        if self.gate is not None and event.reservation_id:
+            tokens = event.tokens
+            await self.gate.commit(
+                usage_pb2.CommitRequest(
+                    reservation_id=event.reservation_id,
+                    actual_cost_micros=event.reported_cost.micros,
+                    actual_tokens=tokens.input
+                    + tokens.output
+                    + tokens.cached_read
+                    + tokens.cache_write
+                    + tokens.reasoning,
+                )
+            )
+
+    async def _after_failure(
+        self, event: events_pb2.RequestCompleted, ended: datetime | None
+    ) -> None:
+        await self._publish(event, ended)
+        if self.gate is not None and event.reservation_id:
+            await self.gate.release(usage_pb2.ReleaseRequest(reservation_id=event.reservation_id))
+
+    async def _publish(self, event: events_pb2.RequestCompleted, ended: datetime | None) -> None:
+        envelope = new_event(event, source=self.source, time=ended)
+        try:
+            await self.publisher.publish_events([envelope])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the spool keeps what core did not take; never fail the call
+            log.error("usage event not published", error=str(exc))
+
+
+def _ended(kwargs: Mapping[str, Any]) -> datetime | None:
+    """When the call ended, as LiteLLM logged it."""
+    ended = (kwargs.get("standard_logging_object") or {}).get("endTime")
+    return datetime.fromtimestamp(ended, UTC) if isinstance(ended, int | float) else None
+
+
+def lodestar_fields(metadata: object) -> dict[str, str]:
+    """Lodestar's fields of a call's metadata (``{"lodestar": {...}}``), as text."""
+    if not isinstance(metadata, Mapping):
+        return {}
+    fields = metadata.get(METADATA_KEY)
+    if not isinstance(fields, Mapping):
+        requester = metadata.get("requester_metadata")  # the proxy keeps the request's here
+        fields = requester.get(METADATA_KEY) if isinstance(requester, Mapping) else None
+    if not isinstance(fields, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in fields.items() if v is not None}
+
+
+def request_completed(
+    kwargs: Mapping[str, Any], response_obj: Any, *, ok: bool
+) -> events_pb2.RequestCompleted:
+    """The ``RequestCompleted`` of one LiteLLM call, from its kwargs and response."""
+    log_object: Mapping[str, Any] = kwargs.get("standard_logging_object") or {}
+    params = kwargs.get("litellm_params") or {}
+    metadata = params.get("metadata") or kwargs.get("metadata") or {}
+    fields = lodestar_fields(metadata)
+    provider = str(log_object.get("custom_llm_provider") or params.get("custom_llm_provider") or "")
+    model = str(log_object.get("model") or kwargs.get("model") or "")
+    event = events_pb2.RequestCompleted(
+        model=model.removeprefix(f"{provider}/") if provider else model,
+        provider=provider,
+        project=fields.get("project", ""),
+        user=fields.get("user", "") or str(kwargs.get("user") or log_object.get("end_user") or ""),
+        session_id=fields.get("session_id", ""),
+        task_id=fields.get("task_id", ""),
+        attempt=int(fields.get("attempt", "0") or 0),
+        status=events_pb2.REQUEST_STATUS_OK if ok else events_pb2.REQUEST_STATUS_ERROR,
+        reservation_id=str(metadata.get(RESERVATION_KEY, ""))
+        if isinstance(metadata, Mapping)
+        else "",
+    )
+    started, ended = log_object.get("startTime"), log_object.get("endTime")
+    if isinstance(started, int | float) and isinstance(ended, int | float) and ended >= started:
+        event.duration.FromTimedelta(timedelta(seconds=ended - started))
+    if ok:
+        _count_tokens(event.tokens, getattr(response_obj, "usage", None))
+        cost = log_object.get("response_cost")
+        if isinstance(cost, int | float) and cost > 0:
+            event.reported_cost.micros = int(
+                (Decimal(repr(cost)) * 1_000_000).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+            )
+    else:
+        event.error_message = str(log_object.get("error_str") or kwargs.get("exception") or "")[
+            :MAX_ERROR_CHARS
+        ]
+    return event
+
+
+def _count_tokens(tokens: events_pb2.TokenUsage, usage: Any) -> None:
+    """LiteLLM's usage as disjoint kinds.
+
+    Input leaves out cache reads and writes, output leaves out reasoning.
+    """
+    if usage is None:
+        return
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    completion = int(getattr(usage, "completion_tokens", 0) or 0)
+    prompt_details = getattr(usage, "prompt_tokens_details", None)
+    completion_details = getattr(usage, "completion_tokens_details", None)
+    cached = int(getattr(prompt_details, "cached_tokens", 0) or 0)
+    written = int(getattr(usage, "cache_creation_input_tokens", 0) or 0)
+    reasoning = int(getattr(completion_details, "reasoning_tokens", 0) or 0)
+    tokens.cached_read = min(cached, prompt)
+    tokens.cache_write = min(written, prompt - tokens.cached_read)
+    tokens.input = prompt - tokens.cached_read - tokens.cache_write
+    tokens.reasoning = min(reasoning, completion)
+    tokens.output = completion - tokens.reasoning
