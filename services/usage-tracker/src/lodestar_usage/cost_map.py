@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
-import importlib.resources
+import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -56,7 +56,12 @@ def bundled_cost_map() -> tuple[dict[str, Any], str]:
     """The map bundled with the installed ``litellm``, and a source naming its version."""
     try:
         version = importlib.metadata.version("litellm")
-        text = importlib.resources.files("litellm").joinpath(BUNDLED_FILE).read_text("utf-8")
+        # Found without importing litellm, whose import fetches the map over the network.
+        spec = importlib.util.find_spec("litellm")
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        text = (Path(folders[0]) / BUNDLED_FILE).read_text("utf-8") if folders else ""
+        if not text:
+            raise FileNotFoundError(BUNDLED_FILE)
     except (importlib.metadata.PackageNotFoundError, ModuleNotFoundError, FileNotFoundError):
         raise ConfigurationError(
             "litellm is not installed here: install it (pip install 'lodestar-usage-tracker"
