@@ -32,6 +32,7 @@ from lodestar.common.events import new_event
 from lodestar.common.logging import get_logger
 from lodestar.common.sdk import Publisher
 from lodestar.usage.v1 import events_pb2, usage_pb2
+from lodestar_usage.bounds import MAX_COST_MICROS, MAX_TOKENS
 from lodestar_usage.client import BudgetGate
 
 log = get_logger(__name__)
@@ -80,11 +81,11 @@ def estimate_with_litellm(kwargs: Mapping[str, Any]) -> tuple[int, int]:
             model=model, prompt_tokens=prompt, completion_tokens=completion
         )
     except Exception:  # an unmapped model: its cost is unknown before the call
-        return 0, prompt + completion
+        return 0, min(prompt + completion, MAX_TOKENS)
     cost = (Decimal(repr(input_usd + output_usd)) * 1_000_000).quantize(
         Decimal(1), rounding=ROUND_CEILING
     )
-    return int(cost), prompt + completion
+    return min(int(cost), MAX_COST_MICROS), min(prompt + completion, MAX_TOKENS)
 
 
 class LodestarLogger(CustomLogger):
@@ -165,24 +166,31 @@ class LodestarLogger(CustomLogger):
         await self._publish(event, ended)
         if self.gate is not None and event.reservation_id:
             tokens = event.tokens
-            await self.gate.commit(
-                usage_pb2.CommitRequest(
-                    reservation_id=event.reservation_id,
-                    actual_cost_micros=event.reported_cost.micros,
-                    actual_tokens=tokens.input
-                    + tokens.output
-                    + tokens.cached_read
-                    + tokens.cache_write
-                    + tokens.reasoning,
-                )
+            used = tokens.input + tokens.output + tokens.cached_read + tokens.cache_write
+            commit = usage_pb2.CommitRequest(
+                reservation_id=event.reservation_id,
+                actual_cost_micros=min(event.reported_cost.micros, MAX_COST_MICROS),
+                actual_tokens=min(used + tokens.reasoning, MAX_TOKENS),
             )
+            await self._finish(self.gate.commit(commit), "commit")
 
     async def _after_failure(
         self, event: events_pb2.RequestCompleted, ended: datetime | None
     ) -> None:
         await self._publish(event, ended)
         if self.gate is not None and event.reservation_id:
-            await self.gate.release(usage_pb2.ReleaseRequest(reservation_id=event.reservation_id))
+            release = usage_pb2.ReleaseRequest(reservation_id=event.reservation_id)
+            await self._finish(self.gate.release(release), "release")
+
+    @staticmethod
+    async def _finish(call: Coroutine[Any, Any, bool], what: str) -> None:
+        """Commit or release; a refusal is logged (the lease then returns the hold)."""
+        try:
+            await call
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("reservation not finished", action=what, error=str(exc))
 
     async def _publish(self, event: events_pb2.RequestCompleted, ended: datetime | None) -> None:
         envelope = new_event(event, source=self.source, time=ended)
