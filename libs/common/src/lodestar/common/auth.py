@@ -88,21 +88,23 @@ current_principal: contextvars.ContextVar[Principal | None] = contextvars.Contex
 )
 
 
-#: Charges more calls of the current call's principal against its rate limit, beyond the one the
-#: request itself was charged (set by the AuthInterceptor when rate limits apply).
-current_charge: contextvars.ContextVar[Callable[[int], LodestarError | None] | None] = (
-    contextvars.ContextVar("lodestar_charge", default=None)
+#: The rate limiter of the current call (set by the AuthInterceptor when rate limits apply).
+current_limiter: contextvars.ContextVar[RateLimiter | None] = contextvars.ContextVar(
+    "lodestar_limiter", default=None
 )
 
 
 def charge_calls(calls: int) -> None:
     """Count ``calls`` more calls of the current principal, for a request that carries several.
 
-    Raises the rate limiter's RESOURCE_EXHAUSTED (with its retry delay) when they do not fit.
+    The request itself was charged one call already. Raises the rate limiter's
+    RESOURCE_EXHAUSTED (with its retry delay) when they do not fit.
     """
-    charge = current_charge.get()
-    if charge is not None and calls > 0 and (refused := charge(calls)) is not None:
-        raise refused
+    limiter = current_limiter.get()
+    if limiter is not None and calls > 0:
+        refused = limiter.refusal(caller(), calls, request_calls=calls + 1)
+        if refused is not None:
+            raise refused
 
 
 def caller() -> Principal:
@@ -521,9 +523,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         current_principal.set(principal)
         if self._rate_limiter is not None:
             limiter = self._rate_limiter
-            current_charge.set(
-                lambda more: limiter.refusal(principal, more, request_calls=more + 1)
-            )
+            current_limiter.set(limiter)
             if handler.request_streaming:
                 return _metered(handler, lambda: limiter.refusal(principal))
         return handler
