@@ -105,8 +105,15 @@ def prices_from_cost_map(cost_map: dict[str, Any], valid_from: date) -> CostMapP
 
 def micros_per_mtok(dollars_per_token: float | int | str) -> int:
     """US dollars per token as whole micro-dollars per million tokens (half up)."""
-    exact = Decimal(str(dollars_per_token)) * SCALE
-    return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    return scaled(dollars_per_token, SCALE)
+
+
+def scaled(amount: float | int | str, factor: Decimal | int, rounding: str = ROUND_HALF_UP) -> int:
+    """``amount`` times ``factor`` as a whole number, a float read as the decimal it prints as.
+
+    LiteLLM's dollar figures are floats; ``1e-05 * 10**12`` in floats is not 10,000,000 exactly.
+    """
+    return int((Decimal(str(amount)) * factor).quantize(Decimal(1), rounding=rounding))
 
 
 def _unusable(model: str, entry: object) -> str:

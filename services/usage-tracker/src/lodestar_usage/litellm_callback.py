@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING
 from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
@@ -34,6 +34,7 @@ from lodestar.common.sdk import Publisher
 from lodestar.usage.v1 import events_pb2, usage_pb2
 from lodestar_usage.bounds import MAX_COST_MICROS, MAX_TOKENS
 from lodestar_usage.client import BudgetGate
+from lodestar_usage.cost_map import scaled
 
 log = get_logger(__name__)
 #: The call's metadata key holding Lodestar's fields (project, user, session_id, task_id, attempt).
@@ -45,6 +46,7 @@ DEFAULT_SOURCE = "litellm://gateway"
 #: Output tokens assumed for a call that sets no ``max_tokens``, for its estimate.
 DEFAULT_MAX_OUTPUT_TOKENS = 1024
 MAX_ERROR_CHARS = 1000
+MICROS_PER_USD = 1_000_000
 #: What a Reserve is asked to hold for one call: micro-dollars and tokens.
 Estimate = Callable[[Mapping[str, Any]], tuple[int, int]]
 
@@ -82,10 +84,8 @@ def estimate_with_litellm(kwargs: Mapping[str, Any]) -> tuple[int, int]:
         )
     except Exception:  # an unmapped model: its cost is unknown before the call
         return 0, min(prompt + completion, MAX_TOKENS)
-    cost = (Decimal(repr(input_usd + output_usd)) * 1_000_000).quantize(
-        Decimal(1), rounding=ROUND_CEILING
-    )
-    return min(int(cost), MAX_COST_MICROS), min(prompt + completion, MAX_TOKENS)
+    cost = scaled(input_usd + output_usd, MICROS_PER_USD, ROUND_CEILING)
+    return min(cost, MAX_COST_MICROS), min(prompt + completion, MAX_TOKENS)
 
 
 class LodestarLogger(CustomLogger):
@@ -251,9 +251,7 @@ def request_completed(
         _count_tokens(event.tokens, getattr(response_obj, "usage", None))
         cost = log_object.get("response_cost")
         if isinstance(cost, int | float) and cost > 0:
-            event.reported_cost.micros = int(
-                (Decimal(repr(cost)) * 1_000_000).quantize(Decimal(1), rounding=ROUND_HALF_UP)
-            )
+            event.reported_cost.micros = scaled(cost, MICROS_PER_USD)
     else:
         event.error_message = str(log_object.get("error_str") or kwargs.get("exception") or "")[
             :MAX_ERROR_CHARS
