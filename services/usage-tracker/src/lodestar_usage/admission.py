@@ -139,19 +139,21 @@ class BudgetCache:
     def applicable(self, request: usage_pb2.ReserveRequest) -> list[tuple[BudgetDef, str]]:
         """The budgets ``request`` counts against with their scope values, in id order."""
         found = list(self._by_scope.get((usage_pb2.BUDGET_SCOPE_GLOBAL, ""), ()))
-        for scope, value in (
+        for scope, key in (
             (usage_pb2.BUDGET_SCOPE_PROJECT, request.project),
             (usage_pb2.BUDGET_SCOPE_USER, request.user),
             (usage_pb2.BUDGET_SCOPE_SESSION, request.session_id),
         ):
-            if value:
-                found += self._by_scope.get((scope, value), ())
+            if key:
+                found += self._by_scope.get((scope, key), ())
         if request.session_id:
             found += self._by_scope.get((usage_pb2.BUDGET_SCOPE_SESSION, ""), ())
         found.sort(key=lambda budget: budget.id)
         return [
-            (budget, request.session_id if budget.per_session else budget.scope_value)
+            (budget, value)
             for budget in found
+            if (value := budget.value_for(request.project, request.user, request.session_id))
+            is not None
         ]
 
     def window(self, budget: BudgetDef, now: datetime) -> tuple[datetime, datetime]:
@@ -168,11 +170,7 @@ def ledger_locks(plan: Plan, session_id: str) -> set[str]:
     One per rolling budget with a limit (its spend is summed from the ledger) and one for the
     session when a budget limits sessions (its use is read from the session).
     """
-    keys = {
-        f"rolling:{budget.id}:{value}"
-        for budget, value, _, _ in plan
-        if budget.period == usage_pb2.BUDGET_PERIOD_ROLLING and budget.has_limit
-    }
+    keys = {f"rolling:{budget.id}:{value}" for budget, value, _, _ in plan if budget.sums_ledger}
     if session_id and any(budget.limits_sessions for budget, _, _, _ in plan):
         keys.add(f"session:{session_id}")
     return keys
@@ -584,9 +582,10 @@ class Admitter:
             session_id = reserve.request.session_id
             for budget, value, _, _ in plans[id(reserve)]:
                 key = (budget.id, value)
-                rolling = budget.period == usage_pb2.BUDGET_PERIOD_ROLLING and budget.has_limit
-                if rolling and key not in state.rolling:
-                    state.rolling[key] = await counters.usage_of(conn, budget, value, state.now)
+                if budget.sums_ledger and key not in state.rolling:
+                    state.rolling[key] = await counters.usage_from_ledger(
+                        conn, budget, value, state.now
+                    )
                 if budget.limits_sessions and session_id and session_id not in state.sessions:
                     use = await conn.fetchrow(SESSION_USE, session_id)
                     assert use is not None

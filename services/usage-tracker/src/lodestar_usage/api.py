@@ -9,11 +9,12 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from google.protobuf.message import Message
 
 from lodestar.common import audit
 from lodestar.common.auth import caller, charge_calls
@@ -433,22 +434,19 @@ class BudgetApi:
         self, call: usage_pb2.AdmissionCall, index: int, deadline: float | None
     ) -> usage_pb2.AdmissionResult:
         kind = call.WhichOneof("call")
+        handlers: dict[str, Callable[[Any, float | None], Awaitable[Message]]] = {
+            "reserve": self._reserve_call,
+            "commit": self._commit_call,
+            "release": self._release_call,
+        }
         try:
-            if kind == "reserve":
-                return usage_pb2.AdmissionResult(
-                    reserve=await self._reserve_call(call.reserve, deadline)
+            if kind is None:
+                raise InvalidArgumentError(
+                    "set one of reserve, commit or release", field=f"calls[{index}]"
                 )
-            if kind == "commit":
-                return usage_pb2.AdmissionResult(
-                    commit=await self._commit_call(call.commit, deadline)
-                )
-            if kind == "release":
-                return usage_pb2.AdmissionResult(
-                    release=await self._release_call(call.release, deadline)
-                )
-            raise InvalidArgumentError(
-                "set one of reserve, commit or release", field=f"calls[{index}]"
-            )
+            result = usage_pb2.AdmissionResult()
+            getattr(result, kind).CopyFrom(await handlers[kind](getattr(call, kind), deadline))
+            return result
         except Exception as exc:
             return usage_pb2.AdmissionResult(error=_call_status(exc, f"calls[{index}].{kind}"))
 

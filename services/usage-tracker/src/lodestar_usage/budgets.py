@@ -101,6 +101,11 @@ class BudgetDef:
             self.limit_micros is not None or self.limit_tokens is not None
         )
 
+    @property
+    def sums_ledger(self) -> bool:
+        """Whether admission adds up the ledger for this budget (rolling, with a limit)."""
+        return self.period == usage_pb2.BUDGET_PERIOD_ROLLING and self.has_limit
+
     def value_for(self, project: str, user: str, session_id: str) -> str | None:
         """The scope value a request or ledger row counts under, or None if it does not apply."""
         if self.scope == usage_pb2.BUDGET_SCOPE_GLOBAL:

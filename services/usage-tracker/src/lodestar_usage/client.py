@@ -150,18 +150,13 @@ class BudgetGate:
     async def _send(self, call: usage_pb2.AdmissionCall) -> usage_pb2.AdmissionResult:
         if self._batches is not None:
             return await self._batches.call(call)
-        timeout = self.policy.timeout_seconds
-        if call.HasField("reserve"):
-            return usage_pb2.AdmissionResult(
-                reserve=await self._stub.Reserve(call.reserve, timeout=timeout)
-            )
-        if call.HasField("commit"):
-            return usage_pb2.AdmissionResult(
-                commit=await self._stub.Commit(call.commit, timeout=timeout)
-            )
-        return usage_pb2.AdmissionResult(
-            release=await self._stub.Release(call.release, timeout=timeout)
-        )
+        kind = call.WhichOneof("call")
+        assert kind is not None
+        method = getattr(self._stub, kind.capitalize())  # Reserve, Commit or Release
+        result = usage_pb2.AdmissionResult()
+        reply = await method(getattr(call, kind), timeout=self.policy.timeout_seconds)
+        getattr(result, kind).CopyFrom(reply)
+        return result
 
 
 class _Coalescer:

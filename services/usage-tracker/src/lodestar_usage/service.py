@@ -109,7 +109,7 @@ class UsageModule(ServiceModule[UsageSettings]):
         self.writer.start()
         self._start_core_clients()
         tasks = self.tasks
-        tasks.every(1.0, self._expire_reservations)
+        tasks.every(1.0, self._reservation_upkeep)
         tasks.every(10.0, self._refresh_statistics)
         tasks.every(self.settings.alerts.check_interval_seconds, self.check_alerts)
         tasks.every(5.0, self.reload_prices)
@@ -176,7 +176,8 @@ class UsageModule(ServiceModule[UsageSettings]):
         if self.pool is not None:
             self.prices = await PriceTable.load(self.pool)
 
-    async def _expire_reservations(self) -> None:
+    async def _reservation_upkeep(self) -> None:
+        """Mark holds whose lease ran out as expired; delete reservations past their keep time."""
         assert self.pool is not None
         await reservations.expire_reservations(self.pool)
         keep = timedelta(seconds=self.settings.admission.keep_finished_seconds)
