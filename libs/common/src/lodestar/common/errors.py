@@ -8,8 +8,10 @@ several. On the wire they become ``google.rpc.BadRequest`` field violations in t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import cast
 
 import asyncpg
 import grpc
@@ -51,6 +53,10 @@ class LodestarError(Exception):
     #: A machine-readable cause (``google.rpc.ErrorInfo.reason``, UPPER_SNAKE_CASE) for clients
     #: that act on it, e.g. a standby consumer waiting for a held subscription.
     reason: str | None = None
+    #: The ``google.rpc.ErrorInfo`` domain and metadata of an error a client received
+    #: (``client_error_from``); a server's own errors send ``DOMAIN``.
+    domain: str | None = None
+    metadata: Mapping[str, str] = MappingProxyType({})
 
     def __init__(
         self,
@@ -148,6 +154,48 @@ class NetworkError(LodestarError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceededError(NetworkError):
+    """The call did not finish before its deadline; it may or may not have taken effect."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class AlreadyExistsError(LodestarError):
+    """The object to create exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class AbortedError(LodestarError):
+    """The call lost to a concurrent change; retry the whole read-modify-write."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class OutOfRangeError(InvalidArgumentError):
+    """A value, page or position past the valid range."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class UnimplementedError(LodestarError):
+    """The server has no such method: an older server, or a target serving another service."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class CancelledCallError(LodestarError):
+    """The call was cancelled before it finished (by the caller, or the server shutting down)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class InternalError(LodestarError):
+    """The server failed (INTERNAL, UNKNOWN or DATA_LOSS); its log has the details."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and details to send for ``error``.
 
@@ -235,3 +283,86 @@ def _code_number(code: grpc.StatusCode) -> int:
     number: int = code.value[0]
     assert number in code_pb2.Code.values()
     return number
+
+
+#: The error a client raises for each status code it receives (``client_error_from``).
+CLIENT_ERRORS: Mapping[grpc.StatusCode, type[LodestarError]] = MappingProxyType(
+    {
+        grpc.StatusCode.OK: InternalError,  # a failed call never carries OK; a broken peer might
+        grpc.StatusCode.CANCELLED: CancelledCallError,
+        grpc.StatusCode.UNKNOWN: InternalError,
+        grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+        grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+        grpc.StatusCode.NOT_FOUND: NotFoundError,
+        grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+        grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+        grpc.StatusCode.FAILED_PRECONDITION: ModuleError,
+        grpc.StatusCode.ABORTED: AbortedError,
+        grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
+        grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
+        grpc.StatusCode.INTERNAL: InternalError,
+        grpc.StatusCode.UNAVAILABLE: NetworkError,
+        grpc.StatusCode.DATA_LOSS: InternalError,
+        grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    }
+)
+
+
+def client_error_from(error: grpc.RpcError) -> LodestarError:
+    """The LodestarError for a failed call, its rich status details read into fields.
+
+    The class follows the status code (``CLIENT_ERRORS``) and ``code`` is the code received;
+    ``message`` is the status message, ``violations`` the ``google.rpc.BadRequest`` field
+    violations, ``retry_after`` the ``google.rpc.RetryInfo`` delay in seconds, and ``reason``,
+    ``domain`` and ``metadata`` the ``google.rpc.ErrorInfo``. ``error`` becomes ``__cause__``.
+    Works for the errors of ``grpc`` and ``grpc.aio`` calls alike (both are calls).
+    """
+    call = cast(grpc.Call, error)
+    code = call.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = call.details() if callable(getattr(error, "details", None)) else str(error)
+    status = _received_status(call)
+    converted = CLIENT_ERRORS[code](
+        details or code.name,
+        violations=bad_request_violations(status) if status is not None else (),
+        retry_after=retry_info_delay(status) if status is not None else None,
+    )
+    converted.code = code
+    info = error_info(status) if status is not None else None
+    if info is not None:
+        converted.reason = str(info.reason) or None
+        converted.domain = str(info.domain) or None
+        converted.metadata = MappingProxyType(dict(info.metadata))
+    converted.__cause__ = error
+    return converted
+
+
+def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
+    """The ``google.rpc.ErrorInfo`` a ``google.rpc.Status`` carries, if any."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def retry_info_delay(status: status_pb2.Status) -> float | None:
+    """The ``google.rpc.RetryInfo`` delay a ``google.rpc.Status`` carries, in seconds, if any."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToTimedelta().total_seconds())
+    return None
+
+
+def _received_status(call: grpc.Call) -> status_pb2.Status | None:
+    """The rich status in a failed call's ``grpc-status-details-bin`` trailer, if it has one."""
+    if not callable(getattr(call, "trailing_metadata", None)):
+        return None
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(call)
+    except ValueError:  # details that contradict the call's own code or message
+        return None
+    return status

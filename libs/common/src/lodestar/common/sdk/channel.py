@@ -1,14 +1,15 @@
-"""Channels to Lodestar services with credentials, TLS and tracing."""
+"""Channels to Lodestar services with credentials, TLS and tracing: asyncio and blocking."""
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Any, cast
 
 import grpc
 
-from lodestar.common.auth import BearerToken
-from lodestar.common.telemetry import client_interceptors
+from lodestar.common.auth import BearerToken, token_metadata
+from lodestar.common.telemetry import client_interceptors, is_traced, telemetry_enabled
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -37,13 +38,56 @@ def connect(
     credentials. ``client_cert``/``client_key`` present a client certificate for mutual TLS.
     """
     interceptors = client_interceptors()
-    options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+    options = channel_options(server_name if tls else None)
     if not tls:
         if token:
             interceptors = [*interceptors, *token_interceptors(token)]
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    credentials = tls_credentials(token, root_ca, client_cert, client_key)
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+
+
+def connect_sync(
+    target: str,
+    token: str | None = None,
+    *,
+    tls: bool = False,
+    root_ca: Path | None = None,
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
+    server_name: str | None = None,
+) -> grpc.Channel:
+    """A blocking channel to ``target`` with the credentials rules of ``connect``."""
+    options = channel_options(server_name if tls else None)
+    interceptors = _sync_tracing()
+    if tls:
+        credentials = tls_credentials(token, root_ca, client_cert, client_key)
+        channel = grpc.secure_channel(target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+        if token:
+            interceptors.append(_SyncToken(token))
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+
+
+def channel_options(server_name: str | None = None) -> list[tuple[str, Any]]:
+    """Every Lodestar channel's options; ``server_name`` overrides the TLS name checked."""
+    options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
+    return options
+
+
+def tls_credentials(
+    token: str | None,
+    root_ca: Path | None = None,
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials (mutual with a client certificate) carrying ``token`` if any.
+
+    Without ``root_ca`` the system's trusted roots verify the server.
+    """
     credentials = grpc.ssl_channel_credentials(
         root_certificates=root_ca.read_bytes() if root_ca else None,
         private_key=client_key.read_bytes() if client_key else None,
@@ -53,7 +97,64 @@ def connect(
         credentials = grpc.composite_channel_credentials(
             credentials, grpc.metadata_call_credentials(BearerToken(token))
         )
-    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    return credentials
+
+
+def _sync_tracing() -> list[Any]:
+    """OpenTelemetry's interceptor for a blocking channel (none when telemetry is off)."""
+    if not telemetry_enabled():
+        return []
+    from opentelemetry.instrumentation.grpc import client_interceptor
+
+    return [client_interceptor(filter_=is_traced)]  # type: ignore[no-untyped-call]
+
+
+class _SyncCallDetails(
+    collections.namedtuple(
+        "_SyncCallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    """Call details of a blocking call, rebuilt with one more metadata entry."""
+
+
+class _SyncToken(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds ``authorization: Bearer <token>`` to every call of a blocking plaintext channel."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = token_metadata(token)
+
+    def _details(self, details: Any) -> _SyncCallDetails:
+        return _SyncCallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), *self._metadata],
+            details.credentials,
+            details.wait_for_ready,
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Send the unary call with the token."""
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Send the server-streaming call with the token."""
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        """Send the client-streaming call with the token."""
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        """Send the bidirectional call with the token."""
+        return continuation(self._details(details), requests)
 
 
 def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
