@@ -29,7 +29,16 @@ from lodestar.common.errors import (
 )
 from lodestar.common.logging import get_logger
 from lodestar.usage.v1 import usage_pb2
-from lodestar_usage import bounds, budgets, counters, metrics, reports, reservations, stored
+from lodestar_usage import (
+    bounds,
+    budgets,
+    counters,
+    metrics,
+    recost,
+    reports,
+    reservations,
+    stored,
+)
 from lodestar_usage.admission import Admitter
 from lodestar_usage.pricing import (
     PRICE_COLUMNS,
@@ -228,6 +237,41 @@ class UsageApi:
             )
         await self._prices_changed()
         return usage_pb2.DeletePriceResponse(deleted=before is not None)
+
+    async def ListUnpriced(
+        self, request: usage_pb2.ListUnpricedRequest, context: Context
+    ) -> usage_pb2.ListUnpricedResponse:
+        """Usage recorded without a price, per model and provider (and day)."""
+        start, end, _ = self._window(request.window)
+        limit = recost.list_limit(request.limit)
+        async with self._pool.acquire() as conn:
+            groups = await recost.unpriced_groups(conn, start, end)
+            table = await PriceTable.load(conn)
+        response = recost.list_unpriced(groups, table, by_day=request.by_day, limit=limit)
+        response.start.CopyFrom(reports.stamp(start))
+        response.end.CopyFrom(reports.stamp(end))
+        return response
+
+    async def Recost(
+        self, request: usage_pb2.RecostRequest, context: Context
+    ) -> usage_pb2.RecostResponse:
+        """Re-price unpriced rows a price now covers, with all that counted them (audited)."""
+        if not request.HasField("window"):
+            raise InvalidArgumentError(
+                "required: the time range of the rows to re-cost", field="window"
+            )
+        start, end, _ = self._window(request.window)
+        query = recost.recost_query(request, start, end)
+        response, rows = await recost.apply(self._pool, query)
+        if rows:
+            recost.record_metrics(rows)
+            log.info(
+                "unpriced usage re-costed",
+                rows=response.rows_recosted,
+                micros_added=response.micros_added,
+                more=response.more,
+            )
+        return response
 
 
 def _summary_response(

@@ -793,3 +793,183 @@ def delete_price(
     if not client.run(send()):
         fail(f"no price for {model_pattern} from {valid_from}")
     console.print(f"deleted {model_pattern} from {valid_from}", highlight=False)
+
+
+# --- unpriced usage and re-costing ---------------------------------------------------------------
+
+
+@usage_app.command("unpriced")
+@with_client(USAGE, flags={**WINDOW_FLAGS, "limit": "--limit"})
+def unpriced(
+    client: Client,
+    window: WindowOpt = "month",
+    by_day: Annotated[bool, typer.Option("--by-day", help="one row per UTC day too")] = False,
+    limit: Annotated[int, typer.Option(help="at most this many rows, most requests first")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Usage recorded while no price covered its model (cost 0), per model and provider."""
+    from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+
+    async def fetch() -> usage_pb2.ListUnpricedResponse:
+        async with client.channel() as channel:
+            reply: usage_pb2.ListUnpricedResponse = await usage_pb2_grpc.UsageServiceStub(
+                channel
+            ).ListUnpriced(
+                usage_pb2.ListUnpricedRequest(
+                    window=parse_window(window), by_day=by_day, limit=limit
+                )
+            )
+            return reply
+
+    reply = client.run(fetch())
+    if as_json:
+        print(json.dumps(_unpriced_dict(reply)))
+        return
+    start, end = reply.start.ToDatetime(), reply.end.ToDatetime()
+    table = Table(title=f"unpriced usage {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC")
+    for column in ("model", "provider", *(("day",) if by_day else ())):
+        table.add_column(column)
+    for column in ("requests", "all tokens", "first seen", "last seen", "priced now"):
+        table.add_column(column, justify="right")
+    for row in reply.rows:
+        t = row.tokens
+        table.add_row(
+            row.model,
+            row.provider,
+            *((row.day,) if by_day else ()),
+            str(row.requests),
+            str(t.input + t.output + t.cached_read + t.cache_write + t.reasoning),
+            f"{row.first_seen.ToDatetime():%Y-%m-%d %H:%M}",
+            f"{row.last_seen.ToDatetime():%Y-%m-%d %H:%M}",
+            f"{row.priceable_requests} ({row.price_pattern})" if row.price_pattern else "no price",
+        )
+    console.print(table)
+    console.print(
+        f"{reply.unpriced_requests} unpriced requests, {reply.priceable_requests} of them "
+        "covered by a price now (`lodestar prices recost` prices them)"
+        + (f"; {reply.more_rows} more rows (--limit)" if reply.more_rows else ""),
+        highlight=False,
+    )
+
+
+def _unpriced_dict(reply: usage_pb2.ListUnpricedResponse) -> dict[str, object]:
+    rows = []
+    for row in reply.rows:
+        t = row.tokens
+        rows.append(
+            {
+                "model": row.model,
+                "provider": row.provider,
+                "day": row.day,
+                "requests": row.requests,
+                "input_tokens": t.input,
+                "output_tokens": t.output,
+                "cached_read_tokens": t.cached_read,
+                "cache_write_tokens": t.cache_write,
+                "reasoning_tokens": t.reasoning,
+                "first_seen": row.first_seen.ToJsonString(),
+                "last_seen": row.last_seen.ToJsonString(),
+                "priceable_requests": row.priceable_requests,
+                "price_pattern": row.price_pattern,
+            }
+        )
+    return {
+        "start": reply.start.ToJsonString(),
+        "end": reply.end.ToJsonString(),
+        "rows": rows,
+        "unpriced_requests": reply.unpriced_requests,
+        "priceable_requests": reply.priceable_requests,
+        "more_rows": reply.more_rows,
+    }
+
+
+#: Recost fields, as the flags of ``prices recost``.
+RECOST_FLAGS = {
+    "window.range.start": "--since",
+    "window.range.end": "--until",
+    "window": "--since/--until",
+    "model_pattern": "--model",
+    "max_rows": "--batch",
+}
+
+
+@prices_app.command("recost")
+@with_client(USAGE, flags=RECOST_FLAGS)
+def recost(
+    client: Client,
+    since: Annotated[str, typer.Option(help="first UTC day of the rows, YYYY-MM-DD")],
+    until: Annotated[
+        str, typer.Option(help="last UTC day of the rows, YYYY-MM-DD (default: today)")
+    ] = "",
+    model: Annotated[
+        str, typer.Option("--model", help="only models matching this pattern, e.g. 'gpt-5*'")
+    ] = "",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="report, change nothing")] = False,
+    batch: Annotated[int, typer.Option(help="rows per call (one transaction each)")] = 10_000,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of text")] = False,
+) -> None:
+    """Price usage recorded without a price with the prices that now apply on its days (admin)."""
+    from lodestar.usage.v1 import usage_pb2, usage_pb2_grpc
+
+    request = usage_pb2.RecostRequest(
+        window=usage_pb2.Window(range=_day_range(since, until)),
+        model_pattern=model,
+        dry_run=dry_run,
+        max_rows=batch,
+    )
+
+    async def send() -> list[usage_pb2.RecostResponse]:
+        replies = []
+        async with client.channel() as channel:
+            stub = usage_pb2_grpc.UsageServiceStub(channel)
+            while True:
+                reply: usage_pb2.RecostResponse = await stub.Recost(request)
+                replies.append(reply)
+                if not reply.more:
+                    return replies
+
+    replies = client.run(send())
+    rows = sum(r.rows_recosted for r in replies)
+    added = sum(r.micros_added for r in replies)
+    left = replies[-1].rows_still_unpriced
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "dry_run": dry_run,
+                    "rows_recosted": rows,
+                    "micros_added": added,
+                    "rows_still_unpriced": left,
+                    "calls": len(replies),
+                    "audit_entry_ids": [r.audit_entry_id for r in replies if r.audit_entry_id],
+                }
+            )
+        )
+        return
+    verb = "would re-cost" if dry_run else "re-costed"
+    console.print(
+        f"{verb} {rows} requests: {dollars(added)} added; {left} still without a price",
+        highlight=False,
+    )
+
+
+def _day_range(since: str, until: str) -> usage_pb2.TimeRange:
+    """[since 00:00, until + 1 day 00:00) UTC as a TimeRange; a usage error names a bad flag."""
+    from datetime import UTC, date, datetime, timedelta
+
+    from lodestar.usage.v1 import usage_pb2
+
+    days = []
+    for text, flag in ((since, "--since"), (until, "--until")):
+        try:
+            days.append(date.fromisoformat(text) if text else datetime.now(UTC).date())
+        except ValueError:
+            raise typer.BadParameter(
+                f"{text!r} is not a date YYYY-MM-DD", param_hint=flag
+            ) from None
+    first, last = days
+    rng = usage_pb2.TimeRange()
+    rng.start.FromDatetime(datetime(first.year, first.month, first.day, tzinfo=UTC))
+    end = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1)
+    rng.end.FromDatetime(end)
+    return rng

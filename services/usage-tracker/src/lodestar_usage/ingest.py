@@ -36,7 +36,7 @@ from lodestar.common.events import uuid7_millis
 from lodestar.common.logging import get_logger
 from lodestar.common.telemetry import telemetry_enabled, tracer
 from lodestar.events.v1 import event_pb2
-from lodestar.usage.v1 import events_pb2
+from lodestar.usage.v1 import events_pb2, usage_pb2
 from lodestar_usage import budgets, counters, metrics
 from lodestar_usage.bounds import (
     EARLIEST_SECONDS,
@@ -52,6 +52,7 @@ log = get_logger(__name__)
 
 TOKEN_KINDS = ("input", "output", "cached_read", "cache_write", "reasoning")
 ERROR = events_pb2.REQUEST_STATUS_ERROR
+UNPRICED = usage_pb2.COST_SOURCE_UNPRICED
 MAX_TEXT = event_bounds.MAX_LABEL_CHARS
 MAX_NANOS = event_bounds.MAX_NANOS
 RETRYABLE: tuple[type[BaseException], ...] = (*DATABASE_UNREACHABLE, StorageError)
@@ -412,12 +413,12 @@ async def write_rows(
             acc[3] -= rec[4]
     counted = await counters.ingest_budgets(conn)
     if counted:
-        _spend_deltas(new, counted, deltas)
+        spend_deltas(new, counted, deltas)
     await counters.add_to_counters(conn, deltas, saturate=sql is SATURATING_SQL)
     return new
 
 
-def _spend_deltas(
+def spend_deltas(
     rows: Sequence[LedgerRow],
     counted: Sequence[budgets.BudgetDef],
     deltas: dict[counters.Key, list[int]],
@@ -516,6 +517,9 @@ def record_metrics(rows: Sequence[LedgerRow]) -> None:
         if errors:
             metrics.ERRORS.labels(label).inc(errors)
         metrics.COST.labels(label).inc(sum(columns[_AT["cost_micros"]]) / 1_000_000)
+        unpriced = columns[_AT["cost_source"]].count(UNPRICED)
+        if unpriced:
+            metrics.UNPRICED.labels(label).inc(unpriced)
         for kind, tokens in zip(TOKEN_KINDS, _sums(columns, *TOKEN_KINDS), strict=True):
             if tokens:
                 metrics.TOKENS.labels(label, kind).inc(tokens)

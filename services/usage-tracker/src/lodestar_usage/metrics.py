@@ -17,6 +17,21 @@ COST = Counter(
 )
 REQUESTS = Counter("lodestar_usage_requests_total", "Requests recorded.", ["model"])
 ERRORS = Counter("lodestar_usage_errors_total", "Failed requests recorded.", ["model"])
+UNPRICED = Counter(
+    "lodestar_usage_unpriced_requests_total",
+    "Requests recorded without a price (no price matched the model on their day; cost 0), by "
+    "this process.",
+    ["model"],
+)
+UNPRICED_RECENT = Gauge(
+    "lodestar_usage_ledger_unpriced_requests",
+    "Ledger rows of the last 30 days still without a price (refreshed every minute).",
+)
+UNPRICED_MODELS = Gauge(
+    "lodestar_usage_ledger_unpriced_models",
+    "Models (model and provider) with ledger rows of the last 30 days still without a price "
+    "(refreshed every minute).",
+)
 MODEL_SWITCHES = Counter(
     "lodestar_usage_model_switches_total", "Consecutive requests of a session on another model."
 )

@@ -23,7 +23,7 @@ from lodestar.common.module import ModuleInfo
 from lodestar.common.sdk import PermanentFailure, Publisher, ReceivedEvent, Subscriber
 from lodestar.common.service_cli import ServiceSpec
 from lodestar.usage.v1 import events_pb2, usage_pb2, usage_pb2_grpc
-from lodestar_usage import alerts, budgets, counters, metrics, reservations, retention
+from lodestar_usage import alerts, budgets, counters, metrics, recost, reservations, retention
 from lodestar_usage.api import BudgetApi, UsageApi
 from lodestar_usage.ingest import LedgerWriter, ensure_partitions, row_from_event
 from lodestar_usage.pricing import PriceTable
@@ -44,12 +44,14 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     USAGE + "ExportRecords": MODULE,
     USAGE + "ListSessions": MODULE,
     USAGE + "ListPrices": MODULE,
+    USAGE + "ListUnpriced": MODULE,
     BUDGET + "ListBudgets": MODULE,
     BUDGET + "Reserve": ADMISSION,
     BUDGET + "Commit": ADMISSION,
     BUDGET + "Release": ADMISSION,
     BUDGET + "Admit": ADMISSION,
-    # SetPrice, DeletePrice, CreateBudget, UpdateBudget and DeleteBudget are admin only.
+    # SetPrice, DeletePrice, ImportPrices, Recost, CreateBudget, UpdateBudget and DeleteBudget
+    # are admin only.
     **audit.METHOD_ROLES,  # reading the audit log: admin only
 }
 
@@ -114,6 +116,7 @@ class UsageModule(ServiceModule[UsageSettings]):
         tasks.every(self.settings.alerts.check_interval_seconds, self.check_alerts)
         tasks.every(5.0, self.reload_prices)
         tasks.every(60.0, self._close_idle_sessions)
+        tasks.every(60.0, self._refresh_unpriced_gauges)
         tasks.every(self.settings.retention.check_interval_seconds, self.maintain_partitions)
 
     def _start_core_clients(self) -> None:
@@ -246,6 +249,11 @@ class UsageModule(ServiceModule[UsageSettings]):
                 rec["kind"],
                 rec["threshold_pct"],
             )
+
+    async def _refresh_unpriced_gauges(self) -> None:
+        """Count the ledger's recent unpriced rows and models in their gauges."""
+        assert self.pool is not None
+        await recost.refresh_gauges(self.pool, datetime.now(UTC))
 
     async def _close_idle_sessions(self) -> None:
         assert self.pool is not None

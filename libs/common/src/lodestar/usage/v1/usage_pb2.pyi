@@ -1732,3 +1732,251 @@ class ImportPricesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ImportPricesResponse: _TypeAlias = ImportPricesResponse  # noqa: Y015
+
+@_typing.final
+class ListUnpricedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    BY_DAY_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    by_day: _builtins.bool
+    """One row per UTC day too, not only per model and provider."""
+    limit: _builtins.int
+    """At most this many rows, most requests first: 0 means 100; at most 1,000."""
+    @_builtins.property
+    def window(self) -> Global___Window:
+        """Default: the current calendar month (UTC), as Summary's."""
+
+    def __init__(
+        self,
+        *,
+        window: Global___Window | None = ...,
+        by_day: _builtins.bool = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_day", b"by_day", "limit", b"limit", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUnpricedRequest: _TypeAlias = ListUnpricedRequest  # noqa: Y015
+
+@_typing.final
+class UnpricedUsage(_message.Message):
+    """Unpriced usage of one model and provider (on one UTC day when by_day)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    DAY_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    FIRST_SEEN_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    PRICEABLE_REQUESTS_FIELD_NUMBER: _builtins.int
+    PRICE_PATTERN_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    provider: _builtins.str
+    day: _builtins.str
+    """The UTC day, YYYY-MM-DD, when by_day; else empty."""
+    requests: _builtins.int
+    """Ledger rows without a price (cost_source UNPRICED)."""
+    priceable_requests: _builtins.int
+    """Of requests, those a price now covers on their day: Recost would price them."""
+    price_pattern: _builtins.str
+    """The pattern of the price that now applies on the last day seen; empty when none does."""
+    @_builtins.property
+    def tokens(self) -> _events_pb2.TokenUsage: ...
+    @_builtins.property
+    def first_seen(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        day: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        tokens: _events_pb2.TokenUsage | None = ...,
+        first_seen: _timestamp_pb2.Timestamp | None = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+        priceable_requests: _builtins.int = ...,
+        price_pattern: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen", b"first_seen", "last_seen", b"last_seen", "tokens", b"tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "first_seen", b"first_seen", "last_seen", b"last_seen", "model", b"model", "price_pattern", b"price_pattern", "priceable_requests", b"priceable_requests", "provider", b"provider", "requests", b"requests", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnpricedUsage: _TypeAlias = UnpricedUsage  # noqa: Y015
+
+@_typing.final
+class ListUnpricedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    UNPRICED_REQUESTS_FIELD_NUMBER: _builtins.int
+    PRICEABLE_REQUESTS_FIELD_NUMBER: _builtins.int
+    MORE_ROWS_FIELD_NUMBER: _builtins.int
+    unpriced_requests: _builtins.int
+    """Over the whole window, rows past the limit included."""
+    priceable_requests: _builtins.int
+    more_rows: _builtins.int
+    """Rows left out by the limit."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnpricedUsage]: ...
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        rows: _abc.Iterable[Global___UnpricedUsage] | None = ...,
+        unpriced_requests: _builtins.int = ...,
+        priceable_requests: _builtins.int = ...,
+        more_rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "more_rows", b"more_rows", "priceable_requests", b"priceable_requests", "rows", b"rows", "start", b"start", "unpriced_requests", b"unpriced_requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUnpricedResponse: _TypeAlias = ListUnpricedResponse  # noqa: Y015
+
+@_typing.final
+class RecostRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    MODEL_PATTERN_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    MAX_ROWS_FIELD_NUMBER: _builtins.int
+    model_pattern: _builtins.str
+    """Only rows whose model, or provider/model, matches this glob (as a price's pattern does,
+    case-insensitive); empty: every model.
+    """
+    dry_run: _builtins.bool
+    """Report what would change and change nothing. A dry run covers the whole window (max_rows
+    does not apply).
+    """
+    max_rows: _builtins.int
+    """At most this many rows are re-priced by one call, oldest first: 0 means 10,000; at most
+    50,000. `more` says whether rows a price covers are left; call again for them.
+    """
+    @_builtins.property
+    def window(self) -> Global___Window:
+        """The rows' time (occurred_at), at most 366 days long; required."""
+
+    def __init__(
+        self,
+        *,
+        window: Global___Window | None = ...,
+        model_pattern: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        max_rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "max_rows", b"max_rows", "model_pattern", b"model_pattern", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecostRequest: _TypeAlias = RecostRequest  # noqa: Y015
+
+@_typing.final
+class RecostedModel(_message.Message):
+    """What Recost did (or, in a dry run, would do) for one model and provider."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    MICROS_ADDED_FIELD_NUMBER: _builtins.int
+    PRICE_PATTERNS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    provider: _builtins.str
+    rows: _builtins.int
+    micros_added: _builtins.int
+    @_builtins.property
+    def price_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The patterns of the prices used, sorted."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        micros_added: _builtins.int = ...,
+        price_patterns: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["micros_added", b"micros_added", "model", b"model", "price_patterns", b"price_patterns", "provider", b"provider", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecostedModel: _TypeAlias = RecostedModel  # noqa: Y015
+
+@_typing.final
+class RecostResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    ROWS_RECOSTED_FIELD_NUMBER: _builtins.int
+    MICROS_ADDED_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    ROWS_STILL_UNPRICED_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    AUDIT_ENTRY_ID_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    rows_recosted: _builtins.int
+    """Rows re-priced (a dry run: rows a price now covers)."""
+    micros_added: _builtins.int
+    """Micro-dollars added to the ledger, rollups, sessions and budget counters."""
+    rows_still_unpriced: _builtins.int
+    """Unpriced rows of the window (matching model_pattern) that no price covers yet."""
+    more: _builtins.bool
+    """Whether rows a price covers are left past max_rows: call again."""
+    audit_entry_id: _builtins.int
+    """The audit entry of the change; 0 when nothing changed (or a dry run)."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecostedModel]: ...
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        dry_run: _builtins.bool = ...,
+        rows_recosted: _builtins.int = ...,
+        micros_added: _builtins.int = ...,
+        models: _abc.Iterable[Global___RecostedModel] | None = ...,
+        rows_still_unpriced: _builtins.int = ...,
+        more: _builtins.bool = ...,
+        audit_entry_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_entry_id", b"audit_entry_id", "dry_run", b"dry_run", "end", b"end", "micros_added", b"micros_added", "models", b"models", "more", b"more", "rows_recosted", b"rows_recosted", "rows_still_unpriced", b"rows_still_unpriced", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecostResponse: _TypeAlias = RecostResponse  # noqa: Y015

@@ -75,6 +75,16 @@ class UsageServiceStub:
                 request_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesRequest.SerializeToString,
                 response_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesResponse.FromString,
                 _registered_method=True)
+        self.ListUnpriced = channel.unary_unary(
+                '/lodestar.usage.v1.UsageService/ListUnpriced',
+                request_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ListUnpricedRequest.SerializeToString,
+                response_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ListUnpricedResponse.FromString,
+                _registered_method=True)
+        self.Recost = channel.unary_unary(
+                '/lodestar.usage.v1.UsageService/Recost',
+                request_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.RecostRequest.SerializeToString,
+                response_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.RecostResponse.FromString,
+                _registered_method=True)
 
 
 class UsageServiceServicer:
@@ -137,6 +147,23 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUnpriced(self, request, context):
+        """ListUnpriced lists usage recorded while no price applied to its model (cost 0), per model
+        and provider (and UTC day), with how much of it a price now covers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Recost(self, request, context):
+        """Recost re-prices unpriced ledger rows with the prices that now apply on their days, and
+        every rollup, session and budget counter that counted them, in one transaction (admin,
+        audited).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +206,16 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.ImportPrices,
                     request_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesRequest.FromString,
                     response_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesResponse.SerializeToString,
+            ),
+            'ListUnpriced': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUnpriced,
+                    request_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ListUnpricedRequest.FromString,
+                    response_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.ListUnpricedResponse.SerializeToString,
+            ),
+            'Recost': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recost,
+                    request_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.RecostRequest.FromString,
+                    response_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.RecostResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +435,60 @@ class UsageService:
             '/lodestar.usage.v1.UsageService/ImportPrices',
             lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesRequest.SerializeToString,
             lodestar_dot_usage_dot_v1_dot_usage__pb2.ImportPricesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUnpriced(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lodestar.usage.v1.UsageService/ListUnpriced',
+            lodestar_dot_usage_dot_v1_dot_usage__pb2.ListUnpricedRequest.SerializeToString,
+            lodestar_dot_usage_dot_v1_dot_usage__pb2.ListUnpricedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lodestar.usage.v1.UsageService/Recost',
+            lodestar_dot_usage_dot_v1_dot_usage__pb2.RecostRequest.SerializeToString,
+            lodestar_dot_usage_dot_v1_dot_usage__pb2.RecostResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,15 @@ class UsageServiceStub:
     """DeletePrice removes one price row (admin)."""
     ImportPrices: _grpc.UnaryUnaryMultiCallable[_usage_pb2.ImportPricesRequest, _usage_pb2.ImportPricesResponse]
     """ImportPrices adds or replaces many prices from one source in one transaction (admin)."""
+    ListUnpriced: _grpc.UnaryUnaryMultiCallable[_usage_pb2.ListUnpricedRequest, _usage_pb2.ListUnpricedResponse]
+    """ListUnpriced lists usage recorded while no price applied to its model (cost 0), per model
+    and provider (and UTC day), with how much of it a price now covers.
+    """
+    Recost: _grpc.UnaryUnaryMultiCallable[_usage_pb2.RecostRequest, _usage_pb2.RecostResponse]
+    """Recost re-prices unpriced ledger rows with the prices that now apply on their days, and
+    every rollup, session and budget counter that counted them, in one transaction (admin,
+    audited).
+    """
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
@@ -71,6 +80,15 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """DeletePrice removes one price row (admin)."""
     ImportPrices: _aio.UnaryUnaryMultiCallable[_usage_pb2.ImportPricesRequest, _usage_pb2.ImportPricesResponse]  # type: ignore[assignment]
     """ImportPrices adds or replaces many prices from one source in one transaction (admin)."""
+    ListUnpriced: _aio.UnaryUnaryMultiCallable[_usage_pb2.ListUnpricedRequest, _usage_pb2.ListUnpricedResponse]  # type: ignore[assignment]
+    """ListUnpriced lists usage recorded while no price applied to its model (cost 0), per model
+    and provider (and UTC day), with how much of it a price now covers.
+    """
+    Recost: _aio.UnaryUnaryMultiCallable[_usage_pb2.RecostRequest, _usage_pb2.RecostResponse]  # type: ignore[assignment]
+    """Recost re-prices unpriced ledger rows with the prices that now apply on their days, and
+    every rollup, session and budget counter that counted them, in one transaction (admin,
+    audited).
+    """
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     """UsageService answers questions about the ledger: summaries, records, sessions and prices."""
@@ -138,6 +156,27 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.ImportPricesResponse, _abc.Awaitable[_usage_pb2.ImportPricesResponse]]:
         """ImportPrices adds or replaces many prices from one source in one transaction (admin)."""
+
+    @_abc_1.abstractmethod
+    def ListUnpriced(
+        self,
+        request: _usage_pb2.ListUnpricedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.ListUnpricedResponse, _abc.Awaitable[_usage_pb2.ListUnpricedResponse]]:
+        """ListUnpriced lists usage recorded while no price applied to its model (cost 0), per model
+        and provider (and UTC day), with how much of it a price now covers.
+        """
+
+    @_abc_1.abstractmethod
+    def Recost(
+        self,
+        request: _usage_pb2.RecostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.RecostResponse, _abc.Awaitable[_usage_pb2.RecostResponse]]:
+        """Recost re-prices unpriced ledger rows with the prices that now apply on their days, and
+        every rollup, session and budget counter that counted them, in one transaction (admin,
+        audited).
+        """
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
