@@ -300,7 +300,7 @@ class _Bound(Generic[Req, Resp]):
         if timeout is not None:  # no retry whose wait would end past the deadline
             stop = stop | stop_before_delay(timeout)
         backoff = wait_exponential_jitter(
-            initial=policy.initial_backoff_seconds,
+            multiplier=policy.initial_backoff_seconds,
             max=policy.max_backoff_seconds,
             jitter=policy.jitter_seconds,
         )
