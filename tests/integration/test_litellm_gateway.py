@@ -16,7 +16,11 @@ from typing import Any
 import pytest
 
 from lodestar.common.auth import Role
+from lodestar.common.events import unpack
 from lodestar.common.sdk import Publisher, connect
+from lodestar.events.v1 import event_pb2
+from lodestar.learning.v1 import events_pb2 as learning_events
+from lodestar.usage.v1 import events_pb2 as usage_events
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
 from lodestar_usage.client import BudgetGate, GatePolicy
@@ -68,7 +72,13 @@ def router() -> Any:
 
 @contextlib.asynccontextmanager
 async def logger_on(
-    core: Any, tracker: Any, tokens: dict[Role | str, str], spool: Path, *, gate: bool
+    core: Any,
+    tracker: Any,
+    tokens: dict[Role | str, str],
+    spool: Path,
+    *,
+    gate: bool,
+    **options: Any,
 ) -> AsyncIterator[Any]:
     """A LodestarLogger publishing to ``core`` (and admitting through ``tracker``) as litellm's
     only callbacks, with a logger of LiteLLM's own costs."""
@@ -78,7 +88,7 @@ async def logger_on(
         Publisher(to_core, source="litellm://gateway", spool_dir=spool) as publisher,
     ):
         budget_gate = BudgetGate(to_tracker, GatePolicy(timeout_seconds=10)) if gate else None
-        logger = gateway.LodestarLogger(publisher, budget_gate)
+        logger = gateway.LodestarLogger(publisher, budget_gate, **options)
         reported = CostsLiteLLMReported()
         litellm.callbacks = [logger, reported]
         try:
@@ -91,11 +101,20 @@ async def logger_on(
                 litellm.logging_callback_manager.remove_callback_from_all_lists(callback)
 
 
-async def call(llm: Any, model: str, project: str, session: str, **kwargs: Any) -> Any:
+async def call(
+    llm: Any,
+    model: str,
+    project: str,
+    session: str,
+    *,
+    task: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> Any:
+    fields = {"project": project, "session_id": session, "user": "ann", **(task or {})}
     return await llm.acompletion(
         model=model,
         messages=[{"role": "user", "content": f"hello from {project}"}],
-        metadata={"lodestar": {"project": project, "session_id": session, "user": "ann"}},
+        metadata={"lodestar": fields},
         **kwargs,
     )
 
@@ -166,3 +185,58 @@ async def test_an_over_budget_call_is_refused_before_it_is_sent(
     )
     assert states["active"] == 0, states  # every hold committed, settled or released
     assert states["released"] == 1
+
+
+async def published(db: Any) -> list[Any]:
+    """The payloads stored in core, in order."""
+    rows = await db.fetch("SELECT envelope FROM events ORDER BY seq")
+    return [unpack(event_pb2.Event.FromString(r["envelope"])) for r in rows]
+
+
+async def test_a_streamed_call_has_its_first_token_timed_and_its_answer_collected(
+    core, tracker, tokens, db, tmp_path
+):
+    """Time to first token is measured; only projects whose content is collected send answers."""
+    task = {"task_id": "t-1", "task_kind": "code-review"}
+    async with logger_on(
+        core, tracker, tokens, tmp_path / "spool", gate=False, collect_projects={"research"}
+    ):
+        llm = router()
+        stream = await call(llm, "smart", "research", "s1", task=task, stream=True)
+        chunks = [chunk async for chunk in stream]
+        await call(llm, "fast", "private", "s2", task={"task_id": "t-2"})
+        await asyncio.sleep(0.5)
+    assert len(chunks) > 1
+    payloads = await published(db)
+    completed = [p for p in payloads if isinstance(p, usage_events.RequestCompleted)]
+    collected = [p for p in payloads if isinstance(p, learning_events.ResponseCollected)]
+    assert sorted(p.project for p in completed) == ["private", "research"]
+    for event in completed:
+        first_token = event.time_to_first_token.ToTimedelta()
+        assert event.HasField("time_to_first_token")
+        assert first_token <= event.duration.ToTimedelta()
+    assert collected == [
+        learning_events.ResponseCollected(
+            task_id="t-1",
+            model="claude-3-5-haiku-20241022",
+            provider="anthropic",
+            task_kind="code-review",
+            prompt='[{"role": "user", "content": "hello from research"}]',
+            response="Lodestar counts every token.",
+            project="research",
+        )
+    ]
+
+
+async def test_an_answer_too_large_to_collect_is_left_out_but_counted(
+    core, tracker, tokens, db, tmp_path
+):
+    """A collected answer over the size limit is not published; its usage event still is."""
+    async with logger_on(
+        core, tracker, tokens, tmp_path / "spool", gate=False,
+        collect_projects={gateway.ALL_PROJECTS}, max_collected_bytes=100,
+    ):  # fmt: skip
+        await call(router(), "fast", "any", "s1")
+        await asyncio.sleep(0.5)
+    payloads = await published(db)
+    assert [type(p).__name__ for p in payloads] == ["RequestCompleted"]

@@ -399,8 +399,8 @@ def _payload(**changes: object) -> ev.RequestCompleted:
     for name, value in changes.items():
         if name == "cost":
             payload.reported_cost.CopyFrom(ev.Money(currency="USD", micros=value))  # type: ignore[arg-type]
-        elif name == "duration":
-            payload.duration.CopyFrom(value)  # type: ignore[arg-type]
+        elif name in ("duration", "time_to_first_token"):
+            getattr(payload, name).CopyFrom(value)
         elif name.startswith("tokens."):
             setattr(payload.tokens, name.removeprefix("tokens."), value)
         else:
@@ -421,6 +421,13 @@ EPOCH_10889 = (1 << 48) - 1
         (_payload(**{"tokens.reasoning": bounds.MAX_TOKENS_PER_KIND + 1}), {}, "tokens.reasoning"),
         (_payload(duration=secs(2**62)), {}, "duration"),
         (_payload(duration=secs(1, -5)), {}, "duration"),
+        (_payload(time_to_first_token=secs(2**62)), {}, "time_to_first_token"),
+        (_payload(time_to_first_token=secs(0, -1)), {}, "time_to_first_token"),
+        (
+            _payload(duration=secs(2), time_to_first_token=secs(2, 1)),
+            {},
+            "time_to_first_token",
+        ),
         (_payload(status=70_000), {}, "status"),
         (_payload(attempt=-1), {}, "attempt"),
         (_payload(model=NUL), {}, "model"),

@@ -9,6 +9,10 @@ callback of the SDK (``litellm.callbacks = [logger]``), of a ``Router``, or of t
   ``reported_cost``), duration, status and error, and project / user / session / task from the
   call's ``metadata={"lodestar": {...}}`` — through the SDK ``Publisher``, which spools to disk
   while core is unreachable, so publishing never fails the call;
+* for a project whose content is collected (``collect_projects``; ``"*"`` for all), a successful
+  call also publishes a ``ResponseCollected`` — the prompt (the messages, as JSON), the answer,
+  model, provider, task and its kind (metadata ``task_kind``) — for the learning service; an
+  answer too large for one event (``max_collected_bytes``) is left out, and said so in the log;
 * with a ``BudgetGate``, it reserves an estimate before each call is sent
   (``async_pre_call_deployment_hook``, run by the SDK, the Router and the proxy alike), refuses an
   over-budget call with :class:`BudgetExceededError` naming the budget, commits the actual cost
@@ -21,16 +25,19 @@ releasing run in the background: ``await logger.drain()`` waits for them (e.g. a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Mapping
+import json
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING
 from typing import Any
 
+from google.protobuf.message import Message
 from litellm.integrations.custom_logger import CustomLogger
 
 from lodestar.common.events import new_event
 from lodestar.common.logging import get_logger
 from lodestar.common.sdk import Publisher
+from lodestar.learning.v1 import events_pb2 as learning_events
 from lodestar.usage.v1 import events_pb2, usage_pb2
 from lodestar_usage.bounds import MAX_COST_MICROS, MAX_TOKENS
 from lodestar_usage.client import BudgetGate
@@ -47,6 +54,10 @@ DEFAULT_SOURCE = "litellm://gateway"
 DEFAULT_MAX_OUTPUT_TOKENS = 1024
 MAX_ERROR_CHARS = 1000
 MICROS_PER_USD = 1_000_000
+#: The largest ResponseCollected published (core refuses events over 256 KiB by default).
+DEFAULT_MAX_COLLECTED_BYTES = 200 * 1024
+#: ``collect_projects`` entry that collects every project's responses.
+ALL_PROJECTS = "*"
 #: What a Reserve is asked to hold for one call: micro-dollars and tokens.
 Estimate = Callable[[Mapping[str, Any]], tuple[int, int]]
 
@@ -98,12 +109,16 @@ class LodestarLogger(CustomLogger):
         *,
         estimate: Estimate = estimate_with_litellm,
         source: str = DEFAULT_SOURCE,
+        collect_projects: Iterable[str] = (),
+        max_collected_bytes: int = DEFAULT_MAX_COLLECTED_BYTES,
     ) -> None:
         super().__init__()
         self.publisher = publisher
         self.gate = gate
         self.estimate = estimate
         self.source = source
+        self.collect_projects = frozenset(collect_projects)
+        self.max_collected_bytes = max_collected_bytes
         self._pending: set[asyncio.Task[None]] = set()
 
     async def async_pre_call_deployment_hook(
@@ -136,9 +151,10 @@ class LodestarLogger(CustomLogger):
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
-        """Publish the call's usage and commit its reservation with the actual amounts."""
+        """Publish the call's usage (and answer, if collected); commit its reservation."""
         event = request_completed(kwargs, response_obj, ok=True)
-        self._in_background(self._after_success(event, _ended(kwargs)))
+        collected = self._collected(kwargs, response_obj, event)
+        self._in_background(self._after_success(event, _ended(kwargs), collected))
 
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
@@ -160,10 +176,32 @@ class LodestarLogger(CustomLogger):
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    def _collected(
+        self, kwargs: Mapping[str, Any], response_obj: Any, event: events_pb2.RequestCompleted
+    ) -> learning_events.ResponseCollected | None:
+        """The call's ResponseCollected when its project's content is collected and it fits."""
+        if not self.collect_projects & {event.project, ALL_PROJECTS}:
+            return None
+        collected = response_collected(kwargs, response_obj, event)
+        if collected is not None and collected.ByteSize() > self.max_collected_bytes:
+            log.warning(
+                "response not collected: too large",
+                bytes=collected.ByteSize(),
+                max_bytes=self.max_collected_bytes,
+                task_id=event.task_id,
+            )
+            return None
+        return collected
+
     async def _after_success(
-        self, event: events_pb2.RequestCompleted, ended: datetime | None
+        self,
+        event: events_pb2.RequestCompleted,
+        ended: datetime | None,
+        collected: learning_events.ResponseCollected | None = None,
     ) -> None:
         await self._publish(event, ended)
+        if collected is not None:
+            await self._publish(collected, ended)
         if self.gate is not None and event.reservation_id:
             tokens = event.tokens
             used = tokens.input + tokens.output + tokens.cached_read + tokens.cache_write
@@ -192,8 +230,8 @@ class LodestarLogger(CustomLogger):
         except Exception as exc:
             log.error("reservation not finished", action=what, error=str(exc))
 
-    async def _publish(self, event: events_pb2.RequestCompleted, ended: datetime | None) -> None:
-        envelope = new_event(event, source=self.source, time=ended)
+    async def _publish(self, payload: Message, ended: datetime | None) -> None:
+        envelope = new_event(payload, source=self.source, time=ended)
         try:
             await self.publisher.publish_events([envelope])
         except asyncio.CancelledError:
@@ -244,9 +282,7 @@ def request_completed(
         if isinstance(metadata, Mapping)
         else "",
     )
-    started, ended = log_object.get("startTime"), log_object.get("endTime")
-    if isinstance(started, int | float) and isinstance(ended, int | float) and ended >= started:
-        event.duration.FromTimedelta(timedelta(seconds=ended - started))
+    _time_the_call(event, log_object)
     if ok:
         _count_tokens(event.tokens, getattr(response_obj, "usage", None))
         cost = log_object.get("response_cost")
@@ -257,6 +293,41 @@ def request_completed(
             :MAX_ERROR_CHARS
         ]
     return event
+
+
+def response_collected(
+    kwargs: Mapping[str, Any], response_obj: Any, event: events_pb2.RequestCompleted
+) -> learning_events.ResponseCollected | None:
+    """The prompt and answer of a successful call, or None when it answered no text."""
+    choices = getattr(response_obj, "choices", None) or []
+    message = getattr(choices[0], "message", None) if choices else None
+    answer = getattr(message, "content", None)
+    if not isinstance(answer, str) or not answer:
+        return None
+    fields = lodestar_fields((kwargs.get("litellm_params") or {}).get("metadata"))
+    fields = fields or lodestar_fields(kwargs.get("metadata"))
+    return learning_events.ResponseCollected(
+        task_id=event.task_id,
+        model=event.model,
+        provider=event.provider,
+        task_kind=fields.get("task_kind", ""),
+        prompt=json.dumps(kwargs.get("messages") or [], ensure_ascii=False, default=str),
+        response=answer,
+        project=event.project,
+    )
+
+
+def _time_the_call(event: events_pb2.RequestCompleted, log_object: Mapping[str, Any]) -> None:
+    """Duration and time to first token from LiteLLM's start, first-chunk and end times."""
+    started, ended = log_object.get("startTime"), log_object.get("endTime")
+    if not (isinstance(started, int | float) and isinstance(ended, int | float)):
+        return
+    if ended < started:
+        return
+    event.duration.FromTimedelta(timedelta(seconds=ended - started))
+    first = log_object.get("completionStartTime")
+    if isinstance(first, int | float) and started <= first <= ended:
+        event.time_to_first_token.FromTimedelta(timedelta(seconds=first - started))
 
 
 def _count_tokens(tokens: events_pb2.TokenUsage, usage: Any) -> None:

@@ -188,6 +188,7 @@ def check_request_completed(
         and 0 <= duration.nanos <= MAX_NANOS
         and 0 <= cost.micros <= MAX_COST_MICROS_PER_EVENT
         and cost.currency in _COMMON_CURRENCIES
+        and _first_token_ok(payload)
     ):
         return
     _explain_request_completed(payload, prefix)
@@ -212,6 +213,7 @@ def _explain_request_completed(payload: usage_events.RequestCompleted, prefix: s
             f"{payload.status} is not a RequestStatus {sorted(_REQUEST_STATUSES)}",
         )
     check_duration(payload.duration, prefix + "duration", MAX_REQUEST_DURATION_SECONDS)
+    _check_time_to_first_token(payload, prefix)
     tokens = payload.tokens
     for kind in TOKEN_KINDS:
         count = getattr(tokens, kind)
@@ -220,6 +222,27 @@ def _explain_request_completed(payload: usage_events.RequestCompleted, prefix: s
                 f"{prefix}tokens.{kind}", f"{count} outside [0, {MAX_TOKENS_PER_EVENT}]"
             )
     _check_money(payload.reported_cost, prefix + "reported_cost")
+
+
+def _check_time_to_first_token(payload: usage_events.RequestCompleted, prefix: str) -> None:
+    first_token = payload.time_to_first_token
+    field = prefix + "time_to_first_token"
+    check_duration(first_token, field, MAX_REQUEST_DURATION_SECONDS)
+    if _ttft_exceeds_duration(payload):
+        raise BoundViolation(
+            field,
+            f"{first_token.ToTimedelta().total_seconds()} s is longer than duration "
+            f"({payload.duration.ToTimedelta().total_seconds()} s): the first token cannot come "
+            "after the last",
+        )
+
+
+def _ttft_exceeds_duration(payload: usage_events.RequestCompleted) -> bool:
+    """True when a measured duration is shorter than the time to the first token."""
+    first, whole = payload.time_to_first_token, payload.duration
+    if not payload.HasField("duration"):
+        return False
+    return (first.seconds, first.nanos) > (whole.seconds, whole.nanos)
 
 
 def _check_money(money: usage_events.Money, field: str) -> None:
@@ -237,6 +260,18 @@ def _check_money(money: usage_events.Money, field: str) -> None:
 _REQUEST_STATUSES: Final = frozenset(usage_events.RequestStatus.values())
 #: Currencies the fast path accepts without a closer look (others go through the ISO 4217 check).
 _COMMON_CURRENCIES: Final = frozenset({"", "USD"})
+
+
+def _first_token_ok(payload: usage_events.RequestCompleted) -> bool:
+    """The fast test of time_to_first_token: unset, or within bounds and the duration."""
+    if not payload.HasField("time_to_first_token"):
+        return True
+    first = payload.time_to_first_token
+    return (
+        0 <= first.seconds < MAX_REQUEST_DURATION_SECONDS
+        and 0 <= first.nanos <= MAX_NANOS
+        and not _ttft_exceeds_duration(payload)
+    )
 
 
 def request_completed_all_ok(payloads: list[usage_events.RequestCompleted]) -> bool:
@@ -272,6 +307,7 @@ def request_completed_all_ok(payloads: list[usage_events.RequestCompleted]) -> b
         and min(micros) >= 0
         and max(micros) <= MAX_COST_MICROS_PER_EVENT
         and {c.currency for c in costs} <= _COMMON_CURRENCIES
+        and all(map(_first_token_ok, payloads))
     )
 
 

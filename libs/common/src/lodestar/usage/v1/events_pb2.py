@@ -26,23 +26,23 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elodestar/usage/v1/events.proto\x12\x11lodestar.usage.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"h\n\nTokenUsage\x12\r\n\x05input\x18\x01 \x01(\x03\x12\x0e\n\x06output\x18\x02 \x01(\x03\x12\x13\n\x0b\x63\x61\x63hed_read\x18\x03 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_write\x18\x04 \x01(\x03\x12\x11\n\treasoning\x18\x05 \x01(\x03\")\n\x05Money\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t\x12\x0e\n\x06micros\x18\x02 \x01(\x03\"\xf6\x02\n\x10RequestCompleted\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0f\n\x07project\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x30\n\x06status\x18\x08 \x01(\x0e\x32 .lodestar.usage.v1.RequestStatus\x12+\n\x08\x64uration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\x06tokens\x18\n \x01(\x0b\x32\x1d.lodestar.usage.v1.TokenUsage\x12/\n\rreported_cost\x18\x0b \x01(\x0b\x32\x18.lodestar.usage.v1.Money\x12\x15\n\rerror_message\x18\x0c \x01(\t\x12\x16\n\x0ereservation_id\x18\r \x01(\t\"\xfb\x02\n\x16\x42udgetThresholdCrossed\x12\x11\n\tbudget_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62udget_name\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x13\n\x0bscope_value\x18\x04 \x01(\t\x12\x30\n\x0cwindow_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x04kind\x18\x07 \x01(\x0e\x32\x1c.lodestar.usage.v1.AlertKind\x12\x15\n\rthreshold_pct\x18\x08 \x01(\x05\x12\x14\n\x0climit_micros\x18\t \x01(\x03\x12\x14\n\x0cspent_micros\x18\n \x01(\x03\x12\x14\n\x0climit_tokens\x18\x0b \x01(\x03\x12\x14\n\x0cspent_tokens\x18\x0c \x01(\x03\x12\x18\n\x10projected_micros\x18\r \x01(\x03*`\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11REQUEST_STATUS_OK\x10\x01\x12\x18\n\x14REQUEST_STATUS_ERROR\x10\x02*[\n\tAlertKind\x12\x1a\n\x16\x41LERT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41LERT_KIND_THRESHOLD\x10\x01\x12\x18\n\x14\x41LERT_KIND_BURN_RATE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elodestar/usage/v1/events.proto\x12\x11lodestar.usage.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"h\n\nTokenUsage\x12\r\n\x05input\x18\x01 \x01(\x03\x12\x0e\n\x06output\x18\x02 \x01(\x03\x12\x13\n\x0b\x63\x61\x63hed_read\x18\x03 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_write\x18\x04 \x01(\x03\x12\x11\n\treasoning\x18\x05 \x01(\x03\")\n\x05Money\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t\x12\x0e\n\x06micros\x18\x02 \x01(\x03\"\xae\x03\n\x10RequestCompleted\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0f\n\x07project\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x30\n\x06status\x18\x08 \x01(\x0e\x32 .lodestar.usage.v1.RequestStatus\x12+\n\x08\x64uration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\x06tokens\x18\n \x01(\x0b\x32\x1d.lodestar.usage.v1.TokenUsage\x12/\n\rreported_cost\x18\x0b \x01(\x0b\x32\x18.lodestar.usage.v1.Money\x12\x15\n\rerror_message\x18\x0c \x01(\t\x12\x16\n\x0ereservation_id\x18\r \x01(\t\x12\x36\n\x13time_to_first_token\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\"\xfb\x02\n\x16\x42udgetThresholdCrossed\x12\x11\n\tbudget_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62udget_name\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x13\n\x0bscope_value\x18\x04 \x01(\t\x12\x30\n\x0cwindow_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x04kind\x18\x07 \x01(\x0e\x32\x1c.lodestar.usage.v1.AlertKind\x12\x15\n\rthreshold_pct\x18\x08 \x01(\x05\x12\x14\n\x0climit_micros\x18\t \x01(\x03\x12\x14\n\x0cspent_micros\x18\n \x01(\x03\x12\x14\n\x0climit_tokens\x18\x0b \x01(\x03\x12\x14\n\x0cspent_tokens\x18\x0c \x01(\x03\x12\x18\n\x10projected_micros\x18\r \x01(\x03*`\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11REQUEST_STATUS_OK\x10\x01\x12\x18\n\x14REQUEST_STATUS_ERROR\x10\x02*[\n\tAlertKind\x12\x1a\n\x16\x41LERT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41LERT_KIND_THRESHOLD\x10\x01\x12\x18\n\x14\x41LERT_KIND_BURN_RATE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lodestar.usage.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTSTATUS']._serialized_start=1026
-  _globals['_REQUESTSTATUS']._serialized_end=1122
-  _globals['_ALERTKIND']._serialized_start=1124
-  _globals['_ALERTKIND']._serialized_end=1215
+  _globals['_REQUESTSTATUS']._serialized_start=1082
+  _globals['_REQUESTSTATUS']._serialized_end=1178
+  _globals['_ALERTKIND']._serialized_start=1180
+  _globals['_ALERTKIND']._serialized_end=1271
   _globals['_TOKENUSAGE']._serialized_start=118
   _globals['_TOKENUSAGE']._serialized_end=222
   _globals['_MONEY']._serialized_start=224
   _globals['_MONEY']._serialized_end=265
   _globals['_REQUESTCOMPLETED']._serialized_start=268
-  _globals['_REQUESTCOMPLETED']._serialized_end=642
-  _globals['_BUDGETTHRESHOLDCROSSED']._serialized_start=645
-  _globals['_BUDGETTHRESHOLDCROSSED']._serialized_end=1024
+  _globals['_REQUESTCOMPLETED']._serialized_end=698
+  _globals['_BUDGETTHRESHOLDCROSSED']._serialized_start=701
+  _globals['_BUDGETTHRESHOLDCROSSED']._serialized_end=1080
 # @@protoc_insertion_point(module_scope)

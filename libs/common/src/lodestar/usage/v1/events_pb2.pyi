@@ -136,6 +136,7 @@ class RequestCompleted(_message.Message):
     REPORTED_COST_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     provider: _builtins.str
     project: _builtins.str
@@ -158,6 +159,12 @@ class RequestCompleted(_message.Message):
     def reported_cost(self) -> Global___Money:
         """Cost the provider reported, when it did; it wins over the price table."""
 
+    @_builtins.property
+    def time_to_first_token(self) -> _duration_pb2.Duration:
+        """From sending the request to its first token (streamed calls) or to the whole answer (others);
+        unset when the producer did not measure it. Never longer than duration.
+        """
+
     def __init__(
         self,
         *,
@@ -174,10 +181,11 @@ class RequestCompleted(_message.Message):
         reported_cost: Global___Money | None = ...,
         error_message: _builtins.str = ...,
         reservation_id: _builtins.str = ...,
+        time_to_first_token: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "reported_cost", b"reported_cost", "tokens", b"tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "reported_cost", b"reported_cost", "time_to_first_token", b"time_to_first_token", "tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "duration", b"duration", "error_message", b"error_message", "model", b"model", "project", b"project", "provider", b"provider", "reported_cost", b"reported_cost", "reservation_id", b"reservation_id", "session_id", b"session_id", "status", b"status", "task_id", b"task_id", "tokens", b"tokens", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "duration", b"duration", "error_message", b"error_message", "model", b"model", "project", b"project", "provider", b"provider", "reported_cost", b"reported_cost", "reservation_id", b"reservation_id", "session_id", b"session_id", "status", b"status", "task_id", b"task_id", "time_to_first_token", b"time_to_first_token", "tokens", b"tokens", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
