@@ -240,3 +240,40 @@ async def test_an_answer_too_large_to_collect_is_left_out_but_counted(
         await asyncio.sleep(0.5)
     payloads = await published(db)
     assert [type(p).__name__ for p in payloads] == ["RequestCompleted"]
+
+
+async def test_calls_go_on_while_core_is_down_and_the_totals_are_exact_after(
+    core, core_settings, core_starter, tracker, tokens, admin, tmp_path
+):
+    """Core stops mid-run: every call still succeeds, its event is spooled and lands once after."""
+    port = int(core.target.rsplit(":", 1)[1])
+    async with logger_on(core, tracker, tokens, tmp_path / "spool", gate=False) as (
+        logger,
+        reported,
+    ):
+        llm = router()
+
+        async def calls(phase: str) -> None:
+            await asyncio.gather(
+                *(
+                    call(llm, list(MODELS)[i % 3], f"p{i % 4}", f"{phase}-{i % 5}")
+                    for i in range(100)
+                )
+            )
+            await asyncio.sleep(0.5)  # litellm runs its success callbacks after the call returns
+            await logger.drain()
+
+        await calls("before")
+        await core.stop()
+        await calls("during")  # every call returns while nothing listens on core's port
+        spooled = logger.publisher.spooled_batches
+        await core_starter(core_settings.model_copy(update={"port": port}))
+        await calls("after")
+    assert spooled > 0
+    totals = (await wait_requests(admin, 300, timeout=60)).totals
+    assert totals.requests == 300
+    assert totals.cost_micros == sum(reported.micros.values()) > 0
+    by_session = await summary(admin, group_by=["session"])
+    assert sorted(r.group["session"] for r in by_session.rows) == sorted(
+        f"{phase}-{i}" for phase in ("before", "during", "after") for i in range(5)
+    )
