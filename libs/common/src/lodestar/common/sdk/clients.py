@@ -495,6 +495,8 @@ class UsageRpcs(_Client):
     set_price = Unary(usage_pb2.SetPriceRequest, usage_pb2.SetPriceResponse)
     delete_price = Unary(usage_pb2.DeletePriceRequest, usage_pb2.DeletePriceResponse)
     import_prices = Unary(usage_pb2.ImportPricesRequest, usage_pb2.ImportPricesResponse)
+    list_unpriced = Unary(usage_pb2.ListUnpricedRequest, usage_pb2.ListUnpricedResponse)
+    recost = Unary(usage_pb2.RecostRequest, usage_pb2.RecostResponse)
 
 
 class BudgetRpcs(_Client):
