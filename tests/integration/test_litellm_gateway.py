@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from lodestar.common.auth import Role
 from lodestar.common.events import unpack
@@ -70,6 +71,14 @@ def router() -> Any:
     )
 
 
+class SlowCommits(BudgetGate):
+    """A gate whose Commits take a second, as under a loaded tracker."""
+
+    async def commit(self, request: u.CommitRequest) -> bool:
+        await asyncio.sleep(1.0)
+        return await super().commit(request)
+
+
 @contextlib.asynccontextmanager
 async def logger_on(
     core: Any,
@@ -87,7 +96,8 @@ async def logger_on(
         connect(tracker.target, tokens[Role.PUBLISHER]) as to_tracker,
         Publisher(to_core, source="litellm://gateway", spool_dir=spool) as publisher,
     ):
-        budget_gate = BudgetGate(to_tracker, GatePolicy(timeout_seconds=10)) if gate else None
+        gate_class = options.pop("gate_class", BudgetGate)
+        budget_gate = gate_class(to_tracker, GatePolicy(timeout_seconds=10)) if gate else None
         logger = gateway.LodestarLogger(publisher, budget_gate, **options)
         reported = CostsLiteLLMReported()
         litellm.callbacks = [logger, reported]
@@ -156,24 +166,25 @@ async def test_an_over_budget_call_is_refused_before_it_is_sent(
     await ug.BudgetServiceStub(admin).CreateBudget(
         u.CreateBudgetRequest(budget=project_budget(2_000, project="capped"))
     )
-    async with logger_on(core, tracker, tokens, tmp_path / "spool", gate=True) as (_, reported):
-        llm = router()
-        results = await asyncio.gather(
-            *(call(llm, "fast", "capped", f"s{i}", max_tokens=100) for i in range(60)),
-            return_exceptions=True,
-        )
-        refused = [r for r in results if isinstance(r, gateway.BudgetExceededError)]
-        served = [r for r in results if not isinstance(r, BaseException)]
-        assert refused
-        assert served
-        assert len(refused) + len(served) == 60
-        assert "budget 'budget-capped'" in str(refused[0])
-        with pytest.raises(Exception, match="provider down"):
-            await call(
-                llm, "fast", "capped", "s-failed", max_tokens=1,
-                mock_response=Exception("provider down"), num_retries=0,
-            )  # fmt: skip
-        await asyncio.sleep(0.5)
+    with capture_logs() as logged:
+        async with logger_on(core, tracker, tokens, tmp_path / "spool", gate=True) as (_, reported):
+            llm = router()
+            results = await asyncio.gather(
+                *(call(llm, "fast", "capped", f"s{i}", max_tokens=100) for i in range(60)),
+                return_exceptions=True,
+            )
+            refused = [r for r in results if isinstance(r, gateway.BudgetExceededError)]
+            served = [r for r in results if not isinstance(r, BaseException)]
+            assert refused
+            assert served
+            assert len(refused) + len(served) == 60
+            assert "budget 'budget-capped'" in str(refused[0])
+            with pytest.raises(Exception, match="provider down"):
+                await call(
+                    llm, "fast", "capped", "s-failed", max_tokens=1,
+                    mock_response=Exception("provider down"), num_retries=0,
+                )  # fmt: skip
+            await asyncio.sleep(0.5)
     totals = (await wait_requests(admin, len(served) + 1, timeout=60)).totals
     assert totals.requests == len(served) + 1  # a refused call publishes nothing
     capped = (await summary(admin, filters=u.Filters(projects=["capped"]))).totals
@@ -185,6 +196,8 @@ async def test_an_over_budget_call_is_refused_before_it_is_sent(
     )
     assert states["active"] == 0, states  # every hold committed, settled or released
     assert states["released"] == 1
+    assert states["settled"] == len(served)
+    assert [e for e in logged if e["log_level"] == "error"] == []  # no Commit refused
 
 
 async def published(db: Any) -> list[Any]:
@@ -277,3 +290,22 @@ async def test_calls_go_on_while_core_is_down_and_the_totals_are_exact_after(
     assert sorted(r.group["session"] for r in by_session.rows) == sorted(
         f"{phase}-{i}" for phase in ("before", "during", "after") for i in range(5)
     )
+
+
+async def test_a_slow_commit_still_lands_before_the_event_settles_its_reservation(
+    core, tracker, tokens, admin, tmp_path
+):
+    """Each hold ends committed with the actual cost, then settled; no Commit is refused."""
+    with capture_logs() as logged:
+        async with logger_on(
+            core, tracker, tokens, tmp_path / "spool", gate=True, gate_class=SlowCommits
+        ) as (_, reported):
+            llm = router()
+            await asyncio.gather(*(call(llm, "fast", "slow", f"s{i}") for i in range(5)))
+            await asyncio.sleep(0.5)
+    totals = (await wait_requests(admin, 5, timeout=60)).totals
+    assert totals.cost_micros == reported.micros["slow"] > 0
+    rows = await tracker.module.pool.fetch("SELECT state, amount_micros FROM reservations")
+    assert [r["state"] for r in rows] == ["settled"] * 5
+    assert sum(r["amount_micros"] for r in rows) == totals.cost_micros  # actual, not the estimate
+    assert [e for e in logged if e["log_level"] == "error"] == []

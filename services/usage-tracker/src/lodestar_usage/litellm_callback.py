@@ -20,6 +20,8 @@ callback of the SDK (``litellm.callbacks = [logger]``), of a ``Router``, or of t
 
 A call refused by a budget is never sent and publishes nothing. Publishing, committing and
 releasing run in the background: ``await logger.drain()`` waits for them (e.g. at shutdown).
+The Commit or Release goes first and the event after it: the tracker settles a reservation when it
+records the event that names it, and a reservation settled before its Commit would refuse it.
 """
 
 from __future__ import annotations
@@ -199,9 +201,6 @@ class LodestarLogger(CustomLogger):
         ended: datetime | None,
         collected: learning_events.ResponseCollected | None = None,
     ) -> None:
-        await self._publish(event, ended)
-        if collected is not None:
-            await self._publish(collected, ended)
         if self.gate is not None and event.reservation_id:
             tokens = event.tokens
             used = tokens.input + tokens.output + tokens.cached_read + tokens.cache_write
@@ -211,14 +210,17 @@ class LodestarLogger(CustomLogger):
                 actual_tokens=min(used + tokens.reasoning, MAX_TOKENS),
             )
             await self._finish(self.gate.commit(commit), "commit")
+        await self._publish(event, ended)  # after the Commit: its ingest settles the reservation
+        if collected is not None:
+            await self._publish(collected, ended)
 
     async def _after_failure(
         self, event: events_pb2.RequestCompleted, ended: datetime | None
     ) -> None:
-        await self._publish(event, ended)
         if self.gate is not None and event.reservation_id:
             release = usage_pb2.ReleaseRequest(reservation_id=event.reservation_id)
             await self._finish(self.gate.release(release), "release")
+        await self._publish(event, ended)
 
     @staticmethod
     async def _finish(call: Coroutine[Any, Any, bool], what: str) -> None:
