@@ -262,7 +262,7 @@ class UsageApi:
             )
         start, end, _ = self._window(request.window)
         query = recost.recost_query(request, start, end)
-        response, rows = await recost.apply(self._pool, query)
+        response, rows = await recost.run(self._pool, query)
         if rows:
             recost.record_metrics(rows)
             log.info(

@@ -968,6 +968,8 @@ def _day_range(since: str, until: str) -> usage_pb2.TimeRange:
                 f"{text!r} is not a date YYYY-MM-DD", param_hint=flag
             ) from None
     first, last = days
+    if last == date.max:
+        raise typer.BadParameter(f"{last} is past the last day there is", param_hint="--until")
     rng = usage_pb2.TimeRange()
     rng.start.FromDatetime(datetime(first.year, first.month, first.day, tzinfo=UTC))
     end = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1)

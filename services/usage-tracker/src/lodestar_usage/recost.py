@@ -369,7 +369,7 @@ async def dry_run(conn: asyncpg.Connection, query: RecostQuery, chosen: Plan) ->
 
 
 @counters.again_after_deadlock
-async def apply(
+async def run(
     pool: asyncpg.Pool, query: RecostQuery
 ) -> tuple[usage_pb2.RecostResponse, list[asyncpg.Record]]:
     """Re-price at most ``query.max_rows`` rows and all that counted them, in one transaction.
