@@ -28,6 +28,7 @@ from lodestar.common.errors import (
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    rich_status,
 )
 from lodestar.common.events import new_event
 from lodestar.common.ratelimit import RateLimitSettings, TokenBucketLimit
@@ -40,6 +41,7 @@ from lodestar.common.sdk import (
     AuditClient,
     BudgetClient,
     ClientOptions,
+    EventBusClient,
     RegistryClient,
     RetryPolicy,
     UsageClient,
@@ -89,12 +91,7 @@ async def test_async_clients_call_every_service(core, tracker, tokens):
         entries = (await audit.list_audit_entries()).entries
         assert entries[0].target == f"budget/{created.id}"
 
-        event = new_event(
-            events_pb2.RequestCompleted(
-                model="m", provider="p", project="alpha", tokens=events_pb2.TokenUsage(input=7)
-            ),
-            source="test://typed-clients",
-        )
+        event = _event()
         published = await bus.publish(bus_pb2.PublishRequest(events=[event]))
         assert published.accepted == 1
         summary = await _eventually(
@@ -120,7 +117,11 @@ async def test_blocking_clients_call_every_service(core, tracker, tokens):
             BudgetClient(ClientOptions(tracker.target, admin)) as budgets,
             UsageClient(ClientOptions(tracker.target, admin)) as usage,
             AuditClient(ClientOptions(core.target, admin)) as core_audit,
+            EventBusClient(ClientOptions(core.target, tokens[Role.PUBLISHER])) as bus,
         ):
+            batch = bus_pb2.PublishStreamRequest(batch_id=7, events=[_event()])
+            (acked,) = list(bus.publish_stream([batch]))
+            assert (acked.batch_id, acked.accepted) == (7, 1)
             names = {m.name for m in registry.list_modules().modules}
             watched = next(registry.watch_modules())  # the current modules, then every change
             budget = budgets.create_budget(usage_pb2.CreateBudgetRequest(budget=a_budget())).budget
@@ -191,7 +192,7 @@ async def test_unknown_budget_is_not_found(tracker, tokens):
     assert [v.field for v in caught.value.violations] == ["id"]
 
 
-async def test_wrong_token_and_wrong_role(tracker, tokens):
+async def test_wrong_token_and_wrong_role(core, tracker, tokens):
     async with AsyncBudgetClient(ClientOptions(tracker.target, "not-a-token")) as stranger:
         with pytest.raises(AuthenticationError) as caught:
             await stranger.list_budgets()
@@ -200,6 +201,13 @@ async def test_wrong_token_and_wrong_role(tracker, tokens):
     async with AsyncBudgetClient(ClientOptions(tracker.target, tokens[Role.PUBLISHER])) as gateway:
         with pytest.raises(PermissionDeniedError):
             await gateway.create_budget(usage_pb2.CreateBudgetRequest(budget=a_budget()))
+
+    def watch_as_a_stranger() -> None:
+        with RegistryClient(ClientOptions(core.target, "not-a-token")) as registry:
+            next(registry.watch_modules())
+
+    with pytest.raises(AuthenticationError):  # a stream's failure is mapped too
+        await asyncio.to_thread(watch_as_a_stranger)
 
 
 async def test_rate_limit_is_resource_exhausted_with_retry_after(
@@ -253,12 +261,16 @@ class Registry:
         self.failures = failures
         self.code = code
         self.delay = 0.0
+        self.retry_after: float | None = None  # a RetryInfo delay sent with each refusal
         self.calls: list[float] = []
 
     async def list_modules(self, request, context):
         self.calls.append(time.monotonic())
         if len(self.calls) <= self.failures:
-            await context.abort(self.code, f"refusal {len(self.calls)}")
+            refusal = NetworkError(f"refusal {len(self.calls)}", retry_after=self.retry_after)
+            refusal.code = self.code
+            status = rich_status(refusal)
+            await context.abort(status.code, status.details, status.trailing_metadata)
         await asyncio.sleep(self.delay)
         return registry_pb2.ListModulesResponse(modules=[registry_pb2.Module(name="tiny")])
 
@@ -303,6 +315,15 @@ async def test_unavailable_is_retried_with_backoff(tiny):
     assert len(registry.calls) == 4
     for gap, backoff in zip(registry.gaps(), (0.05, 0.1, 0.2), strict=True):
         assert gap >= backoff * 0.9, registry.gaps()
+
+
+async def test_a_retry_waits_at_least_the_delay_the_server_asks_for(tiny):
+    registry, target = await tiny(failures=1)
+    registry.retry_after = 0.4
+    async with AsyncRegistryClient(ClientOptions(target, retry=FAST)) as client:
+        await client.list_modules()
+    assert len(registry.calls) == 2
+    assert registry.gaps()[0] >= 0.4
 
 
 async def test_blocking_client_retries_too(tiny):
@@ -434,6 +455,15 @@ async def test_tls_and_mutual_tls(core_starter, core_settings, pki, tokens):  # 
     stranger = ClientOptions(**{**mutual.__dict__, "token": "not-a-token"})
     with pytest.raises(AuthenticationError):
         await asyncio.to_thread(blocking, stranger)
+
+
+def _event():
+    return new_event(
+        events_pb2.RequestCompleted(
+            model="m", provider="p", project="alpha", tokens=events_pb2.TokenUsage(input=7)
+        ),
+        source="test://typed-clients",
+    )
 
 
 async def _eventually(call, done, timeout: float = 15.0):

@@ -39,6 +39,7 @@ def test_every_rpc_of_the_service_is_declared(rpcs):
     assert declared == set(rpcs.service.methods_by_name)
     for client in SERVICES[rpcs]:
         assert issubclass(client, rpcs)
+    assert isinstance(clients.RegistryClient.list_modules, Unary)  # on the class: the declaration
 
 
 def test_a_declaration_that_does_not_match_the_service_fails_at_import():
