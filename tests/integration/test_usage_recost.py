@@ -11,6 +11,7 @@ import asyncio
 import json
 from datetime import UTC, date, datetime, timedelta
 
+import asyncpg
 import grpc
 import pytest
 from prometheus_client import REGISTRY
@@ -385,3 +386,44 @@ async def test_concurrent_recosts_during_ingest_count_every_row_once(
     summary = await usage.Summary(u.SummaryRequest(window=MONTH))
     assert (summary.totals.requests, summary.totals.cost_micros) == (400, 400 * COST)
     await assert_consistent(tracker_db)
+
+
+async def test_recosts_on_two_replicas_count_every_row_once(
+    start_trackers, tokens, database_url, tracker_schema, publisher_channel
+):
+    replicas = [await start_trackers(), await start_trackers()]
+    async with (
+        connect(replicas[0].target, tokens[Role.ADMIN]) as first,
+        connect(replicas[1].target, tokens[Role.ADMIN]) as second,
+    ):
+        now = datetime.now(UTC)
+        payloads = [
+            completed(model=MODEL, provider=PROVIDER, tokens=TOKENS, session=f"s{i % 5}")
+            for i in range(200)
+        ]
+        await publish(publisher_channel, payloads, when=now - timedelta(minutes=30))
+        await wait_requests(first, 200)
+        await ug.UsageServiceStub(first).SetPrice(set_price_request(now.date()))
+
+        async def recost_all(channel) -> int:
+            done = 0
+            while True:
+                reply = await ug.UsageServiceStub(channel).Recost(
+                    u.RecostRequest(window=MONTH, max_rows=30)
+                )
+                done += reply.rows_recosted
+                if not reply.more:
+                    return done
+
+        counts = await asyncio.gather(recost_all(first), recost_all(second))
+        assert sum(counts) == 200
+        for channel in (first, second):
+            summary = await ug.UsageServiceStub(channel).Summary(u.SummaryRequest(window=MONTH))
+            assert summary.totals.cost_micros == 200 * COST
+    db = await asyncpg.connect(database_url, server_settings={"search_path": tracker_schema})
+    try:
+        await assert_consistent(db)
+        entries = await db.fetch("SELECT after FROM audit_log WHERE action = 'UsageService/Recost'")
+        assert sum(json.loads(e["after"])["rows_recosted"] for e in entries) == 200
+    finally:
+        await db.close()
