@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -190,3 +192,66 @@ def test_mypy_strict_checks_the_callers_and_the_examples(tmp_path, monkeypatch):
     examples = [str(REPO / "examples" / name) for name in ("python_client.py", "order_service.py")]
     out, _, status = api.run([*config, *examples])
     assert status == 0, out
+
+
+TRACED = """
+from concurrent import futures
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from lodestar.common import telemetry
+from lodestar.common.sdk import ClientOptions, RegistryClient
+from lodestar.core.v1 import registry_pb2
+
+
+class On:
+    enabled = True
+
+
+telemetry._active = On()  # as configure_telemetry leaves it, without an exporter
+spans = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(spans))
+trace.set_tracer_provider(provider)
+seen = []
+
+
+def list_modules(request, context):
+    seen.append(dict(context.invocation_metadata()))
+    return registry_pb2.ListModulesResponse()
+
+
+handler = grpc.unary_unary_rpc_method_handler(
+    list_modules,
+    request_deserializer=registry_pb2.ListModulesRequest.FromString,
+    response_serializer=registry_pb2.ListModulesResponse.SerializeToString,
+)
+server = grpc.server(futures.ThreadPoolExecutor(2))
+registry = grpc.method_handlers_generic_handler(
+    "lodestar.core.v1.RegistryService", {"ListModules": handler}
+)
+server.add_generic_rpc_handlers((registry,))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+with RegistryClient(ClientOptions(f"127.0.0.1:{port}", token="tok")) as client:
+    client.list_modules()
+print(seen[0].get("authorization"), "traceparent" in seen[0])
+print([span.name for span in spans.get_finished_spans()])
+server.stop(None)
+"""
+
+
+def test_blocking_calls_carry_the_token_and_the_trace_when_telemetry_is_on():
+    """In a process of its own: it sets OpenTelemetry's global tracer provider."""
+    done = subprocess.run(
+        [sys.executable, "-c", TRACED], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "Bearer tok True",  # the server saw the token and a traceparent
+        "['/lodestar.core.v1.RegistryService/ListModules']",  # the client's span
+    ]

@@ -59,15 +59,14 @@ def connect_sync(
 ) -> grpc.Channel:
     """A blocking channel to ``target`` with the credentials rules of ``connect``."""
     options = channel_options(server_name if tls else None)
-    interceptors = _sync_tracing()
     if tls:
         credentials = tls_credentials(token, root_ca, client_cert, client_key)
         channel = grpc.secure_channel(target, credentials, options=options)
     else:
         channel = grpc.insecure_channel(target, options=options)
         if token:
-            interceptors.append(_SyncToken(token))
-    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+            channel = grpc.intercept_channel(channel, _SyncToken(token))
+    return _traced(channel)
 
 
 def channel_options(server_name: str | None = None) -> list[tuple[str, Any]]:
@@ -100,13 +99,15 @@ def tls_credentials(
     return credentials
 
 
-def _sync_tracing() -> list[Any]:
-    """OpenTelemetry's interceptor for a blocking channel (none when telemetry is off)."""
+def _traced(channel: grpc.Channel) -> grpc.Channel:
+    """``channel`` with OpenTelemetry's client spans (as it is when telemetry is off)."""
     if not telemetry_enabled():
-        return []
-    from opentelemetry.instrumentation.grpc import client_interceptor
+        return channel
+    from opentelemetry.instrumentation.grpc import client_interceptor, grpcext
 
-    return [client_interceptor(filter_=is_traced)]  # type: ignore[no-untyped-call]
+    interceptor = client_interceptor(filter_=is_traced)  # type: ignore[no-untyped-call]
+    traced: grpc.Channel = grpcext.intercept_channel(channel, interceptor)  # type: ignore[no-untyped-call]
+    return traced
 
 
 class _SyncCallDetails(
