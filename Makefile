@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help bootstrap run test unit integration e2e proto proto-check lint bench bench-compare chart-check images clean
+.PHONY: help bootstrap run test unit integration e2e proto proto-check lint bench bench-compare chart-check images litellm-proxy clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -62,6 +62,17 @@ bench: bootstrap ## benchmarks: durable publish, delivery, latency, NATS JetStre
 bench-compare: bootstrap ## durable publish of this checkout against REF (a git commit), in one run
 	@test -n "$(REF)" || { echo "usage: make bench-compare REF=<git commit>"; exit 2; }
 	$(BIN)/python -m bench.compare $(REF)
+
+PROXY_VENV := $(TOOLS)/litellm-proxy
+PROXY_REQUIREMENTS := examples/litellm-proxy/requirements.txt
+
+$(PROXY_VENV)/.synced: $(UV) $(PROXY_REQUIREMENTS) libs/common/pyproject.toml services/usage-tracker/pyproject.toml
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(PROXY_VENV)
+	$(UV) pip install --quiet --python $(PROXY_VENV)/bin/python -r $(PROXY_REQUIREMENTS) \
+		-e libs/common -e 'services/usage-tracker[litellm]'
+	@touch $@
+
+litellm-proxy: $(PROXY_VENV)/.synced ## a venv with the LiteLLM proxy server and Lodestar's callback (examples/litellm-proxy)
 
 chart-check: bootstrap ## helm lint, render every scenario, validate against Kubernetes schemas
 	bash scripts/chart_check.sh

@@ -3,13 +3,13 @@
 #
 #   LODESTAR_TOKEN=<admin token> bash examples/grpcurl.sh
 #
-# LODESTAR_TARGET (core, default 127.0.0.1:50051) and LODESTAR_USAGE_TARGET (the usage-tracker,
-# default 127.0.0.1:50061) say where the services listen. grpcurl is the one `make` installs into
-# .venv/bin, else the one on PATH.
+# LODESTAR_CORE_ENDPOINT (core, default 127.0.0.1:50051) and LODESTAR_USAGE_ENDPOINT (the
+# usage-tracker, default 127.0.0.1:50061) say where the services listen. grpcurl is the one
+# `make` installs into .venv/bin, else the one on PATH.
 set -euo pipefail
 
-CORE=${LODESTAR_TARGET:-127.0.0.1:50051}
-USAGE=${LODESTAR_USAGE_TARGET:-127.0.0.1:50061}
+CORE=${LODESTAR_CORE_ENDPOINT:-127.0.0.1:50051}
+USAGE=${LODESTAR_USAGE_ENDPOINT:-127.0.0.1:50061}
 : "${LODESTAR_TOKEN:?set LODESTAR_TOKEN to a token (the admin one: .lodestar/tokens.yaml)}"
 GRPCURL=$(dirname "$0")/../.venv/bin/grpcurl
 [ -x "$GRPCURL" ] || GRPCURL=grpcurl

@@ -157,8 +157,8 @@ def main() -> None:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8080, help="0: any free port")
-    parser.add_argument("--target", default=env("LODESTAR_TARGET", "127.0.0.1:50051"))
-    parser.add_argument("--usage-target", default=env("LODESTAR_USAGE_TARGET", "127.0.0.1:50061"))
+    parser.add_argument("--target", default=env("LODESTAR_CORE_ENDPOINT", "127.0.0.1:50051"))
+    parser.add_argument("--usage-target", default=env("LODESTAR_USAGE_ENDPOINT", "127.0.0.1:50061"))
     parser.add_argument("--token", default=env("LODESTAR_TOKEN"))
     try:
         asyncio.run(serve(parser.parse_args()))

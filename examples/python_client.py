@@ -4,8 +4,8 @@ Run it against `make run` (examples/README.md):
 
     LODESTAR_TOKEN=<admin token> .venv/bin/python examples/python_client.py
 
-Options (or environment): --target (LODESTAR_TARGET, core, default 127.0.0.1:50051),
---usage-target (LODESTAR_USAGE_TARGET, the usage-tracker, default 127.0.0.1:50061),
+Options (or environment): --target (LODESTAR_CORE_ENDPOINT, core, default 127.0.0.1:50051),
+--usage-target (LODESTAR_USAGE_ENDPOINT, the usage-tracker, default 127.0.0.1:50061),
 --token (LODESTAR_TOKEN; creating a budget needs the admin token).
 """
 
@@ -83,8 +83,8 @@ def _dollars(status: usage_pb2.BudgetStatus) -> str:
 def _arguments() -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=env("LODESTAR_TARGET", "127.0.0.1:50051"))
-    parser.add_argument("--usage-target", default=env("LODESTAR_USAGE_TARGET", "127.0.0.1:50061"))
+    parser.add_argument("--target", default=env("LODESTAR_CORE_ENDPOINT", "127.0.0.1:50051"))
+    parser.add_argument("--usage-target", default=env("LODESTAR_USAGE_ENDPOINT", "127.0.0.1:50061"))
     parser.add_argument("--token", default=env("LODESTAR_TOKEN"))
     return parser.parse_args()
 

@@ -41,8 +41,8 @@ class Suite:
         """The environment the examples read: targets and a token."""
         return {
             **{k: v for k, v in os.environ.items() if not k.startswith("LODESTAR_")},
-            "LODESTAR_TARGET": self.core,
-            "LODESTAR_USAGE_TARGET": self.tracker,
+            "LODESTAR_CORE_ENDPOINT": self.core,
+            "LODESTAR_USAGE_ENDPOINT": self.tracker,
             "LODESTAR_TOKEN": self.tokens[token],
         }
 

@@ -65,20 +65,31 @@ Estimate = Callable[[Mapping[str, Any]], tuple[int, int]]
 
 
 class BudgetExceededError(Exception):
-    """A call refused before it was sent: a budget has not enough left for its estimate."""
+    """A call refused before it was sent: a budget has not enough left for its estimate.
+
+    The LiteLLM proxy answers it with HTTP ``status_code`` (429) and ``code`` "budget_exceeded".
+    """
+
+    status_code = 429
+    code = "budget_exceeded"
 
     def __init__(self, denial: usage_pb2.Denial) -> None:
         self.denial = denial
+        left = []
+        if denial.limit_micros:
+            left.append(f"{denial.remaining_micros / 1e6:.6f} USD")
+        if denial.limit_tokens:
+            left.append(f"{denial.remaining_tokens} tokens")
         resets = (
             f"; its window resets at {denial.resets_at.ToDatetime(UTC).isoformat()}"
             if denial.HasField("resets_at")
             else ""
         )
-        super().__init__(
+        self.message = (
             f"budget {denial.budget_name!r} ({denial.budget_id}) refuses the call: "
-            f"{denial.reason}; {denial.remaining_micros / 1e6:.6f} USD and "
-            f"{denial.remaining_tokens} tokens left{resets}"
+            f"{denial.reason}; {' and '.join(left) or 'nothing'} left{resets}"
         )
+        super().__init__(self.message)
 
 
 def estimate_with_litellm(kwargs: Mapping[str, Any]) -> tuple[int, int]:
