@@ -81,3 +81,21 @@ async def test_an_id_dated_back_to_the_retention_lands_in_a_partition_retention_
     partition = await db.fetchval("SELECT tableoid::regclass::text FROM events")
     assert partition == f"events_p{old:%Y%m%d}"
     assert await db.fetchval("SELECT count(*) FROM events_default") == 0
+
+
+async def test_a_large_retried_batch_spanning_partitions_is_stored_once(publisher_channel, db):
+    """Batches of COPY size find their stored ids in every partition the batch's ids reach."""
+    old = datetime.now(UTC) - timedelta(days=6)
+    millis = int(old.timestamp() * 1000)
+    old_ids = [uuid.UUID(int=(millis << 80) | (0x7 << 76) | (0b10 << 62) | n) for n in range(40)]
+    events = [
+        new_event(completed("m"), source="test://big", event_id=str(i), time=old) for i in old_ids
+    ] + [new_event(completed("m"), source="test://big") for _ in range(40)]
+    stub = bus_pb2_grpc.EventBusServiceStub(publisher_channel)
+    first = await stub.Publish(bus_pb2.PublishRequest(events=events))
+    fresh = [new_event(completed("m"), source="test://big") for _ in range(10)]
+    again = await stub.Publish(bus_pb2.PublishRequest(events=fresh + events[::-1]))
+    assert (first.accepted, first.duplicates) == (80, 0)
+    assert (again.accepted, again.duplicates) == (10, 80)
+    partitions = await db.fetchval("SELECT count(DISTINCT tableoid) FROM events")
+    assert (await db.fetchval("SELECT count(*) FROM events"), partitions) == (90, 2)
