@@ -2,8 +2,9 @@
 
 Builds the other commit in a git worktree with its own virtualenv, then publishes the same
 events to each core in turn (fresh database each round, rounds interleaved so both see the same
-machine) and prints the median throughput and core CPU per 100,000 events of each, and their
-ratio. The client is this checkout's, so only core differs.
+machine) and prints the median throughput, core CPU and Postgres CPU (of core's connections, when
+the server runs on this machine) per 100,000 events of each, and their ratios. The client is this
+checkout's, so only core differs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import asyncpg
 
 from bench.core_bench import publish_rate, sample_events
 from lodestar.common.auth import Role
@@ -36,6 +39,7 @@ class Round:
 
     events_per_second: float
     core_cpu_per_100k: float
+    postgres_cpu_per_100k: float | None
 
 
 def build_checkout(ref: str, workdir: Path) -> Path:
@@ -59,6 +63,27 @@ def core_cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def backend_pids(dsn: str) -> set[int]:
+    """The Postgres server processes serving the other connections to ``dsn``'s database."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    return {row["pid"] for row in rows}
+
+
+def backends_cpu_seconds(pids: set[int]) -> float | None:
+    """CPU time of ``pids`` so far; None when they are not processes of this machine."""
+    try:
+        return sum(map(core_cpu_seconds, pids))
+    except (FileNotFoundError, PermissionError):
+        return None
 
 
 async def measure(tree: Path, dsn: str, workdir: Path, events: list[event_pb2.Event]) -> Round:
@@ -86,10 +111,15 @@ async def measure(tree: Path, dsn: str, workdir: Path, events: list[event_pb2.Ev
             raise RuntimeError(f"core of {tree} did not start; see {workdir / 'core.log'}")
         target, token = f"127.0.0.1:{port}", tokens[Role.PUBLISHER]
         await publish_rate(target, token, sample_events(WARM_UP_EVENTS))
-        before = core_cpu_seconds(core.pid)
+        pids = await backend_pids(dsn)
+        before, postgres_before = core_cpu_seconds(core.pid), backends_cpu_seconds(pids)
         rate = await publish_rate(target, token, events)
         cpu = (core_cpu_seconds(core.pid) - before) / len(events) * 100_000
-        return Round(rate, cpu)
+        postgres_after = backends_cpu_seconds(pids | await backend_pids(dsn))
+        postgres = None
+        if postgres_before is not None and postgres_after is not None:
+            postgres = (postgres_after - postgres_before) / len(events) * 100_000
+        return Round(rate, cpu, postgres)
     finally:
         core.terminate()
         core.wait(timeout=30)
@@ -112,7 +142,8 @@ def compare(ref: str) -> None:
                         rounds[name].append(result)
                         print(
                             f"  round {number + 1} {name:<24} {result.events_per_second:>9,.0f} "
-                            f"events/s, core CPU {result.core_cpu_per_100k:.2f} s per 100k",
+                            f"events/s, core CPU {result.core_cpu_per_100k:.2f} s per 100k, "
+                            f"Postgres {_seconds(result.postgres_cpu_per_100k)}",
                             flush=True,
                         )
         finally:
@@ -129,12 +160,29 @@ def report(rounds: dict[str, list[Round]]) -> None:
     rate_after = statistics.median(r.events_per_second for r in after)
     cpu_before = statistics.median(r.core_cpu_per_100k for r in before)
     cpu_after = statistics.median(r.core_cpu_per_100k for r in after)
-    print(f"  median {before_name:<24} {rate_before:>9,.0f} events/s, CPU {cpu_before:.2f} s/100k")
-    print(f"  median {after_name:<24} {rate_after:>9,.0f} events/s, CPU {cpu_after:.2f} s/100k")
+    pg_before, pg_after = _median_postgres(before), _median_postgres(after)
+    for name, rate, cpu, pg in (
+        (before_name, rate_before, cpu_before, pg_before),
+        (after_name, rate_after, cpu_after, pg_after),
+    ):
+        print(
+            f"  median {name:<24} {rate:>9,.0f} events/s, CPU {cpu:.2f} s/100k, "
+            f"Postgres {_seconds(pg)}"
+        )
+    postgres = f"{pg_after / pg_before - 1:+.1%}" if pg_before and pg_after is not None else "n/a"
     print(
         f"  throughput {rate_after / rate_before - 1:+.1%}, "
-        f"core CPU per event {cpu_after / cpu_before - 1:+.1%}"
+        f"core CPU per event {cpu_after / cpu_before - 1:+.1%}, Postgres CPU per event {postgres}"
     )
+
+
+def _median_postgres(rounds: list[Round]) -> float | None:
+    measured = [r.postgres_cpu_per_100k for r in rounds if r.postgres_cpu_per_100k is not None]
+    return statistics.median(measured) if len(measured) == len(rounds) else None
+
+
+def _seconds(per_100k: float | None) -> str:
+    return "n/a" if per_100k is None else f"{per_100k:.2f} s/100k"
 
 
 if __name__ == "__main__":
