@@ -27,10 +27,12 @@ records the event that names it, and a reservation settled before its Commit wou
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import re
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_CEILING
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from google.protobuf.message import Message
@@ -95,21 +97,58 @@ class BudgetExceededError(Exception):
 def estimate_with_litellm(kwargs: Mapping[str, Any]) -> tuple[int, int]:
     """The call's prompt tokens plus its ``max_tokens``, priced by LiteLLM's cost map (rounded up).
 
-    A model LiteLLM cannot price is estimated in tokens only (0 micro-dollars).
+    A prompt longer than a model's price tier (``…_above_200k_tokens``) is priced at that tier. A
+    model LiteLLM cannot price is estimated in tokens only (0 micro-dollars).
     """
     import litellm
 
     model = str(kwargs.get("model", ""))
     prompt = litellm.token_counter(model=model, messages=kwargs.get("messages") or [])
     completion = int(kwargs.get("max_tokens") or DEFAULT_MAX_OUTPUT_TOKENS)
+    tokens = min(prompt + completion, MAX_TOKENS)
+    tiers = price_tiers(model)
+    if not tiers:  # an unmapped model: its cost is unknown before the call
+        return 0, tokens
+    _, input_usd, output_usd = max(t for t in tiers if t[0] < max(prompt, 1))
+    cost = scaled(str(input_usd * prompt + output_usd * completion), MICROS_PER_USD, ROUND_CEILING)
+    return min(cost, MAX_COST_MICROS), tokens
+
+
+#: LiteLLM's keys of a price tier: ``input_cost_per_token_above_200k_tokens``.
+_TIER_KEY = re.compile(r"(input|output)_cost_per_token(?:_above_(\d+)k_tokens)?")
+
+
+@functools.lru_cache(maxsize=1024)
+def price_tiers(model: str) -> tuple[tuple[int, Decimal, Decimal], ...]:
+    """``model``'s prices per input and output token from LiteLLM's cost map, by tier.
+
+    Each tier is (prompt tokens it starts above, input price, output price), the base tier first
+    (0); empty for a model the map does not price per token. Read once per model and process
+    (``price_tiers.cache_clear()`` after changing the map).
+    """
+    import litellm
+
     try:
-        input_usd, output_usd = litellm.cost_per_token(
-            model=model, prompt_tokens=prompt, completion_tokens=completion
+        info = litellm.get_model_info(model)
+    except Exception:
+        return ()
+    prices: dict[int, dict[str, Decimal]] = {}
+    for key, value in info.items():
+        match = _TIER_KEY.fullmatch(key)
+        if match and isinstance(value, int | float):
+            above = int(match[2] or 0) * 1000
+            prices.setdefault(above, {})[match[1]] = Decimal(repr(value))
+    if 0 not in prices:
+        return ()
+    base = prices[0]
+    return tuple(
+        (
+            above,
+            tier.get("input", base.get("input", Decimal(0))),
+            tier.get("output", base.get("output", Decimal(0))),
         )
-    except Exception:  # an unmapped model: its cost is unknown before the call
-        return 0, min(prompt + completion, MAX_TOKENS)
-    cost = scaled(input_usd + output_usd, MICROS_PER_USD, ROUND_CEILING)
-    return min(cost, MAX_COST_MICROS), min(prompt + completion, MAX_TOKENS)
+        for above, tier in sorted(prices.items())
+    )
 
 
 class LodestarLogger(CustomLogger):

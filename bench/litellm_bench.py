@@ -1,0 +1,326 @@
+"""What Lodestar adds to a LiteLLM call: the callback (publishing) and the budget hook (admission).
+
+Real core and usage-tracker processes on a real Postgres; in this process, a LiteLLM ``Router``
+whose deployment answers with ``mock_response`` after ``mock_delay`` (the LLM call), driven open
+loop at LITELLM_BENCH_RATE calls/s (default 50) for LITELLM_BENCH_SECONDS (default 10) per round,
+each call waiting LITELLM_BENCH_CALL_SECONDS (default 0.5) for its answer, so about rate x wait
+calls are in flight at once, as in a gateway. LiteLLM itself spends about 9 ms of CPU per call
+here, so one process serves about 100 calls/s at most; the default keeps it half busy. Four modes,
+interleaved over LITELLM_BENCH_ROUNDS rounds (default 2) so that each sees the same machine:
+
+* ``off``: no callback at all;
+* ``no-op callback``: a LiteLLM ``CustomLogger`` that does nothing, which makes LiteLLM build its
+  logging payload and compute the call's cost (what any callback costs, Lodestar's or not);
+* ``publish``: ``LodestarLogger`` publishing a ``RequestCompleted`` per call (no gate);
+* ``publish + admission``: the logger with a ``BudgetGate`` (Reserve before the call, Commit after).
+
+Printed per mode: the call's latency beyond the LLM wait (p50 / p99), what Lodestar's modes add
+to it over the no-op callback (p50 / p99), and for admission the time spent in the pre-call hook
+itself (p50 / p99). Before them, the gateway's CPU per call for publishing and for the hook alone.
+The load generator shares the machine's cores with LiteLLM, core, the tracker and Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network
+
+import litellm
+from litellm.integrations.custom_logger import CustomLogger
+
+from bench.core_bench import CoreUnderTest
+from bench.usage_bench import TrackerUnderTest, _create_budgets, _drop, _scratch
+from lodestar.common.auth import Role
+from lodestar.common.sdk import Publisher, connect
+from lodestar.common.testing import postgres_server
+from lodestar.usage.v1 import usage_pb2_grpc as ug
+from lodestar_usage.client import BudgetGate, GatePolicy
+from lodestar_usage.litellm_callback import LodestarLogger
+
+RATE = float(os.environ.get("LITELLM_BENCH_RATE", "50"))
+SECONDS = float(os.environ.get("LITELLM_BENCH_SECONDS", "10"))
+CALL_SECONDS = float(os.environ.get("LITELLM_BENCH_CALL_SECONDS", "0.5"))
+ROUNDS = int(os.environ.get("LITELLM_BENCH_ROUNDS", "2"))
+COST_CALLS = int(os.environ.get("LITELLM_BENCH_COST_CALLS", "5000"))
+HOOK_RATE = float(os.environ.get("LITELLM_BENCH_HOOK_RATE", "500"))
+PROJECTS = [f"gw-{i}" for i in range(20)]
+ALL_MODES = ("off", "no-op callback", "publish", "publish + admission")
+#: LITELLM_BENCH_MODES: a comma-separated subset, e.g. "no-op callback,publish" (for profiling).
+MODES = tuple(
+    m
+    for m in ALL_MODES
+    if m in os.environ.get("LITELLM_BENCH_MODES", ",".join(ALL_MODES)).split(",")
+)
+
+
+@dataclass
+class Timings:
+    """Latencies of one mode, in milliseconds, over every round."""
+
+    added_ms: list[float] = field(default_factory=list)
+    hook_ms: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0
+    failed: int = 0
+
+    def cpu_ms_per_call(self) -> float:
+        """The gateway process's CPU time per call, in milliseconds."""
+        return self.cpu_seconds * 1000 / max(1, len(self.added_ms) + self.failed)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+class TimedLogger(LodestarLogger):
+    """The logger, timing its pre-call hook (the part a caller waits for)."""
+
+    hook_ms: list[float]
+
+    async def async_pre_call_deployment_hook(
+        self, kwargs: dict[str, Any], call_type: object
+    ) -> dict[str, Any]:
+        """Reserve, timed."""
+        began = time.perf_counter()
+        try:
+            return await super().async_pre_call_deployment_hook(kwargs, call_type)
+        finally:
+            self.hook_ms.append((time.perf_counter() - began) * 1000)
+
+
+def _router() -> litellm.Router:
+    return litellm.Router(
+        model_list=[
+            {
+                "model_name": "fast",
+                "litellm_params": {
+                    "model": "openai/gpt-4o-mini",
+                    "api_key": "no-key-needed-with-mock_response",
+                    "mock_response": "Paris is the capital of France.",
+                    "mock_delay": CALL_SECONDS,
+                },
+            }
+        ],
+        num_retries=0,
+    )
+
+
+async def _drive(router: litellm.Router, timings: Timings) -> None:
+    """Calls started at RATE per second for SECONDS, whatever the answers (open loop)."""
+
+    async def one(i: int) -> None:
+        began = time.perf_counter()
+        try:
+            await router.acompletion(
+                model="fast",
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=100,
+                metadata={"lodestar": {"project": PROJECTS[i % len(PROJECTS)]}},
+            )
+        except Exception:
+            timings.failed += 1
+            return
+        timings.added_ms.append((time.perf_counter() - began - CALL_SECONDS) * 1000)
+
+    tasks = []
+    began = time.perf_counter()
+    for i in range(int(RATE * SECONDS)):
+        delay = began + i / RATE - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+
+
+@contextlib.asynccontextmanager
+async def _callbacks(
+    mode: str, core: CoreUnderTest, tracker: TrackerUnderTest, spool: Path, timings: Timings
+) -> AsyncIterator[None]:
+    """LiteLLM's callbacks for ``mode``, removed again afterwards."""
+    if mode == "off":
+        yield
+        return
+    if mode == "no-op callback":
+        noop = CustomLogger()
+        litellm.callbacks = [noop]
+        try:
+            yield
+        finally:
+            litellm.callbacks = []
+            litellm.logging_callback_manager.remove_callback_from_all_lists(noop)
+        return
+    token = core.tokens[Role.PUBLISHER]
+    async with (
+        connect(core.target, token) as to_core,
+        connect(tracker.target, token) as to_tracker,
+        Publisher(to_core, source="litellm://bench", spool_dir=spool) as publisher,
+    ):
+        gate = BudgetGate(to_tracker, GatePolicy()) if "admission" in mode else None
+        logger = TimedLogger(publisher, gate)
+        logger.hook_ms = timings.hook_ms
+        litellm.callbacks = [logger]
+        try:
+            yield
+            await logger.drain()
+            await publisher.flush()
+        finally:
+            litellm.callbacks = []
+            litellm.logging_callback_manager.remove_callback_from_all_lists(logger)
+
+
+async def bench_litellm(dsn: str, workdir: Path, out: Callable[[str], None]) -> None:
+    """The gateway's CPU per call, then the modes interleaved over ROUNDS rounds."""
+    async with CoreUnderTest(dsn, workdir) as core:
+        tracker = TrackerUnderTest(dsn, workdir, core)
+        await tracker.start()
+        try:
+            async with connect(tracker.target, core.tokens[Role.ADMIN]) as admin:
+                await _create_budgets(ug.BudgetServiceStub(admin), PROJECTS)
+            router = _router()
+            await _cost_per_call(core, tracker, router, out)
+            results = {mode: Timings() for mode in MODES}
+            await _drive(router, Timings())  # warm-up
+            for _ in range(ROUNDS):
+                for mode in MODES:
+                    cpu = time.process_time()
+                    async with _callbacks(mode, core, tracker, workdir / "spool", results[mode]):
+                        await _drive(router, results[mode])
+                    results[mode].cpu_seconds += time.process_time() - cpu
+            _report(results, out)
+        finally:
+            tracker.stop()
+
+
+class _Capture(CustomLogger):
+    """Keeps the kwargs and response LiteLLM hands its success callbacks."""
+
+    kwargs: dict[str, Any]
+    response: Any
+
+    async def async_log_success_event(
+        self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        """Keep them."""
+        self.kwargs, self.response = kwargs, response_obj
+
+
+async def _logged_call(router: litellm.Router) -> tuple[dict[str, Any], Any]:
+    """What one real call hands a success callback."""
+    capture = _Capture()
+    litellm.callbacks = [capture]
+    try:
+        await router.acompletion(
+            model="fast",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            metadata={"lodestar": {"project": PROJECTS[0]}},
+            mock_delay=0,
+        )
+        await asyncio.sleep(0.5)  # success callbacks run after the call returns
+    finally:
+        litellm.callbacks = []
+        litellm.logging_callback_manager.remove_callback_from_all_lists(capture)
+    return capture.kwargs, capture.response
+
+
+async def _cost_per_call(
+    core: CoreUnderTest,
+    tracker: TrackerUnderTest,
+    router: litellm.Router,
+    out: Callable[[str], None],
+) -> None:
+    """The gateway's CPU per call for publishing and for the hook, without LiteLLM's own work.
+
+    Publishing: COST_CALLS success callbacks with a real call's kwargs, then everything drained
+    and flushed into core. Hook: COST_CALLS pre-call hooks (estimate + Reserve) started at
+    HOOK_RATE per second (open loop), with their latency.
+    """
+    kwargs, response = await _logged_call(router)
+    token = core.tokens[Role.PUBLISHER]
+    async with (
+        connect(core.target, token) as to_core,
+        connect(tracker.target, token) as to_tracker,
+        Publisher(to_core, source="litellm://bench", spool_dir=None) as publisher,
+    ):
+        logger = LodestarLogger(publisher)
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(COST_CALLS):
+            await logger.async_log_success_event(dict(kwargs), response, None, None)
+        callback_ms = (time.perf_counter() - wall) * 1000 / COST_CALLS
+        await logger.drain()
+        await publisher.flush()
+        cpu_ms = (time.process_time() - cpu) * 1000 / COST_CALLS
+        out(
+            f"  {'publishing, per call (gateway CPU)':<40} {cpu_ms:.3f} ms CPU in all; "
+            f"{callback_ms:.3f} ms in the callback itself, the rest in the background"
+        )
+        hooked = LodestarLogger(publisher, BudgetGate(to_tracker, GatePolicy()))
+        latencies: list[float] = []
+
+        async def hook(i: int) -> None:
+            call = {
+                "model": "openai/gpt-4o-mini",
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 100,
+                "metadata": {"lodestar": {"project": PROJECTS[i % len(PROJECTS)]}},
+            }
+            began = time.perf_counter()
+            await hooked.async_pre_call_deployment_hook(call, "acompletion")
+            latencies.append((time.perf_counter() - began) * 1000)
+
+        cpu, tasks, began = time.process_time(), [], time.perf_counter()
+        for i in range(COST_CALLS):  # open loop at HOOK_RATE
+            delay = began + i / HOOK_RATE - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(hook(i)))
+        await asyncio.gather(*tasks)
+        cpu_ms = (time.process_time() - cpu) * 1000 / COST_CALLS
+        out(
+            f"  {'budget hook, per call (gateway CPU)':<40} {cpu_ms:.3f} ms CPU (estimate + "
+            f"Reserve); latency p50 / p99 {_pct(latencies, 0.5):.2f} / {_pct(latencies, 0.99):.2f}"
+            f" ms at {HOOK_RATE:g} calls/s"
+        )
+
+
+def _report(results: dict[str, Timings], out: Callable[[str], None]) -> None:
+    base = results["no-op callback"].added_ms if "no-op callback" in results else []
+    for mode, timings in results.items():
+        p50, p99 = _pct(timings.added_ms, 0.5), _pct(timings.added_ms, 0.99)
+        line = f"{p50:.2f} / {p99:.2f} ms over the LLM wait, CPU {timings.cpu_ms_per_call():.2f} ms"
+        if mode not in ("off", "no-op callback"):
+            line += f"; adds {p50 - _pct(base, 0.5):+.2f} / {p99 - _pct(base, 0.99):+.2f} ms"
+        if timings.hook_ms:
+            line += (
+                f"; hook {_pct(timings.hook_ms, 0.5):.2f} / {_pct(timings.hook_ms, 0.99):.2f} ms"
+            )
+        if timings.failed:
+            line += f"; {timings.failed} failed"
+        out(f"  {mode + ' (p50 / p99)':<30} {line}  [{len(timings.added_ms):,} calls]")
+
+
+async def run_litellm_benchmarks(out: Callable[[str], None]) -> None:
+    """The LiteLLM overhead benchmark on a scratch database."""
+    out(
+        f"LiteLLM + Lodestar — {RATE:g} calls/s open loop, {CALL_SECONDS * 1000:g} ms LLM wait "
+        f"(~{RATE * CALL_SECONDS:.0f} in flight), {SECONDS:g} s x {ROUNDS} rounds per mode, "
+        f"{os.cpu_count()} cores"
+    )
+    with tempfile.TemporaryDirectory() as tmp, postgres_server(Path(tmp)) as admin_dsn:
+        name, dsn = await _scratch(admin_dsn)
+        try:
+            await bench_litellm(dsn, Path(tmp), out)
+        finally:
+            await _drop(admin_dsn, name)
+
+
+if __name__ == "__main__":
+    asyncio.run(run_litellm_benchmarks(lambda text: print(text, flush=True)))
