@@ -1,4 +1,7 @@
-"""``make bench``: CLI start-up, durable publish, delivery, unary latency, NATS JetStream.
+"""``make bench``: every benchmark, each printing figures to compare within one run.
+
+CLI start-up, durable publish, delivery, unary latency, NATS JetStream, usage-tracker (ingest,
+Summary, admission) and what Lodestar adds to a LiteLLM call.
 
 Absolute figures vary between runs and machines; compare the ratios printed in one run.
 Sizes can be changed with BENCH_EVENTS (default 200000), BENCH_RATE (default 500 req/s) and
@@ -21,6 +24,7 @@ from bench.core_bench import (
     bench_unary_latency,
     sample_events,
 )
+from bench.litellm_bench import run_litellm_benchmarks
 from bench.nats_bench import bench_jetstream, jetstream_available
 from bench.replica_bench import run_replica_benchmarks
 from bench.usage_bench import run_usage_benchmarks
@@ -74,6 +78,7 @@ def run() -> None:
                 asyncio.run(main(dsn, workdir))
             run_replica_benchmarks(admin_dsn, workdir, EVENTS // 2, line)
     asyncio.run(run_usage_benchmarks(print))
+    asyncio.run(run_litellm_benchmarks(lambda text: print(text, flush=True)))
 
 
 if __name__ == "__main__":

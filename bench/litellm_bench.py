@@ -51,6 +51,8 @@ SECONDS = float(os.environ.get("LITELLM_BENCH_SECONDS", "10"))
 CALL_SECONDS = float(os.environ.get("LITELLM_BENCH_CALL_SECONDS", "0.5"))
 ROUNDS = int(os.environ.get("LITELLM_BENCH_ROUNDS", "2"))
 COST_CALLS = int(os.environ.get("LITELLM_BENCH_COST_CALLS", "5000"))
+#: How long the gateway's publisher gathers events into one Publish (LITELLM_BENCH_LINGER).
+PUBLISH_LINGER = float(os.environ.get("LITELLM_BENCH_LINGER", "0.05"))
 HOOK_RATE = float(os.environ.get("LITELLM_BENCH_HOOK_RATE", "500"))
 PROJECTS = [f"gw-{i}" for i in range(20)]
 ALL_MODES = ("off", "no-op callback", "publish", "publish + admission")
@@ -162,7 +164,9 @@ async def _callbacks(
     async with (
         connect(core.target, token) as to_core,
         connect(tracker.target, token) as to_tracker,
-        Publisher(to_core, source="litellm://bench", spool_dir=spool) as publisher,
+        Publisher(
+            to_core, source="litellm://bench", spool_dir=spool, linger_seconds=PUBLISH_LINGER
+        ) as publisher,
     ):
         gate = BudgetGate(to_tracker, GatePolicy()) if "admission" in mode else None
         logger = TimedLogger(publisher, gate)

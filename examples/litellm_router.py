@@ -97,7 +97,12 @@ async def main() -> int:
         connect(core, token("publisher")) as to_core,
         connect(usage, token("publisher")) as to_usage,
         connect(usage, os.environ.get("LODESTAR_ADMIN_TOKEN") or token("admin")) as as_admin,
-        Publisher(to_core, source="litellm://example-router", spool_dir=STATE_DIR / "spool") as pub,
+        Publisher(
+            to_core,
+            source="litellm://example-router",
+            spool_dir=STATE_DIR / "spool",
+            linger_seconds=0.05,  # one Publish per 50 ms of calls: less of the gateway's CPU
+        ) as pub,
     ):
         await ensure_intern_budget(as_admin)
         logger = LodestarLogger(pub, BudgetGate(to_usage, GatePolicy(fail_open=False)))

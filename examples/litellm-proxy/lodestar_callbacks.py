@@ -31,6 +31,7 @@ def from_environment() -> LodestarLogger:
         connect(os.environ["LODESTAR_CORE_ENDPOINT"], token),
         source="litellm://proxy",
         spool_dir=Path(os.environ.get("LODESTAR_SPOOL_DIR", "lodestar-spool")),
+        linger_seconds=0.05,  # one Publish per 50 ms of calls: less of the proxy's CPU
     )
     gate = BudgetGate(
         connect(os.environ["LODESTAR_USAGE_ENDPOINT"], token),
