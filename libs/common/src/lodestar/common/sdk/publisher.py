@@ -30,7 +30,7 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import message
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 from tenacity import (
     AsyncRetrying,
@@ -53,6 +53,7 @@ from lodestar.common.errors import (
     ResourceExhaustedError,
     bad_request_violations,
     error_reason,
+    retry_info_delay,
 )
 from lodestar.common.events import new_event
 from lodestar.common.logging import get_logger
@@ -100,14 +101,7 @@ def classify(exc: grpc.aio.AioRpcError) -> Verdict:
 def retry_delay(exc: grpc.aio.AioRpcError) -> float | None:
     """The delay core asks for in a ``google.rpc.RetryInfo`` status detail, if any."""
     status = _rich_status(exc)
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return float(info.retry_delay.ToTimedelta().total_seconds())
-    return None
+    return retry_info_delay(status) if status is not None else None
 
 
 def reason_of(exc: grpc.aio.AioRpcError) -> str | None:
