@@ -40,6 +40,7 @@ from lodestar.common.sdk import (
     AsyncUsageClient,
     AuditClient,
     BudgetClient,
+    ClientClosedError,
     ClientOptions,
     EventBusClient,
     RegistryClient,
@@ -142,7 +143,7 @@ async def test_a_channel_is_closed_by_its_client_only(core, tokens):
     def blocking() -> None:
         with RegistryClient(options) as client:
             client.list_modules()
-        with pytest.raises(ValueError, match="closed channel"):
+        with pytest.raises(ClientClosedError):
             client.list_modules()
         shared = options.sync_channel()
         with RegistryClient(options, channel=shared):

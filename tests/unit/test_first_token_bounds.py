@@ -24,7 +24,7 @@ def _completed(
 
 @pytest.mark.parametrize(
     ("duration", "first_token"),
-    [(None, None), ((2, 0), None), ((2, 0), (0, 350_000_000)), ((2, 0), (2, 0)), (None, (1, 0))],
+    [(None, None), ((2, 0), None), ((2, 0), (0, 350_000_000)), ((2, 0), (2, 0)), (None, (0, 0))],
 )
 def test_a_first_token_within_the_call_is_accepted(
     duration: tuple[int, int] | None, first_token: tuple[int, int] | None
@@ -37,7 +37,8 @@ def test_a_first_token_within_the_call_is_accepted(
 @pytest.mark.parametrize(
     ("duration", "first_token", "says"),
     [
-        ((2, 0), (2, 1), "longer than duration"),
+        ((2, 0), (2, 1), "2.000000001 s is longer than duration (2.000000000 s"),
+        (None, (1, 0), "0 when unset"),
         ((0, 0), (0, 1), "longer than duration"),
         (None, (-1, 0), "non-negative"),
         (None, (0, -1), "non-negative"),

@@ -255,3 +255,47 @@ def test_blocking_calls_carry_the_token_and_the_trace_when_telemetry_is_on():
         "Bearer tok True",  # the server saw the token and a traceparent
         "['/lodestar.core.v1.RegistryService/ListModules']",  # the client's span
     ]
+
+
+@pytest.mark.parametrize("seconds", [0, -1, float("inf"), float("nan"), 1e10])
+def test_deadlines_that_cannot_work_are_refused_by_name(seconds):
+    with pytest.raises(ConfigurationError) as caught:
+        ClientOptions("h:1", timeout_seconds=seconds)
+    assert caught.value.field == "timeout_seconds"
+    client = clients.RegistryClient(ClientOptions("127.0.0.1:9"))
+    with client, pytest.raises(ConfigurationError) as caught:
+        client.list_modules(timeout=seconds)
+    assert caught.value.field == "timeout"
+
+
+@pytest.mark.parametrize("token", ["abc\ndef", "tökén", "two words", ""])
+def test_a_token_no_header_can_carry_is_refused_by_name(token):
+    with pytest.raises(ConfigurationError) as caught:
+        ClientOptions("h:1", token=token)
+    assert caught.value.field == "token"
+
+
+def test_a_closed_client_refuses_calls_instead_of_crashing():
+    client = clients.UsageClient(ClientOptions("127.0.0.1:9"))
+    client.close()
+    with pytest.raises(clients.ClientClosedError, match="closed client"):
+        client.list_unpriced()
+    with pytest.raises(clients.ClientClosedError):
+        list(client.export_records())
+
+
+async def test_a_closed_async_client_refuses_calls():
+    async with clients.AsyncUsageClient(ClientOptions("127.0.0.1:9")) as client:
+        pass
+    with pytest.raises(clients.ClientClosedError):
+        await client.list_unpriced()
+
+
+def test_a_request_of_another_rpc_is_refused_before_it_is_sent():
+    from lodestar.usage.v1 import usage_pb2
+
+    with (
+        clients.UsageClient(ClientOptions("127.0.0.1:9")) as client,
+        pytest.raises(TypeError, match="Recost takes a RecostRequest, not a ListUnpricedRequest"),
+    ):
+        client.recost(usage_pb2.ListUnpricedRequest())  # type: ignore[arg-type]

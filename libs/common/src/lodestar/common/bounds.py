@@ -231,18 +231,20 @@ def _check_time_to_first_token(payload: usage_events.RequestCompleted, prefix: s
     if _ttft_exceeds_duration(payload):
         raise BoundViolation(
             field,
-            f"{first_token.ToTimedelta().total_seconds()} s is longer than duration "
-            f"({payload.duration.ToTimedelta().total_seconds()} s): the first token cannot come "
-            "after the last",
+            f"{_seconds(first_token)} is longer than duration ({_seconds(payload.duration)}, "
+            "0 when unset): the first token cannot come after the whole answer",
         )
 
 
 def _ttft_exceeds_duration(payload: usage_events.RequestCompleted) -> bool:
-    """True when a measured duration is shorter than the time to the first token."""
+    """True when the time to the first token is longer than the call (unset duration: 0)."""
     first, whole = payload.time_to_first_token, payload.duration
-    if not payload.HasField("duration"):
-        return False
     return (first.seconds, first.nanos) > (whole.seconds, whole.nanos)
+
+
+def _seconds(value: duration_pb2.Duration) -> str:
+    """A Duration in seconds, to the nanosecond: ``2.000000001 s``."""
+    return f"{value.seconds}.{value.nanos:09d} s"
 
 
 def _check_money(money: usage_events.Money, field: str) -> None:

@@ -39,7 +39,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from lodestar.audit.v1 import audit_pb2, audit_pb2_grpc
-from lodestar.common.errors import ConfigurationError, client_error_from
+from lodestar.common.errors import ConfigurationError, LodestarError, client_error_from
 from lodestar.common.logging import get_logger
 from lodestar.common.sdk.channel import connect, connect_sync
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -104,8 +104,12 @@ class ClientOptions:
             raise ConfigurationError(
                 "mutual TLS needs both client_cert and client_key", field="client_key"
             )
-        if self.timeout_seconds is not None and self.timeout_seconds <= 0:
-            raise ConfigurationError("must be positive, or None", field="timeout_seconds")
+        if self.timeout_seconds is not None:
+            check_timeout(self.timeout_seconds, "timeout_seconds")
+        if self.token is not None and not _sendable(self.token):
+            raise ConfigurationError(
+                "a bearer token is printable ASCII without spaces or line breaks", field="token"
+            )
 
     @property
     def uses_tls(self) -> bool:
@@ -130,6 +134,30 @@ class ClientOptions:
         }
 
 
+#: The longest deadline a call may be given: one day (grpc refuses far larger ones).
+MAX_TIMEOUT_SECONDS = 86_400.0
+
+
+def check_timeout(seconds: float, field: str) -> None:
+    """Refuse a deadline that is not a positive, finite number of seconds up to one day."""
+    if not 0 < seconds <= MAX_TIMEOUT_SECONDS:  # False for nan as well
+        raise ConfigurationError(
+            f"{seconds!r} s: a deadline is more than 0 and at most {MAX_TIMEOUT_SECONDS:g} s",
+            field=field,
+        )
+
+
+def _sendable(token: str) -> bool:
+    """Whether ``token`` can travel in an HTTP/2 header as ``Bearer <token>``."""
+    return bool(token) and token.isascii() and token.isprintable() and " " not in token
+
+
+class ClientClosedError(LodestarError):
+    """A call on a client that was closed (``close``, or the end of its ``with`` block)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class _Client:
     """What every client has: its options, and its service's descriptor and generated stub."""
 
@@ -141,9 +169,14 @@ class _Client:
     options: ClientOptions
     #: The generated stub over the client's channel, for what the typed methods do not cover.
     stub: Any
+    #: Set by ``close``: every later call raises ClientClosedError.
+    closed: bool = False
 
     def _timeout(self, timeout: float | None) -> float | None:
-        return timeout if timeout is not None else self.options.timeout_seconds
+        if timeout is None:
+            return self.options.timeout_seconds
+        check_timeout(timeout, "timeout")
+        return timeout
 
 
 class SyncClient(_Client):
@@ -156,7 +189,8 @@ class SyncClient(_Client):
         self.stub = self.stub_class(self.channel)
 
     def close(self) -> None:
-        """Close the channel, unless it was given to the client."""
+        """Close the channel, unless it was given to the client; later calls are refused."""
+        self.closed = True
         if self._owns_channel:
             self.channel.close()
 
@@ -177,7 +211,8 @@ class AsyncClient(_Client):
         self.stub = self.stub_class(self.channel)
 
     async def close(self) -> None:
-        """Close the channel, unless it was given to the client."""
+        """Close the channel, unless it was given to the client; later calls are refused."""
+        self.closed = True
         if self._owns_channel:
             await self.channel.close(None)
 
@@ -331,8 +366,30 @@ class _Bound(Generic[Req, Resp]):
             wait_seconds=round(state.upcoming_sleep, 3),
         )
 
+    def _check_open(self) -> None:
+        if self._client.closed:
+            raise ClientClosedError(
+                f"{self._client.service.full_name}/{self._rpc.name} called on a closed client; "
+                "make a new one"
+            )
+
+    @staticmethod
+    def _stream_timeout(timeout: float | None) -> float | None:
+        if timeout is not None:
+            check_timeout(timeout, "timeout")
+        return timeout
+
     def _request(self, request: Req | None) -> Req:
-        return request if request is not None else self._rpc.request()
+        """``request`` (an empty one when None), checked to be the RPC's request type."""
+        self._check_open()
+        if request is None:
+            return self._rpc.request()
+        if not isinstance(request, self._rpc.request):
+            raise TypeError(
+                f"{self._rpc.name} takes a {self._rpc.request.__name__}, "
+                f"not a {type(request).__name__}"
+            )
+        return request
 
 
 class SyncUnary(_Bound[Req, Resp]):
@@ -375,7 +432,8 @@ class SyncServerStream(_Bound[Req, Resp]):
         self, request: Req | None = None, *, timeout: float | None = None
     ) -> Iterator[Resp]:
         """The responses to ``request``; no deadline unless ``timeout`` is given."""
-        return _errors_mapped(self._method(self._request(request), timeout=timeout))
+        request = self._request(request)
+        return _errors_mapped(self._method(request, timeout=self._stream_timeout(timeout)))
 
 
 class AsyncServerStream(_Bound[Req, Resp]):
@@ -385,7 +443,8 @@ class AsyncServerStream(_Bound[Req, Resp]):
         self, request: Req | None = None, *, timeout: float | None = None
     ) -> AsyncIterator[Resp]:
         """The responses to ``request``; no deadline unless ``timeout`` is given."""
-        return _errors_mapped_async(self._method(self._request(request), timeout=timeout))
+        request = self._request(request)
+        return _errors_mapped_async(self._method(request, timeout=self._stream_timeout(timeout)))
 
 
 class SyncBidiStream(_Bound[Req, Resp]):
@@ -393,7 +452,8 @@ class SyncBidiStream(_Bound[Req, Resp]):
 
     def __call__(self, requests: Iterable[Req], *, timeout: float | None = None) -> Iterator[Resp]:
         """The responses to ``requests``; no deadline unless ``timeout`` is given."""
-        return _errors_mapped(self._method(iter(requests), timeout=timeout))
+        self._check_open()
+        return _errors_mapped(self._method(iter(requests), timeout=self._stream_timeout(timeout)))
 
 
 class AsyncBidiStream(_Bound[Req, Resp]):
@@ -403,7 +463,8 @@ class AsyncBidiStream(_Bound[Req, Resp]):
         self, requests: AsyncIterable[Req] | Iterable[Req], *, timeout: float | None = None
     ) -> AsyncIterator[Resp]:
         """The responses to ``requests``; no deadline unless ``timeout`` is given."""
-        return _errors_mapped_async(self._method(requests, timeout=timeout))
+        self._check_open()
+        return _errors_mapped_async(self._method(requests, timeout=self._stream_timeout(timeout)))
 
 
 def _unavailable(error: BaseException) -> bool:

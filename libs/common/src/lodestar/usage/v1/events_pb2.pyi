@@ -162,7 +162,7 @@ class RequestCompleted(_message.Message):
     @_builtins.property
     def time_to_first_token(self) -> _duration_pb2.Duration:
         """From sending the request to its first token (streamed calls) or to the whole answer (others);
-        unset when the producer did not measure it. Never longer than duration.
+        unset when the producer did not measure it. Never longer than duration (set both).
         """
 
     def __init__(
