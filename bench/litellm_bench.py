@@ -27,7 +27,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
 from bench.core_bench import CoreUnderTest
-from bench.usage_bench import TrackerUnderTest, _create_budgets, _drop, _scratch
+from bench.usage_bench import TrackerUnderTest, _create_budgets, _drop, _pct, _scratch
 from lodestar.common.auth import Role
 from lodestar.common.sdk import Publisher, connect
 from lodestar.common.testing import postgres_server
@@ -76,11 +76,6 @@ class Timings:
     def cpu_ms_per_call(self) -> float:
         """The gateway process's CPU time per call, in milliseconds."""
         return self.cpu_seconds * 1000 / max(1, len(self.added_ms) + self.failed)
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 class TimedLogger(LodestarLogger):
@@ -133,13 +128,18 @@ async def _drive(router: litellm.Router, timings: Timings) -> None:
             return
         timings.added_ms.append((time.perf_counter() - began - CALL_SECONDS) * 1000)
 
+    await _open_loop(one, RATE, int(RATE * SECONDS))
+
+
+async def _open_loop(start: Callable[[int], Awaitable[None]], rate: float, count: int) -> None:
+    """``start(0)`` … ``start(count - 1)`` begun ``rate`` per second whatever the answers."""
     tasks = []
     began = time.perf_counter()
-    for i in range(int(RATE * SECONDS)):
-        delay = began + i / RATE - time.perf_counter()
+    for i in range(count):
+        delay = began + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i)))
+        tasks.append(asyncio.create_task(start(i)))
     await asyncio.gather(*tasks)
 
 
@@ -280,13 +280,8 @@ async def _cost_per_call(
             await hooked.async_pre_call_deployment_hook(call, "acompletion")
             latencies.append((time.perf_counter() - began) * 1000)
 
-        cpu, tasks, began = time.process_time(), [], time.perf_counter()
-        for i in range(COST_CALLS):  # open loop at HOOK_RATE
-            delay = began + i / HOOK_RATE - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(hook(i)))
-        await asyncio.gather(*tasks)
+        cpu = time.process_time()
+        await _open_loop(hook, HOOK_RATE, COST_CALLS)
         cpu_ms = (time.process_time() - cpu) * 1000 / COST_CALLS
         out(
             f"  {'budget hook, per call (gateway CPU)':<40} {cpu_ms:.3f} ms CPU (estimate + "

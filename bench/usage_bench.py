@@ -81,8 +81,9 @@ CALL_TIMEOUT = 5.0
 
 
 def _pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values``; nan when there are none."""
     values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 async def _scratch(admin_dsn: str) -> tuple[str, str]:
