@@ -38,6 +38,9 @@ OPTIONAL_KINDS = {
 }
 #: A key of a price that applies above a number of tokens (a tiered price).
 TIERED = re.compile(r"_above_\d+k_tokens")
+#: A token price of a tier, base or above a number of thousand prompt tokens:
+#: ``input_cost_per_token``, ``output_cost_per_token_above_200k_tokens``.
+TOKEN_PRICE_TIER = re.compile(r"(input|output)_cost_per_token(?:_above_(\d+)k_tokens)?")
 #: Modes whose models are priced per token.
 TOKEN_MODES = frozenset({"chat", "completion", "responses", "embedding", "moderation", None})
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import re
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
@@ -45,7 +44,7 @@ from lodestar.learning.v1 import events_pb2 as learning_events
 from lodestar.usage.v1 import events_pb2, usage_pb2
 from lodestar_usage.bounds import MAX_COST_MICROS, MAX_TOKENS
 from lodestar_usage.client import BudgetGate
-from lodestar_usage.cost_map import scaled
+from lodestar_usage.cost_map import TOKEN_PRICE_TIER, scaled
 
 log = get_logger(__name__)
 #: The call's metadata key holding Lodestar's fields (project, user, session_id, task_id, attempt).
@@ -114,10 +113,6 @@ def estimate_with_litellm(kwargs: Mapping[str, Any]) -> tuple[int, int]:
     return min(cost, MAX_COST_MICROS), tokens
 
 
-#: LiteLLM's keys of a price tier: ``input_cost_per_token_above_200k_tokens``.
-_TIER_KEY = re.compile(r"(input|output)_cost_per_token(?:_above_(\d+)k_tokens)?")
-
-
 @functools.lru_cache(maxsize=1024)
 def price_tiers(model: str) -> tuple[tuple[int, Decimal, Decimal], ...]:
     """``model``'s prices per input and output token from LiteLLM's cost map, by tier.
@@ -134,7 +129,7 @@ def price_tiers(model: str) -> tuple[tuple[int, Decimal, Decimal], ...]:
         return ()
     prices: dict[int, dict[str, Decimal]] = {}
     for key, value in info.items():
-        match = _TIER_KEY.fullmatch(key)
+        match = TOKEN_PRICE_TIER.fullmatch(key)
         if match and isinstance(value, int | float):
             above = int(match[2] or 0) * 1000
             prices.setdefault(above, {})[match[1]] = Decimal(repr(value))
