@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import asyncpg
 from asyncpg.exceptions import DeadlockDetectedError
@@ -94,25 +96,24 @@ SESSION_USE = """
 ADMISSION_LOCK = (
     "SELECT * FROM admission_lock($1, $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[])"
 )
+#: What a round writes: new holds, finished reservations, counter deltas (migration 0012).
 WRITE = (
-    "WITH new AS (INSERT INTO reservations (id, owner, project, user_id, session_id, model, "
-    "state, amount_micros, amount_tokens, created_at, lease_expires_at) "
-    "SELECT i, o, p, us, s, m, 'active', am, at, now(), now() + l FROM unnest($1::uuid[], "
-    "$2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], "
-    "$9::interval[]) AS n(i, o, p, us, s, m, am, at, l)), "
-    "held AS (INSERT INTO reservation_budgets (reservation_id, budget_id, scope_value, "
-    "window_start) SELECT * FROM unnest($10::uuid[], $11::uuid[], $12::text[], "
-    "$13::timestamptz[])), "
-    "done AS (UPDATE reservations r SET state = f.s, amount_micros = f.am, "
-    "amount_tokens = f.at, finished_at = now() FROM unnest($14::uuid[], $15::text[], "
-    "$16::bigint[], $17::bigint[]) AS f(i, s, am, at) WHERE r.id = f.i) "
-    "UPDATE budget_counters c SET spent_micros = c.spent_micros + d.sm, "
-    "spent_tokens = c.spent_tokens + d.st, held_micros = c.held_micros + d.hm, "
-    "held_tokens = c.held_tokens + d.ht FROM unnest($18::uuid[], $19::text[], "
-    "$20::timestamptz[], $21::bigint[], $22::bigint[], $23::bigint[], $24::bigint[]) "
-    "AS d(b, v, w, sm, st, hm, ht) "
-    "WHERE c.budget_id = d.b AND c.scope_value = d.v AND c.window_start = d.w"
+    "SELECT admission_write($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, "
+    "$16, $17, $18, $19, $20, $21, $22, $23, $24)"
 )
+#: A round decided on what the process knew, written in one call if that still holds, else the
+#: rows as they are (migration 0012).
+ADMISSION_APPLY = (
+    "SELECT * FROM admission_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
+    "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, "
+    "$31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41)"
+)
+#: Tries of a round decided on what the process knows, before it takes the locked path.
+KNOWN_ROUND_TRIES = 2
+#: Most counters, and most reservations, a process remembers for such rounds.
+MAX_KNOWN = 100_000
+#: Bounds of the time window of a round whose decisions do not depend on the time.
+ALWAYS = (datetime(1, 1, 2, tzinfo=UTC), datetime(9999, 12, 30, tzinfo=UTC))
 
 
 @dataclass
@@ -285,10 +286,86 @@ class _Round:
     rolling: dict[tuple[uuid.UUID, str], Usage] = field(default_factory=dict)
     #: Use of the sessions whose limits the reserves count against.
     sessions: dict[str, SessionUse] = field(default_factory=dict)
+    #: The time window inside which the round's decisions hold (its reserves' windows).
+    valid: tuple[datetime, datetime] = ALWAYS
 
 
 def _zero() -> list[int]:
     return [0, 0, 0, 0]
+
+
+@dataclass
+class _Known:
+    """The counters and reservations as this process last read or wrote them.
+
+    A round decided on them is written only if the database still holds exactly these rows; they
+    are a guess that saves the read, never the truth.
+    """
+
+    #: Counter values ``[spent_micros, spent_tokens, held_micros, held_tokens]``, lapsed holds
+    #: subtracted, as a round would read them.
+    counters: dict[Key, list[int]] = field(default_factory=dict)
+    #: Reservations a Commit or Release may finish.
+    reservations: dict[uuid.UUID, _Locked] = field(default_factory=dict)
+    #: The database's clock minus this process's, as of the last round.
+    clock_offset: timedelta = timedelta()
+
+    def now(self) -> datetime:
+        """The database's time, as well as this process can tell without asking."""
+        return datetime.now(UTC) + self.clock_offset
+
+    def remember(self, state: _Round) -> None:
+        """What ``state`` leaves behind once written: its counters, holds and finished ones."""
+        for key, values in state.counters.items():
+            self.counters[key] = list(values)
+        for reservation_id in state.finished:
+            self.reservations.pop(reservation_id, None)
+        windowed: dict[uuid.UUID, list[Key]] = collections.defaultdict(list)
+        for reservation_id, budget_id, value, start in state.holds:
+            if start is not None:
+                windowed[reservation_id].append((budget_id, value, start))
+        for reservation_id, call in state.new:
+            request = call.request
+            self.reservations[reservation_id] = _Locked(
+                "active",
+                request.estimated_cost_micros,
+                request.estimated_tokens,
+                call.owner,
+                False,
+                windowed[reservation_id],
+            )
+        self._bound()
+
+    def refresh(
+        self,
+        asked: Iterable[uuid.UUID],
+        locked: dict[uuid.UUID, _Locked],
+        wanted: Iterable[Key],
+        counters: dict[Key, list[int]],
+    ) -> None:
+        """Replace what was ``asked`` and ``wanted`` by the rows the database returned."""
+        for reservation_id in asked:
+            self.reservations.pop(reservation_id, None)
+        for key in wanted:
+            self.counters.pop(key, None)
+        self.reservations.update(locked)
+        self.counters.update(counters)
+        self._bound()
+
+    def forget(self) -> None:
+        """Drop everything (after a round failed half-way)."""
+        self.counters.clear()
+        self.reservations.clear()
+
+    def _bound(self) -> None:
+        _drop_oldest(self.counters)
+        _drop_oldest(self.reservations)
+
+
+def _drop_oldest(known: dict[Any, Any]) -> None:
+    """Keep the newest ``MAX_KNOWN`` entries of ``known``."""
+    while len(known) > MAX_KNOWN:
+        del known[next(iter(known))]
 
 
 def _wanted(plans: Iterable[Plan]) -> dict[Key, Counted]:
@@ -316,12 +393,15 @@ class Admitter:
         max_queued: int = 4096,
         rounds_in_flight: int = 2,
         durable: bool = False,
+        decide_on_known: bool = True,
     ) -> None:
         self._pool = pool
         self._max_batch = max_batch
         self._max_queued = max_queued
         self._rounds = rounds_in_flight
         self._durable = durable
+        self._decide_on_known = decide_on_known
+        self._known = _Known()
         self._queue: collections.deque[_Call] = collections.deque()
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -548,6 +628,11 @@ class Admitter:
         self, conn: asyncpg.Connection, calls: list[_Call]
     ) -> list[tuple[_Call, object]]:
         try:
+            if self._decide_on_known:
+                answers = await self._round_on_known(conn, calls)
+                if answers is not None:
+                    return answers
+            metrics.ADMISSION_ROUNDS.labels("locked").inc()
             return await self._round(conn, calls)
         except _MissingCounters as missing:
             async with conn.transaction():
@@ -584,6 +669,8 @@ class Admitter:
                 self._admit(reserve, plans[id(reserve)], state)
             await self._write(conn, state)
         self._now_hint = None
+        self._known.remember(state)
+        self._known.clock_offset = now - datetime.now(UTC)
         return state.answers
 
     def _plans(self, reserves: list[_Reserve], now: datetime) -> dict[int, Plan]:
@@ -619,43 +706,21 @@ class Admitter:
         counter ``[spent_micros, spent_tokens, held_micros, held_tokens]`` with lapsed holds
         subtracted.
         """
-        ordered = sorted(keys, key=lambda k: (k[0].bytes, k[1], k[2]))
+        ordered = _in_lock_order(keys)
         rows = await conn.fetch(
             ADMISSION_LOCK,
-            "on" if self._durable else "off",
+            self._sync,
             sorted({f.key for f in finishes}),
             [k[0] for k in ordered],
             [k[1] for k in ordered],
             [k[2] for k in ordered],
         )
-        now, generation = datetime.now(UTC), -1
-        locked: dict[uuid.UUID, _Locked] = {}
-        counters: dict[Key, list[int]] = {}
-        for row in rows:
-            if row["kind"] == "head":
-                now, generation = row["now_"], row["generation_"]
-            elif row["kind"] == "counter":
-                key = (row["budget_id"], row["scope_value"], row["window_start"])
-                counters[key] = [
-                    row["spent_micros"],
-                    row["spent_tokens"],
-                    row["held_micros"],
-                    row["held_tokens"],
-                ]
-            else:
-                held = locked.setdefault(
-                    row["id"],
-                    _Locked(
-                        row["state"],
-                        row["amount_micros"],
-                        row["amount_tokens"],
-                        row["owner"],
-                        row["lapsed"],
-                    ),
-                )
-                if row["budget_id"] is not None:
-                    held.keys.append((row["budget_id"], row["scope_value"], row["window_start"]))
-        return now, generation, locked, counters
+        return _rows_read(rows)
+
+    @property
+    def _sync(self) -> str:
+        """The round's synchronous_commit."""
+        return "on" if self._durable else "off"
 
     def _plan(self, call: _Reserve, now: datetime) -> Plan:
         """The applicable budgets, with their windows when they have a counter."""
@@ -769,36 +834,142 @@ class Admitter:
         return None
 
     async def _write(self, conn: asyncpg.Connection, state: _Round) -> None:
-        deltas = {k: d for k, d in state.deltas.items() if any(d)}
-        if not (state.new or state.finished or deltas):
-            return
-        keys = sorted(deltas, key=lambda k: (k[0].bytes, k[1], k[2]))
-        new = [call for _, call in state.new]
-        finished = list(state.finished.items())
-        await conn.execute(
-            WRITE,
-            [rid for rid, _ in state.new],
-            [c.owner for c in new],
-            [c.request.project for c in new],
-            [c.request.user for c in new],
-            [c.request.session_id for c in new],
-            [c.request.model for c in new],
-            [c.request.estimated_cost_micros for c in new],
-            [c.request.estimated_tokens for c in new],
-            [c.lease for c in new],
-            [h[0] for h in state.holds],
-            [h[1] for h in state.holds],
-            [h[2] for h in state.holds],
-            [h[3] for h in state.holds],
-            [key for key, _ in finished],
-            [f[0] for _, f in finished],
-            [f[1] for _, f in finished],
-            [f[2] for _, f in finished],
+        if state.new or state.finished or any(any(d) for d in state.deltas.values()):
+            await conn.execute(WRITE, *_write_args(state))
+
+    async def _round_on_known(
+        self, conn: asyncpg.Connection, calls: list[_Call]
+    ) -> list[tuple[_Call, object]] | None:
+        """The round decided on what the process knows, written in one call if it still holds.
+
+        None when the process does not know enough (a reserve that reads the ledger, a
+        reservation or counter it has not seen, budgets changed) or the rows had changed each
+        time: the locked round decides then.
+        """
+        reserves = [c for c in calls if isinstance(c, _Reserve)]
+        finishes = [c for c in calls if isinstance(c, _Finish)]
+        for _ in range(KNOWN_ROUND_TRIES):
+            state = self._decided_on_known(reserves, finishes)
+            if state is None:
+                return None
+            decided, counters, locked = state
+            try:
+                rows = await conn.fetch(
+                    ADMISSION_APPLY, *self._apply_args(decided, counters, locked)
+                )
+            except BaseException:
+                self._known.forget()
+                raise
+            now, generation, fresh_locked, fresh_counters = _rows_read(rows)
+            self._known.clock_offset = now - datetime.now(UTC)
+            if rows[0]["applied"]:
+                metrics.ADMISSION_ROUNDS.labels("known").inc()
+                for call, answer in decided.answers:
+                    if isinstance(answer, Admission) and answer.granted:
+                        answer.lease_expires_at = now + cast(_Reserve, call).lease
+                self._known.remember(decided)
+                return decided.answers
+            metrics.ADMISSION_ROUNDS.labels("stale").inc()
+            self._known.refresh(locked, fresh_locked, counters, fresh_counters)
+            if generation != self._cache.generation:
+                return None
+        return None
+
+    def _decided_on_known(
+        self, reserves: list[_Reserve], finishes: list[_Finish]
+    ) -> tuple[_Round, dict[Key, tuple[int, ...]], dict[uuid.UUID, _Locked]] | None:
+        """The round decided on what the process knows, with the rows it decided on.
+
+        None when it does not know enough.
+        """
+        if self._cache.generation < 0:
+            return None
+        now = self._known.now()
+        plans = self._plans(reserves, now)
+        if _ledger_locks(reserves, plans):
+            return None
+        locked: dict[uuid.UUID, _Locked] = {}
+        for finish in finishes:
+            held = self._known.reservations.get(finish.key)
+            if held is None:
+                return None
+            locked[finish.key] = dataclasses.replace(held, keys=list(held.keys))
+        keys = set(_wanted(plans.values())).union(*(held.keys for held in locked.values()))
+        if not keys <= self._known.counters.keys():
+            return None
+        decided_on = {key: tuple(self._known.counters[key]) for key in keys}
+        as_read = {rid: dataclasses.replace(held) for rid, held in locked.items()}
+        state = _Round(now, {key: list(values) for key, values in decided_on.items()})
+        for finish in finishes:
+            self._finish(finish, locked, state)
+        for reserve in reserves:
+            self._admit(reserve, plans[id(reserve)], state)
+        state.valid = _valid_between(plans.values())
+        return state, decided_on, as_read
+
+    def _apply_args(
+        self,
+        state: _Round,
+        counters: dict[Key, tuple[int, ...]],
+        locked: dict[uuid.UUID, _Locked],
+    ) -> list[object]:
+        ids = sorted(locked)
+        keys = _in_lock_order(counters)
+        return [
+            self._sync,
+            self._cache.generation,
+            *state.valid,
+            ids,
+            [locked[i].state for i in ids],
+            [locked[i].micros for i in ids],
+            [locked[i].tokens for i in ids],
+            [locked[i].owner for i in ids],
+            [locked[i].lapsed for i in ids],
             [k[0] for k in keys],
             [k[1] for k in keys],
             [k[2] for k in keys],
-            *([deltas[k][i] for k in keys] for i in range(4)),
-        )
+            *([counters[k][i] for k in keys] for i in range(4)),
+            *_write_args(state),
+        ]
+
+
+def _write_args(state: _Round) -> list[list[Any]]:
+    """The 24 arrays ``admission_write`` takes: what ``state`` decided."""
+    deltas = {k: d for k, d in state.deltas.items() if any(d)}
+    keys = _in_lock_order(deltas)
+    new = [call for _, call in state.new]
+    finished = list(state.finished.items())
+    return [
+        [rid for rid, _ in state.new],
+        [c.owner for c in new],
+        [c.request.project for c in new],
+        [c.request.user for c in new],
+        [c.request.session_id for c in new],
+        [c.request.model for c in new],
+        [c.request.estimated_cost_micros for c in new],
+        [c.request.estimated_tokens for c in new],
+        [c.lease for c in new],
+        [h[0] for h in state.holds],
+        [h[1] for h in state.holds],
+        [h[2] for h in state.holds],
+        [h[3] for h in state.holds],
+        [key for key, _ in finished],
+        [f[0] for _, f in finished],
+        [f[1] for _, f in finished],
+        [f[2] for _, f in finished],
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
+        *([deltas[k][i] for k in keys] for i in range(4)),
+    ]
+
+
+def _valid_between(plans: Iterable[Plan]) -> tuple[datetime, datetime]:
+    """When the round's decisions hold: inside every calendar window its reserves count in."""
+    windows = [(start, end) for plan in plans for _, _, start, end in plan if start and end]
+    if not windows:
+        return ALWAYS
+    return max(start for start, _ in windows), min(end for _, end in windows)
 
 
 def _ledger_locks(reserves: list[_Reserve], plans: dict[int, Plan]) -> set[str]:
@@ -807,3 +978,42 @@ def _ledger_locks(reserves: list[_Reserve], plans: dict[int, Plan]) -> set[str]:
     for call in reserves:
         keys |= ledger_locks(plans[id(call)], call.request.session_id)
     return keys
+
+
+def _rows_read(
+    rows: list[asyncpg.Record],
+) -> tuple[datetime, int, dict[uuid.UUID, _Locked], dict[Key, list[int]]]:
+    """The round's time, budget generation, reservations and counters in the rows read."""
+    now, generation = datetime.now(UTC), -1
+    locked: dict[uuid.UUID, _Locked] = {}
+    counters: dict[Key, list[int]] = {}
+    for row in rows:
+        if row["kind"] == "head":
+            now, generation = row["now_"], row["generation_"]
+        elif row["kind"] == "counter":
+            key = (row["budget_id"], row["scope_value"], row["window_start"])
+            counters[key] = [
+                row["spent_micros"],
+                row["spent_tokens"],
+                row["held_micros"],
+                row["held_tokens"],
+            ]
+        else:
+            held = locked.setdefault(
+                row["id"],
+                _Locked(
+                    row["state"],
+                    row["amount_micros"],
+                    row["amount_tokens"],
+                    row["owner"],
+                    row["lapsed"],
+                ),
+            )
+            if row["budget_id"] is not None:
+                held.keys.append((row["budget_id"], row["scope_value"], row["window_start"]))
+    return now, generation, locked, counters
+
+
+def _in_lock_order(keys: Iterable[Key]) -> list[Key]:
+    """Counter keys in the order every writer locks them."""
+    return sorted(keys, key=lambda k: (k[0].bytes, k[1], k[2]))

@@ -88,6 +88,13 @@ ADMISSION_SHED = Counter(
     "expired_in_queue.",
     ["reason"],
 )
+ADMISSION_ROUNDS = Counter(
+    "lodestar_usage_admission_rounds_total",
+    "Admission rounds by how they were decided: known (on the rows the process last knew, "
+    "written in one call), stale (such a try found the rows changed and wrote nothing), locked "
+    "(the rows locked and read first).",
+    ["path"],
+)
 ADMISSION_QUEUED = Gauge(
     "lodestar_usage_admission_queued", "Admission calls waiting for a round in this process."
 )

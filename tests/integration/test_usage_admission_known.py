@@ -1,0 +1,168 @@
+"""Rounds decided on what a tracker last knew (ADR 0017), straight against Postgres.
+
+Such a round is written only if the counters, reservations, budgets and time window it was
+decided on still hold; otherwise it is decided again on what the database holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from lodestar.common.db import apply_migrations, create_pool
+from lodestar.usage.v1 import usage_pb2 as u
+from lodestar_usage import budgets, metrics
+from lodestar_usage.admission import ADMISSION_APPLY, Admitter
+from lodestar_usage.reservations import Admission
+from lodestar_usage.service import MIGRATIONS
+
+from .test_usage_admission import project_budget
+
+LEASE = timedelta(seconds=60)
+
+
+@pytest.fixture
+async def pool(database_url: str, schema: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(database_url, schema, max_size=8)
+    async with pool.acquire() as conn:
+        await apply_migrations(conn, schema, MIGRATIONS)
+    yield pool
+    await pool.close()
+
+
+def rounds(path: str) -> float:
+    return metrics.ADMISSION_ROUNDS.labels(path)._value.get()
+
+
+async def reserve(admitter: Admitter, micros: int, project: str = "p") -> Admission:
+    request = u.ReserveRequest(project=project, estimated_cost_micros=micros)
+    return await admitter.reserve(request, LEASE, "gateway", None)
+
+
+async def held(pool: asyncpg.Pool, project: str = "p") -> int:
+    return int(
+        await pool.fetchval(
+            "SELECT coalesce(sum(c.held_micros), 0) FROM budget_counters c "
+            "JOIN budgets b ON b.id = c.budget_id WHERE b.scope_value = $1",
+            project,
+        )
+    )
+
+
+async def test_a_warm_tracker_decides_and_writes_a_round_in_one_call(pool: asyncpg.Pool) -> None:
+    await budgets.create_budget(
+        pool, budgets.budget_from_proto(project_budget(1_000), require_id=False)
+    )
+    admitter = Admitter(pool)
+    assert (await reserve(admitter, 100)).granted  # the first round reads: nothing known yet
+    known = rounds("known")
+    second = await reserve(admitter, 200)
+    assert second.granted
+    assert rounds("known") == known + 1
+    assert second.lease_expires_at is not None
+    assert abs(second.lease_expires_at - (datetime.now(UTC) + LEASE)) < timedelta(seconds=5)
+    finished = await admitter.finish(
+        uuid.UUID(second.reservation_id), "gateway", None, commit=True, micros=50
+    )
+    assert finished.state == "active"
+    assert rounds("known") == known + 2
+    assert await held(pool) == 150
+    again = await admitter.finish(
+        uuid.UUID(second.reservation_id), "gateway", None, commit=True, micros=70
+    )
+    assert again.state == "committed"
+    assert again.micros == 50
+    assert await held(pool) == 150
+
+
+async def test_counters_changed_behind_a_trackers_back_are_decided_on_as_they_are(
+    pool: asyncpg.Pool,
+) -> None:
+    await budgets.create_budget(
+        pool, budgets.budget_from_proto(project_budget(1_000), require_id=False)
+    )
+    admitter = Admitter(pool)
+    assert (await reserve(admitter, 100)).granted
+    await pool.execute("UPDATE budget_counters SET held_micros = held_micros + 800")  # 900 held
+    stale = rounds("stale")
+    refused = await reserve(admitter, 200)
+    assert not refused.granted
+    assert rounds("stale") == stale + 1
+    assert refused.denial is not None
+    assert refused.denial.remaining_micros == 100
+    await pool.execute("UPDATE budget_counters SET held_micros = 0")
+    assert (await reserve(admitter, 1_000)).granted
+    assert await held(pool) == 1_000
+
+
+async def test_a_changed_limit_is_decided_on_at_once(pool: asyncpg.Pool) -> None:
+    created = await budgets.create_budget(
+        pool, budgets.budget_from_proto(project_budget(1_000), require_id=False)
+    )
+    admitter = Admitter(pool)
+    assert (await reserve(admitter, 100)).granted
+    created.limit_micros = 150
+    await budgets.update_budget(pool, created)
+    assert not (await reserve(admitter, 100)).granted
+    assert (await reserve(admitter, 50)).granted
+
+
+async def test_a_round_outside_its_time_window_writes_nothing(pool: asyncpg.Pool) -> None:
+    """admission_apply refuses a round whose windows do not contain the database's time."""
+    reservation = uuid.uuid4()
+    past = datetime(2020, 1, 1, tzinfo=UTC)
+    empty: list[object] = []
+    write = [
+        [reservation],
+        ["gateway"],
+        ["p"],
+        [""],
+        [""],
+        ["m"],
+        [1],
+        [0],
+        [LEASE],
+        *[empty] * 15,
+    ]
+    generation = await pool.fetchval("SELECT generation FROM budget_generation")
+    args = ["off", generation, past, past + timedelta(days=31), *[empty] * 13, *write]
+    rows = await pool.fetch(ADMISSION_APPLY, *args)
+    assert [r["applied"] for r in rows] == [False]
+    assert await pool.fetchval("SELECT count(*) FROM reservations") == 0
+    args[2:4] = [past, datetime(9999, 1, 1, tzinfo=UTC)]
+    assert [r["applied"] for r in await pool.fetch(ADMISSION_APPLY, *args)] == [True]
+    assert await pool.fetchval("SELECT count(*) FROM reservations") == 1
+
+
+@pytest.mark.parametrize("decide_on_known", [True, False], ids=["known", "locked"])
+async def test_a_counter_created_meanwhile_is_never_decided_on_unlocked(
+    database_url: str, schema: str, pool: asyncpg.Pool, decide_on_known: bool
+) -> None:
+    """Three trackers, two rounds each in flight, race to create and fill 150 new counters.
+
+    Before migration 0012 a round could read a counter another round had just created without
+    locking it, and both granted against it (about one budget in a hundred here).
+    """
+    projects = [f"p{i}" for i in range(150)]
+    for project in projects:
+        budget = budgets.budget_from_proto(project_budget(100, project), require_id=False)
+        await budgets.create_budget(pool, budget)
+    pools = [await create_pool(database_url, schema, max_size=4) for _ in range(3)]
+    try:
+        admitters = [
+            Admitter(p, max_batch=4, rounds_in_flight=2, decide_on_known=decide_on_known)
+            for p in pools
+        ]
+        calls = [reserve(admitters[i % 3], 30, project) for project in projects for i in range(12)]
+        granted = [a.granted for a in await asyncio.gather(*calls)]
+        assert sum(granted) == 3 * len(projects)  # each budget holds three of 30 in 100
+        for project in projects:
+            assert await held(pool, project) == 90
+    finally:
+        for p in pools:
+            await p.close()
