@@ -16,7 +16,7 @@ import pytest
 
 from lodestar.common.db import apply_migrations, create_pool
 from lodestar.usage.v1 import usage_pb2 as u
-from lodestar_usage import budgets, metrics
+from lodestar_usage import budgets, counters, metrics
 from lodestar_usage.admission import ADMISSION_APPLY, Admitter
 from lodestar_usage.reservations import Admission
 from lodestar_usage.service import MIGRATIONS
@@ -39,9 +39,11 @@ def rounds(path: str) -> float:
     return metrics.ADMISSION_ROUNDS.labels(path)._value.get()
 
 
-async def reserve(admitter: Admitter, micros: int, project: str = "p") -> Admission:
+async def reserve(
+    admitter: Admitter, micros: int, project: str = "p", lease: timedelta = LEASE
+) -> Admission:
     request = u.ReserveRequest(project=project, estimated_cost_micros=micros)
-    return await admitter.reserve(request, LEASE, "gateway", None)
+    return await admitter.reserve(request, lease, "gateway", None)
 
 
 async def held(pool: asyncpg.Pool, project: str = "p") -> int:
@@ -98,6 +100,31 @@ async def test_counters_changed_behind_a_trackers_back_are_decided_on_as_they_ar
     await pool.execute("UPDATE budget_counters SET held_micros = 0")
     assert (await reserve(admitter, 1_000)).granted
     assert await held(pool) == 1_000
+
+
+async def test_holds_whose_lease_ran_out_stop_counting_before_the_expiry_job_runs(
+    pool: asyncpg.Pool,
+) -> None:
+    created = await budgets.create_budget(
+        pool, budgets.budget_from_proto(project_budget(1_000), require_id=False)
+    )
+    other = await budgets.create_budget(
+        pool, budgets.budget_from_proto(project_budget(1_000, "q"), require_id=False)
+    )
+    admitter = Admitter(pool)
+    short = timedelta(seconds=0.3)
+    for project, micros, lease in [("p", 300, short), ("p", 300, short), ("p", 200, LEASE)]:
+        assert (await reserve(admitter, micros, project, lease)).granted
+    assert (await reserve(admitter, 400, "q", short)).granted
+    assert not (await reserve(admitter, 300)).granted
+    await asyncio.sleep(0.4)
+    granted = await reserve(admitter, 500)  # the 600 lapsed no longer count: 800 left
+    assert granted.granted
+    assert not (await reserve(admitter, 301)).granted
+    now = datetime.now(UTC)
+    assert (await counters.usage_of(pool, created, "p", now)).reserved_micros == 700
+    assert (await counters.usage_of(pool, other, "q", now)).reserved_micros == 0
+    assert await held(pool) == 1_300  # in the counter until the expiry job marks them
 
 
 async def test_a_changed_limit_is_decided_on_at_once(pool: asyncpg.Pool) -> None:

@@ -92,11 +92,14 @@ BEGIN
                WHERE r.state = 'active' AND r.lease_expires_at <= now()) THEN
         SELECT array_agg(x.b), array_agg(x.v), array_agg(x.w), array_agg(x.m), array_agg(x.t)
           INTO lb, lv, lw, lm, lt FROM (
-            SELECT rb.budget_id, rb.scope_value, rb.window_start, sum(r.amount_micros),
+            SELECT h.budget_id, h.scope_value, h.window_start, sum(r.amount_micros),
                    sum(r.amount_tokens)
-            FROM reservations r JOIN reservation_budgets rb ON rb.reservation_id = r.id
+            FROM reservations r CROSS JOIN LATERAL (
+                SELECT rb.budget_id, rb.scope_value, rb.window_start FROM reservation_budgets rb
+                WHERE rb.reservation_id = r.id AND rb.window_start IS NOT NULL
+                OFFSET 0  -- each lapsed reservation's holds by its id, never every hold
+            ) AS h
             WHERE r.state = 'active' AND r.lease_expires_at <= now()
-              AND rb.window_start IS NOT NULL
             GROUP BY 1, 2, 3
         ) AS x(b, v, w, m, t);
     END IF;
