@@ -2,7 +2,8 @@
 
 Sizes via environment: USAGE_BENCH_ROWS (ledger rows for the Summary benchmark, default 10M),
 USAGE_BENCH_EVENTS (events for end-to-end ingest, default 100k). USAGE_BENCH_ONLY picks one part:
-``ingest`` (ingest rate and freshness), ``admission`` (Reserve+Commit) or ``summary``.
+``ingest`` (ingest rate and freshness), ``admission`` (Reserve+Commit), ``rounds`` (the same on
+an ``Admitter`` in this process, without gRPC; also part of ``admission``) or ``summary``.
 
 Admission (issue #10): USAGE_BENCH_RATE (offered Reserve+Commit pairs/s, default 500) spread over
 USAGE_BENCH_BUDGETS project budgets (default 100), open loop; USAGE_BENCH_CALLERS callers
@@ -27,10 +28,11 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, Protocol
 
 import asyncpg
 import grpc
@@ -46,9 +48,11 @@ from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.usage.v1 import events_pb2 as ev
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar.usage.v1 import usage_pb2_grpc as ug
-from lodestar_usage import reports
+from lodestar_usage import budgets, reports
+from lodestar_usage.admission import Admitter
 from lodestar_usage.client import AdmissionUnavailableError, BudgetGate, GatePolicy
 from lodestar_usage.ingest import ensure_partitions
+from lodestar_usage.reservations import Admission, Finished
 from lodestar_usage.service import MIGRATIONS
 
 ROWS = int(os.environ.get("USAGE_BENCH_ROWS", "10000000"))
@@ -65,6 +69,9 @@ ADMISSION_CHANNELS = 4
 #: Tracker processes serving admission on one database (only the first one ingests).
 ADMISSION_REPLICAS = int(os.environ.get("USAGE_BENCH_REPLICAS", "1"))
 #: How the load generator's gates call admission: each call its own RPC, and coalesced.
+#: Seconds of each in-process rounds scenario (USAGE_BENCH_ONLY=rounds), and its repeats per mode.
+ROUNDS_SECONDS = float(os.environ.get("USAGE_BENCH_ROUNDS_SECONDS", "5"))
+ROUNDS_REPEATS = 2
 GATE_MODES = [
     (label, coalesce)
     for label, coalesce, name in (
@@ -351,9 +358,35 @@ async def _create_budgets(gate: ug.BudgetServiceStub, projects: list[str]) -> No
         )
 
 
-async def _pair(
-    gate: BudgetGate, project: str, result: Scenario, call_seconds: float = 0.0
-) -> None:
+class Gate(Protocol):
+    """What the scenarios call: a ``BudgetGate``, or an ``Admitter`` without gRPC."""
+
+    async def reserve(self, request: u.ReserveRequest) -> Any:
+        """The answer to a Reserve (``granted``, ``reservation_id``)."""
+
+    async def commit(self, request: u.CommitRequest) -> Any:
+        """The answer to a Commit (true when answered)."""
+
+
+class InProcessGate:
+    """Reserve and Commit straight on an ``Admitter`` in this process, as the API calls it."""
+
+    def __init__(self, admitter: Admitter) -> None:
+        self._admitter = admitter
+
+    async def reserve(self, request: u.ReserveRequest) -> Admission:
+        """Decide ``request`` in a round."""
+        return await self._admitter.reserve(request, timedelta(seconds=60), "bench", None)
+
+    async def commit(self, request: u.CommitRequest) -> Finished:
+        """Commit the reservation ``request`` names at its actual cost."""
+        key = uuid.UUID(request.reservation_id)
+        return await self._admitter.finish(
+            key, "bench", None, commit=True, micros=request.actual_cost_micros
+        )
+
+
+async def _pair(gate: Gate, project: str, result: Scenario, call_seconds: float = 0.0) -> None:
     """One Reserve, then its Commit; latency and outcome recorded in ``result``.
 
     ``call_seconds`` is the LLM call between them, left out of the pair's latency.
@@ -386,7 +419,7 @@ async def _pair(
 
 
 async def open_loop(
-    gates: list[BudgetGate], projects: list[str], rate: float, seconds: float
+    gates: Sequence[Gate], projects: list[str], rate: float, seconds: float
 ) -> Scenario:
     """Reserve+Commit pairs started at ``rate`` per second whatever the answers (open loop).
 
@@ -410,7 +443,7 @@ async def open_loop(
 
 
 async def closed_loop(
-    gates: list[BudgetGate], project: str, callers: int, seconds: float, call_seconds: float = 0.0
+    gates: Sequence[Gate], project: str, callers: int, seconds: float, call_seconds: float = 0.0
 ) -> Scenario:
     """``callers`` callers, each doing Reserve+Commit on one budget in a loop for ``seconds``.
 
@@ -420,7 +453,7 @@ async def closed_loop(
     result = Scenario()
     stop_at = time.perf_counter() + seconds
 
-    async def caller(gate: BudgetGate) -> None:
+    async def caller(gate: Gate) -> None:
         while time.perf_counter() < stop_at:
             await _pair(gate, project, result, call_seconds)
 
@@ -511,6 +544,48 @@ async def bench_admission(
         )
 
 
+async def bench_rounds(dsn: str, out: Callable[[str], None]) -> None:
+    """The admission scenarios on ``Admitter`` in this process, without gRPC (ADR 0017).
+
+    Rounds decided on what the process knows, and locked rounds, interleaved in one run, each on
+    fresh tables: what a round costs apart from the transport and the tracker's other work.
+    """
+    out("  admission rounds in one process, no gRPC (Admitter straight on Postgres):")
+    for attempt in range(ROUNDS_REPEATS):
+        for label, known in (("decided on what it knows", True), ("locked", False)):
+            schema = f"bench_rounds_{attempt}_{int(known)}"
+            pool = await create_pool(dsn, schema, max_size=4)
+            try:
+                projects = await _fresh_admission_tables(pool, schema)
+                gates = [InProcessGate(Admitter(pool, rounds_in_flight=1, decide_on_known=known))]
+                await open_loop(gates, projects, min(ADMISSION_RATE, 100), 1.0)  # warm-up
+                spread = await open_loop(gates, projects, ADMISSION_RATE, ROUNDS_SECONDS)
+                hot = await closed_loop(gates, "hot", ADMISSION_CALLERS, ROUNDS_SECONDS)
+            finally:
+                await pool.close()
+            what = f"{label} ({attempt + 1}):"
+            spread_what = f"{ADMISSION_RATE:g}/s over {ADMISSION_BUDGETS} budgets:"
+            out(f"    {what:<30} {spread_what} {spread.summary()}")
+            out(f"    {'':<30} {ADMISSION_CALLERS} callers on one budget: {hot.summary()}")
+
+
+async def _fresh_admission_tables(pool: asyncpg.Pool, schema: str) -> list[str]:
+    """The tracker's tables in ``schema`` with the spread budgets and "hot"; the spread ones."""
+    async with pool.acquire() as conn:
+        await apply_migrations(conn, schema, MIGRATIONS)
+    projects = [f"adm-{i}" for i in range(ADMISSION_BUDGETS)]
+    for project in [*projects, "hot"]:
+        budget = u.Budget(
+            name=f"bench-{project}",
+            scope=u.BUDGET_SCOPE_PROJECT,
+            scope_value=project,
+            period=u.BUDGET_PERIOD_MONTHLY,
+            limit_micros=10**15,
+        )
+        await budgets.create_budget(pool, budgets.budget_from_proto(budget, require_id=False))
+    return projects
+
+
 async def run_usage_benchmarks(print_fn: Callable[[str], None]) -> None:
     """Every usage-tracker benchmark, printed through ``print_fn``."""
     print_fn(
@@ -520,7 +595,9 @@ async def run_usage_benchmarks(print_fn: Callable[[str], None]) -> None:
     with tempfile.TemporaryDirectory() as tmp, postgres_server(Path(tmp)) as admin_dsn:
         name, dsn = await _scratch(admin_dsn)
         try:
-            if ONLY != "summary":
+            if ONLY in ("", "admission", "rounds"):
+                await bench_rounds(dsn, print_fn)
+            if ONLY not in ("summary", "rounds"):
                 await bench_end_to_end(dsn, Path(tmp), print_fn)
             if ONLY in ("", "summary"):
                 await bench_summary(dsn, print_fn)
