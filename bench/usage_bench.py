@@ -343,19 +343,20 @@ class Scenario:
         return text
 
 
+def _bench_budget(project: str) -> u.Budget:
+    """A monthly budget of ``project`` too large to refuse anything."""
+    return u.Budget(
+        name=f"bench-{project}",
+        scope=u.BUDGET_SCOPE_PROJECT,
+        scope_value=project,
+        period=u.BUDGET_PERIOD_MONTHLY,
+        limit_micros=10**15,
+    )
+
+
 async def _create_budgets(gate: ug.BudgetServiceStub, projects: list[str]) -> None:
     for project in projects:
-        await gate.CreateBudget(
-            u.CreateBudgetRequest(
-                budget=u.Budget(
-                    name=f"bench-{project}",
-                    scope=u.BUDGET_SCOPE_PROJECT,
-                    scope_value=project,
-                    period=u.BUDGET_PERIOD_MONTHLY,
-                    limit_micros=10**15,
-                )
-            )
-        )
+        await gate.CreateBudget(u.CreateBudgetRequest(budget=_bench_budget(project)))
 
 
 class Gate(Protocol):
@@ -575,14 +576,8 @@ async def _fresh_admission_tables(pool: asyncpg.Pool, schema: str) -> list[str]:
         await apply_migrations(conn, schema, MIGRATIONS)
     projects = [f"adm-{i}" for i in range(ADMISSION_BUDGETS)]
     for project in [*projects, "hot"]:
-        budget = u.Budget(
-            name=f"bench-{project}",
-            scope=u.BUDGET_SCOPE_PROJECT,
-            scope_value=project,
-            period=u.BUDGET_PERIOD_MONTHLY,
-            limit_micros=10**15,
-        )
-        await budgets.create_budget(pool, budgets.budget_from_proto(budget, require_id=False))
+        budget = budgets.budget_from_proto(_bench_budget(project), require_id=False)
+        await budgets.create_budget(pool, budget)
     return projects
 
 
