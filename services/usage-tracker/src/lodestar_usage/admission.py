@@ -706,7 +706,7 @@ class Admitter:
         counter ``[spent_micros, spent_tokens, held_micros, held_tokens]`` with lapsed holds
         subtracted.
         """
-        ordered = _in_lock_order(keys)
+        ordered = counters.in_lock_order(keys)
         rows = await conn.fetch(
             ADMISSION_LOCK,
             self._sync,
@@ -852,10 +852,10 @@ class Admitter:
             state = self._decided_on_known(reserves, finishes)
             if state is None:
                 return None
-            decided, counters, locked = state
+            decided, decided_on, locked = state
             try:
                 rows = await conn.fetch(
-                    ADMISSION_APPLY, *self._apply_args(decided, counters, locked)
+                    ADMISSION_APPLY, *self._apply_args(decided, decided_on, locked)
                 )
             except BaseException:
                 self._known.forget()
@@ -870,7 +870,7 @@ class Admitter:
                 self._known.remember(decided)
                 return decided.answers
             metrics.ADMISSION_ROUNDS.labels("stale").inc()
-            self._known.refresh(locked, fresh_locked, counters, fresh_counters)
+            self._known.refresh(locked, fresh_locked, decided_on, fresh_counters)
             if generation != self._cache.generation:
                 return None
         return None
@@ -910,11 +910,11 @@ class Admitter:
     def _apply_args(
         self,
         state: _Round,
-        counters: dict[Key, tuple[int, ...]],
+        decided_on: dict[Key, tuple[int, ...]],
         locked: dict[uuid.UUID, _Locked],
     ) -> list[object]:
         ids = sorted(locked)
-        keys = _in_lock_order(counters)
+        keys = counters.in_lock_order(decided_on)
         return [
             self._sync,
             self._cache.generation,
@@ -928,7 +928,7 @@ class Admitter:
             [k[0] for k in keys],
             [k[1] for k in keys],
             [k[2] for k in keys],
-            *([counters[k][i] for k in keys] for i in range(4)),
+            *([decided_on[k][i] for k in keys] for i in range(4)),
             *_write_args(state),
         ]
 
@@ -936,7 +936,7 @@ class Admitter:
 def _write_args(state: _Round) -> list[list[Any]]:
     """The 24 arrays ``admission_write`` takes: what ``state`` decided."""
     deltas = {k: d for k, d in state.deltas.items() if any(d)}
-    keys = _in_lock_order(deltas)
+    keys = counters.in_lock_order(deltas)
     new = [call for _, call in state.new]
     finished = list(state.finished.items())
     return [
@@ -1012,8 +1012,3 @@ def _rows_read(
             if row["budget_id"] is not None:
                 held.keys.append((row["budget_id"], row["scope_value"], row["window_start"]))
     return now, generation, locked, counters
-
-
-def _in_lock_order(keys: Iterable[Key]) -> list[Key]:
-    """Counter keys in the order every writer locks them."""
-    return sorted(keys, key=lambda k: (k[0].bytes, k[1], k[2]))

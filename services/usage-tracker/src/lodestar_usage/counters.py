@@ -14,7 +14,7 @@ missed. Rolling budgets have no fixed window to count in and add up the ledger.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -73,6 +73,11 @@ ADD_TO_COUNTERS = _add_to_counters(bounds.plain_add)
 ADD_TO_COUNTERS_SATURATING = _add_to_counters(bounds.saturating_add)
 
 
+def in_lock_order(keys: Iterable[Key]) -> list[Key]:
+    """Counter keys in the order every writer locks them."""
+    return sorted(keys, key=lambda k: (k[0].bytes, k[1], k[2]))
+
+
 async def add_to_counters(
     conn: asyncpg.Connection, deltas: dict[Key, list[int]], *, saturate: bool = False
 ) -> None:
@@ -80,7 +85,7 @@ async def add_to_counters(
     deltas = {k: d for k, d in deltas.items() if any(d)}
     if not deltas:
         return
-    keys = sorted(deltas, key=lambda k: (k[0].bytes, k[1], k[2]))
+    keys = in_lock_order(deltas)
     await conn.execute(
         ADD_TO_COUNTERS_SATURATING if saturate else ADD_TO_COUNTERS,
         [k[0] for k in keys],
@@ -128,21 +133,11 @@ HELD = (
 
 
 #: A calendar budget's counter for one value and window, with the holds whose lease ran out
-#: (still in the counter until the expiry job marks them) left out.
-#: The lapsed holds are found from the lapsed reservations (the reservations_open index), each
-#: joined to its holds (``OFFSET 0`` keeps the planner from scanning every hold of the counter
-#: instead: an hour of them are kept).
-LAPSED_HOLDS = (
-    "SELECT h.budget_id, h.scope_value, h.window_start, sum(r.amount_micros) AS m, "
-    "sum(r.amount_tokens) AS t FROM reservations r CROSS JOIN LATERAL "
-    "(SELECT rb.budget_id, rb.scope_value, rb.window_start FROM reservation_budgets rb "
-    "WHERE rb.reservation_id = r.id AND rb.window_start IS NOT NULL OFFSET 0) h "
-    "WHERE r.state = 'active' AND r.lease_expires_at <= now() GROUP BY 1, 2, 3"
-)
+#: (``lapsed_holds``, migration 0012) left out.
 COUNTED_USAGE = (
-    f"WITH lapsed AS MATERIALIZED ({LAPSED_HOLDS}) "
-    "SELECT c.spent_micros, c.spent_tokens, c.held_micros - coalesce(x.m, 0), "
-    "c.held_tokens - coalesce(x.t, 0) FROM budget_counters c LEFT JOIN lapsed x "
+    "WITH lapsed AS MATERIALIZED (SELECT * FROM lapsed_holds()) "
+    "SELECT c.spent_micros, c.spent_tokens, c.held_micros - coalesce(x.micros, 0), "
+    "c.held_tokens - coalesce(x.tokens, 0) FROM budget_counters c LEFT JOIN lapsed x "
     "ON x.budget_id = c.budget_id AND x.scope_value = c.scope_value "
     "AND x.window_start = c.window_start "
     "WHERE c.budget_id = $1 AND c.scope_value = $2 AND c.window_start = $3"

@@ -10,18 +10,41 @@
 -- Otherwise it writes nothing and returns the rows as they are (applied = false), for the tracker
 -- to decide again. Either way the locks are held from the read to the write, as in a locked round.
 --
--- admission_lock (migration 0007, replaced) reads only the counters it locked. It read every counter asked for in a later
--- statement (a fresh snapshot), so a counter created (and committed) by another round between
--- the lock and the read was read unlocked: two rounds could decide on it at once and both grant
--- (seen as a budget granted beyond its limit when its counter was first created). Now such a
--- counter is reported missing, and the round creates it (a no-op) and runs again.
--- The holds whose lease ran out (rare: until the expiry job marks them) are summed from the
--- lapsed reservations, looked for first in the reservations_open index, not from every hold the
--- counter ever had: that scan grew with the reservations kept (an hour of them) and made each
--- round of a busy budget slower (2,000 holds: 3.5 ms).
+-- admission_lock (migration 0007, replaced) reads only the counters it locked. It read every
+-- counter asked for in a later statement (a fresh snapshot), so a counter created (and
+-- committed) by another round between the lock and the read was read unlocked: two rounds could
+-- decide on it at once and both grant (seen as a budget granted beyond its limit when its
+-- counter was first created). Now such a counter is reported missing, and the round creates it
+-- (a no-op) and runs again.
+-- The holds whose lease ran out (rare: until the expiry job marks them) are summed by
+-- lapsed_holds from the lapsed reservations, not from every hold the counter ever had: that
+-- scan grew with the reservations kept (an hour of them) and made each round of a busy budget
+-- slower (2,000 holds: 3.5 ms).
 --
 -- The three functions plan their statements once per connection (force_generic_plan): a plan
 -- made for each call's arrays cost more than running it (a round's call took ~1 ms more).
+-- The holds whose lease ran out, still in their counters until the expiry job marks them: per
+-- counter, summed from the lapsed reservations (the reservations_open index), each joined to its
+-- holds by id. OFFSET 0 keeps the planner from turning that into a scan of every hold of a
+-- counter (an hour of them are kept), which stale statistics otherwise make it choose. Read by
+-- admission_lock and by GetBudget's counter read.
+CREATE FUNCTION lapsed_holds() RETURNS TABLE (
+    budget_id uuid,
+    scope_value text,
+    window_start timestamptz,
+    micros numeric,
+    tokens numeric
+) LANGUAGE sql STABLE AS $$
+    SELECT h.budget_id, h.scope_value, h.window_start, sum(r.amount_micros), sum(r.amount_tokens)
+    FROM reservations r CROSS JOIN LATERAL (
+        SELECT rb.budget_id, rb.scope_value, rb.window_start FROM reservation_budgets rb
+        WHERE rb.reservation_id = r.id AND rb.window_start IS NOT NULL
+        OFFSET 0
+    ) AS h
+    WHERE r.state = 'active' AND r.lease_expires_at <= now()
+    GROUP BY 1, 2, 3
+$$;
+
 CREATE OR REPLACE FUNCTION admission_lock(
     p_sync text,
     p_reservations uuid[],
@@ -91,17 +114,7 @@ BEGIN
     IF EXISTS (SELECT 1 FROM reservations r
                WHERE r.state = 'active' AND r.lease_expires_at <= now()) THEN
         SELECT array_agg(x.b), array_agg(x.v), array_agg(x.w), array_agg(x.m), array_agg(x.t)
-          INTO lb, lv, lw, lm, lt FROM (
-            SELECT h.budget_id, h.scope_value, h.window_start, sum(r.amount_micros),
-                   sum(r.amount_tokens)
-            FROM reservations r CROSS JOIN LATERAL (
-                SELECT rb.budget_id, rb.scope_value, rb.window_start FROM reservation_budgets rb
-                WHERE rb.reservation_id = r.id AND rb.window_start IS NOT NULL
-                OFFSET 0  -- each lapsed reservation's holds by its id, never every hold
-            ) AS h
-            WHERE r.state = 'active' AND r.lease_expires_at <= now()
-            GROUP BY 1, 2, 3
-        ) AS x(b, v, w, m, t);
+          INTO lb, lv, lw, lm, lt FROM lapsed_holds() AS x(b, v, w, m, t);
     END IF;
     RETURN QUERY SELECT 'counter'::text, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
         NULL::text, NULL::boolean, k.b, k.v, k.w, c.spent_micros, c.spent_tokens,
