@@ -457,22 +457,82 @@ class BudgetApi:
         self, request: usage_pb2.AdmitRequest, context: Context
     ) -> usage_pb2.AdmitResponse:
         """Several Reserve, Commit and Release calls, each answered as its own RPC would be."""
+        self._check_calls(request.calls)
+        return usage_pb2.AdmitResponse(
+            results=await self._admission_calls(request.calls, _deadline(context))
+        )
+
+    async def AdmitStream(
+        self, requests: AsyncIterator[usage_pb2.AdmitStreamRequest], context: Context
+    ) -> AsyncIterator[usage_pb2.AdmitStreamResponse]:
+        """Admit requests on one stream, each answered by its request_id once decided."""
+        answers: asyncio.Queue[usage_pb2.AdmitStreamResponse | None] = asyncio.Queue()
+        in_flight = asyncio.Semaphore(self._settings.stream_requests_in_flight)
+        stream_deadline = _deadline(context)
+
+        async def answer(request: usage_pb2.AdmitStreamRequest) -> None:
+            try:
+                await answers.put(await self._stream_answer(request, stream_deadline))
+            finally:
+                in_flight.release()
+
+        async def read() -> None:
+            deciding: set[asyncio.Task[None]] = set()
+            try:
+                async for request in requests:
+                    await in_flight.acquire()
+                    task = asyncio.create_task(answer(request))
+                    deciding.add(task)
+                    task.add_done_callback(deciding.discard)
+                await asyncio.gather(*deciding)
+            except BaseException:
+                for task in deciding:
+                    task.cancel()
+                raise
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader  # the stream's own error: an undecodable message, the rate limit
+        finally:
+            reader.cancel()
+
+    async def _stream_answer(
+        self, request: usage_pb2.AdmitStreamRequest, stream_deadline: float | None
+    ) -> usage_pb2.AdmitStreamResponse:
+        """The answer to one request of an AdmitStream: its results, or why it was refused."""
+        try:
+            self._check_calls(request.calls)
+            deadline = _earlier(stream_deadline, _request_deadline(request))
+        except LodestarError as exc:
+            return usage_pb2.AdmitStreamResponse(
+                request_id=request.request_id, error=_call_status(exc)
+            )
+        results = await self._admission_calls(request.calls, deadline)
+        return usage_pb2.AdmitStreamResponse(request_id=request.request_id, results=results)
+
+    def _check_calls(self, calls: Sequence[usage_pb2.AdmissionCall]) -> None:
+        """Refuse more calls than a request may carry; charge the rest to the rate limit."""
         most = self._settings.max_calls_per_request
-        if len(request.calls) > most:
+        if len(calls) > most:
             raise InvalidArgumentError(
-                f"{len(request.calls)} calls; at most {most} per request "
+                f"{len(calls)} calls; at most {most} per request "
                 "(setting admission.max_calls_per_request): send fewer",
                 field="calls",
             )
-        charge_calls(len(request.calls) - 1)
-        deadline = _deadline(context)
-        results = await asyncio.gather(
-            *(
-                self._admission_call(call, index, deadline)
-                for index, call in enumerate(request.calls)
+        charge_calls(len(calls) - 1)
+
+    async def _admission_calls(
+        self, calls: Sequence[usage_pb2.AdmissionCall], deadline: float | None
+    ) -> list[usage_pb2.AdmissionResult]:
+        return list(
+            await asyncio.gather(
+                *(self._admission_call(call, index, deadline) for index, call in enumerate(calls))
             )
         )
-        return usage_pb2.AdmitResponse(results=results)
 
     async def _admission_call(
         self, call: usage_pb2.AdmissionCall, index: int, deadline: float | None
@@ -557,19 +617,45 @@ class BudgetApi:
         )
 
 
-def _call_status(error: Exception, path: str) -> usage_pb2.CallStatus:
-    """``error`` as one call's status, its fields named from the request's root (``path``)."""
+def _call_status(error: Exception, path: str | None = None) -> usage_pb2.CallStatus:
+    """``error`` as a status; a call's fields named from the request's root (``path``)."""
     if isinstance(error, LodestarError):
-        error.violations = tuple(
-            FieldViolation(f"{path}.{v.field}", v.description) for v in error.violations
-        )
-        if error.field and not error.field.startswith("calls["):
-            error.field = f"{path}.{error.field}"
+        if path is not None:
+            error.violations = tuple(
+                FieldViolation(f"{path}.{v.field}", v.description) for v in error.violations
+            )
+            if error.field and not error.field.startswith("calls["):
+                error.field = f"{path}.{error.field}"
     elif not isinstance(error, (*DATABASE_UNREACHABLE, *UNSTORABLE_TEXT)):
         log.error(
             "unhandled error in an admission call", error_type=type(error).__name__, exc_info=error
         )
     return usage_pb2.CallStatus.FromString(status_message(error).SerializeToString())
+
+
+#: Longest timeout an AdmitStream request may carry.
+MAX_STREAM_TIMEOUT_SECONDS = 60
+
+
+def _request_deadline(request: usage_pb2.AdmitStreamRequest) -> float | None:
+    """The request's own deadline on the ``time.monotonic`` clock, or None when it sets none."""
+    if not request.HasField("timeout"):
+        return None
+    timeout = bounds.duration(
+        request.timeout,
+        "timeout",
+        max_seconds=MAX_STREAM_TIMEOUT_SECONDS,
+        why="an admission call waits at most a minute",
+    )
+    if timeout <= timedelta(0):
+        raise InvalidArgumentError(
+            "timeout must be positive: how long the caller waits for the answer", field="timeout"
+        )
+    return time.monotonic() + timeout.total_seconds()
+
+
+def _earlier(first: float | None, second: float | None) -> float | None:
+    return second if first is None else first if second is None else min(first, second)
 
 
 def _deadline(context: Context) -> float | None:

@@ -14,23 +14,32 @@ The tracker refuses work it cannot do in time with RESOURCE_EXHAUSTED and a ``Re
 
 A denial by a budget is never retried or overridden: it is an answer, not a failure.
 
-Concurrent calls through one gate travel together: the gate sends what its callers have queued as
-one ``Admit`` request (at most ``GatePolicy.requests_in_flight`` requests at once, each of at most
-``GatePolicy.max_calls_per_request`` calls), so hundreds of concurrent callers cost the tracker a
-few RPCs, not hundreds. Each caller still gets its own answer, or its own error raised exactly as
-the single RPC would raise it. ``GatePolicy(coalesce=False)`` sends every call as its own RPC.
+A gate sends its calls on one long-lived ``AdmitStream`` (opened at the first call, opened again
+after it breaks): a call costs the tracker a message, not an RPC. While
+``GatePolicy.requests_in_flight`` requests await their answers, the calls queued meanwhile go
+together in the next request (of at most ``GatePolicy.max_calls_per_request`` calls), so hundreds
+of concurrent callers cost the tracker a few messages, not hundreds. Each caller still gets its
+own answer within ``GatePolicy.timeout_seconds``, or its own error raised exactly as the single
+RPC would raise it. ``GatePolicy(coalesce=False)`` sends every call as its own RPC. Close a gate
+with ``aclose()`` before its channel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import itertools
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from grpc.aio import EOF  # type: ignore[attr-defined]
 
 from lodestar.common.errors import LodestarError
 from lodestar.common.logging import get_logger
@@ -61,11 +70,11 @@ class GatePolicy:
     timeout_seconds: float = 1.0
     #: Most time spent waiting out RESOURCE_EXHAUSTED retry delays before giving up.
     max_wait_seconds: float = 0.5
-    #: Send concurrent calls together in Admit requests (False: one RPC per call).
+    #: Send calls on one AdmitStream, together while they queue (False: one RPC per call).
     coalesce: bool = True
-    #: Admit requests one gate has in flight at once; calls queue meanwhile.
-    requests_in_flight: int = 2
-    #: Most calls in one Admit request (the tracker's admission.max_calls_per_request or less).
+    #: Requests one gate's stream awaits answers to at once; calls queue meanwhile.
+    requests_in_flight: int = 8
+    #: Most calls in one request (the tracker's admission.max_calls_per_request or less).
     max_calls_per_request: int = 256
 
 
@@ -84,6 +93,11 @@ class BudgetGate:
         self._stub = usage_pb2_grpc.BudgetServiceStub(channel)
         self.policy = policy or GatePolicy()
         self._batches = _Coalescer(self._stub, self.policy) if self.policy.coalesce else None
+
+    async def aclose(self) -> None:
+        """Close the gate's admission stream once the answers it awaits are in."""
+        if self._batches is not None:
+            await self._batches.aclose()
 
     async def reserve(self, request: usage_pb2.ReserveRequest) -> usage_pb2.ReserveResponse:
         """The tracker's answer to ``request``.
@@ -159,17 +173,27 @@ class BudgetGate:
         return result
 
 
+_Queued = tuple[usage_pb2.AdmissionCall, "asyncio.Future[usage_pb2.AdmissionResult]"]
+_AdmitStreamCall = grpc.aio.StreamStreamCall[
+    usage_pb2.AdmitStreamRequest, usage_pb2.AdmitStreamResponse
+]
+
+
 class _Coalescer:
-    """Sends the calls of concurrent callers together as Admit requests."""
+    """Sends the calls of concurrent callers on one AdmitStream, together while they queue.
+
+    At most ``requests_in_flight`` requests await their answers at once; calls queued meanwhile
+    go in the next request. A stream that breaks fails the calls it was deciding with its status
+    (UNAVAILABLE when it just ended); the next call opens a new one.
+    """
 
     def __init__(self, stub: usage_pb2_grpc.BudgetServiceStub, policy: GatePolicy) -> None:
         self._stub = stub
         self._policy = policy
-        self._queue: collections.deque[
-            tuple[usage_pb2.AdmissionCall, asyncio.Future[usage_pb2.AdmissionResult]]
-        ] = collections.deque()
-        self._in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._stream: _Stream | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._request_ids = itertools.count(1)
 
     async def call(self, call: usage_pb2.AdmissionCall) -> usage_pb2.AdmissionResult:
         """The answer to ``call``; its error raised as the single RPC would raise it."""
@@ -177,53 +201,140 @@ class _Coalescer:
             asyncio.get_running_loop().create_future()
         )
         self._queue.append((call, answer))
-        self._start_requests()
-        result = await answer
+        self._write_soon()
+        try:
+            async with asyncio.timeout(self._policy.timeout_seconds):
+                result = await answer
+        except TimeoutError:
+            raise _deadline_exceeded(self._policy.timeout_seconds) from None
         if result.HasField("error"):
             raise call_error(result.error)
         return result
 
-    def _start_requests(self) -> None:
-        while self._queue and self._in_flight < self._policy.requests_in_flight:
-            batch: list[
-                tuple[usage_pb2.AdmissionCall, asyncio.Future[usage_pb2.AdmissionResult]]
-            ] = []
-            while self._queue and len(batch) < self._policy.max_calls_per_request:
-                call, answer = self._queue.popleft()
-                if not answer.done():  # its caller gave up
-                    batch.append((call, answer))
-            if not batch:
-                return
-            self._in_flight += 1
-            task = asyncio.create_task(self._request(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    async def aclose(self) -> None:
+        """End the stream once its answers are in; calls after this open a new one."""
+        if self._writer is not None:
+            await asyncio.wait([self._writer])
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
 
-    async def _request(
+    def _write_soon(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        """Send what is queued while fewer than ``requests_in_flight`` requests are unanswered."""
+        while self._queue:
+            stream = self._open_stream()
+            if stream.unanswered >= self._policy.requests_in_flight:
+                return  # the stream's reader writes again when an answer frees a place
+            batch = self._next_batch()
+            if batch:
+                await stream.send(next(self._request_ids), batch, self._policy.timeout_seconds)
+
+    def _next_batch(self) -> list[_Queued]:
+        batch: list[_Queued] = []
+        while self._queue and len(batch) < self._policy.max_calls_per_request:
+            call, answer = self._queue.popleft()
+            if not answer.done():  # its caller gave up
+                batch.append((call, answer))
+        return batch
+
+    def _open_stream(self) -> _Stream:
+        if self._stream is None or self._stream.broken:
+            call = cast(_AdmitStreamCall, self._stub.AdmitStream())  # type: ignore[call-arg]
+            self._stream = _Stream(call, on_answer=self._write_soon)
+        return self._stream
+
+
+class _Stream:
+    """One AdmitStream: the requests it is deciding, and the task reading its answers."""
+
+    def __init__(
         self,
-        batch: list[tuple[usage_pb2.AdmissionCall, asyncio.Future[usage_pb2.AdmissionResult]]],
+        call: _AdmitStreamCall,
+        on_answer: Callable[[], None],
     ) -> None:
+        self._call = call
+        self._on_answer = on_answer
+        self._unanswered: dict[int, list[asyncio.Future[usage_pb2.AdmissionResult]]] = {}
+        self.broken = False
+        self._reader = asyncio.create_task(self._read())
+
+    @property
+    def unanswered(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._unanswered)
+
+    async def send(self, request_id: int, batch: list[_Queued], timeout_seconds: float) -> None:
+        """Send ``batch`` as one request; its answers arrive through the reader."""
+        self._unanswered[request_id] = [answer for _, answer in batch]
+        request = usage_pb2.AdmitStreamRequest(
+            request_id=request_id, calls=[call for call, _ in batch]
+        )
+        request.timeout.FromTimedelta(timedelta(seconds=timeout_seconds))
         try:
-            reply: usage_pb2.AdmitResponse = await self._stub.Admit(  # type: ignore[misc]
-                usage_pb2.AdmitRequest(calls=[call for call, _ in batch]),
-                timeout=self._policy.timeout_seconds,
-            )
+            await self._call.write(request)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            self.broken = True  # the reader fails what the stream was deciding
+
+    async def close(self) -> None:
+        """Half-close the stream and wait for the answers still due."""
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            await self._call.done_writing()
+        await asyncio.wait([self._reader])
+
+    async def _read(self) -> None:
+        failure: BaseException
+        try:
+            while (response := await self._call.read()) is not EOF:
+                self._answer(cast(usage_pb2.AdmitStreamResponse, response))
+            failure = _stream_ended()
         except grpc.aio.AioRpcError as exc:
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(exc)
+            failure = exc
         except BaseException as exc:
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(exc)
+            failure = exc
             raise
-        else:
-            for (_, answer), result in zip(batch, reply.results, strict=True):
-                if not answer.done():
-                    answer.set_result(result)
         finally:
-            self._in_flight -= 1
-            self._start_requests()
+            self.broken = True
+            for answers in self._unanswered.values():
+                for answer in answers:
+                    if not answer.done():
+                        answer.set_exception(failure)
+            self._unanswered.clear()
+            self._on_answer()
+
+    def _answer(self, response: usage_pb2.AdmitStreamResponse) -> None:
+        answers = self._unanswered.pop(response.request_id, [])
+        if response.HasField("error"):
+            results = [usage_pb2.AdmissionResult(error=response.error)] * len(answers)
+        else:
+            results = list(response.results)
+        for answer, result in zip(answers, results, strict=True):
+            if not answer.done():
+                answer.set_result(result)
+        self._on_answer()
+
+
+def _deadline_exceeded(seconds: float) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        f"no answer from budget admission within {seconds:g} s",
+        "",
+    )
+
+
+def _stream_ended() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        "the admission stream ended before this call was answered",
+        "",
+    )
 
 
 def call_error(status: usage_pb2.CallStatus) -> grpc.aio.AioRpcError:

@@ -50,6 +50,7 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     BUDGET + "Commit": ADMISSION,
     BUDGET + "Release": ADMISSION,
     BUDGET + "Admit": ADMISSION,
+    BUDGET + "AdmitStream": ADMISSION,
     # SetPrice, DeletePrice, ImportPrices, Recost, CreateBudget, UpdateBudget and DeleteBudget
     # are admin only.
     **audit.METHOD_ROLES,  # reading the audit log: admin only

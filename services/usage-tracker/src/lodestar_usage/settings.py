@@ -104,6 +104,13 @@ class AdmissionSettings(BaseModel):
         le=10_000,
         description="Most calls one Admit request may carry; a larger one is refused.",
     )
+    stream_requests_in_flight: int = Field(
+        default=256,
+        ge=1,
+        le=10_000,
+        description="Requests of one AdmitStream decided at once; meanwhile the stream is read no "
+        "further (HTTP/2 flow control holds its sender back).",
+    )
     rounds_in_flight: int = Field(
         default=1,
         ge=1,

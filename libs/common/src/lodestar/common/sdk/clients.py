@@ -561,7 +561,11 @@ class UsageRpcs(_Client):
 
 
 class BudgetRpcs(_Client):
-    """The usage-tracker's BudgetService: budgets, and admission (Reserve, Commit, Release)."""
+    """The usage-tracker's BudgetService: budgets, and admission (Reserve, Commit, Release).
+
+    A gateway admitting calls at a high rate uses ``lodestar_usage.client.BudgetGate``, which
+    keeps one ``admit_stream`` open and shares it among its callers.
+    """
 
     service = usage_pb2.DESCRIPTOR.services_by_name["BudgetService"]
     stub_class = usage_pb2_grpc.BudgetServiceStub
@@ -574,6 +578,7 @@ class BudgetRpcs(_Client):
     commit = Unary(usage_pb2.CommitRequest, usage_pb2.CommitResponse)
     release = Unary(usage_pb2.ReleaseRequest, usage_pb2.ReleaseResponse)
     admit = Unary(usage_pb2.AdmitRequest, usage_pb2.AdmitResponse)
+    admit_stream = BidiStream(usage_pb2.AdmitStreamRequest, usage_pb2.AdmitStreamResponse)
 
 
 class AuditRpcs(_Client):

@@ -1611,6 +1611,79 @@ class AdmitResponse(_message.Message):
 Global___AdmitResponse: _TypeAlias = AdmitResponse  # noqa: Y015
 
 @_typing.final
+class AdmitStreamRequest(_message.Message):
+    """AdmitStreamRequest is one AdmitRequest on an AdmitStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """The caller's name for this request, repeated in its response."""
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdmissionCall]:
+        """As in AdmitRequest: at most admission.max_calls_per_request, each charged as a call."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long the caller waits for the answer (positive, at most 60 s; unset: the stream's
+        deadline, if any). A call still queued when it runs out is answered DEADLINE_EXCEEDED.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        calls: _abc.Iterable[Global___AdmissionCall] | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "request_id", b"request_id", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdmitStreamRequest: _TypeAlias = AdmitStreamRequest  # noqa: Y015
+
+@_typing.final
+class AdmitStreamResponse(_message.Message):
+    """AdmitStreamResponse answers one AdmitStreamRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """The request_id of the request this answers."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdmissionResult]:
+        """One result per call, in the order of the request; empty when error is set."""
+
+    @_builtins.property
+    def error(self) -> Global___CallStatus:
+        """Set when the request was refused as a whole (too many calls, a bad timeout, its calls beyond
+        the caller's rate limit): what Admit would have ended the RPC with. (A message beyond the
+        rate limit ends the stream with RESOURCE_EXHAUSTED and its retry delay, as any stream.)
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        results: _abc.Iterable[Global___AdmissionResult] | None = ...,
+        error: Global___CallStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "request_id", b"request_id", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdmitStreamResponse: _TypeAlias = AdmitStreamResponse  # noqa: Y015
+
+@_typing.final
 class AdmissionResult(_message.Message):
     """AdmissionResult is the answer to one AdmissionCall: its response, or the error its single RPC
     would have ended with.

@@ -550,6 +550,11 @@ class BudgetServiceStub:
                 request_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitRequest.SerializeToString,
                 response_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitResponse.FromString,
                 _registered_method=True)
+        self.AdmitStream = channel.stream_stream(
+                '/lodestar.usage.v1.BudgetService/AdmitStream',
+                request_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitStreamRequest.SerializeToString,
+                response_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitStreamResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetServiceServicer:
@@ -614,6 +619,18 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdmitStream(self, request_iterator, context):
+        """AdmitStream decides AdmitRequests sent on one long-lived stream: each is answered by one
+        AdmitResponse carrying its request_id, as soon as it is decided (not in the order sent).
+        Each call is answered exactly as Admit answers it. A request refused as a whole (too many
+        calls, a bad timeout) is answered with its error; the stream goes on. The stream costs its
+        authentication once and each request a message, not a call: a gateway's client keeps one
+        open per channel (lodestar_usage.client.BudgetGate does).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -656,6 +673,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Admit,
                     request_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitRequest.FromString,
                     response_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitResponse.SerializeToString,
+            ),
+            'AdmitStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AdmitStream,
+                    request_deserializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitStreamRequest.FromString,
+                    response_serializer=lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -875,6 +897,33 @@ class BudgetService:
             '/lodestar.usage.v1.BudgetService/Admit',
             lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitRequest.SerializeToString,
             lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdmitStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lodestar.usage.v1.BudgetService/AdmitStream',
+            lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitStreamRequest.SerializeToString,
+            lodestar_dot_usage_dot_v1_dot_usage__pb2.AdmitStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -206,6 +206,14 @@ class BudgetServiceStub:
     own, in order, exactly as its single RPC would answer it. A gateway's client sends its
     concurrent admission calls this way (lodestar_usage.client.BudgetGate does).
     """
+    AdmitStream: _grpc.StreamStreamMultiCallable[_usage_pb2.AdmitStreamRequest, _usage_pb2.AdmitStreamResponse]
+    """AdmitStream decides AdmitRequests sent on one long-lived stream: each is answered by one
+    AdmitResponse carrying its request_id, as soon as it is decided (not in the order sent).
+    Each call is answered exactly as Admit answers it. A request refused as a whole (too many
+    calls, a bad timeout) is answered with its error; the stream goes on. The stream costs its
+    authentication once and each request a message, not a call: a gateway's client keeps one
+    open per channel (lodestar_usage.client.BudgetGate does).
+    """
 
 @_typing.type_check_only
 class BudgetServiceAsyncStub(BudgetServiceStub):
@@ -230,6 +238,14 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """Admit decides several Reserve, Commit and Release calls in one request, each answered on its
     own, in order, exactly as its single RPC would answer it. A gateway's client sends its
     concurrent admission calls this way (lodestar_usage.client.BudgetGate does).
+    """
+    AdmitStream: _aio.StreamStreamMultiCallable[_usage_pb2.AdmitStreamRequest, _usage_pb2.AdmitStreamResponse]  # type: ignore[assignment]
+    """AdmitStream decides AdmitRequests sent on one long-lived stream: each is answered by one
+    AdmitResponse carrying its request_id, as soon as it is decided (not in the order sent).
+    Each call is answered exactly as Admit answers it. A request refused as a whole (too many
+    calls, a bad timeout) is answered with its error; the stream goes on. The stream costs its
+    authentication once and each request a message, not a call: a gateway's client keeps one
+    open per channel (lodestar_usage.client.BudgetGate does).
     """
 
 class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -300,6 +316,20 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Admit decides several Reserve, Commit and Release calls in one request, each answered on its
         own, in order, exactly as its single RPC would answer it. A gateway's client sends its
         concurrent admission calls this way (lodestar_usage.client.BudgetGate does).
+        """
+
+    @_abc_1.abstractmethod
+    def AdmitStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_usage_pb2.AdmitStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_usage_pb2.AdmitStreamResponse], _abc.AsyncIterator[_usage_pb2.AdmitStreamResponse]]:
+        """AdmitStream decides AdmitRequests sent on one long-lived stream: each is answered by one
+        AdmitResponse carrying its request_id, as soon as it is decided (not in the order sent).
+        Each call is answered exactly as Admit answers it. A request refused as a whole (too many
+        calls, a bad timeout) is answered with its error; the stream goes on. The stream costs its
+        authentication once and each request a message, not a call: a gateway's client keeps one
+        open per channel (lodestar_usage.client.BudgetGate does).
         """
 
 def add_BudgetServiceServicer_to_server(servicer: BudgetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
