@@ -13,7 +13,7 @@ its LLM call; each for USAGE_BENCH_SECONDS (default 10); then
 USAGE_BENCH_BURST (default 3,000) Reserves at once, counted by status. USAGE_BENCH_REPLICAS
 (default 1) tracker processes serve admission on the one database, the load spread over them.
 USAGE_BENCH_GATES (default ``single,coalesced``) picks how the gates call: every call its own RPC,
-and/or concurrent calls sent together in Admit requests.
+and/or every call a message on the gate's AdmitStream, concurrent calls sent together (ADR 0018).
 The load generator runs on the same machine as the tracker, core and Postgres and competes with
 them for CPU.
 """
@@ -76,7 +76,7 @@ GATE_MODES = [
     (label, coalesce)
     for label, coalesce, name in (
         ("one RPC per call", False, "single"),
-        ("BudgetGate, coalesced", True, "coalesced"),
+        ("BudgetGate on its AdmitStream", True, "coalesced"),
     )
     if name in os.environ.get("USAGE_BENCH_GATES", "single,coalesced").split(",")
 ]
@@ -519,7 +519,8 @@ async def bench_admission(
     """The two admission scenarios of issue #10 and a burst beyond capacity.
 
     Each runs twice: with every call its own RPC, and through gates that send their callers'
-    concurrent calls together (``BudgetGate``'s default), one gate per channel.
+    calls on a stream, together while they queue (``BudgetGate``'s default), one gate per
+    channel.
     """
     projects = [f"adm-{i}" for i in range(ADMISSION_BUDGETS)]
     await _create_budgets(admin, [*projects, "hot", "burst"])
@@ -543,6 +544,8 @@ async def bench_admission(
             f"    {f'{BURST_CALLS} concurrent Reserves at once: outcomes':<56} "
             + ", ".join(f"{k} {v}" for k, v in sorted(shed.items()))
         )
+        for gate in gates:
+            await gate.aclose()
 
 
 async def bench_rounds(dsn: str, out: Callable[[str], None]) -> None:
