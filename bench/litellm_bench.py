@@ -177,6 +177,8 @@ async def _callbacks(
             await logger.drain()
             await publisher.flush()
         finally:
+            if gate is not None:
+                await gate.aclose()
             litellm.callbacks = []
             litellm.logging_callback_manager.remove_callback_from_all_lists(logger)
 
@@ -266,7 +268,8 @@ async def _cost_per_call(
             f"  {'publishing, per call (gateway CPU)':<40} {cpu_ms:.3f} ms CPU in all; "
             f"{callback_ms:.3f} ms in the callback itself, the rest in the background"
         )
-        hooked = LodestarLogger(publisher, BudgetGate(to_tracker, GatePolicy()))
+        gate = BudgetGate(to_tracker, GatePolicy())
+        hooked = LodestarLogger(publisher, gate)
         latencies: list[float] = []
 
         async def hook(i: int) -> None:
@@ -283,6 +286,7 @@ async def _cost_per_call(
         cpu = time.process_time()
         await _open_loop(hook, HOOK_RATE, COST_CALLS)
         cpu_ms = (time.process_time() - cpu) * 1000 / COST_CALLS
+        await gate.aclose()
         out(
             f"  {'budget hook, per call (gateway CPU)':<40} {cpu_ms:.3f} ms CPU (estimate + "
             f"Reserve); latency p50 / p99 {_pct(latencies, 0.5):.2f} / {_pct(latencies, 0.99):.2f}"

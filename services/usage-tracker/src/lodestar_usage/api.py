@@ -471,10 +471,7 @@ class BudgetApi:
         stream_deadline = _deadline(context)
 
         async def answer(request: usage_pb2.AdmitStreamRequest) -> None:
-            try:
-                await answers.put(await self._stream_answer(request, stream_deadline))
-            finally:
-                in_flight.release()
+            await answers.put(await self._stream_answer(request, stream_deadline))
 
         async def read() -> None:
             deciding: set[asyncio.Task[None]] = set()
@@ -496,6 +493,7 @@ class BudgetApi:
         try:
             while (response := await answers.get()) is not None:
                 yield response
+                in_flight.release()  # counted until written: a caller that does not read is held
             await reader  # the stream's own error: an undecodable message, the rate limit
         finally:
             reader.cancel()

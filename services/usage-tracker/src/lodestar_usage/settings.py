@@ -108,8 +108,9 @@ class AdmissionSettings(BaseModel):
         default=256,
         ge=1,
         le=10_000,
-        description="Requests of one AdmitStream decided at once; meanwhile the stream is read no "
-        "further (HTTP/2 flow control holds its sender back).",
+        description="Requests of one AdmitStream being decided or waiting for their answer to be "
+        "written; beyond it the stream is read no further (HTTP/2 flow control holds its sender "
+        "back).",
     )
     rounds_in_flight: int = Field(
         default=1,
