@@ -56,6 +56,16 @@ def error_code(response: u.AdmitStreamResponse) -> grpc.StatusCode:
     return next(c for c in grpc.StatusCode if c.value[0] == response.error.code)
 
 
+async def ends_with(
+    stream: grpc.aio.StreamStreamCall[object, object], code: grpc.StatusCode, says: str
+) -> None:
+    """``stream``'s next read fails with ``code``, its message saying ``says``."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stream.read()
+    assert info.value.code() == code
+    assert says in (info.value.details() or "")
+
+
 @contextlib.asynccontextmanager
 async def admit_stream(stub: ug.BudgetServiceStub) -> AsyncIterator[StreamCall]:
     stream: StreamCall = stub.AdmitStream()  # type: ignore[call-arg,assignment]
@@ -152,9 +162,7 @@ async def test_a_stream_without_a_credential_is_refused(
         admit_stream(ug.BudgetServiceStub(channel)) as stream,
     ):
         await stream.write(request(1, reserve(1)))
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stream.read()
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await ends_with(stream, grpc.StatusCode.UNAUTHENTICATED, "missing credential")
     assert await stored_reservations(tracker) == 0
 
 
@@ -168,10 +176,9 @@ async def test_a_message_that_does_not_decode_ends_the_stream_with_invalid_argum
         await stream.write(request(1, reserve(1)).SerializeToString())
         assert isinstance(await stream.read(), bytes)
         await stream.write(b"\xff\xff\xff")
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stream.read()
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "lodestar.usage.v1.AdmitStreamRequest" in (info.value.details() or "")
+        await ends_with(
+            stream, grpc.StatusCode.INVALID_ARGUMENT, "lodestar.usage.v1.AdmitStreamRequest"
+        )
     assert await stored_reservations(tracker) == 1
 
 
@@ -197,10 +204,7 @@ async def test_calls_beyond_the_rate_limit_are_refused_and_a_message_beyond_it_e
         await stream.write(request(4, reserve(1)))  # 4 of 4
         assert (await answers(stream, 1))[4].results[0].reserve.granted
         await stream.write(request(5, reserve(1)))  # 5 of 4: the stream ends
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stream.read()
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "retry in" in (info.value.details() or "")
+        await ends_with(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, "retry in")
     assert await stored_reservations(tracker) == 3
 
 
