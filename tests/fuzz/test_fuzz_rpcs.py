@@ -24,6 +24,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -51,6 +52,7 @@ RPCS = declared_rpcs()
 #: Codes no request may cause while every dependency is up.
 #: The batch RPC whose calls are answered one by one inside an OK response.
 ADMIT = "/lodestar.usage.v1.BudgetService/Admit"
+ADMIT_STREAM = "/lodestar.usage.v1.BudgetService/AdmitStream"
 FORBIDDEN = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.INTERNAL,
@@ -156,14 +158,19 @@ def assert_allowed(rpc: Rpc, outcome: Outcome) -> None:
 
 
 def assert_calls_allowed(rpc: Rpc, outcome: Outcome) -> None:
-    """An Admit answered OK: none of its calls ended with a forbidden code either."""
-    if rpc.path != ADMIT or outcome.code != grpc.StatusCode.OK:
+    """Admit or AdmitStream: none of the calls (or requests) ended with a forbidden code either."""
+    answers = {ADMIT: usage_pb2.AdmitResponse, ADMIT_STREAM: usage_pb2.AdmitStreamResponse}
+    if rpc.path not in answers:
         return
     for raw in outcome.responses:
-        for i, result in enumerate(usage_pb2.AdmitResponse.FromString(raw).results):
-            code = next(c for c in grpc.StatusCode if c.value[0] == result.error.code)
-            if result.HasField("error") and code in FORBIDDEN:
-                pytest.fail(f"{rpc.path} call {i} ended {code.name}: {result.error.message}")
+        answer = answers[rpc.path].FromString(raw)
+        statuses = [r.error for r in answer.results if r.HasField("error")]
+        if isinstance(answer, usage_pb2.AdmitStreamResponse) and answer.HasField("error"):
+            statuses.append(answer.error)
+        for status in statuses:
+            code = next(c for c in grpc.StatusCode if c.value[0] == status.code)
+            if code in FORBIDDEN:
+                pytest.fail(f"{rpc.path}: a call ended {code.name}: {status.message}")
 
 
 def forbidden(rpc: Rpc, outcome: Outcome) -> bool:
@@ -181,7 +188,14 @@ def refused(rpc: Rpc, outcome: Outcome) -> bool:
     cls = message_factory.GetMessageClass(rpc.descriptor.output_type)
     if "error" not in cls.DESCRIPTOR.fields_by_name or not outcome.responses:
         return False
-    return all(cls.FromString(raw).error for raw in outcome.responses)  # type: ignore[attr-defined]
+    return all(_has_error(cls.FromString(raw)) for raw in outcome.responses)
+
+
+def _has_error(response: Any) -> bool:
+    """Whether ``response``'s ``error`` field is set (a message) or not empty (a scalar)."""
+    if response.DESCRIPTOR.fields_by_name["error"].message_type is not None:
+        return response.HasField("error")
+    return bool(response.error)
 
 
 def confirm_stored(suite: Suite, rpc: Rpc, requests: list[bytes], token: str) -> None:

@@ -414,7 +414,18 @@ async def _admit_stream(requests: AsyncIterator[Any], context: Context) -> Async
 async def _decoded(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
     async for request in requests:
         if type(request) is _Undecodable:
-            # Aborting (not raising) sets the status even if the handler swallows the exception,
-            # e.g. when it reads the stream in a task of its own.
-            await _abort(context, request.error)
+            # The status is set, not sent: it ends the call even if the handler swallows the
+            # exception (e.g. reads the stream in a task of its own), and nothing is sent from
+            # the reading task while the handler may be writing (grpc refuses a status sent
+            # during a write: GRPC_CALL_ERROR_TOO_MANY_OPERATIONS).
+            _set_status(context, request.error)
+            raise request.error
         yield request
+
+
+def _set_status(context: Context, error: Exception) -> None:
+    """Make ``error``'s status (with its details) the one the call ends with."""
+    status = rich_status(_bounded(error))
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
