@@ -318,22 +318,23 @@ class _Stream:
 
 
 def _deadline_exceeded(seconds: float) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        f"no answer from budget admission within {seconds:g} s",
-        "",
+    return _rpc_error(
+        grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer from budget admission within {seconds:g} s"
     )
 
 
 def _stream_ended() -> grpc.aio.AioRpcError:
+    return _rpc_error(
+        grpc.StatusCode.UNAVAILABLE, "the admission stream ended before this call was answered"
+    )
+
+
+def _rpc_error(
+    code: grpc.StatusCode, message: str, trailing: grpc.aio.Metadata | None = None
+) -> grpc.aio.AioRpcError:
+    """The AioRpcError an RPC ending with ``code`` and ``message`` would have raised."""
     return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        "the admission stream ended before this call was answered",
-        "",
+        code, grpc.aio.Metadata(), trailing or grpc.aio.Metadata(), message, ""
     )
 
 
@@ -354,10 +355,5 @@ def call_error(status: usage_pb2.CallStatus) -> grpc.aio.AioRpcError:
         else:
             rich.details.append(detail)
     code = next((c for c in grpc.StatusCode if c.value[0] == rich.code), grpc.StatusCode.UNKNOWN)
-    return grpc.aio.AioRpcError(
-        code,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(("grpc-status-details-bin", rich.SerializeToString())),
-        rich.message,
-        "",
-    )
+    details = grpc.aio.Metadata(("grpc-status-details-bin", rich.SerializeToString()))
+    return _rpc_error(code, rich.message, details)
