@@ -296,3 +296,34 @@ async def test_many_callers_share_few_stream_messages_and_never_overspend(
     assert len(granted) == 50
     assert all(r.denial.budget_name == "budget-p" for r in replies if not r.granted)
     assert await held_and_counted(tracker) == (5_000, 5_000)
+
+
+async def test_another_principal_an_extreme_id_and_a_huge_message_on_the_stream(
+    start_trackers: StartTracker, tokens: dict[Role | str, str]
+) -> None:
+    tracker = await start_trackers()
+    async with (
+        connect(tracker.target, tokens[Role.PUBLISHER]) as publisher,
+        connect(tracker.target, tokens["usage-tracker"]) as other_channel,
+    ):
+        mine = await ug.BudgetServiceStub(publisher).Reserve(
+            u.ReserveRequest(project="p", estimated_cost_micros=10)
+        )
+        theirs = u.AdmissionCall(
+            commit=u.CommitRequest(reservation_id=mine.reservation_id, actual_cost_micros=1)
+        )
+        async with admit_stream(ug.BudgetServiceStub(other_channel)) as stream:
+            await stream.write(request(2**64 - 1, theirs))
+            (refused,) = (await answers(stream, 1))[2**64 - 1].results
+            assert code_of(refused) == grpc.StatusCode.PERMISSION_DENIED
+            assert "another principal" in refused.error.message
+        async with admit_stream(ug.BudgetServiceStub(publisher)) as stream:
+            huge = request(1, reserve(1, project="p" * 5_000_000))
+            await stream.write(huge)
+            await ends_with(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+        async with admit_stream(ug.BudgetServiceStub(publisher)) as stream:
+            await stream.write(request(3, reserve(5)))
+            (granted,) = (await answers(stream, 1))[3].results
+            assert granted.reserve.granted
+        assert await stored_reservations(tracker) == 2
+        assert await held_and_counted(tracker) == (15, 0)
