@@ -102,6 +102,34 @@ async def test_counters_changed_behind_a_trackers_back_are_decided_on_as_they_ar
     assert await held(pool) == 1_000
 
 
+async def test_a_reservation_finished_behind_a_trackers_back_is_decided_on_as_it_is(
+    pool: asyncpg.Pool,
+) -> None:
+    """Another replica committed the hold this tracker still knows as active: no second commit.
+
+    At its estimate, so the counters are as the tracker knows them: only the reservation differs.
+    """
+    await budgets.create_budget(
+        pool, budgets.budget_from_proto(project_budget(1_000), require_id=False)
+    )
+    mine, other = Admitter(pool), Admitter(pool)
+    granted = await reserve(mine, 300)
+    key = uuid.UUID(granted.reservation_id)
+    assert (await mine.finish(key, "gateway", None, commit=False)).state == "active"  # known
+    assert (await reserve(mine, 100)).granted
+    second = await reserve(mine, 200)
+    second_key = uuid.UUID(second.reservation_id)
+    assert (await other.finish(second_key, "gateway", None, commit=True, micros=200)).state == (
+        "active"
+    )
+    stale = rounds("stale")
+    again = await mine.finish(second_key, "gateway", None, commit=True, micros=190)
+    assert rounds("stale") == stale + 1
+    assert again.state == "committed"
+    assert again.micros == 200
+    assert await held(pool) == 100 + 200  # a commit holds its actual cost until it is ingested
+
+
 async def test_holds_whose_lease_ran_out_stop_counting_before_the_expiry_job_runs(
     pool: asyncpg.Pool,
 ) -> None:
