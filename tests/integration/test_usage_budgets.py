@@ -435,6 +435,12 @@ async def test_counters_equal_the_ledger_and_the_holds(admin, tracker, tokens, p
         assert (c["held_micros"], c["held_tokens"]) == (held_now[0], held_now[1])
         # ListBudgets and the alerts read the counter: the same answer as the ledger's
         assert await counters.usage_of(pool, budget, c["scope_value"], now) == usage
+    # The alert check reads them all at once, and the ledger where no counter exists yet.
+    wanted = [(defs[c["budget_id"]], c["scope_value"]) for c in stored]
+    wanted.append((next(iter(defs.values())), "a value never used"))
+    async with pool.acquire() as conn:
+        at_once = await counters.usages_of(conn, wanted, now)
+    assert at_once == [await counters.usage_from_ledger(pool, b, v, now) for b, v in wanted]
     glob = next(c for c in stored if defs[c["budget_id"]].name == "all")
     assert glob["spent_micros"] == 5 * 111 + 10 * 400 + 7 * 50 + 3 * 3
     # 10 committed at 400 (5 of them settled), 5 released, 5 active settled, 10 active held.

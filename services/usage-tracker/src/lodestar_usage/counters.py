@@ -160,6 +160,42 @@ async def usage_of(
     return await usage_from_ledger(conn, budget, value, now)
 
 
+#: ``COUNTED_USAGE`` for many counters at once, each row numbered by its place in the arrays.
+COUNTED_USAGES = (
+    "WITH lapsed AS MATERIALIZED (SELECT * FROM lapsed_holds()) "
+    "SELECT k.i, c.spent_micros, c.spent_tokens, c.held_micros - coalesce(x.micros, 0), "
+    "c.held_tokens - coalesce(x.tokens, 0) "
+    "FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) WITH ORDINALITY AS k(b, v, w, i) "
+    "JOIN budget_counters c "
+    "ON c.budget_id = k.b AND c.scope_value = k.v AND c.window_start = k.w "
+    "LEFT JOIN lapsed x ON x.budget_id = c.budget_id AND x.scope_value = c.scope_value "
+    "AND x.window_start = c.window_start"
+)
+
+
+async def usages_of(
+    conn: asyncpg.Connection, wanted: list[tuple[BudgetDef, str]], now: datetime
+) -> list[Usage]:
+    """``usage_of`` for each (budget, value) of ``wanted``, the counters read in one query."""
+    windows = [budget.window(now) for budget, _ in wanted]
+    counted = [i for i, (budget, _) in enumerate(wanted) if budget.counted]
+    rows = await conn.fetch(
+        COUNTED_USAGES,
+        [wanted[i][0].id for i in counted],
+        [wanted[i][1] for i in counted],
+        [windows[i][0] for i in counted],
+    )
+    found = {counted[row[0] - 1]: row for row in rows}
+    usages = []
+    for i, (budget, value) in enumerate(wanted):
+        row = found.get(i)
+        if row is None:
+            usages.append(await usage_from_ledger(conn, budget, value, now))
+        else:
+            usages.append(Usage(*windows[i], row[1], row[2], int(row[3]), int(row[4])))
+    return usages
+
+
 async def usage_from_ledger(
     conn: asyncpg.Connection | asyncpg.Pool, budget: BudgetDef, value: str, now: datetime
 ) -> Usage:

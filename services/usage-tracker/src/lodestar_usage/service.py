@@ -201,20 +201,24 @@ class UsageModule(ServiceModule[UsageSettings]):
         new = 0
         alert_settings = self.settings.alerts
         readings = []
-        for budget in await budgets.all_budgets(self.pool):
-            usage = None
-            if not budget.per_session:
-                usage = await counters.usage_of(self.pool, budget, budget.scope_value, now)
-                readings.append(budget_reading(budget, usage))
-            crossings = await alerts.detect_crossings(
-                self.pool,
-                budget,
-                now,
-                burn_rate=alert_settings.burn_rate,
-                min_elapsed=alert_settings.burn_rate_min_elapsed,
-                usage=usage,
-            )
-            new += await alerts.record_crossings(self.pool, crossings)
+        async with self.pool.acquire() as conn:
+            every = await budgets.all_budgets(conn)
+            own = [budget for budget in every if not budget.per_session]
+            read = await counters.usages_of(conn, [(b, b.scope_value) for b in own], now)
+            usages = {b.id: usage for b, usage in zip(own, read, strict=True)}
+            for budget in every:
+                usage = usages.get(budget.id)
+                if usage is not None:
+                    readings.append(budget_reading(budget, usage))
+                crossings = await alerts.detect_crossings(
+                    conn,
+                    budget,
+                    now,
+                    burn_rate=alert_settings.burn_rate,
+                    min_elapsed=alert_settings.burn_rate_min_elapsed,
+                    usage=usage,
+                )
+                new += await alerts.record_crossings(conn, crossings)
         metrics.export_budgets(readings)
         await self.publish_crossings()
         return new
