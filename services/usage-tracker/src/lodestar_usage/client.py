@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import cast
@@ -192,7 +191,7 @@ class _Coalescer:
         self._policy = policy
         self._queue: collections.deque[_Queued] = collections.deque()
         self._stream: _Stream | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._write_due = False
         self._request_ids = itertools.count(1)
 
     async def call(self, call: usage_pb2.AdmissionCall) -> usage_pb2.AdmissionResult:
@@ -213,25 +212,26 @@ class _Coalescer:
 
     async def aclose(self) -> None:
         """End the stream once its answers are in; calls after this open a new one."""
-        if self._writer is not None:
-            await asyncio.wait([self._writer])
-        if self._stream is not None:
-            await self._stream.close()
-            self._stream = None
+        self._write()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
 
     def _write_soon(self) -> None:
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write())
+        if not self._write_due:
+            self._write_due = True
+            asyncio.get_running_loop().call_soon(self._write)
 
-    async def _write(self) -> None:
+    def _write(self) -> None:
         """Send what is queued while fewer than ``requests_in_flight`` requests are unanswered."""
+        self._write_due = False
         while self._queue:
             stream = self._open_stream()
             if stream.unanswered >= self._policy.requests_in_flight:
                 return  # the stream's reader writes again when an answer frees a place
             batch = self._next_batch()
             if batch:
-                await stream.send(next(self._request_ids), batch, self._policy.timeout_seconds)
+                stream.send(next(self._request_ids), batch, self._policy.timeout_seconds)
 
     def _next_batch(self) -> list[_Queued]:
         batch: list[_Queued] = []
@@ -243,20 +243,25 @@ class _Coalescer:
 
     def _open_stream(self) -> _Stream:
         if self._stream is None or self._stream.broken:
-            call = cast(_AdmitStreamCall, self._stub.AdmitStream())  # type: ignore[call-arg]
-            self._stream = _Stream(call, on_answer=self._write_soon)
+            self._stream = _Stream(self._stub, on_answer=self._write_soon)
         return self._stream
 
 
 class _Stream:
-    """One AdmitStream: the requests it is deciding, and the task reading its answers."""
+    """One AdmitStream: the requests it is deciding, and the task reading its answers.
+
+    Requests go out through the call's request iterator: grpc writes them from one task, where
+    ``write`` on an intercepted call costs two more tasks per message.
+    """
 
     def __init__(
         self,
-        call: _AdmitStreamCall,
+        stub: usage_pb2_grpc.BudgetServiceStub,
         on_answer: Callable[[], None],
     ) -> None:
-        self._call = call
+        self._outgoing: asyncio.Queue[usage_pb2.AdmitStreamRequest | None] = asyncio.Queue()
+        requests = self._requests()
+        self._call = cast(_AdmitStreamCall, stub.AdmitStream(requests))  # type: ignore[arg-type]
         self._on_answer = on_answer
         self._unanswered: dict[int, list[asyncio.Future[usage_pb2.AdmissionResult]]] = {}
         self.broken = False
@@ -267,23 +272,26 @@ class _Stream:
         """Requests sent and not yet answered."""
         return len(self._unanswered)
 
-    async def send(self, request_id: int, batch: list[_Queued], timeout_seconds: float) -> None:
-        """Send ``batch`` as one request; its answers arrive through the reader."""
+    def send(self, request_id: int, batch: list[_Queued], timeout_seconds: float) -> None:
+        """Send ``batch`` as one request; its answers arrive through the reader.
+
+        If the stream has ended, the reader fails them with its status.
+        """
         self._unanswered[request_id] = [answer for _, answer in batch]
         request = usage_pb2.AdmitStreamRequest(
             request_id=request_id, calls=[call for call, _ in batch]
         )
         request.timeout.FromTimedelta(timedelta(seconds=timeout_seconds))
-        try:
-            await self._call.write(request)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            self.broken = True  # the reader fails what the stream was deciding
+        self._outgoing.put_nowait(request)
 
     async def close(self) -> None:
         """Half-close the stream and wait for the answers still due."""
-        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-            await self._call.done_writing()
+        self._outgoing.put_nowait(None)
         await asyncio.wait([self._reader])
+
+    async def _requests(self) -> AsyncIterator[usage_pb2.AdmitStreamRequest]:
+        while (request := await self._outgoing.get()) is not None:
+            yield request
 
     async def _read(self) -> None:
         failure: BaseException
