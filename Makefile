@@ -57,6 +57,8 @@ lint: bootstrap ## ruff, mypy, import-linter
 	$(BIN)/lint-imports
 
 bench: bootstrap ## benchmarks: durable publish, delivery, latency, NATS JetStream comparison
+	@if command -v npm >/dev/null; then npm ci --prefix bench/node --no-audit --no-fund --silent \
+	|| echo "npm ci failed: the Node.js admission generator is skipped"; fi
 	$(BIN)/python -m bench
 
 bench-compare: bootstrap ## durable publish of this checkout against REF (a git commit), in one run

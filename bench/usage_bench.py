@@ -15,14 +15,18 @@ USAGE_BENCH_BURST (default 3,000) Reserves at once, counted by status. USAGE_BEN
 USAGE_BENCH_GATES (default ``single,coalesced``) picks how the gates call: every call its own RPC,
 and/or every call a message on the gate's AdmitStream, concurrent calls sent together (ADR 0018).
 The load generator runs on the same machine as the tracker, core and Postgres and competes with
-them for CPU.
+them for CPU; the spread scenario runs once more from ``bench/node/admission_load.js`` (Node.js),
+a generator that takes less of it, when Node.js and its packages (``make bench`` installs them)
+are there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -85,6 +89,11 @@ GATE_MODES = [
 LLM_CALL_SECONDS = float(os.environ.get("USAGE_BENCH_LLM_CALL_SECONDS", "0.08"))
 #: A gateway's deadline for one admission call.
 CALL_TIMEOUT = 5.0
+#: The projects the spread scenario's budgets limit.
+SPREAD_PROJECTS = [f"adm-{i}" for i in range(ADMISSION_BUDGETS)]
+#: The Node.js load generator and the protos it loads.
+NODE_GENERATOR = Path(__file__).parent / "node"
+PROTOS = Path(__file__).parents[1] / "protos"
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -510,20 +519,52 @@ async def _admission(
             for i in range(max(ADMISSION_CHANNELS, len(replicas)))
         ]
         admin = await stack.enter_async_context(connect(tracker.target, core.tokens[Role.ADMIN]))
-        await bench_admission(ug.BudgetServiceStub(admin), channels, out)
+        budget_admin = ug.BudgetServiceStub(admin)
+        await _create_budgets(budget_admin, [*SPREAD_PROJECTS, "hot", "burst"])
+        await spread_from_node(tracker.target, core.tokens[Role.PUBLISHER], out)
+        await bench_admission(channels, out)
 
 
-async def bench_admission(
-    admin: ug.BudgetServiceStub, channels: list[grpc.aio.Channel], out: Callable[[str], None]
-) -> None:
+async def spread_from_node(target: str, token: str, out: Callable[[str], None]) -> None:
+    """The spread scenario offered by the Node.js generator, which leaves the tracker more CPU."""
+    node = shutil.which("node")
+    if node is None or not (NODE_GENERATOR / "node_modules").is_dir():
+        out("  (Node.js generator skipped: no node, or `npm ci --prefix bench/node` not run)")
+        return
+    arguments = [ADMISSION_RATE, ADMISSION_SECONDS, ADMISSION_BUDGETS, ADMISSION_CHANNELS]
+    process = await asyncio.create_subprocess_exec(
+        node,
+        str(NODE_GENERATOR / "admission_load.js"),
+        target,
+        token,
+        str(PROTOS),
+        *(f"{a:g}" for a in arguments),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    if process.returncode:
+        out(f"  Node.js generator failed: {stderr.decode().strip()}")
+        return
+    r = json.loads(stdout)
+    errors = "".join(f"; {kind} {n}" for kind, n in sorted(r["errors"].items()))
+    what = f"Reserve+Commit offered {ADMISSION_RATE:g}/s over {ADMISSION_BUDGETS} budgets"
+    out("  Node.js generator on AdmitStream, one call per message:")
+    out(
+        f"    {what:<56} {r['pairs_per_second']:,} pairs/s; Reserve p50 / p99 "
+        f"{r['reserve_p50_ms']} / {r['reserve_p99_ms']} ms; pair p50 / p99 {r['pair_p50_ms']} / "
+        f"{r['pair_p99_ms']} ms; denied {r['denied']}{errors}; generator CPU {r['cores']} cores"
+    )
+
+
+async def bench_admission(channels: list[grpc.aio.Channel], out: Callable[[str], None]) -> None:
     """The two admission scenarios of issue #10 and a burst beyond capacity.
 
     Each runs twice: with every call its own RPC, and through gates that send their callers'
     calls on a stream, together while they queue (``BudgetGate``'s default), one gate per
-    channel.
+    channel. On the budgets of ``SPREAD_PROJECTS``, "hot" and "burst".
     """
-    projects = [f"adm-{i}" for i in range(ADMISSION_BUDGETS)]
-    await _create_budgets(admin, [*projects, "hot", "burst"])
+    projects = SPREAD_PROJECTS
     for label, coalesce in GATE_MODES:
         policy = GatePolicy(timeout_seconds=CALL_TIMEOUT, max_wait_seconds=0, coalesce=coalesce)
         gates = [BudgetGate(channel, policy) for channel in channels]
