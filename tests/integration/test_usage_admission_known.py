@@ -130,6 +130,64 @@ async def test_a_reservation_finished_behind_a_trackers_back_is_decided_on_as_it
     assert await held(pool) == 100 + 200  # a commit holds its actual cost until it is ingested
 
 
+async def scans(pool: asyncpg.Pool) -> dict[str, tuple[int, int]]:
+    """(sequential, index) scans of the admission tables, as far as the statistics have them."""
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        rows = await conn.fetch(
+            "SELECT relname, seq_scan, coalesce(idx_scan, 0) AS idx_scan FROM pg_stat_user_tables "
+            "WHERE schemaname = current_schema() "
+            "AND relname IN ('reservations', 'reservation_budgets', 'budget_counters')"
+        )
+    return {r["relname"]: (r["seq_scan"], r["idx_scan"]) for r in rows}
+
+
+async def test_rounds_planned_on_small_tables_find_rows_by_key_once_they_grow(
+    pool: asyncpg.Pool, database_url: str, schema: str
+) -> None:
+    """The admission functions' plans are made once per connection, here on tables nearly empty.
+
+    Statistics reach pg_stat_user_tables when a backend that has been idle a second ends a
+    transaction: one more round after a pause sends each phase's.
+    """
+    await budgets.create_budget(
+        pool, budgets.budget_from_proto(project_budget(10**9), require_id=False)
+    )
+    one_connection = await create_pool(database_url, schema, min_size=1, max_size=1)
+    admitter = Admitter(one_connection)
+
+    async def pairs(count: int) -> None:
+        for _ in range(count):
+            granted = await reserve(admitter, 100)
+            await admitter.finish(uuid.UUID(granted.reservation_id), "gateway", None, commit=True)
+
+    try:
+        await pairs(3)  # the plans are made now
+        await pool.execute(
+            "INSERT INTO reservations (id, owner, project, user_id, session_id, model, state, "
+            "amount_micros, amount_tokens, created_at, lease_expires_at, finished_at) "
+            "SELECT gen_random_uuid(), 'gateway', 'p', '', '', 'm', 'released', 1, 0, now(), "
+            "now(), now() FROM generate_series(1, 5000)"
+        )
+        await asyncio.sleep(1.2)
+        await pairs(1)
+        before = await scans(pool)
+        known = rounds("known")
+        await pairs(20)
+        assert rounds("known") == known + 40
+        await asyncio.sleep(1.2)
+        await pairs(1)
+    finally:
+        await one_connection.close()
+    after = await scans(pool)
+    assert after["reservations"][1] > before["reservations"][1]
+    assert {table: after[table][0] - before[table][0] for table in after} == {
+        "reservations": 0,
+        "reservation_budgets": 0,
+        "budget_counters": 0,
+    }
+
+
 async def test_holds_whose_lease_ran_out_stop_counting_before_the_expiry_job_runs(
     pool: asyncpg.Pool,
 ) -> None:
