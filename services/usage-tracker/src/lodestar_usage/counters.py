@@ -132,35 +132,9 @@ HELD = (
 )
 
 
-#: A calendar budget's counter for one value and window, with the holds whose lease ran out
-#: (``lapsed_holds``, migration 0012) left out.
-COUNTED_USAGE = (
-    "WITH lapsed AS MATERIALIZED (SELECT * FROM lapsed_holds()) "
-    "SELECT c.spent_micros, c.spent_tokens, c.held_micros - coalesce(x.micros, 0), "
-    "c.held_tokens - coalesce(x.tokens, 0) FROM budget_counters c LEFT JOIN lapsed x "
-    "ON x.budget_id = c.budget_id AND x.scope_value = c.scope_value "
-    "AND x.window_start = c.window_start "
-    "WHERE c.budget_id = $1 AND c.scope_value = $2 AND c.window_start = $3"
-)
-
-
-async def usage_of(
-    conn: asyncpg.Connection | asyncpg.Pool, budget: BudgetDef, value: str, now: datetime
-) -> Usage:
-    """What ``budget`` has spent and holds for ``value`` in its current window.
-
-    A calendar budget's counter answers in one row; without one (no limit, rolling, or not yet
-    created) the ledger and the holds are added up.
-    """
-    if budget.counted:
-        start, end = budget.window(now)
-        counted = await conn.fetchrow(COUNTED_USAGE, budget.id, value, start)
-        if counted is not None:
-            return Usage(start, end, counted[0], counted[1], int(counted[2]), int(counted[3]))
-    return await usage_from_ledger(conn, budget, value, now)
-
-
-#: ``COUNTED_USAGE`` for many counters at once, each row numbered by its place in the arrays.
+#: Calendar budgets' counters, one per (budget, value, window) of the arrays, with the holds
+#: whose lease ran out (``lapsed_holds``, migration 0012) left out; each row numbered by its
+#: place in the arrays.
 COUNTED_USAGES = (
     "WITH lapsed AS MATERIALIZED (SELECT * FROM lapsed_holds()) "
     "SELECT k.i, c.spent_micros, c.spent_tokens, c.held_micros - coalesce(x.micros, 0), "
@@ -173,18 +147,31 @@ COUNTED_USAGES = (
 )
 
 
+async def usage_of(
+    conn: asyncpg.Connection | asyncpg.Pool, budget: BudgetDef, value: str, now: datetime
+) -> Usage:
+    """What ``budget`` has spent and holds for ``value`` in its current window.
+
+    A calendar budget's counter answers in one row; without one (no limit, rolling, or not yet
+    created) the ledger and the holds are added up.
+    """
+    return (await usages_of(conn, [(budget, value)], now))[0]
+
+
 async def usages_of(
-    conn: asyncpg.Connection, wanted: list[tuple[BudgetDef, str]], now: datetime
+    conn: asyncpg.Connection | asyncpg.Pool, wanted: list[tuple[BudgetDef, str]], now: datetime
 ) -> list[Usage]:
     """``usage_of`` for each (budget, value) of ``wanted``, the counters read in one query."""
     windows = [budget.window(now) for budget, _ in wanted]
     counted = [i for i, (budget, _) in enumerate(wanted) if budget.counted]
-    rows = await conn.fetch(
-        COUNTED_USAGES,
-        [wanted[i][0].id for i in counted],
-        [wanted[i][1] for i in counted],
-        [windows[i][0] for i in counted],
-    )
+    rows = []
+    if counted:
+        rows = await conn.fetch(
+            COUNTED_USAGES,
+            [wanted[i][0].id for i in counted],
+            [wanted[i][1] for i in counted],
+            [windows[i][0] for i in counted],
+        )
     found = {counted[row[0] - 1]: row for row in rows}
     usages = []
     for i, (budget, value) in enumerate(wanted):
