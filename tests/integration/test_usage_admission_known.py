@@ -204,8 +204,10 @@ async def test_holds_whose_lease_ran_out_stop_counting_before_the_expiry_job_run
     assert (await reserve(admitter, 400, "q", short)).granted
     assert not (await reserve(admitter, 300)).granted
     await asyncio.sleep(0.4)
+    locked = rounds("locked")
     granted = await reserve(admitter, 500)  # the 600 lapsed no longer count: 800 left
     assert granted.granted
+    assert rounds("locked") == locked  # decided on the rows read, lapsed holds and all
     assert not (await reserve(admitter, 301)).granted
     now = datetime.now(UTC)
     assert (await counters.usage_of(pool, created, "p", now)).reserved_micros == 700

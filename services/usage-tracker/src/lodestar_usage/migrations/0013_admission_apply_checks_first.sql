@@ -9,9 +9,10 @@
 -- decided on: the budget generation and the time window, no lapsed hold anywhere (then a counter's
 -- stored held is what a round reads), each reservation's state, amounts, owner and lease, each
 -- counter's four values. If every count matches, it writes the round and returns one row. Only if
--- something differs does it read the rows through admission_lock, as before, for the tracker to
--- decide again. The locks are the same and taken in the same order (reservations by id, then
--- counters by key), so the round is as safe as the locked one.
+-- something differs, or a lapsed hold exists, does it hand the round to 0012's function, renamed
+-- admission_apply_compared: that reads the rows (lapsed holds subtracted), compares, and writes
+-- or returns them as before. The locks are the same and taken in the same order (reservations by
+-- id, then counters by key), so the round is as safe as the locked one.
 --
 -- The admission functions plan their statements once per connection (migration 0012). A plan
 -- made while the tables were small scanned reservations and budget_counters whole, and was kept
@@ -20,7 +21,9 @@
 -- these functions touch is found by its key, so they now plan with sequential scans off, and
 -- without JIT compilation (the cost a disabled scan adds would otherwise make every call compile
 -- its statements: 40 ms).
-CREATE OR REPLACE FUNCTION admission_apply(
+ALTER FUNCTION admission_apply RENAME TO admission_apply_compared;
+
+CREATE FUNCTION admission_apply(
     p_sync text,
     p_generation bigint,
     p_valid_from timestamptz,
@@ -122,8 +125,15 @@ BEGIN
         AND NOT EXISTS (SELECT 1 FROM reservations r
                         WHERE r.state = 'active' AND r.lease_expires_at <= now());
     IF NOT as_decided THEN
-        RETURN QUERY SELECT l.*, false FROM admission_lock(
-            p_sync, p_reservations, p_budgets, p_values, p_windows) AS l;
+        RETURN QUERY SELECT * FROM admission_apply_compared(
+            p_sync, p_generation, p_valid_from, p_valid_until, p_reservations, p_states,
+            p_amount_micros, p_amount_tokens, p_owners, p_lapsed, p_budgets, p_values, p_windows,
+            p_spent_micros, p_spent_tokens, p_held_micros, p_held_tokens, p_new_ids, p_new_owners,
+            p_new_projects, p_new_users, p_new_sessions, p_new_models, p_new_micros, p_new_tokens,
+            p_new_leases, p_hold_ids, p_hold_budgets, p_hold_values, p_hold_windows, p_done_ids,
+            p_done_states, p_done_micros, p_done_tokens, p_delta_budgets, p_delta_values,
+            p_delta_windows, p_delta_spent_micros, p_delta_spent_tokens, p_delta_held_micros,
+            p_delta_held_tokens);
         RETURN;
     END IF;
     PERFORM admission_write(
@@ -138,12 +148,6 @@ BEGIN
 END;
 $$;
 
-ALTER FUNCTION admission_write(uuid[], text[], text[], text[], text[], text[], bigint[], bigint[],
-    interval[], uuid[], uuid[], text[], timestamptz[], uuid[], text[], bigint[], bigint[], uuid[],
-    text[], timestamptz[], bigint[], bigint[], bigint[], bigint[]) SET enable_seqscan = off;
-ALTER FUNCTION admission_write(uuid[], text[], text[], text[], text[], text[], bigint[], bigint[],
-    interval[], uuid[], uuid[], text[], timestamptz[], uuid[], text[], bigint[], bigint[], uuid[],
-    text[], timestamptz[], bigint[], bigint[], bigint[], bigint[]) SET jit = off;
-ALTER FUNCTION admission_lock(text, uuid[], uuid[], text[], timestamptz[])
-    SET enable_seqscan = off;
-ALTER FUNCTION admission_lock(text, uuid[], uuid[], text[], timestamptz[]) SET jit = off;
+ALTER FUNCTION admission_apply_compared SET enable_seqscan = off SET jit = off;
+ALTER FUNCTION admission_write SET enable_seqscan = off SET jit = off;
+ALTER FUNCTION admission_lock SET enable_seqscan = off SET jit = off;
