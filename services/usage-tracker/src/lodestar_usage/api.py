@@ -526,6 +526,8 @@ class BudgetApi:
     async def _admission_calls(
         self, calls: Sequence[usage_pb2.AdmissionCall], deadline: float | None
     ) -> list[usage_pb2.AdmissionResult]:
+        if len(calls) == 1:  # a gateway's usual request: no task and no gather for it
+            return [await self._admission_call(calls[0], 0, deadline)]
         return list(
             await asyncio.gather(
                 *(self._admission_call(call, index, deadline) for index, call in enumerate(calls))
