@@ -29,10 +29,11 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -94,6 +95,8 @@ SPREAD_PROJECTS = [f"adm-{i}" for i in range(ADMISSION_BUDGETS)]
 #: The Node.js load generator and the protos it loads.
 NODE_GENERATOR = Path(__file__).parent / "node"
 PROTOS = Path(__file__).parents[1] / "protos"
+#: Times the Node.js spread scenario runs on the floor and on the tracker, interleaved.
+FLOOR_REPEATS = 2
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -521,19 +524,25 @@ async def _admission(
         admin = await stack.enter_async_context(connect(tracker.target, core.tokens[Role.ADMIN]))
         budget_admin = ug.BudgetServiceStub(admin)
         await _create_budgets(budget_admin, [*SPREAD_PROJECTS, "hot", "burst"])
-        await spread_from_node(tracker.target, core.tokens[Role.PUBLISHER], out)
+        await spread_from_node(tracker, core.tokens[Role.PUBLISHER], out)
         await bench_admission(channels, out)
 
 
-async def spread_from_node(target: str, token: str, out: Callable[[str], None]) -> None:
-    """The spread scenario offered by the Node.js generator, which leaves the tracker more CPU."""
-    node = shutil.which("node")
-    if node is None or not (NODE_GENERATOR / "node_modules").is_dir():
-        out("  (Node.js generator skipped: no node, or `npm ci --prefix bench/node` not run)")
-        return
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds process ``pid`` has used (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _node_spread(target: str, token: str, server_pid: int) -> dict[str, Any] | str:
+    """The Node.js generator's spread scenario against ``target``: its figures, or its error.
+
+    Adds ``server_cores``, the CPU the process ``server_pid`` used meanwhile.
+    """
     arguments = [ADMISSION_RATE, ADMISSION_SECONDS, ADMISSION_BUDGETS, ADMISSION_CHANNELS]
+    cpu_before, began = _cpu_seconds(server_pid), time.perf_counter()
     process = await asyncio.create_subprocess_exec(
-        node,
+        "node",
         str(NODE_GENERATOR / "admission_load.js"),
         target,
         token,
@@ -544,16 +553,69 @@ async def spread_from_node(target: str, token: str, out: Callable[[str], None]) 
     )
     stdout, stderr = await process.communicate()
     if process.returncode:
-        out(f"  Node.js generator failed: {stderr.decode().strip()}")
+        return stderr.decode().strip()
+    figures: dict[str, Any] = json.loads(stdout)
+    used = _cpu_seconds(server_pid) - cpu_before
+    figures["server_cores"] = round(used / (time.perf_counter() - began), 2)
+    return figures
+
+
+@contextlib.asynccontextmanager
+async def _admission_floor(dsn: str) -> AsyncIterator[tuple[str, int]]:
+    """``bench.admission_floor`` serving on a free port: its target and process id."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.admission_floor",
+        str(port),
+        dsn,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parents[1],
+    )
+    try:
+        assert process.stdout is not None
+        await asyncio.wait_for(process.stdout.readline(), READY_TIMEOUT_SECONDS)
+        yield f"127.0.0.1:{port}", process.pid
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def spread_from_node(
+    tracker: TrackerUnderTest, token: str, out: Callable[[str], None]
+) -> None:
+    """The spread scenario offered by the Node.js generator, which leaves the tracker more CPU.
+
+    Interleaved with the same load on ``bench.admission_floor`` (Python's gRPC and one Postgres
+    round trip per request, nothing else), so the tracker's figures read as ratios to the floor.
+    """
+    if shutil.which("node") is None or not (NODE_GENERATOR / "node_modules").is_dir():
+        out("  (Node.js generator skipped: no node, or `npm ci --prefix bench/node` not run)")
         return
-    r = json.loads(stdout)
-    errors = "".join(f"; {kind} {n}" for kind, n in sorted(r["errors"].items()))
+    assert tracker.process is not None
     what = f"Reserve+Commit offered {ADMISSION_RATE:g}/s over {ADMISSION_BUDGETS} budgets"
-    out("  Node.js generator on AdmitStream, one call per message:")
-    out(
-        f"    {what:<56} {r['pairs_per_second']:,} pairs/s; Reserve p50 / p99 "
-        f"{r['reserve_p50_ms']} / {r['reserve_p99_ms']} ms; pair p50 / p99 {r['pair_p50_ms']} / "
-        f"{r['pair_p99_ms']} ms; denied {r['denied']}{errors}; generator CPU {r['cores']} cores"
+    out(f"  Node.js generator on AdmitStream, one call per message; {what}:")
+    async with _admission_floor(tracker.dsn) as (floor, floor_pid):
+        for _ in range(FLOOR_REPEATS):
+            for label, target, pid in (
+                ("floor (bare grpc.aio + 1 Postgres round trip)", floor, floor_pid),
+                ("usage-tracker", tracker.target, tracker.process.pid),
+            ):
+                figures = await _node_spread(target, token, pid)
+                out(f"    {label:<52} {_node_summary(figures)}")
+
+
+def _node_summary(figures: dict[str, Any] | str) -> str:
+    if isinstance(figures, str):
+        return f"generator failed: {figures}"
+    errors = "".join(f"; {kind} {n}" for kind, n in sorted(figures["errors"].items()))
+    return (
+        f"{figures['pairs_per_second']:,} pairs/s; Reserve p50 / p99 "
+        f"{figures['reserve_p50_ms']} / {figures['reserve_p99_ms']} ms; pair p50 / p99 "
+        f"{figures['pair_p50_ms']} / {figures['pair_p99_ms']} ms; denied {figures['denied']}"
+        f"{errors}; server CPU {figures['server_cores']} cores, generator "
+        f"{figures['cores']} cores"
     )
 
 
