@@ -17,7 +17,9 @@ and/or every call a message on the gate's AdmitStream, concurrent calls sent tog
 The load generator runs on the same machine as the tracker, core and Postgres and competes with
 them for CPU; the spread scenario runs once more from ``bench/node/admission_load.js`` (Node.js),
 a generator that takes less of it, when Node.js and its packages (``make bench`` installs them)
-are there.
+are there, interleaved with the same load on ``bench.admission_floor`` (Python's gRPC and one
+Postgres round trip per request, nothing else): the floor this machine puts under the tracker's
+figures in the same run.
 """
 
 from __future__ import annotations
