@@ -59,7 +59,7 @@ def build_checkout(ref: str, workdir: Path) -> Path:
     return tree
 
 
-def core_cpu_seconds(pid: int) -> float:
+def process_cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -81,7 +81,7 @@ async def backend_pids(dsn: str) -> set[int]:
 def backends_cpu_seconds(pids: set[int]) -> float | None:
     """CPU time of ``pids`` so far; None when they are not processes of this machine."""
     try:
-        return sum(map(core_cpu_seconds, pids))
+        return sum(map(process_cpu_seconds, pids))
     except (FileNotFoundError, PermissionError):
         return None
 
@@ -112,9 +112,9 @@ async def measure(tree: Path, dsn: str, workdir: Path, events: list[event_pb2.Ev
         target, token = f"127.0.0.1:{port}", tokens[Role.PUBLISHER]
         await publish_rate(target, token, sample_events(WARM_UP_EVENTS))
         pids = await backend_pids(dsn)
-        before, postgres_before = core_cpu_seconds(core.pid), backends_cpu_seconds(pids)
+        before, postgres_before = process_cpu_seconds(core.pid), backends_cpu_seconds(pids)
         rate = await publish_rate(target, token, events)
-        cpu = (core_cpu_seconds(core.pid) - before) / len(events) * 100_000
+        cpu = (process_cpu_seconds(core.pid) - before) / len(events) * 100_000
         postgres_after = backends_cpu_seconds(pids | await backend_pids(dsn))
         postgres = None
         if postgres_before is not None and postgres_after is not None:

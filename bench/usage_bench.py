@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import asyncpg
 import grpc
 
+from bench.compare import process_cpu_seconds
 from bench.core_bench import READY_TIMEOUT_SECONDS, CoreUnderTest
 from lodestar.common.auth import Role
 from lodestar.common.cli import free_port, wait_until_serving
@@ -530,19 +531,13 @@ async def _admission(
         await bench_admission(channels, out)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds process ``pid`` has used (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _node_spread(target: str, token: str, server_pid: int) -> dict[str, Any] | str:
     """The Node.js generator's spread scenario against ``target``: its figures, or its error.
 
     Adds ``server_cores``, the CPU the process ``server_pid`` used meanwhile.
     """
     arguments = [ADMISSION_RATE, ADMISSION_SECONDS, ADMISSION_BUDGETS, ADMISSION_CHANNELS]
-    cpu_before, began = _cpu_seconds(server_pid), time.perf_counter()
+    cpu_before, began = process_cpu_seconds(server_pid), time.perf_counter()
     process = await asyncio.create_subprocess_exec(
         "node",
         str(NODE_GENERATOR / "admission_load.js"),
@@ -557,7 +552,7 @@ async def _node_spread(target: str, token: str, server_pid: int) -> dict[str, An
     if process.returncode:
         return stderr.decode().strip()
     figures: dict[str, Any] = json.loads(stdout)
-    used = _cpu_seconds(server_pid) - cpu_before
+    used = process_cpu_seconds(server_pid) - cpu_before
     figures["server_cores"] = round(used / (time.perf_counter() - began), 2)
     return figures
 
