@@ -572,7 +572,9 @@ async def _admission_floor(dsn: str) -> AsyncIterator[tuple[str, int]]:
     )
     try:
         assert process.stdout is not None
-        await asyncio.wait_for(process.stdout.readline(), READY_TIMEOUT_SECONDS)
+        line = await asyncio.wait_for(process.stdout.readline(), READY_TIMEOUT_SECONDS)
+        if line.strip() != b"ready":
+            raise RuntimeError("bench.admission_floor did not start")
         yield f"127.0.0.1:{port}", process.pid
     finally:
         process.terminate()
