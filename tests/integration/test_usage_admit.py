@@ -116,21 +116,21 @@ async def test_another_principal_cannot_finish_a_reservation_through_admit(
         mine = await ug.BudgetServiceStub(publisher).Reserve(
             u.ReserveRequest(project="p", estimated_cost_micros=10)
         )
-        reply = await ug.BudgetServiceStub(other).Admit(
-            u.AdmitRequest(
-                calls=[
-                    u.AdmissionCall(
-                        commit=u.CommitRequest(
-                            reservation_id=mine.reservation_id, actual_cost_micros=1
-                        )
-                    ),
-                    u.AdmissionCall(release=u.ReleaseRequest(reservation_id=mine.reservation_id)),
-                ]
-            )
-        )
-        for result in reply.results:
+        calls = [
+            u.AdmissionCall(
+                commit=u.CommitRequest(reservation_id=mine.reservation_id, actual_cost_micros=1)
+            ),
+            u.AdmissionCall(release=u.ReleaseRequest(reservation_id=mine.reservation_id)),
+        ]
+        theirs = ug.BudgetServiceStub(other)
+        together = (await theirs.Admit(u.AdmitRequest(calls=calls))).results
+        alone = [(await theirs.Admit(u.AdmitRequest(calls=[c]))).results[0] for c in calls]
+        for result in [*together, *alone]:
             assert code_of(result) == grpc.StatusCode.PERMISSION_DENIED
             assert "another principal" in result.error.message
+        (empty,) = (await theirs.Admit(u.AdmitRequest(calls=[u.AdmissionCall()]))).results
+        assert code_of(empty) == grpc.StatusCode.INVALID_ARGUMENT
+        assert "calls[0]" in empty.error.message
         assert await held_and_counted(tracker) == (10, 0)
 
 
