@@ -11,7 +11,8 @@ USAGE_BENCH_BUDGETS project budgets (default 100), open loop; USAGE_BENCH_CALLER
 USAGE_BENCH_LLM_CALL_SECONDS (default 0.08) between Reserve and Commit as a gateway waits for
 its LLM call; each for USAGE_BENCH_SECONDS (default 10); then
 USAGE_BENCH_BURST (default 3,000) Reserves at once, counted by status. USAGE_BENCH_REPLICAS
-(default 1) tracker processes serve admission on the one database, the load spread over them.
+(default 1) tracker processes serve admission on the one database, the load spread over them,
+with the publisher's rate limit off (the scenarios measure admission, not that limit).
 USAGE_BENCH_GATES (default ``single,coalesced``) picks how the gates call: every call its own RPC,
 and/or every call a message on the gate's AdmitStream, concurrent calls sent together (ADR 0018).
 The load generator runs on the same machine as the tracker, core and Postgres and competes with
@@ -206,6 +207,9 @@ class TrackerUnderTest:
             "LODESTAR_TOKEN": core.tokens["usage-tracker"],
             "LODESTAR_SPOOL_DIR": str(workdir / "spool"),
             "LODESTAR_LOG_LEVEL": "WARNING",
+            # The admission scenarios measure admission, not the publisher's default limit
+            # (10,000 calls/s), which one hot budget's 200 callers pass on a fast machine.
+            "LODESTAR_RATE_LIMITS__ROLES__PUBLISHER": "null",
         }
         self._log = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
