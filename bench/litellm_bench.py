@@ -5,13 +5,16 @@ whose deployment answers with ``mock_response`` after ``mock_delay`` (the LLM ca
 loop at LITELLM_BENCH_RATE calls/s (default 50) for LITELLM_BENCH_SECONDS (default 10) per round,
 each call waiting LITELLM_BENCH_CALL_SECONDS (default 0.5) for its answer, so about rate x wait
 calls are in flight at once, as in a gateway. LiteLLM itself spends about 9 ms of CPU per call
-here, so one process serves about 100 calls/s at most; the default keeps it half busy. Four modes,
+here, so one process serves about 100 calls/s at most; the default keeps it half busy. Five modes,
 interleaved over LITELLM_BENCH_ROUNDS rounds so that each sees the same machine (default 4: each
 mode's p99 is then of 2,000 calls; with 1,000, two runs' p99s of one mode differed by ~1.5 ms):
 
 * ``off``: no callback at all;
 * ``no-op callback``: a LiteLLM ``CustomLogger`` that does nothing, which makes LiteLLM build its
   logging payload and compute the call's cost (what any callback costs, Lodestar's or not);
+* ``hook awaiting 1 ms``: a callback whose pre-call hook only awaits 1 ms, about a Reserve's
+  p50 here: what any awaited hook adds to a call in LiteLLM's busy event loop (the floor under
+  the admission mode's figures);
 * ``publish``: ``LodestarLogger`` publishing a ``RequestCompleted`` per call (no gate);
 * ``publish + admission``: the logger with a ``BudgetGate`` (Reserve before the call, Commit after).
 
@@ -57,7 +60,10 @@ COST_CALLS = int(os.environ.get("LITELLM_BENCH_COST_CALLS", "5000"))
 PUBLISH_LINGER = float(os.environ.get("LITELLM_BENCH_LINGER", "0.05"))
 HOOK_RATE = float(os.environ.get("LITELLM_BENCH_HOOK_RATE", "500"))
 PROJECTS = [f"gw-{i}" for i in range(20)]
-ALL_MODES = ("off", "no-op callback", "publish", "publish + admission")
+#: How long the floor mode's pre-call hook waits: about a Reserve's p50 here.
+FLOOR_HOOK_SECONDS = 0.001
+FLOOR_MODE = f"hook awaiting {FLOOR_HOOK_SECONDS * 1000:g} ms"
+ALL_MODES = ("off", "no-op callback", FLOOR_MODE, "publish", "publish + admission")
 #: LITELLM_BENCH_MODES: a comma-separated subset, e.g. "no-op callback,publish" (for profiling).
 MODES = tuple(
     m
@@ -94,6 +100,23 @@ class TimedLogger(LodestarLogger):
             return await super().async_pre_call_deployment_hook(kwargs, call_type)
         finally:
             self.hook_ms.append((time.perf_counter() - began) * 1000)
+
+
+class AwaitingHook(CustomLogger):  # type: ignore[misc]
+    """A pre-call hook that only awaits FLOOR_HOOK_SECONDS, timed: what any awaited hook adds."""
+
+    def __init__(self, hook_ms: list[float]) -> None:
+        super().__init__()
+        self.hook_ms = hook_ms
+
+    async def async_pre_call_deployment_hook(
+        self, kwargs: dict[str, Any], call_type: object
+    ) -> dict[str, Any]:
+        """Wait, timed."""
+        began = time.perf_counter()
+        await asyncio.sleep(FLOOR_HOOK_SECONDS)
+        self.hook_ms.append((time.perf_counter() - began) * 1000)
+        return kwargs
 
 
 def _router() -> litellm.Router:
@@ -153,8 +176,8 @@ async def _callbacks(
     if mode == "off":
         yield
         return
-    if mode == "no-op callback":
-        noop = CustomLogger()
+    if mode in ("no-op callback", FLOOR_MODE):
+        noop = CustomLogger() if mode == "no-op callback" else AwaitingHook(timings.hook_ms)
         litellm.callbacks = [noop]
         try:
             yield
