@@ -51,7 +51,7 @@ from lodestar.common.auth import Role
 from lodestar.common.cli import free_port, wait_until_serving
 from lodestar.common.db import apply_migrations, create_pool
 from lodestar.common.events import new_event
-from lodestar.common.sdk import connect
+from lodestar.common.sdk import Publisher, connect
 from lodestar.common.testing import postgres_server, start_process
 from lodestar.core.v1 import bus_pb2, bus_pb2_grpc
 from lodestar.usage.v1 import events_pb2 as ev
@@ -406,10 +406,18 @@ class InProcessGate:
         )
 
 
-async def _pair(gate: Gate, project: str, result: Scenario, call_seconds: float = 0.0) -> None:
+async def _pair(
+    gate: Gate,
+    project: str,
+    result: Scenario,
+    call_seconds: float = 0.0,
+    publisher: Publisher | None = None,
+) -> None:
     """One Reserve, then its Commit; latency and outcome recorded in ``result``.
 
-    ``call_seconds`` is the LLM call between them, left out of the pair's latency.
+    ``call_seconds`` is the LLM call between them, left out of the pair's latency. With
+    ``publisher``, the call's RequestCompleted naming the reservation is published after the
+    Commit, as a gateway's LiteLLM callback does (not timed).
     """
     t0 = time.perf_counter()
     try:
@@ -436,14 +444,23 @@ async def _pair(gate: Gate, project: str, result: Scenario, call_seconds: float 
     result.reserve_ms.append((t1 - t0) * 1000)
     result.pair_ms.append((t2 - t0 - t_call) * 1000)
     result.pairs += 1
+    if publisher is not None:
+        event = _event(project)
+        event.reservation_id = reply.reservation_id
+        await publisher.publish(event)
 
 
 async def open_loop(
-    gates: Sequence[Gate], projects: list[str], rate: float, seconds: float
+    gates: Sequence[Gate],
+    projects: list[str],
+    rate: float,
+    seconds: float,
+    publisher: Publisher | None = None,
 ) -> Scenario:
     """Reserve+Commit pairs started at ``rate`` per second whatever the answers (open loop).
 
     The pairs are spread round-robin over ``projects``; the achieved rate counts completed pairs.
+    With ``publisher``, each pair's usage event is published too (``_pair``).
     """
     result = Scenario()
     tasks: list[asyncio.Task[None]] = []
@@ -456,7 +473,8 @@ async def open_loop(
             await asyncio.sleep(delay)
         result.lag_ms.append(max(0.0, time.perf_counter() - due) * 1000)
         gate = gates[i % len(gates)]
-        tasks.append(asyncio.create_task(_pair(gate, projects[i % len(projects)], result)))
+        project = projects[i % len(projects)]
+        tasks.append(asyncio.create_task(_pair(gate, project, result, publisher=publisher)))
     await asyncio.gather(*tasks)
     result.seconds = time.perf_counter() - began
     return result
@@ -532,7 +550,11 @@ async def _admission(
         budget_admin = ug.BudgetServiceStub(admin)
         await _create_budgets(budget_admin, [*SPREAD_PROJECTS, "hot", "burst"])
         await spread_from_node(tracker, core.tokens[Role.PUBLISHER], out)
-        await bench_admission(channels, out)
+        to_core = await stack.enter_async_context(connect(core.target, core.tokens[Role.PUBLISHER]))
+        publisher = await stack.enter_async_context(
+            Publisher(to_core, source="litellm://bench", spool_dir=None, linger_seconds=0.05)
+        )
+        await bench_admission(channels, out, publisher)
 
 
 async def _node_spread(target: str, token: str, server_pid: int) -> dict[str, Any] | str:
@@ -622,12 +644,17 @@ def _node_summary(figures: dict[str, Any] | str) -> str:
     )
 
 
-async def bench_admission(channels: list[grpc.aio.Channel], out: Callable[[str], None]) -> None:
+async def bench_admission(
+    channels: list[grpc.aio.Channel], out: Callable[[str], None], publisher: Publisher
+) -> None:
     """The two admission scenarios of issue #10 and a burst beyond capacity.
 
     Each runs twice: with every call its own RPC, and through gates that send their callers'
     calls on a stream, together while they queue (``BudgetGate``'s default), one gate per
-    channel. On the budgets of ``SPREAD_PROJECTS``, "hot" and "burst".
+    channel. On the budgets of ``SPREAD_PROJECTS``, "hot" and "burst". The spread scenario runs
+    once more with each pair's usage event published through ``publisher`` as a gateway's
+    callback publishes it: the tracker then ingests it and settles the reservation, changing
+    the counters its next Reserve on that budget is decided on.
     """
     projects = SPREAD_PROJECTS
     for label, coalesce in GATE_MODES:
@@ -637,6 +664,10 @@ async def bench_admission(channels: list[grpc.aio.Channel], out: Callable[[str],
         await open_loop(gates, projects, min(ADMISSION_RATE, 100), 1.0)  # warm-up
         spread = await open_loop(gates, projects, ADMISSION_RATE, ADMISSION_SECONDS)
         what = f"Reserve+Commit offered {ADMISSION_RATE:g}/s over {ADMISSION_BUDGETS} budgets"
+        out(f"    {what:<56} {spread.summary()}")
+        spread = await open_loop(gates, projects, ADMISSION_RATE, ADMISSION_SECONDS, publisher)
+        await publisher.flush()
+        what = "… each pair's RequestCompleted published to core too"
         out(f"    {what:<56} {spread.summary()}")
         hot = await closed_loop(gates, "hot", ADMISSION_CALLERS, ADMISSION_SECONDS)
         out(f"    {f'{ADMISSION_CALLERS} callers in a loop on one budget':<56} {hot.summary()}")
