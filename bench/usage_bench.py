@@ -446,6 +446,7 @@ async def _pair(
     result.pairs += 1
     if publisher is not None:
         event = _event(project)
+        event.ClearField("session_id")  # a gateway's calls are not all of one session
         event.reservation_id = reply.reservation_id
         await publisher.publish(event)
 
