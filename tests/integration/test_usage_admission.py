@@ -32,6 +32,7 @@ from lodestar_usage.settings import AdmissionSettings
 from lodestar_usage.testing import RunningTracker
 
 from .conftest import StartTracker
+from .test_usage_ledger import completed, publish
 
 HUNDRED = u.ReserveRequest(project="p", estimated_cost_micros=100)
 
@@ -316,6 +317,38 @@ async def test_the_gate_answers_by_policy_when_admission_is_unreachable(
             request
         )
         assert (reply.granted, reply.fail_open, reply.reservation_id) == (True, True, "")
+
+
+async def test_a_request_ingested_leaves_the_next_reserve_decided_in_one_call(
+    start_trackers: StartTracker, tokens: dict[Role | str, str], publisher_channel: grpc.aio.Channel
+) -> None:
+    """Ingest settles the request's hold and counts its cost; the tracker adds the same to the
+    counters it remembers, so the next Reserve is not decided on stale ones (ADR 0018)."""
+    tracker = await start_trackers()
+    pool = tracker.module.pool
+    assert pool is not None
+    async with contextlib.AsyncExitStack() as stack:
+        (stub,) = await publishers_on(stack, [tracker], tokens, project_budget(1_000))
+        first = await stub.Reserve(HUNDRED)
+        await stub.Commit(
+            u.CommitRequest(reservation_id=first.reservation_id, actual_cost_micros=80)
+        )
+        done = completed(project="p", session="", cost=80, reservation=first.reservation_id)
+        await publish(publisher_channel, [done])
+        async with asyncio.timeout(20):
+            while await pool.fetchval("SELECT spent_micros FROM budget_counters") != 80:
+                await asyncio.sleep(0.02)
+        assert await held_and_counted(tracker) == (0, 0)
+        rounds = metrics.ADMISSION_ROUNDS
+        known, stale = rounds.labels("known")._value.get(), rounds.labels("stale")._value.get()
+        assert (
+            await stub.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=920))
+        ).granted
+        refused = await stub.Reserve(u.ReserveRequest(project="p", estimated_cost_micros=1))
+        assert not refused.granted
+        assert refused.denial.remaining_micros == 0
+        assert rounds.labels("known")._value.get() == known + 2
+        assert rounds.labels("stale")._value.get() == stale
 
 
 async def test_a_budget_changed_through_one_replica_applies_at_once_on_another(

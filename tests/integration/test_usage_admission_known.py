@@ -102,6 +102,28 @@ async def test_counters_changed_behind_a_trackers_back_are_decided_on_as_they_ar
     assert await held(pool) == 1_000
 
 
+async def test_a_wrong_word_from_ingest_costs_a_round_never_a_grant(pool: asyncpg.Pool) -> None:
+    """Counter changes ingest reports are a guess like the rest: written only if they hold."""
+    created = await budgets.create_budget(
+        pool, budgets.budget_from_proto(project_budget(1_000), require_id=False)
+    )
+    admitter = Admitter(pool)
+    assert (await reserve(admitter, 100)).granted
+    (key,) = [
+        (created.id, "p", start)
+        for (start,) in await pool.fetch("SELECT window_start FROM budget_counters")
+    ]
+    unknown = (uuid.uuid4(), "p", key[2])
+    admitter.counters_changed({key: [0, 0, -100, 0], unknown: [5, 5, 5, 5]})  # says: none held
+    stale = rounds("stale")
+    refused = await reserve(admitter, 901)
+    assert not refused.granted
+    assert refused.denial is not None
+    assert refused.denial.remaining_micros == 900
+    assert rounds("stale") == stale + 1
+    assert await held(pool) == 100
+
+
 async def test_a_reservation_finished_behind_a_trackers_back_is_decided_on_as_it_is(
     pool: asyncpg.Pool,
 ) -> None:

@@ -165,7 +165,7 @@ async def ingest(pool: asyncpg.Pool, rows: Sequence[LedgerRow], batch: int = 97)
     new = 0
     for i in range(0, len(rows), batch):
         async with pool.acquire() as conn, conn.transaction():
-            new += len(await write_rows(conn, rows[i : i + batch]))
+            new += len((await write_rows(conn, rows[i : i + batch])).new)
     return new
 
 
@@ -305,7 +305,7 @@ async def test_a_batch_mixing_new_and_recorded_events_adds_only_the_new_ones(poo
     rows = make_rows(600, seed=9)
     assert await ingest(pool, rows[:300], batch=300) == 300
     async with pool.acquire() as conn, conn.transaction():
-        new = await write_rows(conn, [*rows[200:600], *rows[250:260]])
+        new = (await write_rows(conn, [*rows[200:600], *rows[250:260]])).new
     assert sorted(r.event_id for r in new) == sorted(r.event_id for r in rows[300:600])
     assert await pool.fetchval("SELECT count(*) FROM ledger") == 600
     await assert_grains_agree(pool)

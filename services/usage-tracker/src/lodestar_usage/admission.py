@@ -352,6 +352,14 @@ class _Known:
         self.counters.update(counters)
         self._bound()
 
+    def add(self, deltas: dict[Key, list[int]]) -> None:
+        """Add what another writer (ingest) committed to the counters known here."""
+        for key, delta in deltas.items():
+            values = self.counters.get(key)
+            if values is not None:
+                for i, change in enumerate(delta):
+                    values[i] += change
+
     def forget(self) -> None:
         """Drop everything (after a round failed half-way)."""
         self.counters.clear()
@@ -414,6 +422,14 @@ class Admitter:
         self._last_done = 0.0
         #: The database's time of the last round that had to plan again (clocks may differ).
         self._now_hint: datetime | None = None
+
+    def counters_changed(self, deltas: dict[Key, list[int]]) -> None:
+        """Ingest committed ``deltas`` to the counters: the next round decides on them.
+
+        Without this, every Reserve after a settled request would find its counters stale and
+        take a second round; a wrong guess here costs only that round, never a grant.
+        """
+        self._known.add(deltas)
 
     @property
     def queued(self) -> int:

@@ -388,6 +388,8 @@ class BudgetApi:
             rounds_in_flight=admission.rounds_in_flight,
             durable=admission.durable_commit,
         )
+        #: Told what ingest added to the budget counters (see ``Admitter.counters_changed``).
+        self.counters_changed = self._admitter.counters_changed
 
     async def CreateBudget(
         self, request: usage_pb2.CreateBudgetRequest, context: Context

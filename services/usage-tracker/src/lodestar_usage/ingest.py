@@ -257,6 +257,17 @@ def _upsert_sessions(add: Callable[[str, str], str]) -> str:
 UPSERT_SESSIONS = _upsert_sessions(plain_add)
 
 
+class Written(NamedTuple):
+    """What one ingest transaction wrote: the new rows, and what it added to each counter."""
+
+    new: list[LedgerRow]
+    #: ``[spent_micros, spent_tokens, held_micros, held_tokens]`` added, per counter key.
+    counter_deltas: dict[counters.Key, list[int]]
+
+
+NOTHING_WRITTEN = Written([], {})
+
+
 class WriteSql(NamedTuple):
     """The statements that write a batch: new rows, any rows, sessions."""
 
@@ -378,11 +389,11 @@ async def stage(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> None:
 
 async def write_rows(
     conn: asyncpg.Connection, rows: Sequence[LedgerRow], sql: WriteSql = PLAIN_SQL
-) -> list[LedgerRow]:
-    """Insert ``rows`` and their rollups in the caller's transaction; returns the new rows."""
+) -> Written:
+    """Insert ``rows`` and their rollups in the caller's transaction; what it wrote."""
     unique = list({row.event_id: row for row in rows}.values())
     if not unique:
-        return []
+        return NOTHING_WRITTEN
     await stage(conn, unique)
     try:
         async with conn.transaction():  # a savepoint: a duplicate undoes only this attempt
@@ -395,7 +406,7 @@ async def write_rows(
         fresh = {str(event_id) for event_id in inserted}
         new = [row for row in unique if row.event_id in fresh]
     if not new:
-        return []
+        return NOTHING_WRITTEN
     with_session = [r for r in new if r.session_id]
     if with_session:
         await _update_sessions(conn, with_session, sql.sessions)
@@ -415,7 +426,7 @@ async def write_rows(
     if counted:
         spend_deltas(new, counted, deltas)
     await counters.add_to_counters(conn, deltas, saturate=sql is SATURATING_SQL)
-    return new
+    return Written(new, deltas)
 
 
 def spend_deltas(
@@ -558,7 +569,11 @@ def _write_span(
 
 
 class LedgerWriter:
-    """Commits rows submitted by concurrent handlers in batches, one transaction each."""
+    """Commits rows submitted by concurrent handlers in batches, one transaction each.
+
+    ``on_counters`` is told, after each transaction committed, what it added to the budget
+    counters (not after a batch written with saturating sums: those are not plain additions).
+    """
 
     def __init__(
         self,
@@ -566,7 +581,7 @@ class LedgerWriter:
         *,
         max_batch: int,
         linger_seconds: float,
-        on_committed: Callable[[list[LedgerRow]], None] | None = None,
+        on_counters: Callable[[dict[counters.Key, list[int]]], None] | None = None,
     ) -> None:
         self._pool = pool
         self._max_batch = max_batch
@@ -575,7 +590,7 @@ class LedgerWriter:
         self._pending_rows = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._on_committed = on_committed
+        self._on_counters = on_counters
         self.last_error = ""
 
     def start(self) -> None:
@@ -650,7 +665,7 @@ class LedgerWriter:
             started = time.perf_counter()
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    new = await write_rows(conn, rows, sql)
+                    written = await write_rows(conn, rows, sql)
             except asyncpg.NumericValueOutOfRangeError as exc:
                 if sql is SATURATING_SQL:
                     self._refuse(batch, exc)
@@ -672,10 +687,10 @@ class LedgerWriter:
             break
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         self.last_error = ""
-        metrics.DUPLICATES.inc(len(rows) - len(new))
-        record_metrics(new)
-        if self._on_committed is not None and new:
-            self._on_committed(new)
+        metrics.DUPLICATES.inc(len(rows) - len(written.new))
+        record_metrics(written.new)
+        if self._on_counters is not None and written.counter_deltas and sql is PLAIN_SQL:
+            self._on_counters(written.counter_deltas)
         for pending in batch:
             if not pending.done.done():
                 pending.done.set_result(None)

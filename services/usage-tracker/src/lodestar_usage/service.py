@@ -103,11 +103,15 @@ class UsageModule(ServiceModule[UsageSettings]):
         self.prices = await PriceTable.load(pool)
         self.pool = pool
         self._usage.target = UsageApi(pool, self.reload_prices, self.settings.limits)
-        self._budgets.target = BudgetApi(pool, self.settings)
+        budget_api = BudgetApi(pool, self.settings)
+        self._budgets.target = budget_api
         self._audit.target = audit.AuditService(pool)
         ingest = self.settings.ingest
         self.writer = LedgerWriter(
-            pool, max_batch=ingest.batch_max_events, linger_seconds=ingest.batch_linger_seconds
+            pool,
+            max_batch=ingest.batch_max_events,
+            linger_seconds=ingest.batch_linger_seconds,
+            on_counters=budget_api.counters_changed,
         )
         self.writer.start()
         self._start_core_clients()
