@@ -35,8 +35,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +46,7 @@ from typing import Any, Protocol
 
 import asyncpg
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.compare import process_cpu_seconds
 from bench.core_bench import READY_TIMEOUT_SECONDS, CoreUnderTest
@@ -199,6 +202,7 @@ class TrackerUnderTest:
 
     def __init__(self, dsn: str, workdir: Path, core: CoreUnderTest, name: str = "usage") -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         self.dsn, self.workdir = dsn, workdir
         self._env = {
             "LODESTAR_DATABASE__URL": dsn,
@@ -210,6 +214,7 @@ class TrackerUnderTest:
             # The admission scenarios measure admission, not the publisher's default limit
             # (10,000 calls/s), which one hot budget's 200 callers pass on a fast machine.
             "LODESTAR_RATE_LIMITS__ROLES__PUBLISHER": "null",
+            "LODESTAR_METRICS_PORT": str(self.metrics_port),
         }
         self._log = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -227,11 +232,28 @@ class TrackerUnderTest:
             return
         raise RuntimeError("usage-tracker did not become ready")
 
+    async def admission_rounds(self) -> Counter[str]:
+        """Admission rounds the tracker ran so far, by path (known, stale, locked)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = await asyncio.to_thread(_fetch_text, url)
+        rounds: Counter[str] = Counter()
+        for family in text_string_to_metric_families(text):
+            if family.name == "lodestar_usage_admission_rounds":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        rounds[sample.labels["path"]] += int(sample.value)
+        return rounds
+
     def stop(self) -> None:
         """Terminate the tracker process, if started, and wait for it to exit."""
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=30)
+
+
+def _fetch_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
 
 
 def _event(project: str = "bench") -> ev.RequestCompleted:
@@ -333,6 +355,8 @@ class Scenario:
     pair_ms: list[float] = field(default_factory=list)
     lag_ms: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    #: The trackers' admission rounds during the scenario, by path, when they were asked.
+    rounds: Counter[str] = field(default_factory=Counter)
 
     def failed(self, exc: grpc.aio.AioRpcError) -> None:
         """Count a call that ended in an error status."""
@@ -359,6 +383,8 @@ class Scenario:
             text += f"; {self.denied} denied"
         if self.errors:
             text += "; errors " + ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items()))
+        if self.rounds:
+            text += "; rounds " + ", ".join(f"{k} {v}" for k, v in sorted(self.rounds.items()))
         return text
 
 
@@ -555,7 +581,22 @@ async def _admission(
         publisher = await stack.enter_async_context(
             Publisher(to_core, source="litellm://bench", spool_dir=None, linger_seconds=0.05)
         )
-        await bench_admission(channels, out, publisher)
+        await bench_admission(channels, out, publisher, _rounds_of(replicas))
+
+
+RoundCount = Callable[[], Awaitable[Counter[str]]]
+
+
+def _rounds_of(replicas: Sequence[TrackerUnderTest]) -> RoundCount:
+    """What counts the admission rounds of all ``replicas`` together."""
+
+    async def count() -> Counter[str]:
+        total: Counter[str] = Counter()
+        for replica in replicas:
+            total += await replica.admission_rounds()
+        return total
+
+    return count
 
 
 async def _node_spread(target: str, token: str, server_pid: int) -> dict[str, Any] | str:
@@ -646,7 +687,10 @@ def _node_summary(figures: dict[str, Any] | str) -> str:
 
 
 async def bench_admission(
-    channels: list[grpc.aio.Channel], out: Callable[[str], None], publisher: Publisher
+    channels: list[grpc.aio.Channel],
+    out: Callable[[str], None],
+    publisher: Publisher,
+    rounds: RoundCount | None = None,
 ) -> None:
     """The two admission scenarios of issue #10 and a burst beyond capacity.
 
@@ -663,10 +707,14 @@ async def bench_admission(
         gates = [BudgetGate(channel, policy) for channel in channels]
         out(f"  {label}:")
         await open_loop(gates, projects, min(ADMISSION_RATE, 100), 1.0)  # warm-up
-        spread = await open_loop(gates, projects, ADMISSION_RATE, ADMISSION_SECONDS)
+        spread = await counting(
+            rounds, open_loop(gates, projects, ADMISSION_RATE, ADMISSION_SECONDS)
+        )
         what = f"Reserve+Commit offered {ADMISSION_RATE:g}/s over {ADMISSION_BUDGETS} budgets"
         out(f"    {what:<56} {spread.summary()}")
-        spread = await open_loop(gates, projects, ADMISSION_RATE, ADMISSION_SECONDS, publisher)
+        spread = await counting(
+            rounds, open_loop(gates, projects, ADMISSION_RATE, ADMISSION_SECONDS, publisher)
+        )
         await publisher.flush()
         what = "… each pair's RequestCompleted published to core too"
         out(f"    {what:<56} {spread.summary()}")
@@ -684,6 +732,16 @@ async def bench_admission(
         )
         for gate in gates:
             await gate.aclose()
+
+
+async def counting(rounds: RoundCount | None, scenario: Awaitable[Scenario]) -> Scenario:
+    """``scenario``'s result, with the admission rounds it took when ``rounds`` counts them."""
+    if rounds is None:
+        return await scenario
+    before = await rounds()
+    result = await scenario
+    result.rounds = await rounds() - before
+    return result
 
 
 async def bench_rounds(dsn: str, out: Callable[[str], None]) -> None:

@@ -274,11 +274,13 @@ def service_package(service: str | ServiceSpec[Any]) -> str:
 def start_process(
     service: str | ServiceSpec[Any], env: dict[str, str], log: Path, port: int
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m <package> serve`` on ``port`` (metrics off), its output going to ``log``.
+    """Start ``python -m <package> serve`` on ``port``, its output going to ``log``.
 
-    ``env`` is added to this process's environment.
+    ``env`` is added to this process's environment; metrics are off unless it sets
+    ``LODESTAR_METRICS_PORT``.
     """
-    full_env = os.environ | env | {"LODESTAR_PORT": str(port), "LODESTAR_METRICS_PORT": "-1"}
+    metrics_off = {"LODESTAR_METRICS_PORT": "-1"}
+    full_env = os.environ | metrics_off | env | {"LODESTAR_PORT": str(port)}
     with log.open("ab") as output:
         return subprocess.Popen(
             [sys.executable, "-m", service_package(service), "serve"],
