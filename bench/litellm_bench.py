@@ -31,6 +31,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,8 @@ class Timings:
     hook_ms: list[float] = field(default_factory=list)
     cpu_seconds: float = 0.0
     failed: int = 0
+    #: The tracker's admission rounds during this mode's runs, by path (known, stale, locked).
+    rounds: Counter[str] = field(default_factory=Counter)
 
     def cpu_ms_per_call(self) -> float:
         """The gateway process's CPU time per call, in milliseconds."""
@@ -224,10 +227,11 @@ async def bench_litellm(dsn: str, workdir: Path, out: Callable[[str], None]) -> 
             await _drive(router, Timings())  # warm-up
             for _ in range(ROUNDS):
                 for mode in MODES:
-                    cpu = time.process_time()
+                    rounds, cpu = await tracker.admission_rounds(), time.process_time()
                     async with _callbacks(mode, core, tracker, workdir / "spool", results[mode]):
                         await _drive(router, results[mode])
                     results[mode].cpu_seconds += time.process_time() - cpu
+                    results[mode].rounds += await tracker.admission_rounds() - rounds
             _report(results, out)
         finally:
             tracker.stop()
@@ -347,6 +351,8 @@ def _report(results: dict[str, Timings], out: Callable[[str], None]) -> None:
             )
         if timings.failed:
             line += f"; {timings.failed} failed"
+        if timings.rounds:
+            line += "; rounds " + ", ".join(f"{k} {v}" for k, v in sorted(timings.rounds.items()))
         out(f"  {mode + ' (p50 / p99)':<30} {line}  [{len(timings.added_ms):,} calls]")
 
 
