@@ -5,7 +5,7 @@ whose deployment answers with ``mock_response`` after ``mock_delay`` (the LLM ca
 loop at LITELLM_BENCH_RATE calls/s (default 50) for LITELLM_BENCH_SECONDS (default 10) per round,
 each call waiting LITELLM_BENCH_CALL_SECONDS (default 0.5) for its answer, so about rate x wait
 calls are in flight at once, as in a gateway. LiteLLM itself spends about 9 ms of CPU per call
-here, so one process serves about 100 calls/s at most; the default keeps it half busy. Five modes,
+here, so one process serves about 100 calls/s at most; the default keeps it half busy. Six modes,
 interleaved over LITELLM_BENCH_ROUNDS rounds so that each sees the same machine (default 4: each
 mode's p99 is then of 2,000 calls; with 1,000, two runs' p99s of one mode differed by ~1.5 ms):
 
@@ -16,7 +16,9 @@ mode's p99 is then of 2,000 calls; with 1,000, two runs' p99s of one mode differ
   p50 here: what any awaited hook adds to a call in LiteLLM's busy event loop (the floor under
   the admission mode's figures);
 * ``publish``: ``LodestarLogger`` publishing a ``RequestCompleted`` per call (no gate);
-* ``publish + admission``: the logger with a ``BudgetGate`` (Reserve before the call, Commit after).
+* ``publish + admission``: the logger with a ``BudgetGate`` (Reserve before the call, Commit after);
+* ``no-op callback, again``: the no-op callback once more, so what it "adds" over the first is
+  the run's own noise, the yardstick for the figures above.
 
 Printed per mode: the call's latency beyond the LLM wait (p50 / p99), what Lodestar's modes add
 to it over the no-op callback (p50 / p99), and for admission the time spent in the pre-call hook
@@ -64,7 +66,8 @@ PROJECTS = [f"gw-{i}" for i in range(20)]
 #: How long the floor mode's pre-call hook waits: about a Reserve's p50 here.
 FLOOR_HOOK_SECONDS = 0.001
 FLOOR_MODE = f"hook awaiting {FLOOR_HOOK_SECONDS * 1000:g} ms"
-ALL_MODES = ("off", "no-op callback", FLOOR_MODE, "publish", "publish + admission")
+NOOP_AGAIN = "no-op callback, again"
+ALL_MODES = ("off", "no-op callback", FLOOR_MODE, "publish", "publish + admission", NOOP_AGAIN)
 #: LITELLM_BENCH_MODES: a comma-separated subset, e.g. "no-op callback,publish" (for profiling).
 MODES = tuple(
     m
@@ -179,8 +182,8 @@ async def _callbacks(
     if mode == "off":
         yield
         return
-    if mode in ("no-op callback", FLOOR_MODE):
-        noop = CustomLogger() if mode == "no-op callback" else AwaitingHook(timings.hook_ms)
+    if mode in ("no-op callback", NOOP_AGAIN, FLOOR_MODE):
+        noop = AwaitingHook(timings.hook_ms) if mode == FLOOR_MODE else CustomLogger()
         litellm.callbacks = [noop]
         try:
             yield

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import yaml
 
 from lodestar.common.cli import installed_services
+from lodestar.common.sdk import connect
+from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
 
 LODESTAR = [sys.executable, "-m", "lodestar.common.cli"]
 
@@ -85,11 +88,11 @@ def suite(tmp_path: Path):
     with lodestar_up(tmp_path) as (process, printed):
         database_line = next(line for line in printed if line.startswith("database:"))
         admin_dsn = database_line.split("database:", 1)[1].strip()
-        yield process, tmp_path / "state", admin_dsn
+        yield process, tmp_path / "state", admin_dsn, printed
 
 
 def test_up_publish_tail_and_clean_stop(suite):
-    process, state, _ = suite
+    process, state, _, _ = suite
     endpoints = json.loads((state / "endpoints.json").read_text())
     installed = set(installed_services())
     assert {"core", "usage-tracker", "learning", "health-monitor"} <= installed
@@ -122,8 +125,27 @@ def test_up_publish_tail_and_clean_stop(suite):
     assert process.wait(timeout=60) == 0
 
 
+def test_ready_is_printed_once_every_module_reports_itself_healthy(suite):
+    """A module that serves may still be starting (the tracker subscribing to core): `ready`
+    waits for its report, so the first `lodestar modules` after it shows every module healthy."""
+    _, state, _, printed = suite
+    assert not [line for line in printed if "not healthy yet" in line]
+    endpoints = json.loads((state / "endpoints.json").read_text())
+    admin = yaml.safe_load((state / "tokens.yaml").read_text())["admin"]
+
+    async def listed() -> dict[str, tuple[bool, int]]:
+        async with connect(endpoints["core"]["grpc"], admin) as channel:
+            reply = await registry_pb2_grpc.RegistryServiceStub(channel).ListModules(
+                registry_pb2.ListModulesRequest()
+            )
+        return {m.name: (m.enabled, m.health.status) for m in reply.modules}
+
+    healthy = (True, registry_pb2.HEALTH_STATUS_HEALTHY)
+    assert asyncio.run(listed()) == dict.fromkeys(set(installed_services()) - {"core"}, healthy)
+
+
 def test_each_service_connects_as_a_role_that_owns_only_its_schema(suite):
-    _, state, admin_dsn = suite
+    _, state, admin_dsn, _ = suite
     wait_registered(state, set(installed_services()) - {"core"})
 
     async def look() -> tuple[dict[str, str], set[str]]:

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -309,6 +309,8 @@ def lodestar() -> None:
 STATE_DIR = DEFAULT_STATE_DIR
 CORE = "core"
 READY_TIMEOUT_SECONDS = 60.0
+#: How long ``up``, once every service serves, waits for every module to report itself healthy.
+HEALTHY_TIMEOUT_SECONDS = 15.0
 
 
 @dataclass
@@ -441,6 +443,45 @@ async def wait_until_serving(port: int, process: subprocess.Popen[bytes], timeou
     return False
 
 
+async def _wait_until_healthy(
+    core: str, admin_token: str, names: Sequence[str], timeout: float = HEALTHY_TIMEOUT_SECONDS
+) -> dict[str, str]:
+    """Wait until core's registry lists each module of ``names`` healthy (or disabled).
+
+    Returns the modules that were not by ``timeout``, each with its status and last error.
+    """
+    import asyncio
+
+    import grpc
+
+    from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
+
+    metadata = (("authorization", f"Bearer {admin_token}"),)
+    waiting = {name: "not registered with core" for name in names}
+    async with grpc.aio.insecure_channel(core) as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while waiting and asyncio.get_running_loop().time() < deadline:
+            try:
+                reply = await stub.ListModules(
+                    registry_pb2.ListModulesRequest(), metadata=metadata, timeout=2
+                )
+            except grpc.aio.AioRpcError as exc:
+                waiting = {name: f"core answered {exc.code().name}" for name in waiting}
+            else:
+                for module in reply.modules:
+                    health = module.health
+                    if health.status == registry_pb2.HEALTH_STATUS_HEALTHY or not module.enabled:
+                        waiting.pop(module.name, None)
+                    elif module.name in waiting:
+                        status = registry_pb2.HealthStatus.Name(health.status)
+                        status = status.removeprefix("HEALTH_STATUS_").lower()
+                        waiting[module.name] = f"{status}, {health.last_error or 'no error'}"
+            if waiting:
+                await asyncio.sleep(0.1)
+    return waiting
+
+
 def _stop_all(services: list[RunningService]) -> None:
     for service in reversed(services):
         if service.process.poll() is None:
@@ -531,9 +572,11 @@ def up(
                 console.print(f"[red]{name} did not become ready; see {service.log}[/red]")
                 raise typer.Exit(1)
         _write_endpoints(state_dir, running)
-        _print_ready(
-            running, tokens, state_dir, database_url if database is None else database.dsn()
-        )
+        modules = [name for name in specs if name != CORE]
+        core = f"127.0.0.1:{ports[CORE][0]}"
+        unhealthy = asyncio.run(_wait_until_healthy(core, tokens["admin"], modules))
+        dsn = database_url if database is None else database.dsn()
+        _print_ready(running, tokens, state_dir, dsn, unhealthy)
         from lodestar.common.supervisor import RestartPolicy
 
         policy = RestartPolicy(first_delay_seconds=restart_delay, max_failures=max_restarts)
@@ -692,7 +735,11 @@ def _write_endpoints(state_dir: Path, running: list[RunningService]) -> None:
 
 
 def _print_ready(
-    running: list[RunningService], tokens: dict[str, str], state_dir: Path, dsn: str
+    running: list[RunningService],
+    tokens: dict[str, str],
+    state_dir: Path,
+    dsn: str,
+    unhealthy: Mapping[str, str],
 ) -> None:
     from lodestar.common.auth import Role
 
@@ -722,6 +769,8 @@ def _print_ready(
         f"try: grpcurl -plaintext -H 'authorization: Bearer {tokens['admin']}' "
         f"127.0.0.1:{core_port} lodestar.core.v1.RegistryService/ListModules"
     )
+    for name, why in unhealthy.items():
+        console.print(f"[yellow]{name} is not healthy yet: {why}[/yellow]", highlight=False)
     console.print("[bold green]ready[/bold green] — Ctrl-C stops everything", highlight=False)
     sys.stdout.flush()
 

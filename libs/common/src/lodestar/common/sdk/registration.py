@@ -19,6 +19,8 @@ HEALTH_STATUS = {
     HealthState.DOWN: registry_pb2.HEALTH_STATUS_DOWN,
 }
 MAX_BACKOFF_SECONDS = 10.0
+#: How often a module that has not yet been healthy reports (it is starting: say so soon).
+STARTING_INTERVAL_SECONDS = 0.5
 
 log = get_logger(__name__)
 
@@ -27,7 +29,8 @@ class ModuleAgent:
     """Registers ``name`` with core and renews its lease until stopped.
 
     Core unreachable is retried with backoff; a lease core forgot (NOT_FOUND) is registered again.
-    ``registered`` is set while core knows the module.
+    ``registered`` is set while core knows the module. Until its first healthy report the module
+    reports every ``STARTING_INTERVAL_SECONDS``, so that core sees a start-up end at once.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class ModuleAgent:
         self._health = health
         self._interval = interval_seconds
         self._stopping = asyncio.Event()
+        self._been_healthy = False
         self.registered = asyncio.Event()
 
     def stop(self) -> None:
@@ -72,6 +76,8 @@ class ModuleAgent:
                 await self._heartbeat()
                 backoff = 0.2
                 delay = self._interval
+                if not self._been_healthy:
+                    delay = min(delay, STARTING_INTERVAL_SECONDS)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     self.registered.clear()
@@ -84,6 +90,7 @@ class ModuleAgent:
 
     async def _heartbeat(self) -> None:
         report = await self._health()
+        self._been_healthy |= report.status is HealthState.HEALTHY
         health = registry_pb2.ModuleHealth(
             status=HEALTH_STATUS[report.status],
             latency_ms=report.latency_ms,
