@@ -17,12 +17,14 @@ mode's p99 is then of 2,000 calls; with 1,000, two runs' p99s of one mode differ
   the admission mode's figures);
 * ``publish``: ``LodestarLogger`` publishing a ``RequestCompleted`` per call (no gate);
 * ``publish + admission``: the logger with a ``BudgetGate`` (Reserve before the call, Commit after);
-* ``no-op callback, again``: the no-op callback once more, so what it "adds" over the first is
+* ``no-op callback again``: the no-op callback once more, so what it "adds" over the first is
   the run's own noise, the yardstick for the figures above.
 
 Printed per mode: the call's latency beyond the LLM wait (p50 / p99), what Lodestar's modes add
 to it over the no-op callback (p50 / p99), and for admission the time spent in the pre-call hook
-itself (p50 / p99). Before them, the gateway's CPU per call for publishing and for the hook alone.
+itself (p50 / p99), the tracker's admission rounds by path, and the longest pause of this
+process's garbage collector while the mode ran (a pause holds every call in flight). Before
+them, the gateway's CPU per call for publishing and for the hook alone.
 The load generator shares the machine's cores with LiteLLM, core, the tracker and Postgres.
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import tempfile
 import time
@@ -66,7 +69,7 @@ PROJECTS = [f"gw-{i}" for i in range(20)]
 #: How long the floor mode's pre-call hook waits: about a Reserve's p50 here.
 FLOOR_HOOK_SECONDS = 0.001
 FLOOR_MODE = f"hook awaiting {FLOOR_HOOK_SECONDS * 1000:g} ms"
-NOOP_AGAIN = "no-op callback, again"
+NOOP_AGAIN = "no-op callback again"
 ALL_MODES = ("off", "no-op callback", FLOOR_MODE, "publish", "publish + admission", NOOP_AGAIN)
 #: LITELLM_BENCH_MODES: a comma-separated subset, e.g. "no-op callback,publish" (for profiling).
 MODES = tuple(
@@ -86,10 +89,27 @@ class Timings:
     failed: int = 0
     #: The tracker's admission rounds during this mode's runs, by path (known, stale, locked).
     rounds: Counter[str] = field(default_factory=Counter)
+    #: How long each of this process's garbage collections took while the mode ran.
+    gc_ms: list[float] = field(default_factory=list)
 
     def cpu_ms_per_call(self) -> float:
         """The gateway process's CPU time per call, in milliseconds."""
         return self.cpu_seconds * 1000 / max(1, len(self.added_ms) + self.failed)
+
+
+class GcPauses:
+    """Times this process's garbage collections (a ``gc.callbacks`` entry) into ``pauses``."""
+
+    def __init__(self, pauses: list[float]) -> None:
+        self.pauses = pauses
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        """Note a collection's start, or its duration at its stop."""
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((time.perf_counter() - self._started) * 1000)
 
 
 class TimedLogger(LodestarLogger):
@@ -232,7 +252,11 @@ async def bench_litellm(dsn: str, workdir: Path, out: Callable[[str], None]) -> 
                 for mode in MODES:
                     rounds, cpu = await tracker.admission_rounds(), time.process_time()
                     async with _callbacks(mode, core, tracker, workdir / "spool", results[mode]):
-                        await _drive(router, results[mode])
+                        gc.callbacks.append(pauses := GcPauses(results[mode].gc_ms))
+                        try:
+                            await _drive(router, results[mode])
+                        finally:
+                            gc.callbacks.remove(pauses)
                     results[mode].cpu_seconds += time.process_time() - cpu
                     results[mode].rounds += await tracker.admission_rounds() - rounds
             _report(results, out)
@@ -361,6 +385,8 @@ def _report(results: dict[str, Timings], out: Callable[[str], None]) -> None:
             )
         if timings.failed:
             line += f"; {timings.failed} failed"
+        if timings.gc_ms:
+            line += f"; longest GC pause {max(timings.gc_ms):.1f} ms"
         if timings.rounds:
             line += "; rounds " + ", ".join(f"{k} {v}" for k, v in sorted(timings.rounds.items()))
         out(f"  {mode + ' (p50 / p99)':<30} {line}  [{len(timings.added_ms):,} calls]")
