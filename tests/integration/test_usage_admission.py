@@ -334,10 +334,12 @@ async def test_a_request_ingested_leaves_the_next_reserve_decided_in_one_call(
             u.CommitRequest(reservation_id=first.reservation_id, actual_cost_micros=80)
         )
         done = completed(project="p", session="", cost=80, reservation=first.reservation_id)
+        ingested = metrics.INGESTED._value.get()
         await publish(publisher_channel, [done])
-        async with asyncio.timeout(20):
-            while await pool.fetchval("SELECT spent_micros FROM budget_counters") != 80:
+        async with asyncio.timeout(20):  # counted once the admitter has been told
+            while metrics.INGESTED._value.get() == ingested:
                 await asyncio.sleep(0.02)
+        assert await pool.fetchval("SELECT spent_micros FROM budget_counters") == 80
         assert await held_and_counted(tracker) == (0, 0)
         rounds = metrics.ADMISSION_ROUNDS
         known, stale = rounds.labels("known")._value.get(), rounds.labels("stale")._value.get()

@@ -18,6 +18,7 @@ from lodestar.common.db import apply_migrations, create_pool
 from lodestar.usage.v1 import usage_pb2 as u
 from lodestar_usage import budgets, counters, metrics
 from lodestar_usage.admission import ADMISSION_APPLY, Admitter
+from lodestar_usage.ingest import LedgerRow, LedgerWriter, ensure_partitions
 from lodestar_usage.reservations import Admission
 from lodestar_usage.service import MIGRATIONS
 
@@ -115,6 +116,7 @@ async def test_a_wrong_word_from_ingest_costs_a_round_never_a_grant(pool: asyncp
     ]
     unknown = (uuid.uuid4(), "p", key[2])
     admitter.counters_changed({key: [0, 0, -100, 0], unknown: [5, 5, 5, 5]})  # says: none held
+    assert unknown not in admitter._known.counters  # only what the process remembers changes
     stale = rounds("stale")
     refused = await reserve(admitter, 901)
     assert not refused.granted
@@ -122,6 +124,71 @@ async def test_a_wrong_word_from_ingest_costs_a_round_never_a_grant(pool: asyncp
     assert refused.denial.remaining_micros == 900
     assert rounds("stale") == stale + 1
     assert await held(pool) == 100
+
+
+async def test_a_settled_hold_whose_lease_had_lapsed_is_not_taken_off_twice(
+    pool: asyncpg.Pool,
+) -> None:
+    """A lapsed hold no longer counts as a round reads the counters; ingest settling it changes
+    only the spend there, and the tracker, told so, decides the next Reserve in one call."""
+    await budgets.create_budget(
+        pool, budgets.budget_from_proto(project_budget(1_000), require_id=False)
+    )
+    now = datetime.now(UTC)
+    await ensure_partitions(pool, now - timedelta(days=1), now + timedelta(days=1))
+    admitter = Admitter(pool)
+    writer = LedgerWriter(
+        pool, max_batch=10, linger_seconds=0, on_counters=admitter.counters_changed
+    )
+    writer.start()
+    try:
+        lapsing = await reserve(admitter, 100, lease=timedelta(seconds=0.2))
+        await asyncio.sleep(0.3)
+        assert (await reserve(admitter, 50)).granted  # the lapsed 100 no longer counts
+        await writer.submit([ledger_row(cost_micros=80, reservation_id=lapsing.reservation_id)])
+        assert (
+            await pool.fetchval(
+                "SELECT state FROM reservations WHERE id = $1::uuid", lapsing.reservation_id
+            )
+            == "settled"
+        )
+        stale = rounds("stale")
+        assert (await reserve(admitter, 870)).granted  # 1,000 - 80 spent - 50 held
+        refused = await reserve(admitter, 1)
+    finally:
+        await writer.stop()
+    assert not refused.granted
+    assert refused.denial is not None
+    assert refused.denial.remaining_micros == 0
+    assert rounds("stale") == stale
+
+
+def ledger_row(cost_micros: int, reservation_id: str, project: str = "p") -> LedgerRow:
+    """A ledger row of now for ``project``, naming ``reservation_id``."""
+    return LedgerRow(
+        datetime.now(UTC),
+        str(uuid.uuid4()),
+        "m",
+        "prov",
+        project,
+        "",
+        "",
+        "",
+        1,
+        1,
+        10,
+        100,
+        10,
+        0,
+        0,
+        0,
+        cost_micros,
+        int(u.COST_SOURCE_REPORTED),
+        0,
+        0,
+        0,
+        reservation_id,
+    )
 
 
 async def test_a_reservation_finished_behind_a_trackers_back_is_decided_on_as_it_is(

@@ -352,9 +352,9 @@ class _Known:
         self.counters.update(counters)
         self._bound()
 
-    def add(self, deltas: dict[Key, list[int]]) -> None:
+    def add(self, changes: dict[Key, list[int]]) -> None:
         """Add what another writer (ingest) committed to the counters known here."""
-        for key, delta in deltas.items():
+        for key, delta in changes.items():
             values = self.counters.get(key)
             if values is not None:
                 for i, change in enumerate(delta):
@@ -423,13 +423,14 @@ class Admitter:
         #: The database's time of the last round that had to plan again (clocks may differ).
         self._now_hint: datetime | None = None
 
-    def counters_changed(self, deltas: dict[Key, list[int]]) -> None:
-        """Ingest committed ``deltas`` to the counters: the next round decides on them.
+    def counters_changed(self, changes: dict[Key, list[int]]) -> None:
+        """Take in ``changes`` ingest committed to the counters (as a round reads them).
 
-        Without this, every Reserve after a settled request would find its counters stale and
-        take a second round; a wrong guess here costs only that round, never a grant.
+        The next round decides on the counters with them added. Without this, every Reserve
+        after a settled request would find its counters stale and take a second round; a wrong
+        guess here costs only that round, never a grant.
         """
-        self._known.add(deltas)
+        self._known.add(changes)
 
     @property
     def queued(self) -> int:

@@ -40,6 +40,7 @@ from lodestar_usage import (
     stored,
 )
 from lodestar_usage.admission import Admitter
+from lodestar_usage.counters import Key
 from lodestar_usage.pricing import (
     PRICE_COLUMNS,
     PriceRow,
@@ -388,8 +389,10 @@ class BudgetApi:
             rounds_in_flight=admission.rounds_in_flight,
             durable=admission.durable_commit,
         )
-        #: Told what ingest added to the budget counters (see ``Admitter.counters_changed``).
-        self.counters_changed = self._admitter.counters_changed
+
+    def counters_changed(self, changes: dict[Key, list[int]]) -> None:
+        """Ingest committed ``changes`` to the budget counters (``Admitter.counters_changed``)."""
+        self._admitter.counters_changed(changes)
 
     async def CreateBudget(
         self, request: usage_pb2.CreateBudgetRequest, context: Context

@@ -258,14 +258,13 @@ UPSERT_SESSIONS = _upsert_sessions(plain_add)
 
 
 class Written(NamedTuple):
-    """What one ingest transaction wrote: the new rows, and what it added to each counter."""
+    """What one ingest transaction wrote: the new rows, and how it changed the budget counters."""
 
     new: list[LedgerRow]
-    #: ``[spent_micros, spent_tokens, held_micros, held_tokens]`` added, per counter key.
-    counter_deltas: dict[counters.Key, list[int]]
-
-
-NOTHING_WRITTEN = Written([], {})
+    #: ``[spent_micros, spent_tokens, held_micros, held_tokens]`` per counter key, as admission
+    #: reads the counters: a settled hold whose lease had lapsed is not in it (it no longer
+    #: counted); a key without a counter row changed nothing.
+    counter_changes: dict[counters.Key, list[int]]
 
 
 class WriteSql(NamedTuple):
@@ -286,12 +285,16 @@ SATURATING_SQL = WriteSql(
     _upsert_sessions(saturating_add),
 )
 
+#: Settles the reservations the new rows name; per counter hold, the amounts it held and whether
+#: its lease had lapsed (an active hold past its lease, which admission already reads as gone).
 SETTLE = (
-    "WITH s AS (UPDATE reservations SET state = 'settled', finished_at = now() "
-    "WHERE id = ANY($1::uuid[]) AND state IN ('active', 'committed') "
-    "RETURNING id, amount_micros, amount_tokens) "
-    "SELECT rb.budget_id, rb.scope_value, rb.window_start, s.amount_micros, s.amount_tokens "
-    "FROM s JOIN reservation_budgets rb ON rb.reservation_id = s.id "
+    "WITH s AS (UPDATE reservations r SET state = 'settled', finished_at = now() "
+    "FROM reservations was WHERE was.id = r.id "
+    "AND r.id = ANY($1::uuid[]) AND r.state IN ('active', 'committed') "
+    "RETURNING r.id, r.amount_micros, r.amount_tokens, "
+    "was.state = 'active' AND was.lease_expires_at <= now() AS lapsed) "
+    "SELECT rb.budget_id, rb.scope_value, rb.window_start, s.amount_micros, s.amount_tokens, "
+    "s.lapsed FROM s JOIN reservation_budgets rb ON rb.reservation_id = s.id "
     "WHERE rb.window_start IS NOT NULL"
 )
 
@@ -393,7 +396,7 @@ async def write_rows(
     """Insert ``rows`` and their rollups in the caller's transaction; what it wrote."""
     unique = list({row.event_id: row for row in rows}.values())
     if not unique:
-        return NOTHING_WRITTEN
+        return Written([], {})
     await stage(conn, unique)
     try:
         async with conn.transaction():  # a savepoint: a duplicate undoes only this attempt
@@ -406,7 +409,7 @@ async def write_rows(
         fresh = {str(event_id) for event_id in inserted}
         new = [row for row in unique if row.event_id in fresh]
     if not new:
-        return NOTHING_WRITTEN
+        return Written([], {})
     with_session = [r for r in new if r.session_id]
     if with_session:
         await _update_sessions(conn, with_session, sql.sessions)
@@ -416,17 +419,34 @@ async def write_rows(
             with contextlib.suppress(ValueError):
                 settle.append(uuid.UUID(row.reservation_id))
     deltas: dict[counters.Key, list[int]] = {}
+    lapsed: list[asyncpg.Record] = []
     if settle:
         # A settled reservation stops holding; its spend is now in the ledger (below).
         for rec in await conn.fetch(SETTLE, sorted(settle)):
             acc = deltas.setdefault((rec[0], rec[1], rec[2]), [0, 0, 0, 0])
             acc[2] -= rec[3]
             acc[3] -= rec[4]
+            if rec[5]:
+                lapsed.append(rec)
     counted = await counters.ingest_budgets(conn)
     if counted:
         spend_deltas(new, counted, deltas)
     await counters.add_to_counters(conn, deltas, saturate=sql is SATURATING_SQL)
-    return Written(new, deltas)
+    return Written(new, _as_read(deltas, lapsed))
+
+
+def _as_read(
+    deltas: dict[counters.Key, list[int]], lapsed: Sequence[asyncpg.Record]
+) -> dict[counters.Key, list[int]]:
+    """``deltas`` as admission reads the counters: without the holds whose lease had lapsed."""
+    if not lapsed:
+        return deltas
+    changes = {key: list(delta) for key, delta in deltas.items()}
+    for rec in lapsed:
+        change = changes[(rec[0], rec[1], rec[2])]
+        change[2] += rec[3]
+        change[3] += rec[4]
+    return changes
 
 
 def spend_deltas(
@@ -571,8 +591,9 @@ def _write_span(
 class LedgerWriter:
     """Commits rows submitted by concurrent handlers in batches, one transaction each.
 
-    ``on_counters`` is told, after each transaction committed, what it added to the budget
-    counters (not after a batch written with saturating sums: those are not plain additions).
+    ``on_counters`` is told, as soon as each transaction committed, how it changed the budget
+    counters as admission reads them (``Written.counter_changes``); not after a batch written
+    with saturating sums, which are not plain additions.
     """
 
     def __init__(
@@ -653,6 +674,15 @@ class LedgerWriter:
             if not pending.done.done():
                 pending.done.set_exception(exc)
 
+    def _report_counters(self, changes: dict[counters.Key, list[int]]) -> None:
+        """Tell ``on_counters``; a failure there is logged, never taken for the write's."""
+        if self._on_counters is None or not changes:
+            return
+        try:
+            self._on_counters(changes)
+        except Exception as exc:
+            log.exception("counter changes not taken in", error=str(exc))
+
     async def _commit(self, batch: list[_Pending]) -> None:
         rows = [row for pending in batch for row in pending.rows]
         with _write_span(batch, len(rows)):
@@ -664,8 +694,11 @@ class LedgerWriter:
         while True:
             started = time.perf_counter()
             try:
-                async with self._pool.acquire() as conn, conn.transaction():
-                    written = await write_rows(conn, rows, sql)
+                async with self._pool.acquire() as conn:
+                    async with conn.transaction():
+                        written = await write_rows(conn, rows, sql)
+                    if sql is PLAIN_SQL:  # before the connection's reset: one round trip sooner
+                        self._report_counters(written.counter_changes)
             except asyncpg.NumericValueOutOfRangeError as exc:
                 if sql is SATURATING_SQL:
                     self._refuse(batch, exc)
@@ -689,8 +722,6 @@ class LedgerWriter:
         self.last_error = ""
         metrics.DUPLICATES.inc(len(rows) - len(written.new))
         record_metrics(written.new)
-        if self._on_counters is not None and written.counter_deltas and sql is PLAIN_SQL:
-            self._on_counters(written.counter_deltas)
         for pending in batch:
             if not pending.done.done():
                 pending.done.set_result(None)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from lodestar.common.embedded import EmbeddedPostgres
     from lodestar.common.service_cli import ServiceSpec
     from lodestar.common.supervisor import RestartPolicy
+    from lodestar.core.v1 import registry_pb2
 
 #: The entry-point group through which service packages contribute commands.
 COMMAND_GROUP = "lodestar.cli"
@@ -444,11 +445,20 @@ async def wait_until_serving(port: int, process: subprocess.Popen[bytes], timeou
 
 
 async def _wait_until_healthy(
-    core: str, admin_token: str, names: Sequence[str], timeout: float = HEALTHY_TIMEOUT_SECONDS
+    core: str,
+    admin_token: str,
+    names: Sequence[str],
+    started: float,
+    *,
+    stop: list[bool],
+    processes: Sequence[subprocess.Popen[bytes]],
+    timeout: float = HEALTHY_TIMEOUT_SECONDS,
 ) -> dict[str, str]:
     """Wait until core's registry lists each module of ``names`` healthy (or disabled).
 
-    Returns the modules that were not by ``timeout``, each with its status and last error.
+    Only a report of a process started since ``started`` (``time.monotonic()``) counts: core
+    keeps a module's last health across runs. Returns the modules that were not by
+    ``timeout``, each with why; stops early on Ctrl-C (``stop``) or when a process exits.
     """
     import asyncio
 
@@ -460,26 +470,55 @@ async def _wait_until_healthy(
     waiting = {name: "not registered with core" for name in names}
     async with grpc.aio.insecure_channel(core) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while waiting and asyncio.get_running_loop().time() < deadline:
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            if stop[0] or any(p.poll() is not None for p in processes):
+                break
             try:
                 reply = await stub.ListModules(
                     registry_pb2.ListModulesRequest(), metadata=metadata, timeout=2
                 )
             except grpc.aio.AioRpcError as exc:
                 waiting = {name: f"core answered {exc.code().name}" for name in waiting}
+                if exc.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ):
+                    break
             else:
-                for module in reply.modules:
-                    health = module.health
-                    if health.status == registry_pb2.HEALTH_STATUS_HEALTHY or not module.enabled:
-                        waiting.pop(module.name, None)
-                    elif module.name in waiting:
-                        status = registry_pb2.HealthStatus.Name(health.status)
-                        status = status.removeprefix("HEALTH_STATUS_").lower()
-                        waiting[module.name] = f"{status}, {health.last_error or 'no error'}"
+                listed = {m.name: m for m in reply.modules}
+                since = time.monotonic() - started
+                waiting = {
+                    name: why
+                    for name in waiting
+                    if (why := _not_yet_healthy(listed.get(name), since)) is not None
+                }
             if waiting:
                 await asyncio.sleep(0.1)
     return waiting
+
+
+def _not_yet_healthy(module: registry_pb2.Module | None, since: float) -> str | None:
+    """Why ``module`` does not count as healthy yet, or None if it does (or is disabled).
+
+    ``since``: seconds since its process could have started; an older report is a past run's.
+    """
+    from lodestar.core.v1 import registry_pb2
+
+    if module is None:
+        return "not registered with core"
+    if not module.enabled:
+        return None
+    health = module.health
+    if not module.alive or health.uptime_seconds > since:
+        return "no report from this run yet"
+    if health.status == registry_pb2.HEALTH_STATUS_HEALTHY:
+        return None
+    try:
+        status = registry_pb2.HealthStatus.Name(health.status).removeprefix("HEALTH_STATUS_")
+    except ValueError:  # a newer core's status
+        status = f"status {health.status}"
+    return f"{status.lower()}, {health.last_error or 'no error'}"
 
 
 def _stop_all(services: list[RunningService]) -> None:
@@ -559,6 +598,7 @@ def up(
     running: list[RunningService] = []
     envs: dict[str, dict[str, str]] = {}
     stop = _stop_requested()
+    started = time.monotonic()
     try:
         for name, spec in specs.items():
             envs[name] = env = base_env | {"LODESTAR_TOKEN": tokens[name]}
@@ -572,11 +612,19 @@ def up(
                 console.print(f"[red]{name} did not become ready; see {service.log}[/red]")
                 raise typer.Exit(1)
         _write_endpoints(state_dir, running)
-        modules = [name for name in specs if name != CORE]
-        core = f"127.0.0.1:{ports[CORE][0]}"
-        unhealthy = asyncio.run(_wait_until_healthy(core, tokens["admin"], modules))
-        dsn = database_url if database is None else database.dsn()
-        _print_ready(running, tokens, state_dir, dsn, unhealthy)
+        unhealthy = asyncio.run(
+            _wait_until_healthy(
+                f"127.0.0.1:{ports[CORE][0]}",
+                tokens["admin"],
+                [name for name in specs if name != CORE],
+                started,
+                stop=stop,
+                processes=[service.process for service in running],
+            )
+        )
+        if not stop[0]:
+            dsn = database_url if database is None else database.dsn()
+            _print_ready(running, tokens, state_dir, dsn, unhealthy)
         from lodestar.common.supervisor import RestartPolicy
 
         policy = RestartPolicy(first_delay_seconds=restart_delay, max_failures=max_restarts)

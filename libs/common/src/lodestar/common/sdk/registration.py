@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
@@ -19,8 +20,10 @@ HEALTH_STATUS = {
     HealthState.DOWN: registry_pb2.HEALTH_STATUS_DOWN,
 }
 MAX_BACKOFF_SECONDS = 10.0
-#: How often a module that has not yet been healthy reports (it is starting: say so soon).
+#: How often a starting module reports until its first healthy report, so that core sees the
+#: start-up end at once; for at most STARTING_SECONDS, then at the agent's interval.
 STARTING_INTERVAL_SECONDS = 0.5
+STARTING_SECONDS = 30.0
 
 log = get_logger(__name__)
 
@@ -29,8 +32,8 @@ class ModuleAgent:
     """Registers ``name`` with core and renews its lease until stopped.
 
     Core unreachable is retried with backoff; a lease core forgot (NOT_FOUND) is registered again.
-    ``registered`` is set while core knows the module. Until its first healthy report the module
-    reports every ``STARTING_INTERVAL_SECONDS``, so that core sees a start-up end at once.
+    ``registered`` is set while core knows the module. Until its first healthy report (for at
+    most ``STARTING_SECONDS``) it reports every ``STARTING_INTERVAL_SECONDS``.
     """
 
     def __init__(
@@ -57,7 +60,7 @@ class ModuleAgent:
         self._health = health
         self._interval = interval_seconds
         self._stopping = asyncio.Event()
-        self._been_healthy = False
+        self._starting_until = time.monotonic() + STARTING_SECONDS
         self.registered = asyncio.Event()
 
     def stop(self) -> None:
@@ -76,7 +79,7 @@ class ModuleAgent:
                 await self._heartbeat()
                 backoff = 0.2
                 delay = self._interval
-                if not self._been_healthy:
+                if time.monotonic() < self._starting_until:
                     delay = min(delay, STARTING_INTERVAL_SECONDS)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -90,7 +93,6 @@ class ModuleAgent:
 
     async def _heartbeat(self) -> None:
         report = await self._health()
-        self._been_healthy |= report.status is HealthState.HEALTHY
         health = registry_pb2.ModuleHealth(
             status=HEALTH_STATUS[report.status],
             latency_ms=report.latency_ms,
@@ -100,3 +102,5 @@ class ModuleAgent:
         await self._stub.Heartbeat(
             registry_pb2.HeartbeatRequest(name=self._registration.name, health=health), timeout=5
         )
+        if report.status is HealthState.HEALTHY:
+            self._starting_until = 0.0  # core has heard it: started
