@@ -289,8 +289,8 @@ SATURATING_SQL = WriteSql(
 #: its lease had lapsed (an active hold past its lease, which admission already reads as gone).
 SETTLE = (
     "WITH s AS (UPDATE reservations r SET state = 'settled', finished_at = now() "
-    "FROM reservations was WHERE was.id = r.id "
-    "AND r.id = ANY($1::uuid[]) AND r.state IN ('active', 'committed') "
+    "FROM reservations was WHERE was.id = ANY($1::uuid[]) AND r.id = was.id "
+    "AND r.state IN ('active', 'committed') "
     "RETURNING r.id, r.amount_micros, r.amount_tokens, "
     "was.state = 'active' AND was.lease_expires_at <= now() AS lapsed) "
     "SELECT rb.budget_id, rb.scope_value, rb.window_start, s.amount_micros, s.amount_tokens, "
