@@ -48,7 +48,14 @@ import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
 from bench.core_bench import CoreUnderTest
-from bench.usage_bench import TrackerUnderTest, _create_budgets, _drop, _pct, _scratch
+from bench.usage_bench import (
+    TrackerUnderTest,
+    _create_budgets,
+    _drop,
+    _pct,
+    _scratch,
+    rounds_text,
+)
 from lodestar.common.auth import Role
 from lodestar.common.sdk import Publisher, connect
 from lodestar.common.testing import postgres_server
@@ -391,8 +398,7 @@ def _report(results: dict[str, Timings], out: Callable[[str], None]) -> None:
             line += f"; {timings.failed} failed"
         if timings.gc_ms:
             line += f"; longest GC pause {max(timings.gc_ms):.1f} ms"
-        if timings.rounds:
-            line += "; rounds " + ", ".join(f"{k} {v}" for k, v in sorted(timings.rounds.items()))
+        line += rounds_text(timings.rounds)
         out(f"  {mode + ' (p50 / p99)':<30} {line}  [{len(timings.added_ms):,} calls]")
 
 

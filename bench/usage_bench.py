@@ -383,9 +383,14 @@ class Scenario:
             text += f"; {self.denied} denied"
         if self.errors:
             text += "; errors " + ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items()))
-        if self.rounds:
-            text += "; rounds " + ", ".join(f"{k} {v}" for k, v in sorted(self.rounds.items()))
-        return text
+        return text + rounds_text(self.rounds)
+
+
+def rounds_text(rounds: Counter[str]) -> str:
+    """``"; rounds known 9, stale 1"`` (admission rounds by path), or "" when none were counted."""
+    if not rounds:
+        return ""
+    return "; rounds " + ", ".join(f"{path} {n}" for path, n in sorted(rounds.items()))
 
 
 def _bench_budget(project: str) -> u.Budget:

@@ -464,20 +464,18 @@ async def _wait_until_healthy(
 
     import grpc
 
+    from lodestar.common.sdk import connect
     from lodestar.core.v1 import registry_pb2, registry_pb2_grpc
 
-    metadata = (("authorization", f"Bearer {admin_token}"),)
     waiting = {name: "not registered with core" for name in names}
-    async with grpc.aio.insecure_channel(core) as channel:
+    async with connect(core, admin_token) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         deadline = time.monotonic() + timeout
         while waiting and time.monotonic() < deadline:
             if stop[0] or any(p.poll() is not None for p in processes):
                 break
             try:
-                reply = await stub.ListModules(
-                    registry_pb2.ListModulesRequest(), metadata=metadata, timeout=2
-                )
+                reply = await stub.ListModules(registry_pb2.ListModulesRequest(), timeout=2)
             except grpc.aio.AioRpcError as exc:
                 waiting = {name: f"core answered {exc.code().name}" for name in waiting}
                 if exc.code() in (
